@@ -1,0 +1,39 @@
+// dsv3._core build and threading info.
+#include <omp.h>
+
+#include "bindings/arrays.h"
+#include "core/blas.h"
+#include "core/parallel.h"
+#include "core/simd.h"
+
+namespace dsv3 {
+
+namespace py = pybind11;
+
+void bind_info(py::module_& m) {
+  m.def("build_info", [] {
+    py::dict d;
+    d["compiler"] = DSV3_COMPILER;
+    d["cxx_standard"] = (long)__cplusplus;
+    d["blas"] = blas_info();
+    d["blas_library"] = DSV3_BLAS_PATH;
+    d["openmp"] = (long)_OPENMP;
+    d["num_threads"] = num_threads();
+    d["simd"] = simd_flags();
+#ifdef __OPTIMIZE__
+    d["optimized"] = true;
+#else
+    d["optimized"] = false;
+#endif
+#if defined(__SANITIZE_ADDRESS__)
+    d["sanitizers"] = "address,undefined";
+#else
+    d["sanitizers"] = "none";
+#endif
+    return d;
+  });
+  m.def("get_num_threads", &num_threads);
+  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+}
+
+}  // namespace dsv3

@@ -1,0 +1,14 @@
+// dsv3._core: the private extension module. One register function per concern; the public
+// surface is python/dsv3/__init__.py.
+#include <pybind11/pybind11.h>
+
+namespace dsv3 {
+void bind_info(pybind11::module_& m);
+void bind_ops(pybind11::module_& m);
+}  // namespace dsv3
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "dsv3 C++ engine (private; use the dsv3 package)";
+  dsv3::bind_info(m);
+  dsv3::bind_ops(m);
+}

@@ -1,0 +1,32 @@
+// Causal softmax attention core (per head), the part shared by MLA, MHA and GQA.
+//
+// Legend:  B batch   Tq query tokens   Tk key tokens   H query heads   Hkv key/value heads
+//          (H % Hkv == 0; head h reads kv head h / (H / Hkv))   Dk q/k head dim   Dv v head dim
+// Layouts (contiguous): q[B,Tq,H,Dk]  k[B,Tk,Hkv,Dk]  v[B,Tk,Hkv,Dv]  o[B,Tq,H,Dv]  lse[B,H,Tq]
+//
+// Query i sits at absolute position start_pos + i and sees keys j <= start_pos + i (and
+// j < Tk): prefill is start_pos = 0, Tk = Tq; cached decoding passes the cache's keys with
+// Tk >= start_pos + Tq. scores = scale * q.k; softmax in fp32; o = softmax @ v.
+// lse[b,h,i] = logsumexp of the masked scores of row i (saved for the backward).
+// Rows are processed in blocks of queries, so memory is O(block * Tk), not O(Tq * Tk).
+#pragma once
+#include <cstdint>
+
+namespace dsv3 {
+
+struct AttnShape {
+  int64_t B, Tq, Tk, H, Hkv, Dk, Dv;
+  int64_t start_pos;
+  float scale;
+};
+
+void attention_check(const AttnShape& s);  // throws std::invalid_argument on bad shapes
+
+void attention_forward(float* o, float* lse, const float* q, const float* k, const float* v,
+                       const AttnShape& s);
+// dq += ..., dk += ..., dv += ...   (o and lse from the forward; any gradient may be null)
+void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const float* o,
+                        const float* lse, const float* q, const float* k, const float* v,
+                        const AttnShape& s);
+
+}  // namespace dsv3

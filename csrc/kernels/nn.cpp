@@ -1,0 +1,218 @@
+#include "kernels/nn.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/blas.h"
+#include "core/check.h"
+#include "core/mathfn.h"
+#include "core/parallel.h"
+#include "core/simd.h"
+
+namespace dsv3 {
+
+namespace {
+
+constexpr int kLanes = 16;  // partial sums kept in 16 lanes so the loops vectorize without
+                            // reassociation flags; the lane order is fixed -> deterministic
+
+// Rows per task so that a task touches at least ~32k floats.
+int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(D, 1)); }
+
+DSV3_SIMD_CLONES void rmsnorm_rows(float* y, float* rstd, const float* x, const float* w,
+                                   int64_t r0, int64_t r1, int64_t D, float eps) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * D;
+    float acc[kLanes] = {0};
+    int64_t j = 0;
+    for (; j + kLanes <= D; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += xr[j + l] * xr[j + l];
+    float ss = 0.f;
+    for (int l = 0; l < kLanes; ++l) ss += acc[l];
+    for (; j < D; ++j) ss += xr[j] * xr[j];
+    const float rs = 1.f / std::sqrt(ss / (float)D + eps);
+    if (rstd) rstd[r] = rs;
+    float* yr = y + r * D;
+    for (j = 0; j < D; ++j) yr[j] = w[j] * (xr[j] * rs);
+  }
+}
+
+// dx part of the rmsnorm backward for rows [r0, r1); dw partial sums into dw_part[D].
+DSV3_SIMD_CLONES void rmsnorm_back_rows(float* dx, float* dw_part, const float* dy,
+                                        const float* rstd, const float* x, const float* w,
+                                        int64_t r0, int64_t r1, int64_t D) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float *xr = x + r * D, *dyr = dy + r * D;
+    const float rs = rstd[r];
+    float acc[kLanes] = {0};
+    int64_t j = 0;
+    for (; j + kLanes <= D; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] += w[j + l] * dyr[j + l] * xr[j + l];
+    float dot = 0.f;
+    for (int l = 0; l < kLanes; ++l) dot += acc[l];
+    for (; j < D; ++j) dot += w[j] * dyr[j] * xr[j];
+    if (dx) {
+      const float c = rs * rs * rs * dot / (float)D;
+      float* dxr = dx + r * D;
+      for (j = 0; j < D; ++j) dxr[j] += rs * (w[j] * dyr[j]) - c * xr[j];
+    }
+    if (dw_part)
+      for (j = 0; j < D; ++j) dw_part[j] += dyr[j] * (xr[j] * rs);
+  }
+}
+
+DSV3_SIMD_CLONES void swiglu_range(float* h, const float* g, const float* u, int64_t a,
+                                   int64_t b) {
+  for (int64_t i = a; i < b; ++i) h[i] = g[i] * sigmoid_f32(g[i]) * u[i];
+}
+
+DSV3_SIMD_CLONES void swiglu_back_range(float* dg, float* du, const float* dh, const float* g,
+                                        const float* u, int64_t a, int64_t b) {
+  if (dg)
+    for (int64_t i = a; i < b; ++i) {
+      const float s = sigmoid_f32(g[i]);
+      dg[i] += dh[i] * u[i] * (s * (1.f + g[i] * (1.f - s)));
+    }
+  if (du)
+    for (int64_t i = a; i < b; ++i) du[i] += dh[i] * (g[i] * sigmoid_f32(g[i]));
+}
+
+DSV3_SIMD_CLONES float row_logsumexp(const float* x, int64_t V) {
+  float mx[kLanes];
+  for (int l = 0; l < kLanes; ++l) mx[l] = -INFINITY;
+  int64_t j = 0;
+  for (; j + kLanes <= V; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) mx[l] = x[j + l] > mx[l] ? x[j + l] : mx[l];
+  float m = -INFINITY;
+  for (int l = 0; l < kLanes; ++l) m = mx[l] > m ? mx[l] : m;
+  for (; j < V; ++j) m = x[j] > m ? x[j] : m;
+  if (std::isnan(m) || std::isinf(m)) {  // NaN anywhere, or +-inf max: fall back to plain math
+    for (j = 0; j < V; ++j)
+      if (std::isnan(x[j])) return x[j];
+    if (m == -INFINITY) return -INFINITY;
+  }
+  float acc[kLanes] = {0};
+  for (j = 0; j + kLanes <= V; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += exp_f32(x[j + l] - m);
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; j < V; ++j) s += exp_f32(x[j] - m);
+  return m + std::log(s);
+}
+
+DSV3_SIMD_CLONES void softmax_grad_row(float* d, const float* x, float lse, float scale,
+                                       int64_t V) {
+  for (int64_t j = 0; j < V; ++j) d[j] += scale * exp_f32(x[j] - lse);
+}
+
+}  // namespace
+
+void embedding_forward(float* out, const int64_t* ids, const float* weight, int64_t R, int64_t V,
+                       int64_t D) {
+  for (int64_t r = 0; r < R; ++r)
+    DSV3_INDEX_CHECK(ids[r] >= 0 && ids[r] < V, "[embedding] token id ", ids[r], " at position ",
+                     r, " is out of range [0, ", V, ")");
+  parallel_for(R, row_grain(D), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      std::memcpy(out + r * D, weight + ids[r] * D, sizeof(float) * D);
+  });
+}
+
+void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids, int64_t R,
+                        int64_t V, int64_t D) {
+  for (int64_t r = 0; r < R; ++r)
+    DSV3_INDEX_CHECK(ids[r] >= 0 && ids[r] < V, "[embedding_backward] token id ", ids[r],
+                     " at position ", r, " is out of range [0, ", V, ")");
+  // Each thread owns a range of columns and walks all rows in order: no races, fixed order.
+  parallel_for(D, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t r = 0; r < R; ++r) {
+      float* dst = d_weight + ids[r] * D;
+      const float* src = d_out + r * D;
+      for (int64_t c = c0; c < c1; ++c) dst[c] += src[c];
+    }
+  });
+}
+
+void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O) {
+  sgemm(false, true, R, O, K, 1.f, x, K, w, K, 0.f, y, O);
+}
+
+void linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                     int64_t R, int64_t K, int64_t O) {
+  if (dx) sgemm(false, false, R, K, O, 1.f, dy, O, w, K, 1.f, dx, K);
+  if (dw) sgemm(true, false, O, K, R, 1.f, dy, O, x, K, 1.f, dw, K);
+}
+
+void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, int64_t R, int64_t D,
+                     float eps) {
+  parallel_for(R, row_grain(D),
+               [&](int64_t r0, int64_t r1) { rmsnorm_rows(y, rstd, x, w, r0, r1, D, eps); });
+}
+
+void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* rstd, const float* x,
+                      const float* w, int64_t R, int64_t D) {
+  if (!dw) {
+    parallel_for(R, row_grain(D), [&](int64_t r0, int64_t r1) {
+      rmsnorm_back_rows(dx, nullptr, dy, rstd, x, w, r0, r1, D);
+    });
+    return;
+  }
+  // dw: one partial row per task, summed in task order afterwards (deterministic).
+  const int64_t grain = row_grain(D);
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(num_threads(), R / grain));
+  std::vector<float> part((size_t)(tasks * D), 0.f);
+  parallel_for(tasks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = R * t / tasks, r1 = R * (t + 1) / tasks;
+      rmsnorm_back_rows(dx, part.data() + t * D, dy, rstd, x, w, r0, r1, D);
+    }
+  });
+  for (int64_t t = 0; t < tasks; ++t)
+    for (int64_t j = 0; j < D; ++j) dw[j] += part[t * D + j];
+}
+
+void swiglu_forward(float* h, const float* g, const float* u, int64_t F) {
+  parallel_for(F, 1 << 15, [&](int64_t a, int64_t b) { swiglu_range(h, g, u, a, b); });
+}
+
+void swiglu_backward(float* dg, float* du, const float* dh, const float* g, const float* u,
+                     int64_t F) {
+  parallel_for(F, 1 << 15, [&](int64_t a, int64_t b) { swiglu_back_range(dg, du, dh, g, u, a, b); });
+}
+
+int64_t cross_entropy_forward(float* loss_rows, float* lse, const float* logits,
+                              const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index) {
+  int64_t count = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    if (targets[r] == ignore_index) continue;
+    DSV3_INDEX_CHECK(targets[r] >= 0 && targets[r] < V, "[cross_entropy] target ", targets[r],
+                     " at row ", r, " is out of range [0, ", V, ") and is not ignore_index (",
+                     ignore_index, ")");
+    ++count;
+  }
+  parallel_for(R, row_grain(V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = logits + r * V;
+      const float l = row_logsumexp(xr, V);
+      lse[r] = l;
+      loss_rows[r] = targets[r] == ignore_index ? 0.f : l - xr[targets[r]];
+    }
+  });
+  return count;
+}
+
+void cross_entropy_backward(float* d_logits, const float* lse, const float* logits,
+                            const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index,
+                            float scale) {
+  parallel_for(R, row_grain(V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      if (targets[r] == ignore_index) continue;
+      softmax_grad_row(d_logits + r * V, logits + r * V, lse[r], scale, V);
+      d_logits[r * V + targets[r]] -= scale;
+    }
+  });
+}
+
+}  // namespace dsv3

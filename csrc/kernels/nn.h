@@ -1,0 +1,53 @@
+// Basic layers: forward/backward pairs on contiguous float32 buffers.
+//
+// Legend:  R rows (tokens; B*T flattened)   K in-features   O out-features   D feature dim
+//          V vocabulary size                F elements of an elementwise op
+// Conventions: forward(out..., saved..., in..., weights..., opts) /
+//              backward(d_in..., d_weights..., d_out, saved..., in..., weights...).
+// Backward functions ACCUMULATE (+=) into every gradient output; callers zero them. A null
+// gradient pointer skips that gradient.
+#pragma once
+#include <cstdint>
+
+namespace dsv3 {
+
+// out[r,:] = weight[ids[r],:]             ids[R] in [0,V)   weight[V,D]   out[R,D]
+void embedding_forward(float* out, const int64_t* ids, const float* weight, int64_t R, int64_t V,
+                       int64_t D);
+// d_weight[ids[r],:] += d_out[r,:]        (deterministic: columns split across threads)
+void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids, int64_t R,
+                        int64_t V, int64_t D);
+
+// y = x W^T                               x[R,K]  W[O,K]  y[R,O]
+void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O);
+// dx += dy W ;  dW += dy^T x              dy[R,O]
+void linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                     int64_t R, int64_t K, int64_t O);
+
+// y = w * x / sqrt(mean(x^2) + eps), in fp32; rstd[R] = 1/sqrt(mean(x^2)+eps) is saved
+//                                         x[R,D]  w[D]  y[R,D]  rstd[R] (may be null)
+void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, int64_t R, int64_t D,
+                     float eps);
+// dx += rstd*(w*dy) - rstd^3/D * x * sum(w*dy*x) ;  dw += sum_r dy*x*rstd
+void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* rstd, const float* x,
+                      const float* w, int64_t R, int64_t D);
+
+// h = silu(g) * u = g * sigmoid(g) * u    g[F]  u[F]  h[F]
+void swiglu_forward(float* h, const float* g, const float* u, int64_t F);
+// dg += dh * u * s * (1 + g * (1 - s)) ;  du += dh * silu(g)     (s = sigmoid(g))
+void swiglu_backward(float* dg, float* du, const float* dh, const float* g, const float* u,
+                     int64_t F);
+
+// Softmax cross-entropy with ignore-index.  logits[R,V]  targets[R]  loss_rows[R]  lse[R]
+// loss_rows[r] = logsumexp(logits[r]) - logits[r, t_r] (0 where t_r == ignore_index).
+// Returns the number of counted rows; the mean loss is sum(loss_rows) / count.
+// Targets outside [0,V) that are not ignore_index throw std::out_of_range.
+int64_t cross_entropy_forward(float* loss_rows, float* lse, const float* logits,
+                              const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index);
+// d_logits[r,:] += scale * (softmax(logits[r]) - onehot(t_r)) for counted rows
+// (scale = d_loss / count for the mean loss)
+void cross_entropy_backward(float* d_logits, const float* lse, const float* logits,
+                            const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index,
+                            float scale);
+
+}  // namespace dsv3

@@ -1,0 +1,101 @@
+#include "kernels/rope.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/check.h"
+#include "core/parallel.h"
+
+namespace dsv3 {
+
+double yarn_mscale(double scale, double mscale) {
+  return scale <= 1.0 ? 1.0 : 0.1 * mscale * std::log(scale) + 1.0;
+}
+
+RopeTable rope_table(const RopeParams& p) {
+  DSV3_CHECK(p.dim > 0 && p.dim % 2 == 0, "[rope] rotary dim must be even and > 0, got ", p.dim);
+  DSV3_CHECK(p.theta > 1.0, "[rope] theta must be > 1, got ", p.theta);
+  RopeTable t;
+  const int64_t P = p.dim / 2;
+  t.inv_freq.resize(P);
+  for (int64_t i = 0; i < P; ++i) t.inv_freq[i] = std::pow(p.theta, -2.0 * (double)i / p.dim);
+  if (!p.yarn) return t;
+  DSV3_CHECK(p.factor > 0, "[rope] rope_scaling.factor must be > 0, got ", p.factor);
+  DSV3_CHECK(p.original_max_position_embeddings > 0,
+             "[rope] rope_scaling.original_max_position_embeddings must be > 0, got ",
+             p.original_max_position_embeddings);
+  DSV3_CHECK(p.beta_fast > 0 && p.beta_slow > 0,
+             "[rope] rope_scaling.beta_fast and beta_slow must be > 0, got ", p.beta_fast, ", ",
+             p.beta_slow);
+  const double pi = 3.14159265358979323846;
+  auto corr = [&](double r) {
+    return p.dim * std::log(p.original_max_position_embeddings / (r * 2 * pi)) /
+           (2 * std::log(p.theta));
+  };
+  double low = std::floor(corr(p.beta_fast)), high = std::ceil(corr(p.beta_slow));
+  low = std::max(low, 0.0);
+  high = std::min(high, (double)(p.dim - 1));
+  if (low == high) high += 0.001;
+  t.low = low;
+  t.high = high;
+  for (int64_t i = 0; i < P; ++i) {
+    const double ramp = std::clamp(((double)i - low) / (high - low), 0.0, 1.0);
+    t.inv_freq[i] = t.inv_freq[i] / p.factor * ramp + t.inv_freq[i] * (1.0 - ramp);
+  }
+  t.attn_factor = yarn_mscale(p.factor, p.mscale) / yarn_mscale(p.factor, p.mscale_all_dim);
+  return t;
+}
+
+namespace {
+
+void rope_apply(float* y, int64_t y_row, int64_t y_head, const float* x, int64_t x_row,
+                int64_t x_head, const int64_t* pos, int64_t R, int64_t H, const RopeTable& t,
+                double sign, bool accumulate) {
+  const int64_t P = (int64_t)t.inv_freq.size();
+  parallel_for(R, std::max<int64_t>(1, 4096 / (H * P + 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> c(P), s(P);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t i = 0; i < P; ++i) {
+        const double a = (double)pos[r] * t.inv_freq[i];
+        c[i] = (float)(std::cos(a) * t.attn_factor);
+        s[i] = (float)(sign * std::sin(a) * t.attn_factor);
+      }
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xr = x + r * x_row + h * x_head;
+        float* yr = y + r * y_row + h * y_head;
+        for (int64_t i = 0; i < P; ++i) {
+          const float x0 = xr[2 * i], x1 = xr[2 * i + 1];
+          const float y0 = x0 * c[i] - x1 * s[i], y1 = x0 * s[i] + x1 * c[i];
+          if (accumulate) {
+            yr[2 * i] += y0;
+            yr[2 * i + 1] += y1;
+          } else {
+            yr[2 * i] = y0;
+            yr[2 * i + 1] = y1;
+          }
+        }
+      }
+    }
+  });
+}
+
+void check_positions(const int64_t* pos, int64_t R, const char* op) {
+  for (int64_t r = 0; r < R; ++r)
+    DSV3_CHECK(pos[r] >= 0, "[", op, "] positions must be >= 0, got ", pos[r], " at row ", r);
+}
+
+}  // namespace
+
+void rope_forward(float* y, int64_t y_row, int64_t y_head, const float* x, int64_t x_row,
+                  int64_t x_head, const int64_t* pos, int64_t R, int64_t H, const RopeTable& t) {
+  check_positions(pos, R, "rope");
+  rope_apply(y, y_row, y_head, x, x_row, x_head, pos, R, H, t, 1.0, false);
+}
+
+void rope_backward(float* dx, int64_t dx_row, int64_t dx_head, const float* dy, int64_t dy_row,
+                   int64_t dy_head, const int64_t* pos, int64_t R, int64_t H, const RopeTable& t) {
+  check_positions(pos, R, "rope_backward");
+  rope_apply(dx, dx_row, dx_head, dy, dy_row, dy_head, pos, R, H, t, -1.0, true);
+}
+
+}  // namespace dsv3

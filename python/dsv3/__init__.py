@@ -1,0 +1,34 @@
+"""dsv3: the DeepSeek-V3 architecture as a C++ engine for CPU research.
+
+Public surface (SPEC §3): ``Config``, ``ops``, ``build_info``, ``get_num_threads``,
+``set_num_threads``. The compiled core lives in the private ``dsv3._core``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from . import _core
+from . import ops
+from .config import Config
+
+__version__ = "0.1.0"
+
+__all__ = ["Config", "ops", "build_info", "get_num_threads", "set_num_threads", "__version__"]
+
+
+def build_info() -> Dict[str, Any]:
+    """How the engine was built and how it runs: compiler, BLAS (library, threading mode),
+    OpenMP version and thread count, the SIMD level the CPU gives the hot loops."""
+    info = dict(_core.build_info())
+    info["version"] = __version__
+    return info
+
+
+def get_num_threads() -> int:
+    """Threads used by dsv3's parallel loops and by BLAS."""
+    return _core.get_num_threads()
+
+
+def set_num_threads(n: int) -> None:
+    """Set the thread count of dsv3's parallel loops and of BLAS together (process-wide)."""
+    _core.set_num_threads(int(n))

@@ -1,0 +1,85 @@
+"""Command line: ``python -m dsv3 {info} ...`` (see ``--help``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from . import build_info
+from .config import Config
+
+_PRESETS = {"tiny": Config.tiny, "small": Config.small, "deepseek_v3": Config.deepseek_v3,
+            "v3": Config.deepseek_v3, "deepseek_v2_lite": Config.deepseek_v2_lite}
+
+
+def load_config(spec: str) -> Config:
+    """A preset name (tiny, small, deepseek_v3, deepseek_v2_lite), a config.json, or a
+    checkpoint directory holding one."""
+    if spec in _PRESETS:
+        return _PRESETS[spec]()
+    if os.path.exists(spec):
+        return Config.from_json(spec)
+    raise SystemExit(f"dsv3: --config must be one of {sorted(_PRESETS)} or a path to a "
+                     f"config.json / checkpoint directory; {spec!r} is neither")
+
+
+def _fmt_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.3f}{unit}"
+    return str(n)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config if args.path is None else args.path)
+    total = cfg.num_parameters()
+    active = cfg.num_parameters(active=True)
+    with_mtp = cfg.num_parameters(mtp=True)
+    gqa_heads = min(8, cfg.num_attention_heads)
+    rows = [
+        ("MLA (latent + shared rope key)", cfg.kv_cache_bytes_per_token("bfloat16", "mla")),
+        ("MHA (decompressed keys/values)", cfg.kv_cache_bytes_per_token("bfloat16", "mha")),
+        (f"GQA ({gqa_heads} kv heads x {cfg.v_head_dim})",
+         cfg.kv_cache_bytes_per_token("bfloat16", "gqa", gqa_heads, cfg.v_head_dim)),
+    ]
+    if args.json:
+        print(json.dumps({"config": cfg.to_dict(), "parameters": {
+            "total": total, "active": active, "mtp": with_mtp - total},
+            "kv_cache_bytes_per_token_bf16": {name: b for name, b in rows},
+            "build": build_info()}, indent=2, sort_keys=True))
+        return 0
+    print(f"dsv3 {build_info()['version']}  {cfg!r}")
+    print("\nParameters")
+    print(f"  total (main model)      {total:>18,}  ({_fmt_count(total)})")
+    print(f"  activated per token     {active:>18,}  ({_fmt_count(active)})")
+    print(f"  MTP modules (own)       {with_mtp - total:>18,}  ({_fmt_count(with_mtp - total)})")
+    print(f"\nKV cache per token, bf16, {cfg.num_hidden_layers} layers")
+    mla = rows[0][1]
+    for name, b in rows:
+        print(f"  {name:<34} {b:>12,} B  ({b / mla:6.1f}x MLA)")
+    print("\nBuild")
+    for k, v in build_info().items():
+        print(f"  {k:<14} {v}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dsv3",
+                                     description="dsv3: DeepSeek-V3 on the CPU")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="parameter counts, KV-cache sizes and build info")
+    p.add_argument("path", nargs="?", default=None,
+                   help="a config.json or checkpoint directory (overrides --config)")
+    p.add_argument("--config", default="deepseek_v3",
+                   help="preset (tiny, small, deepseek_v3, deepseek_v2_lite) or a path "
+                        "(default: deepseek_v3)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(func=cmd_info)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,447 @@
+"""Model configuration: Hugging Face ``DeepseekV3Config`` field names and meanings (SPEC §1).
+
+A real DeepSeek-V3 ``config.json`` loads unchanged (``Config.from_json``); keys dsv3 does not
+use are kept in ``extra`` and written back by ``to_dict`` / ``to_json``. Every invalid value or
+combination raises ``ValueError`` naming the field.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
+                "float8": 1, "fp8": 1, "e4m3": 1}
+_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+_ATTENTION_TYPES = ("mla", "mha", "gqa")
+
+
+@dataclass
+class Config:
+    # --- Hugging Face DeepseekV3Config fields (defaults are DeepSeek-V3's) ---
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_nextn_predict_layers: int = 1
+    num_attention_heads: int = 128
+    num_key_value_heads: int = 128
+    q_lora_rank: Optional[int] = 1536     # 0 / None: no query compression (a single q_proj)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    n_routed_experts: Optional[int] = 256  # 0 / None: every layer is a dense MLP
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    topk_method: str = "noaux_tc"
+    scoring_func: str = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = 0
+    eos_token_id: Optional[Union[int, List[int]]] = 1
+    initializer_range: float = 0.02
+    quantization_config: Optional[Dict[str, Any]] = None
+    # --- dsv3 additions ---
+    attention_type: str = "mla"           # "mla" | "mha" | "gqa" (baselines for comparison)
+    mtp_loss_weight: float = 0.3          # lambda of the MTP loss
+    bias_update_speed: float = 0.001      # gamma of aux-loss-free balancing
+    seq_aux_loss_alpha: float = 1e-4      # alpha of the sequence-wise balance loss
+    # --- keys of a config.json that dsv3 does not interpret, written back unchanged ---
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> List[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Config":
+        if not isinstance(d, dict):
+            raise TypeError(f"[Config.from_dict] expected a dict, got {type(d).__name__}")
+        names = set(cls.field_names())
+        known = {k: copy.deepcopy(v) for k, v in d.items() if k in names}
+        extra = {k: copy.deepcopy(v) for k, v in d.items() if k not in names and k != "extra"}
+        if isinstance(d.get("extra"), dict):
+            extra.update(copy.deepcopy(d["extra"]))
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json(cls, path: Union[str, os.PathLike]) -> "Config":
+        """Read a ``config.json`` (a file, or a directory containing one)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"[Config.from_json] {path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"[Config.from_json] {path} must hold a JSON object")
+        return cls.from_dict(d)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = {name: copy.deepcopy(getattr(self, name)) for name in self.field_names()}
+        for k, v in self.extra.items():
+            d.setdefault(k, copy.deepcopy(v))
+        return d
+
+    def to_json(self, path: Union[str, os.PathLike, None] = None, indent: int = 2) -> str:
+        """The JSON text; written atomically to ``path`` (a file or directory) when given."""
+        text = json.dumps(self.to_dict(), indent=indent, sort_keys=True) + "\n"
+        if path is not None:
+            path = os.fspath(path)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        return text
+
+    def replace(self, **changes: Any) -> "Config":
+        """A copy with some fields changed (validated)."""
+        d = self.to_dict()
+        d.update(changes)
+        return Config.from_dict(d)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def deepseek_v3(cls) -> "Config":
+        """DeepSeek-V3's published dimensions (671B). For arithmetic; never allocate it."""
+        return cls(
+            max_position_embeddings=163840,
+            rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                          "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096,
+                          "type": "yarn"},
+            quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
+                                 "quant_method": "fp8", "weight_block_size": [128, 128]},
+            extra={"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                   "attention_bias": False, "attention_dropout": 0.0, "ep_size": 1,
+                   "hidden_act": "silu", "torch_dtype": "bfloat16", "use_cache": True},
+        )
+
+    @classmethod
+    def deepseek_v2_lite(cls) -> "Config":
+        """DeepSeek-V2-Lite (15.7B total, 2.4B active): softmax gate, no query compression."""
+        return cls(
+            vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+            moe_intermediate_size=1408, num_hidden_layers=27, num_nextn_predict_layers=0,
+            num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None, kv_lora_rank=512,
+            qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+            n_shared_experts=2, num_experts_per_tok=6, n_group=1, topk_group=1,
+            topk_method="greedy", scoring_func="softmax", norm_topk_prob=False,
+            routed_scaling_factor=1.0, first_k_dense_replace=1, moe_layer_freq=1,
+            max_position_embeddings=163840, bos_token_id=100000, eos_token_id=100001,
+            rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                          "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                          "type": "yarn"},
+            extra={"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                   "hidden_act": "silu"},
+        )
+
+    @classmethod
+    def small(cls) -> "Config":
+        """The demo model (~9M parameters): byte vocabulary, 4 layers (1 dense + 3 MoE with
+        16 routed experts in 4 groups, top-4), MLA, one MTP module. Trains on 2 CPU cores."""
+        return cls(
+            vocab_size=264, hidden_size=256, intermediate_size=768, moe_intermediate_size=192,
+            num_hidden_layers=4, num_nextn_predict_layers=1, num_attention_heads=4,
+            num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32,
+            qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, n_shared_experts=1,
+            num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+            first_k_dense_replace=1, max_position_embeddings=1024, bos_token_id=256,
+            eos_token_id=257,
+        )
+
+    @classmethod
+    def tiny(cls) -> "Config":
+        """For tests (~100k parameters): every mechanism present at toy sizes."""
+        return cls(
+            vocab_size=64, hidden_size=48, intermediate_size=96, moe_intermediate_size=32,
+            num_hidden_layers=2, num_nextn_predict_layers=1, num_attention_heads=4,
+            num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8,
+            qk_rope_head_dim=4, v_head_dim=8, n_routed_experts=8, n_shared_experts=1,
+            num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+            first_k_dense_replace=1, max_position_embeddings=256, bos_token_id=0,
+            eos_token_id=1,
+        )
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def uses_q_lora(self) -> bool:
+        return bool(self.q_lora_rank)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads of the attention actually built (mha: all heads)."""
+        if self.attention_type == "gqa":
+            return self.num_key_value_heads
+        return self.num_attention_heads
+
+    @property
+    def yarn(self) -> bool:
+        return self.rope_scaling is not None
+
+    @property
+    def softmax_scale(self) -> float:
+        """``(qk_nope + qk_rope)^-0.5``, times ``m^2`` with YaRN, m = yarn_mscale(factor,
+        mscale_all_dim) (SPEC §2.2). The absorbed MLA form uses the same scale."""
+        scale = self.qk_head_dim ** -0.5
+        if self.rope_scaling is not None:
+            factor = float(self.rope_scaling.get("factor", 1.0))
+            mad = self.rope_scaling.get("mscale_all_dim") or 0.0
+            if mad and factor > 1:
+                m = 0.1 * float(mad) * math.log(factor) + 1.0
+                scale *= m * m
+        return scale
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layer i (0-based; MTP blocks use i >= num_hidden_layers) is MoE."""
+        return (bool(self.n_routed_experts) and i >= self.first_k_dense_replace
+                and i % self.moe_layer_freq == 0)
+
+    # ------------------------------------------------------------------ counts
+    def _attention_params(self) -> int:
+        D, H = self.hidden_size, self.num_attention_heads
+        dqk, dv = self.qk_head_dim, self.v_head_dim
+        if self.attention_type == "mla":
+            n = (D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * dqk
+                 if self.uses_q_lora else D * H * dqk)
+            n += D * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+            n += self.kv_lora_rank * H * (self.qk_nope_head_dim + dv)
+        else:  # q_proj, k_proj, v_proj (no compression), RoPE on the last qk_rope dims
+            n = D * H * dqk + D * self.kv_heads * (dqk + dv)
+        return n + H * dv * D  # o_proj
+
+    def _ffn_params(self, layer: int, active: bool) -> int:
+        D = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return 3 * D * self.intermediate_size
+        expert = 3 * D * self.moe_intermediate_size
+        n_routed = self.num_experts_per_tok if active else self.n_routed_experts
+        n = n_routed * expert + self.n_shared_experts * expert
+        n += self.n_routed_experts * D  # gate weight
+        if self.topk_method == "noaux_tc":
+            n += self.n_routed_experts  # e_score_correction_bias
+        return n
+
+    def _block_params(self, layer: int, active: bool) -> int:
+        return 2 * self.hidden_size + self._attention_params() + self._ffn_params(layer, active)
+
+    def num_parameters(self, active: bool = False, mtp: bool = False) -> int:
+        """Parameter count from the config alone.
+
+        ``active=True`` counts only the routed experts a token uses (num_experts_per_tok of
+        n_routed_experts per MoE layer). ``mtp=True`` adds the MTP modules' own parameters
+        (enorm, hnorm, eh_proj, a full block, shared_head.norm); their embedding and output
+        head are the main model's and are not counted twice.
+        """
+        D, V = self.hidden_size, self.vocab_size
+        n = V * D + D + (0 if self.tie_word_embeddings else V * D)
+        n += sum(self._block_params(i, active) for i in range(self.num_hidden_layers))
+        if mtp:
+            for k in range(self.num_nextn_predict_layers):
+                n += 3 * D + 2 * D * D + self._block_params(self.num_hidden_layers + k, active)
+        return n
+
+    def kv_cache_bytes_per_token(self, dtype: str = "bfloat16",
+                                 attention_type: Optional[str] = None,
+                                 num_key_value_heads: Optional[int] = None,
+                                 head_dim: Optional[int] = None) -> int:
+        """KV-cache bytes per token over the main model's layers.
+
+        mla: ``(kv_lora_rank + qk_rope_head_dim)`` per layer (the latent and the shared
+        roped key). mha: keys ``H * (qk_nope + qk_rope)`` plus values ``H * v_head_dim``.
+        gqa: the same with ``num_key_value_heads`` heads. ``attention_type``,
+        ``num_key_value_heads`` and ``head_dim`` (used for both keys and values) override the
+        config for what-if comparisons, e.g. GQA with 8 heads of 128 at V3 dims.
+        """
+        if dtype not in _DTYPE_BYTES:
+            raise ValueError(f"[kv_cache_bytes_per_token] dtype must be one of "
+                             f"{sorted(_DTYPE_BYTES)}, got {dtype!r}")
+        kind = attention_type or self.attention_type
+        if kind not in _ATTENTION_TYPES:
+            raise ValueError(f"[kv_cache_bytes_per_token] attention_type must be one of "
+                             f"{_ATTENTION_TYPES}, got {kind!r}")
+        if kind == "mla":
+            per_layer = self.kv_lora_rank + self.qk_rope_head_dim
+        else:
+            heads = num_key_value_heads or (self.num_attention_heads if kind == "mha"
+                                            else self.num_key_value_heads)
+            dk = head_dim or self.qk_head_dim
+            dv = head_dim or self.v_head_dim
+            per_layer = heads * (dk + dv)
+        return per_layer * self.num_hidden_layers * _DTYPE_BYTES[dtype]
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def fail(name: str, msg: str) -> None:
+            raise ValueError(f"[Config] {name}: {msg} (got {getattr(self, name)!r})")
+
+        def integer(name: str, lo: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if optional and v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int):
+                if isinstance(v, float) and v.is_integer():
+                    setattr(self, name, int(v))
+                    v = int(v)
+                else:
+                    fail(name, "must be an integer")
+            if v < lo:
+                fail(name, f"must be >= {lo}")
+
+        def real(name: str, lo: float, strict: bool) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                fail(name, "must be a finite number")
+            setattr(self, name, float(v))
+            if v < lo or (strict and v == lo):
+                fail(name, f"must be {'>' if strict else '>='} {lo}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "qk_nope_head_dim", "qk_rope_head_dim",
+                     "v_head_dim", "max_position_embeddings", "moe_layer_freq",
+                     "intermediate_size"):
+            integer(name, 1)
+        for name in ("num_nextn_predict_layers", "first_k_dense_replace", "n_shared_experts",
+                     "kv_lora_rank"):
+            integer(name, 0)
+        integer("q_lora_rank", 0, optional=True)
+        integer("n_routed_experts", 0, optional=True)
+        for name in ("rms_norm_eps", "rope_theta", "initializer_range", "routed_scaling_factor"):
+            real(name, 0.0, strict=True)
+        for name in ("mtp_loss_weight", "bias_update_speed", "seq_aux_loss_alpha"):
+            real(name, 0.0, strict=False)
+        if self.rope_theta <= 1:
+            fail("rope_theta", "must be > 1")
+        for name in ("norm_topk_prob", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", "the rotary dim must be even (pairs are rotated)")
+        if self.attention_type not in _ATTENTION_TYPES:
+            fail("attention_type", f"must be one of {_ATTENTION_TYPES}")
+        if self.attention_type == "mla" and self.kv_lora_rank < 1:
+            fail("kv_lora_rank", "must be >= 1 with attention_type 'mla'")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads",
+                 f"must divide num_attention_heads ({self.num_attention_heads})")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            fail("first_k_dense_replace",
+                 f"must be <= num_hidden_layers ({self.num_hidden_layers})")
+        for tok in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, tok)
+            ids = v if isinstance(v, list) else [v]
+            for t in ids:
+                if t is None:
+                    continue
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
+                    fail(tok, f"must be None or an id in [0, vocab_size={self.vocab_size})")
+        self._validate_moe(fail, integer)
+        self._validate_rope_scaling(fail)
+        self._validate_quantization(fail)
+        act = self.extra.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"[Config] hidden_act: only 'silu' (SwiGLU) is supported, got {act!r}")
+        if self.extra.get("attention_bias", False):
+            raise ValueError("[Config] attention_bias: DeepSeek-V3 has no attention biases; "
+                             "true is not supported")
+
+    def _validate_moe(self, fail, integer) -> None:
+        if not self.n_routed_experts:
+            return
+        integer("moe_intermediate_size", 1)
+        integer("num_experts_per_tok", 1)
+        integer("n_group", 1)
+        integer("topk_group", 1)
+        E = self.n_routed_experts
+        if self.topk_method not in _TOPK_METHODS:
+            fail("topk_method", f"must be one of {_TOPK_METHODS}")
+        if self.scoring_func not in ("sigmoid", "softmax"):
+            fail("scoring_func", "must be 'sigmoid' or 'softmax'")
+        if self.num_experts_per_tok > E:
+            fail("num_experts_per_tok", f"must be <= n_routed_experts ({E})")
+        if self.topk_group > self.n_group:
+            fail("topk_group", f"must be <= n_group ({self.n_group})")
+        if E % self.n_group:
+            fail("n_group", f"must divide n_routed_experts ({E})")
+        grouped = self.n_group > 1 and self.topk_method in ("noaux_tc", "group_limited_greedy")
+        if grouped:
+            per_group = E // self.n_group
+            if self.num_experts_per_tok > self.topk_group * per_group:
+                fail("num_experts_per_tok", f"must be <= topk_group * experts per group "
+                     f"({self.topk_group} * {per_group}): only those experts can be chosen")
+            if self.topk_method == "noaux_tc" and per_group < 2:
+                fail("n_group", "noaux_tc scores a group by its top-2 experts, so each group "
+                     f"needs >= 2 experts (n_routed_experts / n_group = {per_group})")
+
+    def _validate_rope_scaling(self, fail) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        if not isinstance(rs, dict):
+            fail("rope_scaling", "must be null or a dict")
+        kind = rs.get("type", rs.get("rope_type"))
+        if kind != "yarn":
+            fail("rope_scaling", "type/rope_type must be 'yarn' (the only scaling DeepSeek uses)")
+        for key, lo in (("factor", 0.0), ("original_max_position_embeddings", 0.0),
+                        ("beta_fast", 0.0), ("beta_slow", 0.0)):
+            v = rs.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or v <= lo):
+                fail("rope_scaling", f"{key} must be a number > {lo}")
+        for key in ("mscale", "mscale_all_dim"):
+            v = rs.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                  or not math.isfinite(v) or v < 0):
+                fail("rope_scaling", f"{key} must be a number >= 0")
+
+    def _validate_quantization(self, fail) -> None:
+        q = self.quantization_config
+        if q is None:
+            return
+        if not isinstance(q, dict):
+            fail("quantization_config", "must be null or a dict")
+        if q.get("quant_method", "fp8") != "fp8":
+            fail("quantization_config", "quant_method must be 'fp8'")
+        if q.get("fmt", "e4m3") != "e4m3":
+            fail("quantization_config", "fmt must be 'e4m3'")
+        bs = q.get("weight_block_size", [128, 128])
+        if (not isinstance(bs, (list, tuple)) or len(bs) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in bs)):
+            fail("quantization_config", "weight_block_size must be two positive integers")
+        if q.get("activation_scheme", "dynamic") != "dynamic":
+            fail("quantization_config", "activation_scheme must be 'dynamic'")
+
+    def __repr__(self) -> str:
+        return (f"Config(layers={self.num_hidden_layers}, hidden={self.hidden_size}, "
+                f"heads={self.num_attention_heads}, attention={self.attention_type}, "
+                f"experts={self.n_routed_experts or 0}x top{self.num_experts_per_tok}, "
+                f"mtp={self.num_nextn_predict_layers}, vocab={self.vocab_size}, "
+                f"params={self.num_parameters() / 1e6:.2f}M)")

@@ -1,0 +1,133 @@
+"""Core kernels as numpy functions: forward and backward of every layer piece.
+
+Every function takes and returns numpy arrays. Float inputs must be float32 (anything else
+raises ``TypeError``); integer inputs (ids, positions, targets) may be any integer dtype.
+Non-contiguous and read-only inputs are accepted; outputs are always new arrays. Shape
+errors raise ``ValueError`` and out-of-range ids ``IndexError``, naming the argument.
+The C++ work runs with the GIL released. NaN/Inf in float inputs propagate as in IEEE
+arithmetic (no check is made here; the model and trainer check their own inputs).
+
+Backward functions return the gradients of a scalar loss L with respect to the inputs, given
+``d_out`` = dL/d(output).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import _core
+
+__all__ = [
+    "embedding", "embedding_backward", "linear", "linear_backward", "rmsnorm",
+    "rmsnorm_backward", "swiglu", "swiglu_backward", "rope", "rope_backward", "rope_table",
+    "yarn_mscale", "attention", "attention_backward", "cross_entropy",
+    "cross_entropy_backward",
+]
+
+
+def embedding(ids: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``weight[ids]``. ids: int (...) in [0, V); weight: float32 (V, D) -> (..., D)."""
+    return _core.embedding(ids, weight)
+
+
+def embedding_backward(d_out: np.ndarray, ids: np.ndarray, num_embeddings: int) -> np.ndarray:
+    """dL/dweight (V, D): rows of ``d_out`` (..., D) summed into ``ids``' rows."""
+    return _core.embedding_backward(d_out, ids, int(num_embeddings))
+
+
+def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """``x @ weight.T``. x: (..., K); weight: (O, K) -> (..., O). No bias (DeepSeek-V3 has none)."""
+    return _core.linear(x, weight)
+
+
+def linear_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(dx, dweight) = (dy @ weight, dy^T @ x) over all leading dims."""
+    return _core.linear_backward(dy, x, weight)
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """``weight * x / sqrt(mean(x**2, -1) + eps)`` in fp32. x: (..., D); weight: (D,)."""
+    return _core.rmsnorm(x, weight, float(eps))
+
+
+def rmsnorm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
+                     eps: float = 1e-6) -> Tuple[np.ndarray, np.ndarray]:
+    """(dx, dweight) of :func:`rmsnorm`."""
+    return _core.rmsnorm_backward(dy, x, weight, float(eps))
+
+
+def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """``silu(gate) * up`` elementwise (the SwiGLU MLP is ``down(swiglu(gate(x), up(x)))``)."""
+    return _core.swiglu(gate, up)
+
+
+def swiglu_backward(dh: np.ndarray, gate: np.ndarray, up: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(dgate, dup) of :func:`swiglu`."""
+    return _core.swiglu_backward(dh, gate, up)
+
+
+def rope_table(dim: int, theta: float = 10000.0, rope_scaling: Optional[dict] = None) -> dict:
+    """The rotary frequencies (SPEC §2.2): ``inv_freq`` (dim/2,) float64 after YaRN,
+    ``attn_factor`` (cos/sin multiplier) and the YaRN correction range ``low``, ``high``."""
+    return _core.rope_table(int(dim), float(theta), rope_scaling)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """``0.1 * mscale * ln(scale) + 1`` for scale > 1, else 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float = 10000.0,
+         rope_scaling: Optional[dict] = None) -> np.ndarray:
+    """Rotate adjacent pairs ``(x[..., 2i], x[..., 2i+1])`` by ``positions * inv_freq[i]``.
+
+    x: (T, H, Dr) or (B, T, H, Dr) float32; positions: (T,) or (B, T) ints >= 0.
+    ``rope_scaling``: None or a YaRN dict as in DeepSeek-V3's config.json.
+    """
+    return _core.rope(x, positions, float(theta), rope_scaling)
+
+
+def rope_backward(dy: np.ndarray, positions: np.ndarray, theta: float = 10000.0,
+                  rope_scaling: Optional[dict] = None) -> np.ndarray:
+    """dL/dx of :func:`rope` (rotation by the opposite angle, times the same attn_factor)."""
+    return _core.rope_backward(dy, positions, float(theta), rope_scaling)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+              start_pos: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Causal softmax attention per head: returns ``(out, lse)``.
+
+    q: (B, Tq, H, Dk); k: (B, Tk, Hkv, Dk); v: (B, Tk, Hkv, Dv) (or without the B axis);
+    H must be a multiple of Hkv (GQA shares each kv head among H/Hkv query heads).
+    Query i is at absolute position ``start_pos + i`` and attends to keys ``j <= start_pos + i``
+    (so Tk >= start_pos + Tq). out: (B, Tq, H, Dv); lse: (B, H, Tq), the log-sum-exp of each
+    row's scaled, masked scores (needed by :func:`attention_backward`).
+    """
+    return _core.attention(q, k, v, float(scale), int(start_pos))
+
+
+def attention_backward(d_out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                       out: np.ndarray, lse: np.ndarray, scale: float,
+                       start_pos: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dq, dk, dv) of :func:`attention`, given its ``out`` and ``lse``."""
+    return _core.attention_backward(d_out, q, k, v, out, lse, float(scale), int(start_pos))
+
+
+def cross_entropy(logits: np.ndarray, targets: np.ndarray,
+                  ignore_index: int = -100) -> Tuple[float, np.ndarray, int]:
+    """Mean softmax cross-entropy over the targets that are not ``ignore_index``.
+
+    logits: (..., V) float32; targets: (...) ints in [0, V) or ``ignore_index``.
+    Returns ``(loss, lse, count)``: the mean loss (NaN when every target is ignored, as in
+    PyTorch), the per-row log-sum-exp (...), and the number of counted targets.
+    """
+    return _core.cross_entropy(logits, targets, int(ignore_index))
+
+
+def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, lse: np.ndarray,
+                           ignore_index: int = -100, d_loss: float = 1.0) -> np.ndarray:
+    """dL/dlogits of ``d_loss * cross_entropy(...)``: ``(softmax - onehot) * d_loss / count``
+    on counted rows, 0 on ignored rows."""
+    return _core.cross_entropy_backward(logits, targets, lse, int(ignore_index), float(d_loss))
