@@ -1,0 +1,77 @@
+"""Shared benchmark helpers: timing, machine peaks (sgemm, memory bandwidth), table printing."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable, List, Sequence
+
+import numpy as np
+
+
+def timeit(fn: Callable[[], object], min_time: float = 0.3, min_reps: int = 3) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def set_threads(n: int) -> None:
+    import dsv3
+    dsv3.set_num_threads(n)
+    try:
+        import torch
+        torch.set_num_threads(n)
+    except ImportError:
+        pass
+
+
+def sgemm_peak(n: int = 2048) -> float:
+    """GFLOP/s of the OpenBLAS sgemm dsv3 links (through dsv3.ops.linear on n x n x n)."""
+    from dsv3 import ops
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    t = timeit(lambda: ops.linear(a, a), min_time=1.0)
+    return 2 * n ** 3 / t / 1e9
+
+
+def memory_bandwidth(mb: int = 512) -> float:
+    """GB/s of a large numpy copy (read + write counted), single process."""
+    src = np.ones(mb * (1 << 20) // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    t = timeit(lambda: np.copyto(dst, src), min_time=1.0)
+    return 2 * src.nbytes / t / 1e9
+
+
+def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [[str(h) for h in header]] + [[c if isinstance(c, str) else f"{c:.3g}" if
+                                           isinstance(c, float) else str(c) for c in r]
+                                          for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n## {title}\n")
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(cells[0], widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        print("| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |")
+
+
+def machine_line() -> str:
+    import platform
+    import dsv3
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; "
+            f"{dsv3.build_info()['blas']}")
