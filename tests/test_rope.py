@@ -6,27 +6,10 @@ import pytest
 
 from dsv3 import Config, ops
 from conftest import assert_close, fd_check, noncontig, randn
+from ref import ref_inv_freq
 
 V3_YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"}
-
-
-def ref_inv_freq(d, theta, rs):
-    """SPEC §2.2, literally: f_i = theta^(-2i/d); YaRN blends f_i/factor and f_i by a ramp over
-    the correction range; returns (freqs, cos/sin multiplier, low, high)."""
-    f = np.array([theta ** (-2.0 * i / d) for i in range(d // 2)])
-    if rs is None:
-        return f, 1.0, None, None
-    factor, orig = rs["factor"], rs["original_max_position_embeddings"]
-    corr = lambda r: d * math.log(orig / (r * 2 * math.pi)) / (2 * math.log(theta))
-    low = max(math.floor(corr(rs["beta_fast"])), 0)
-    high = min(math.ceil(corr(rs["beta_slow"])), d - 1)
-    if low == high:
-        high += 0.001
-    ramp = np.clip((np.arange(d // 2) - low) / (high - low), 0, 1)
-    f = f / factor * ramp + f * (1 - ramp)
-    ms = lambda s, m: 1.0 if s <= 1 else 0.1 * m * math.log(s) + 1
-    return f, ms(factor, rs["mscale"]) / ms(factor, rs["mscale_all_dim"]), low, high
 
 
 def ref_rope(x, pos, theta, rs):

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "bindings/arrays.h"
+#include "bindings/convert.h"
 #include "kernels/attention.h"
 #include "kernels/nn.h"
 #include "kernels/rope.h"
@@ -179,31 +180,6 @@ py::tuple swiglu_bwd(py::handle dh_h, py::handle g_h, py::handle u_h) {
 }
 
 // ---- rope -----------------------------------------------------------------------------------
-RopeParams rope_params(int64_t dim, double theta, py::object scaling) {
-  RopeParams p;
-  p.dim = dim;
-  p.theta = theta;
-  if (scaling.is_none()) return p;
-  DSV3_CHECK(py::isinstance<py::dict>(scaling), "[rope] rope_scaling must be None or a dict");
-  auto d = scaling.cast<py::dict>();
-  auto get = [&](const char* key, double dflt) {
-    return d.contains(key) && !d[key].is_none() ? d[key].cast<double>() : dflt;
-  };
-  std::string type;
-  if (d.contains("type")) type = py::str(d["type"]).cast<std::string>();
-  if (type.empty() && d.contains("rope_type")) type = py::str(d["rope_type"]).cast<std::string>();
-  DSV3_CHECK(type == "yarn", "[rope] rope_scaling type must be \"yarn\" (the only scaling ",
-             "DeepSeek-V3 uses), got \"", type, "\"");
-  p.yarn = true;
-  p.factor = get("factor", 1.0);
-  p.original_max_position_embeddings = get("original_max_position_embeddings", 4096);
-  p.beta_fast = get("beta_fast", 32);
-  p.beta_slow = get("beta_slow", 1);
-  p.mscale = get("mscale", 1);
-  p.mscale_all_dim = get("mscale_all_dim", 0);
-  return p;
-}
-
 py::dict rope_table_py(int64_t dim, double theta, py::object scaling) {
   RopeTable t = rope_table(rope_params(dim, theta, scaling));
   py::array_t<double> inv((py::ssize_t)t.inv_freq.size());

@@ -9,6 +9,7 @@
 #include "core/mathfn.h"
 #include "core/parallel.h"
 #include "core/simd.h"
+#include "kernels/softmax.h"
 
 namespace dsv3 {
 
@@ -19,30 +20,6 @@ constexpr int64_t kBlock = 64;  // query rows per block
 // Visible keys for query row i: [0, n).
 inline int64_t visible(const AttnShape& s, int64_t i) {
   return std::min(s.Tk, s.start_pos + i + 1);
-}
-
-// In place: row[0..n) <- exp(row - max) / sum; returns logsumexp. Entries past n are zeroed.
-// Max and sum run in 16 fixed lanes so they vectorize and stay deterministic.
-DSV3_SIMD_CLONES float softmax_row(float* row, int64_t n, int64_t width) {
-  constexpr int L = 16;
-  float mx[L], acc[L];
-  for (int l = 0; l < L; ++l) mx[l] = -INFINITY, acc[l] = 0.f;
-  int64_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int l = 0; l < L; ++l) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
-  float m = -INFINITY;
-  for (int l = 0; l < L; ++l) m = mx[l] > m ? mx[l] : m;
-  for (int64_t t = j; t < n; ++t) m = row[t] > m ? row[t] : m;
-  for (j = 0; j < n; ++j) row[j] = exp_f32(row[j] - m);
-  for (j = 0; j + L <= n; j += L)
-    for (int l = 0; l < L; ++l) acc[l] += row[j + l];
-  float sum = 0.f;
-  for (int l = 0; l < L; ++l) sum += acc[l];
-  for (; j < n; ++j) sum += row[j];
-  const float inv = 1.f / sum;
-  for (j = 0; j < n; ++j) row[j] *= inv;
-  for (j = n; j < width; ++j) row[j] = 0.f;
-  return m + std::log(sum);
 }
 
 // P = exp(S - lse) for visible entries, 0 elsewhere; then dS = P * (dP - delta).

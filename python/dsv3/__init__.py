@@ -10,10 +10,11 @@ from typing import Any, Dict
 from . import _core
 from . import ops
 from .config import Config
+from .ops import KVCache
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ops", "build_info", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["Config", "KVCache", "ops", "build_info", "get_num_threads", "set_num_threads", "__version__"]
 
 
 def build_info() -> Dict[str, Any]:

@@ -23,7 +23,8 @@ __all__ = [
     "embedding", "embedding_backward", "linear", "linear_backward", "rmsnorm",
     "rmsnorm_backward", "swiglu", "swiglu_backward", "rope", "rope_backward", "rope_table",
     "yarn_mscale", "attention", "attention_backward", "cross_entropy",
-    "cross_entropy_backward",
+    "cross_entropy_backward", "KVCache", "attention_layer", "attention_layer_backward",
+    "attention_layer_decode",
 ]
 
 
@@ -131,3 +132,47 @@ def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, lse: np.ndar
     """dL/dlogits of ``d_loss * cross_entropy(...)``: ``(softmax - onehot) * d_loss / count``
     on counted rows, 0 on ignored rows."""
     return _core.cross_entropy_backward(logits, targets, lse, int(ignore_index), float(d_loss))
+
+
+# ---------------------------------------------------------------- attention layers (MLA, MHA, GQA)
+KVCache = _core.KVCache
+KVCache.__doc__ = """Decoding cache for ``layers`` attention layers, ``batch`` sequences of up to
+``max_len`` tokens, fp32: ``KVCache(cfg, batch=1, max_len=1024, layers=None)``.
+
+MLA configs get a latent cache (``kind == "latent"``): per token per layer only the normalised
+latent ``c`` (kv_lora_rank) and the roped ``k_pe`` (qk_rope_head_dim). MHA/GQA configs get a
+``"kv"`` cache of roped keys and values of every kv head. ``bytes_per_token`` is per sequence
+(all layers, 4 bytes per float); ``nbytes`` is the whole allocation; ``length[l]`` counts the
+tokens written in layer l; ``layer_data(l)`` copies layer l out as (batch, max_len, width)."""
+
+
+def attention_layer(x: np.ndarray, params: dict, cfg, start_pos: int = 0) -> np.ndarray:
+    """One attention layer in training (naive) form for ``cfg.attention_type``.
+
+    x: (B, T, D) or (T, D) float32 at positions ``start_pos + t`` (causal within the T tokens).
+    params: Hugging Face names relative to ``self_attn.``: MLA ``q_a_proj.weight``,
+    ``q_a_layernorm.weight``, ``q_b_proj.weight`` (or ``q_proj.weight`` when q_lora_rank is 0),
+    ``kv_a_proj_with_mqa.weight``, ``kv_a_layernorm.weight``, ``kv_b_proj.weight``,
+    ``o_proj.weight``; MHA/GQA ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (``.weight``),
+    all float32 [out, in]. Returns the layer output, shaped like x.
+    """
+    return _core.attention_layer(x, params, cfg, int(start_pos))
+
+
+def attention_layer_backward(d_out: np.ndarray, x: np.ndarray, params: dict, cfg,
+                             start_pos: int = 0) -> Tuple[np.ndarray, dict]:
+    """``(dx, grads)`` of :func:`attention_layer`; ``grads`` has the keys of ``params``."""
+    return _core.attention_layer_backward(d_out, x, params, cfg, int(start_pos))
+
+
+def attention_layer_decode(x: np.ndarray, params: dict, cfg, cache: "KVCache", layer: int,
+                           start_pos: int, absorbed: bool = True) -> np.ndarray:
+    """Cached decoding of layer ``layer`` for the tokens x (B, S, D) at positions
+    ``start_pos .. start_pos+S-1``: their cache rows are written, then every query attends to
+    the cached tokens ``0 .. start_pos+s`` (chunked prefill and multi-token verification use
+    the same call). MLA runs the absorbed form (``absorbed=False``: the naive form over the
+    same latent cache, decompressing k/v every call). ``start_pos`` may not exceed the tokens
+    already cached in that layer (smaller values overwrite: rollback); on error the cache is
+    unchanged."""
+    return _core.attention_layer_decode(x, params, cfg, cache, int(layer), int(start_pos),
+                                        bool(absorbed))

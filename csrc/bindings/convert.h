@@ -1,0 +1,40 @@
+// Python objects -> engine structs: Config -> layer dims, rope_scaling dict -> RopeParams,
+// {hf_name: array} dicts -> parameter views (checked for presence, dtype and shape).
+#pragma once
+#include <map>
+#include <string>
+
+#include "bindings/arrays.h"
+#include "kernels/mha.h"
+#include "kernels/mla.h"
+#include "kernels/rope.h"
+
+namespace dsv3::py_glue {
+
+RopeParams rope_params(int64_t dim, double theta, const py::object& scaling);
+
+template <typename T>
+T cfg_get(const py::object& cfg, const char* name) {
+  if (!py::hasattr(cfg, name))
+    throw py::type_error(str_cat("cfg must be a dsv3.Config (missing attribute ", name, ")"));
+  return cfg.attr(name).cast<T>();
+}
+
+MlaDims mla_dims(const py::object& cfg);
+MhaDims mha_dims(const py::object& cfg);
+
+// Holds the arrays of a {name: array} dict alive and hands out checked pointers.
+class ParamDict {
+ public:
+  ParamDict(const py::handle& d, const char* op);
+  // The named weight, which must have exactly this shape.
+  const float* get(const std::string& name, const Shape& shape);
+  bool has(const std::string& name) const;
+
+ private:
+  py::dict dict_;
+  const char* op_;
+  std::map<std::string, F32> keep_;
+};
+
+}  // namespace dsv3::py_glue

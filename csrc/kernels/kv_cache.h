@@ -1,0 +1,46 @@
+// The decoding cache: one fp32 buffer per layer and sequence, max_len token rows of `width`
+// floats. kind "latent" (MLA): rows [c (Dc) | k_pe (Dr)], width Dc+Dr. kind "kv" (MHA/GQA):
+// per sequence keys [max_len, Hkv*(Dn+Dr)] then values [max_len, Hkv*Dv], width Hkv*(Dn+Dr+Dv).
+// length[l] = tokens written in layer l; a call at start_pos <= length[l] overwrites from
+// there (rolling back rejected speculative tokens), start_pos > length[l] is a gap (error).
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/check.h"
+
+namespace dsv3 {
+
+struct KvCache {
+  std::string kind;
+  int64_t layers = 0, batch = 0, max_len = 0, width = 0;
+  std::vector<float> data;
+  std::vector<int64_t> length;
+
+  KvCache(std::string kind_, int64_t layers_, int64_t batch_, int64_t max_len_, int64_t width_)
+      : kind(std::move(kind_)), layers(layers_), batch(batch_), max_len(max_len_), width(width_) {
+    DSV3_CHECK(kind == "latent" || kind == "kv", "[KVCache] kind must be 'latent' or 'kv', got '",
+               kind, "'");
+    DSV3_CHECK(layers >= 1 && batch >= 1 && max_len >= 1 && width >= 1,
+               "[KVCache] layers, batch, max_len and width must be >= 1 (got ", layers, ", ",
+               batch, ", ", max_len, ", ", width, ")");
+    const double n = (double)layers * batch * max_len * width;
+    DSV3_CHECK(n < 9e15, "[KVCache] ", n, " floats is beyond any machine");
+    data.assign((size_t)n, 0.f);  // std::bad_alloc -> MemoryError
+    length.assign((size_t)layers, 0);
+  }
+  float* layer(int64_t l) { return data.data() + l * batch * max_len * width; }
+  int64_t bytes_per_token() const { return layers * width * (int64_t)sizeof(float); }
+  int64_t nbytes() const { return (int64_t)(data.size() * sizeof(float)); }
+  void check_step(int64_t l, int64_t start_pos, int64_t S) const {
+    DSV3_INDEX_CHECK(l >= 0 && l < layers, "[KVCache] layer ", l, " out of range [0, ", layers, ")");
+    DSV3_CHECK(start_pos >= 0 && start_pos <= length[l], "[KVCache] start_pos ", start_pos,
+               " does not continue layer ", l, ", which holds ", length[l],
+               " tokens (start_pos must be <= the cached length)");
+    DSV3_CHECK(start_pos + S <= max_len, "[KVCache] start_pos (", start_pos, ") + tokens (", S,
+               ") exceeds the cache capacity max_len = ", max_len);
+  }
+};
+
+}  // namespace dsv3

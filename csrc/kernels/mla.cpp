@@ -1,0 +1,273 @@
+#include "kernels/mla.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "core/blas.h"
+#include "core/check.h"
+#include "core/parallel.h"
+#include "kernels/attention.h"
+#include "kernels/nn.h"
+#include "kernels/softmax.h"
+
+namespace dsv3 {
+
+void mla_check_dims(const MlaDims& d) {
+  DSV3_CHECK(d.D >= 1 && d.H >= 1 && d.Dq >= 0 && d.Dc >= 1 && d.Dn >= 0 && d.Dr >= 2 &&
+                 d.Dv >= 1,
+             "[mla] invalid dims (D=", d.D, ", H=", d.H, ", Dq=", d.Dq, ", Dc=", d.Dc, ", Dn=",
+             d.Dn, ", Dr=", d.Dr, ", Dv=", d.Dv, ")");
+  DSV3_CHECK(d.Dr % 2 == 0, "[mla] qk_rope_head_dim must be even, got ", d.Dr);
+  DSV3_CHECK((int64_t)d.rope.inv_freq.size() == d.Dr / 2, "[mla] rope table has ",
+             d.rope.inv_freq.size(), " frequencies, expected qk_rope_head_dim/2 = ", d.Dr / 2);
+}
+
+namespace {
+
+void check_params(const MlaParams& p, const MlaDims& d) {
+  if (d.Dq > 0)
+    DSV3_CHECK(p.q_a_proj && p.q_a_layernorm && p.q_b_proj,
+               "[mla] q_lora_rank > 0 needs q_a_proj, q_a_layernorm and q_b_proj");
+  else
+    DSV3_CHECK(p.q_proj, "[mla] q_lora_rank == 0 needs q_proj");
+  DSV3_CHECK(p.kv_a_proj_with_mqa && p.kv_a_layernorm && p.kv_b_proj && p.o_proj,
+             "[mla] kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj and o_proj are required");
+}
+
+// q [R, H, Dn+Dr] with q_pe roped; saves the q_lora intermediates when given buffers.
+void project_q(float* q, std::vector<float>* qa, std::vector<float>* qa_rstd,
+               std::vector<float>* qa_n, const float* x, const MlaParams& p, const MlaDims& d,
+               const int64_t* pos, int64_t R) {
+  const int64_t Q = d.H * d.dqk();
+  if (d.Dq > 0) {
+    std::vector<float> a_local, r_local, n_local;
+    std::vector<float>& a = qa ? *qa : a_local;
+    std::vector<float>& r = qa_rstd ? *qa_rstd : r_local;
+    std::vector<float>& n = qa_n ? *qa_n : n_local;
+    a.resize(R * d.Dq);
+    r.resize(R);
+    n.resize(R * d.Dq);
+    linear_forward(a.data(), x, p.q_a_proj, R, d.D, d.Dq);
+    rmsnorm_forward(n.data(), r.data(), a.data(), p.q_a_layernorm, R, d.Dq, d.eps);
+    linear_forward(q, n.data(), p.q_b_proj, R, d.Dq, Q);
+  } else {
+    linear_forward(q, x, p.q_proj, R, d.D, Q);
+  }
+  rope_forward(q + d.Dn, Q, d.dqk(), q + d.Dn, Q, d.dqk(), pos, R, d.H, d.rope);
+}
+
+// kva [R, Dc+Dr] raw; c [R, Dc] normalised latent; kpe [R, Dr] roped.
+void project_latent(float* kva, float* c_rstd, float* c, float* kpe, const float* x,
+                    const MlaParams& p, const MlaDims& d, const int64_t* pos, int64_t R) {
+  const int64_t W = d.Dc + d.Dr;
+  linear_forward(kva, x, p.kv_a_proj_with_mqa, R, d.D, W);
+  for (int64_t r = 0; r < R; ++r) std::memcpy(c + r * d.Dc, kva + r * W, sizeof(float) * d.Dc);
+  rmsnorm_forward(c, c_rstd, c, p.kv_a_layernorm, R, d.Dc, d.eps);  // in place, row by row
+  rope_forward(kpe, d.Dr, 0, kva + d.Dc, W, 0, pos, R, 1, d.rope);
+}
+
+// k [L, H, Dn+Dr] = [k_nope_h | k_pe], v [L, H, Dv] from the latents c (row stride ldc).
+void decompress(float* k, float* v, const float* c, int64_t ldc, const float* kpe, int64_t ldp,
+                const MlaParams& p, const MlaDims& d, int64_t L) {
+  const int64_t KV = d.H * (d.Dn + d.Dv);
+  std::vector<float> kv((size_t)(L * KV));
+  sgemm(false, true, L, KV, d.Dc, 1.f, c, ldc, p.kv_b_proj, d.Dc, 0.f, kv.data(), KV);
+  parallel_for(L, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t h = 0; h < d.H; ++h) {
+        const float* src = kv.data() + r * KV + h * (d.Dn + d.Dv);
+        float* kd = k + (r * d.H + h) * d.dqk();
+        std::memcpy(kd, src, sizeof(float) * d.Dn);
+        std::memcpy(kd + d.Dn, kpe + r * ldp, sizeof(float) * d.Dr);
+        std::memcpy(v + (r * d.H + h) * d.Dv, src + d.Dn, sizeof(float) * d.Dv);
+      }
+  });
+}
+
+std::vector<int64_t> positions(int64_t B, int64_t T, int64_t start_pos) {
+  std::vector<int64_t> pos((size_t)(B * T));
+  for (int64_t r = 0; r < B * T; ++r) pos[r] = start_pos + r % T;
+  return pos;
+}
+
+}  // namespace
+
+void mla_forward(float* out, MlaActs& a, const float* x, const MlaParams& p, const MlaDims& d,
+                 int64_t B, int64_t T, int64_t start_pos) {
+  mla_check_dims(d);
+  check_params(p, d);
+  DSV3_CHECK(B >= 1 && T >= 1, "[mla] batch and tokens must be >= 1, got B=", B, ", T=", T);
+  DSV3_CHECK(start_pos >= 0, "[mla] start_pos must be >= 0, got ", start_pos);
+  const int64_t R = B * T;
+  a.B = B;
+  a.T = T;
+  a.pos = positions(B, T, start_pos);
+  a.q.resize(R * d.H * d.dqk());
+  project_q(a.q.data(), &a.qa, &a.qa_rstd, &a.qa_n, x, p, d, a.pos.data(), R);
+  a.kva.resize(R * (d.Dc + d.Dr));
+  a.c_rstd.resize(R);
+  a.c.resize(R * d.Dc);
+  std::vector<float> kpe((size_t)(R * d.Dr));
+  project_latent(a.kva.data(), a.c_rstd.data(), a.c.data(), kpe.data(), x, p, d, a.pos.data(), R);
+  a.k.resize(R * d.H * d.dqk());
+  a.v.resize(R * d.H * d.Dv);
+  decompress(a.k.data(), a.v.data(), a.c.data(), d.Dc, kpe.data(), d.Dr, p, d, R);
+  a.o.resize(R * d.H * d.Dv);
+  a.lse.resize(B * d.H * T);
+  const AttnShape s{B, T, T, d.H, d.H, d.dqk(), d.Dv, 0, d.scale};
+  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(), s);
+  linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
+}
+
+void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaActs& a,
+                  const float* x, const MlaParams& p, const MlaDims& d) {
+  const int64_t B = a.B, T = a.T, R = B * T, Q = d.H * d.dqk(), W = d.Dc + d.Dr;
+  const int64_t KV = d.H * (d.Dn + d.Dv);
+  DSV3_ASSERT(R > 0 && (int64_t)a.o.size() == R * d.H * d.Dv, "mla_backward without forward");
+  std::vector<float> d_o((size_t)(R * d.H * d.Dv), 0.f);
+  linear_backward(d_o.data(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
+  std::vector<float> dq((size_t)(R * Q), 0.f), dk((size_t)(R * Q), 0.f),
+      dv((size_t)(R * d.H * d.Dv), 0.f);
+  const AttnShape s{B, T, T, d.H, d.H, d.dqk(), d.Dv, 0, d.scale};
+  attention_backward(dq.data(), dk.data(), dv.data(), d_o.data(), a.o.data(), a.lse.data(),
+                     a.q.data(), a.k.data(), a.v.data(), s);
+  // back through the decompression: dkv per head, d k_pe summed over heads
+  std::vector<float> dkv((size_t)(R * KV)), dkpe((size_t)(R * d.Dr), 0.f);
+  parallel_for(R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t h = 0; h < d.H; ++h) {
+        const float* dkr = dk.data() + (r * d.H + h) * d.dqk();
+        float* dst = dkv.data() + r * KV + h * (d.Dn + d.Dv);
+        std::memcpy(dst, dkr, sizeof(float) * d.Dn);
+        std::memcpy(dst + d.Dn, dv.data() + (r * d.H + h) * d.Dv, sizeof(float) * d.Dv);
+        for (int64_t j = 0; j < d.Dr; ++j) dkpe[r * d.Dr + j] += dkr[d.Dn + j];
+      }
+  });
+  std::vector<float> dc((size_t)(R * d.Dc), 0.f);
+  linear_backward(dc.data(), g.kv_b_proj, dkv.data(), a.c.data(), p.kv_b_proj, R, d.Dc, KV);
+  std::vector<float> ckv((size_t)(R * d.Dc)), dckv((size_t)(R * d.Dc), 0.f),
+      dkva((size_t)(R * W), 0.f);
+  for (int64_t r = 0; r < R; ++r)
+    std::memcpy(ckv.data() + r * d.Dc, a.kva.data() + r * W, sizeof(float) * d.Dc);
+  rmsnorm_backward(dckv.data(), g.kv_a_layernorm, dc.data(), a.c_rstd.data(), ckv.data(),
+                   p.kv_a_layernorm, R, d.Dc);
+  for (int64_t r = 0; r < R; ++r)
+    std::memcpy(dkva.data() + r * W, dckv.data() + r * d.Dc, sizeof(float) * d.Dc);
+  rope_backward(dkva.data() + d.Dc, W, 0, dkpe.data(), d.Dr, 0, a.pos.data(), R, 1, d.rope);
+  linear_backward(dx, g.kv_a_proj_with_mqa, dkva.data(), x, p.kv_a_proj_with_mqa, R, d.D, W);
+  // back through the query path: un-rotate the q_pe gradient
+  std::vector<float> dq_raw(dq);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t h = 0; h < d.H; ++h)
+      std::fill_n(dq_raw.data() + r * Q + h * d.dqk() + d.Dn, d.Dr, 0.f);
+  rope_backward(dq_raw.data() + d.Dn, Q, d.dqk(), dq.data() + d.Dn, Q, d.dqk(), a.pos.data(), R,
+                d.H, d.rope);
+  if (d.Dq > 0) {
+    std::vector<float> dqa_n((size_t)(R * d.Dq), 0.f), dqa((size_t)(R * d.Dq), 0.f);
+    linear_backward(dqa_n.data(), g.q_b_proj, dq_raw.data(), a.qa_n.data(), p.q_b_proj, R, d.Dq,
+                    Q);
+    rmsnorm_backward(dqa.data(), g.q_a_layernorm, dqa_n.data(), a.qa_rstd.data(), a.qa.data(),
+                     p.q_a_layernorm, R, d.Dq);
+    linear_backward(dx, g.q_a_proj, dqa.data(), x, p.q_a_proj, R, d.D, d.Dq);
+  } else {
+    linear_backward(dx, g.q_proj, dq_raw.data(), x, p.q_proj, R, d.D, Q);
+  }
+}
+
+namespace {
+
+struct DecodeStep {
+  std::vector<int64_t> pos;
+  std::vector<float> q;  // [R, H, Dn+Dr]
+};
+
+// Shared by both decode forms: checks, q projection, and the new tokens' c | k_pe written to
+// the cache (only after every check has passed, so a failed call leaves the cache unchanged).
+DecodeStep decode_prologue(const float* x, const MlaParams& p, const MlaDims& d,
+                           const LatentCacheView& cache, int64_t B, int64_t S,
+                           int64_t start_pos) {
+  mla_check_dims(d);
+  check_params(p, d);
+  DSV3_CHECK(B >= 1 && S >= 1, "[mla_decode] batch and tokens must be >= 1, got B=", B,
+             ", S=", S);
+  DSV3_CHECK(start_pos >= 0 && start_pos + S <= cache.max_len, "[mla_decode] start_pos (",
+             start_pos, ") + tokens (", S, ") exceeds the cache capacity (", cache.max_len, ")");
+  const int64_t R = B * S, W = d.Dc + d.Dr;
+  DecodeStep st{positions(B, S, start_pos), std::vector<float>((size_t)(R * d.H * d.dqk()))};
+  project_q(st.q.data(), nullptr, nullptr, nullptr, x, p, d, st.pos.data(), R);
+  std::vector<float> kva((size_t)(R * W)), rstd((size_t)R), c((size_t)(R * d.Dc)),
+      kpe((size_t)(R * d.Dr));
+  project_latent(kva.data(), rstd.data(), c.data(), kpe.data(), x, p, d, st.pos.data(), R);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) {
+      float* row = cache.data + (b * cache.max_len + start_pos + s) * W;
+      std::memcpy(row, c.data() + (b * S + s) * d.Dc, sizeof(float) * d.Dc);
+      std::memcpy(row + d.Dc, kpe.data() + (b * S + s) * d.Dr, sizeof(float) * d.Dr);
+    }
+  return st;
+}
+
+}  // namespace
+
+void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const MlaDims& d,
+                         const LatentCacheView& cache, int64_t B, int64_t S, int64_t start_pos) {
+  DecodeStep st = decode_prologue(x, p, d, cache, B, S, start_pos);
+  const int64_t R = B * S, W = d.Dc + d.Dr, Q = d.H * d.dqk(), L = start_pos + S;
+  // q_abs [R, H, Dc+Dr] = [q_nope_h @ W_UK_h | q_pe_h]
+  std::vector<float> qa((size_t)(R * d.H * W));
+  parallel_for(d.H, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h) {
+      sgemm(false, false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q,
+            p.kv_b_proj + h * (d.Dn + d.Dv) * d.Dc, d.Dc, 0.f, qa.data() + h * W, d.H * W);
+      for (int64_t r = 0; r < R; ++r)
+        std::memcpy(qa.data() + (r * d.H + h) * W + d.Dc, st.q.data() + r * Q + h * d.dqk() + d.Dn,
+                    sizeof(float) * d.Dr);
+    }
+  });
+  // one product per (sequence, block of query rows) against the cache; rows are (s, h)
+  constexpr int64_t kRows = 64;
+  const int64_t M = S * d.H, blocks = (M + kRows - 1) / kRows;
+  std::vector<float> ctx((size_t)(R * d.H * d.Dc));  // [R, H, Dc] latent context
+  parallel_for(B * blocks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sc((size_t)(kRows * L));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / blocks, m0 = (t % blocks) * kRows, m = std::min(kRows, M - m0);
+      const float* cb = cache.data + b * cache.max_len * W;
+      sgemm(false, true, m, L, W, d.scale, qa.data() + (b * M + m0) * W, W, cb, W, 0.f,
+            sc.data(), L);
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t s = (m0 + i) / d.H;
+        softmax_row(sc.data() + i * L, start_pos + s + 1, L);
+      }
+      sgemm(false, false, m, d.Dc, L, 1.f, sc.data(), L, cb, W, 0.f,
+            ctx.data() + (b * M + m0) * d.Dc, d.Dc);
+    }
+  });
+  // o_h = ctx_h @ W_UV_h^T, then o_proj
+  std::vector<float> o((size_t)(R * d.H * d.Dv));
+  parallel_for(d.H, 1, [&](int64_t h0, int64_t h1) {
+    for (int64_t h = h0; h < h1; ++h)
+      sgemm(false, true, R, d.Dv, d.Dc, 1.f, ctx.data() + h * d.Dc, d.H * d.Dc,
+            p.kv_b_proj + (h * (d.Dn + d.Dv) + d.Dn) * d.Dc, d.Dc, 0.f, o.data() + h * d.Dv,
+            d.H * d.Dv);
+  });
+  linear_forward(out, o.data(), p.o_proj, R, d.H * d.Dv, d.D);
+}
+
+void mla_decode_naive(float* out, const float* x, const MlaParams& p, const MlaDims& d,
+                      const LatentCacheView& cache, int64_t B, int64_t S, int64_t start_pos) {
+  DecodeStep st = decode_prologue(x, p, d, cache, B, S, start_pos);
+  const int64_t W = d.Dc + d.Dr, Q = d.H * d.dqk(), L = start_pos + S;
+  std::vector<float> k((size_t)(L * Q)), v((size_t)(L * d.H * d.Dv)),
+      o((size_t)(B * S * d.H * d.Dv));
+  for (int64_t b = 0; b < B; ++b) {
+    const float* cb = cache.data + b * cache.max_len * W;
+    decompress(k.data(), v.data(), cb, W, cb + d.Dc, W, p, d, L);
+    const AttnShape s{1, S, L, d.H, d.H, d.dqk(), d.Dv, start_pos, d.scale};
+    attention_forward(o.data() + b * S * d.H * d.Dv, nullptr, st.q.data() + b * S * Q, k.data(),
+                      v.data(), s);
+  }
+  linear_forward(out, o.data(), p.o_proj, B * S, d.H * d.Dv, d.D);
+}
+
+}  // namespace dsv3

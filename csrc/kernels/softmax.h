@@ -1,0 +1,36 @@
+// Row softmax shared by the attention kernels (causal core, absorbed MLA).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "core/mathfn.h"
+#include "core/simd.h"
+
+namespace dsv3 {
+
+// In place: row[0..n) <- exp(row - max) / sum; returns the log-sum-exp of row[0..n).
+// Entries [n, width) are zeroed (masked keys). Max and sum run in 16 fixed lanes so the loops
+// vectorize and the result does not depend on the SIMD level.
+DSV3_SIMD_CLONES inline float softmax_row(float* row, int64_t n, int64_t width) {
+  constexpr int L = 16;
+  float mx[L], acc[L];
+  for (int l = 0; l < L; ++l) mx[l] = -INFINITY, acc[l] = 0.f;
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int l = 0; l < L; ++l) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
+  float m = -INFINITY;
+  for (int l = 0; l < L; ++l) m = mx[l] > m ? mx[l] : m;
+  for (int64_t t = j; t < n; ++t) m = row[t] > m ? row[t] : m;
+  for (j = 0; j < n; ++j) row[j] = exp_f32(row[j] - m);
+  for (j = 0; j + L <= n; j += L)
+    for (int l = 0; l < L; ++l) acc[l] += row[j + l];
+  float sum = 0.f;
+  for (int l = 0; l < L; ++l) sum += acc[l];
+  for (; j < n; ++j) sum += row[j];
+  const float inv = 1.f / sum;
+  for (j = 0; j < n; ++j) row[j] *= inv;
+  for (j = n; j < width; ++j) row[j] = 0.f;
+  return m + std::log(sum);
+}
+
+}  // namespace dsv3
