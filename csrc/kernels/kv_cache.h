@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "core/check.h"
 
 namespace dsv3 {
@@ -26,7 +28,10 @@ struct KvCache {
                "[KVCache] layers, batch, max_len and width must be >= 1 (got ", layers, ", ",
                batch, ", ", max_len, ", ", width, ")");
     const double n = (double)layers * batch * max_len * width;
-    DSV3_CHECK(n < 9e15, "[KVCache] ", n, " floats is beyond any machine");
+    const double ram = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    DSV3_CHECK(n * sizeof(float) <= ram, "[KVCache] layers*batch*max_len*width = ", n,
+               " floats (", n * 4 / 1e9, " GB) exceed this machine's memory (", ram / 1e9,
+               " GB); lower batch or max_len");
     data.assign((size_t)n, 0.f);  // std::bad_alloc -> MemoryError
     length.assign((size_t)layers, 0);
   }
