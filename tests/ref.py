@@ -39,8 +39,8 @@ def t_rope(torch, x, pos, cfg):
     """x (B, T, H, Dr) torch float64; adjacent pairs rotated by pos * f_i."""
     f, mult, _, _ = ref_inv_freq(x.shape[-1], cfg.rope_theta, cfg.rope_scaling)
     ang = torch.tensor(np.asarray(pos, dtype=np.float64)[:, None] * f)  # (T, Dr/2)
-    c = (torch.cos(ang) * mult)[None, :, None, :]
-    s = (torch.sin(ang) * mult)[None, :, None, :]
+    c = (torch.cos(ang) * mult)[None, :, None, :].to(x.dtype)
+    s = (torch.sin(ang) * mult)[None, :, None, :].to(x.dtype)
     x0, x1 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], -1).flatten(-2)
 
@@ -49,16 +49,24 @@ def t_rmsnorm(torch, x, w, eps):
     return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
 
 
-def t_causal_attention(torch, q, k, v, scale, start_pos=0):
-    """q (B,Tq,H,Dk), k (B,Tk,H,Dk), v (B,Tk,H,Dv) with the offset causal mask."""
+def t_causal_attention(torch, q, k, v, scale, start_pos=0, fast=False):
+    """q (B,Tq,H,Dk), k (B,Tk,H,Dk), v (B,Tk,H,Dv) with the offset causal mask. ``fast`` uses
+    PyTorch's fused SDPA (the benchmark peer); the default spells the softmax out (the oracle)."""
     Tq, Tk = q.shape[1], k.shape[1]
+    if fast:
+        mask = torch.arange(Tk)[None, :] <= (start_pos + torch.arange(Tq))[:, None]
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=(start_pos == 0 and Tq == Tk), attn_mask=None if Tq == Tk else mask,
+            scale=scale)
+        return o.transpose(1, 2)
     s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
     mask = torch.arange(Tk)[None, :] > (start_pos + torch.arange(Tq))[:, None]
     p = torch.softmax(s.masked_fill(mask, float("-inf")), -1)
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-def t_mla(torch, x, P, cfg, start_pos=0):
+def t_mla(torch, x, P, cfg, start_pos=0, fast=False):
     """MLA naive form (SPEC §2.2). x (B,T,D); P: {hf name (relative to self_attn.): tensor}."""
     B, T, _ = x.shape
     H, Dn, Dr, Dv = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
@@ -77,11 +85,11 @@ def t_mla(torch, x, P, cfg, start_pos=0):
     kpe = t_rope(torch, kva[..., Dc:].view(B, T, 1, Dr), pos, cfg)  # one per token
     kv = (c @ P["kv_b_proj.weight"].T).view(B, T, H, Dn + Dv)
     k = torch.cat([kv[..., :Dn], kpe.expand(B, T, H, Dr)], -1)
-    o = t_causal_attention(torch, q, k, kv[..., Dn:], softmax_scale(cfg))
+    o = t_causal_attention(torch, q, k, kv[..., Dn:], softmax_scale(cfg), 0, fast)
     return o.reshape(B, T, H * Dv) @ P["o_proj.weight"].T
 
 
-def t_mha(torch, x, P, cfg, start_pos=0):
+def t_mha(torch, x, P, cfg, start_pos=0, fast=False):
     """MHA/GQA baseline: q/k heads [Dn | Dr roped], kv heads shared by H/Hkv query heads."""
     B, T, _ = x.shape
     H, Dn, Dr, Dv = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
@@ -95,7 +103,7 @@ def t_mha(torch, x, P, cfg, start_pos=0):
     k = torch.cat([k[..., :Dn], t_rope(torch, k[..., Dn:], pos, cfg)], -1)
     k = k.repeat_interleave(H // Hkv, dim=2)
     v = v.repeat_interleave(H // Hkv, dim=2)
-    o = t_causal_attention(torch, q, k, v, softmax_scale(cfg))
+    o = t_causal_attention(torch, q, k, v, softmax_scale(cfg), 0, fast)
     return o.reshape(B, T, H * Dv) @ P["o_proj.weight"].T
 
 

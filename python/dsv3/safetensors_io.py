@@ -1,0 +1,227 @@
+"""Reading and writing the safetensors format (what Hugging Face checkpoints use), with numpy.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``,
+then the raw little-endian tensor bytes (offsets relative to the end of the header).
+
+dsv3 reads F32, F16, BF16, F8_E4M3 / F8_E5M2 (returned as uint8 codes), and the integer types;
+BF16 is widened to float32 exactly. Every structural error (truncated file, header larger than
+the file, overlapping or out-of-range offsets, size not matching dtype x shape, bad JSON)
+raises ``ValueError`` naming the file and the tensor. Writes go to a temporary file in the
+same directory, are fsync'ed, then renamed over the final name: an interrupted write never
+leaves a partial file under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Dict, Iterable, Mapping, Optional, Tuple
+
+import numpy as np
+
+# safetensors dtype name -> (numpy dtype of the stored element, itemsize)
+_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"), "F8_E4M3": np.dtype("u1"), "F8_E5M2": np.dtype("u1"),
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_FROM_NUMPY = {np.dtype("float64"): "F64", np.dtype("float32"): "F32",
+               np.dtype("float16"): "F16", np.dtype("int64"): "I64", np.dtype("int32"): "I32",
+               np.dtype("int16"): "I16", np.dtype("int8"): "I8", np.dtype("uint8"): "U8",
+               np.dtype("bool"): "BOOL"}
+MAX_HEADER = 100 << 20
+
+
+def bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)  # quiet NaN, sign kept
+    return rounded
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class Tensor:
+    """A stored tensor: ``dtype`` (safetensors name), ``shape`` and the raw ``data`` (numpy
+    array of the stored element type, a view into the memory-mapped file)."""
+    __slots__ = ("dtype", "shape", "data")
+
+    def __init__(self, dtype: str, shape: Tuple[int, ...], data: np.ndarray):
+        self.dtype, self.shape, self.data = dtype, shape, data
+
+    def to_float32(self) -> np.ndarray:
+        if self.dtype == "BF16":
+            return bf16_to_f32(self.data)
+        if self.dtype in ("F32", "F16", "F64"):
+            return self.data.astype(np.float32)
+        raise ValueError(f"tensor of dtype {self.dtype} has no direct float32 value "
+                         "(FP8 codes need their scales)")
+
+
+def read(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """All tensors of one .safetensors file (memory-mapped) and its metadata."""
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    if size < 8:
+        raise ValueError(f"[safetensors] {path}: file of {size} bytes is too short for a header")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER or 8 + n > size:
+            raise ValueError(f"[safetensors] {path}: header length {n} exceeds the file "
+                             f"({size} bytes): truncated or not a safetensors file")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"[safetensors] {path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"[safetensors] {path}: header must be a JSON object")
+    meta = header.pop("__metadata__", {}) or {}
+    data_len = size - 8 - n
+    buf = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,)) \
+        if data_len > 0 else np.zeros(0, np.uint8)
+    spans = []
+    out: Dict[str, Tensor] = {}
+    for name, info in header.items():
+        where = f"[safetensors] {path}: tensor '{name}'"
+        try:
+            dtype, shape, (b, e) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{where}: entry must have dtype, shape and data_offsets") from None
+        if dtype not in _DTYPES:
+            raise ValueError(f"{where}: unsupported dtype {dtype!r}")
+        if not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ValueError(f"{where}: bad shape {list(shape)}")
+        if not (isinstance(b, int) and isinstance(e, int) and 0 <= b <= e <= data_len):
+            raise ValueError(f"{where}: data_offsets [{b}, {e}] outside the data section "
+                             f"({data_len} bytes): truncated or corrupt file")
+        count = int(np.prod(shape, dtype=np.int64))
+        if e - b != count * _DTYPES[dtype].itemsize:
+            raise ValueError(f"{where}: {e - b} bytes do not match dtype {dtype} x shape "
+                             f"{list(shape)}")
+        spans.append((b, e, name))
+        arr = buf[b:e].view(_DTYPES[dtype]).reshape(shape)
+        out[name] = Tensor(dtype, shape, arr)
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise ValueError(f"[safetensors] {path}: tensors '{n0}' and '{n1}' overlap")
+    return out, {str(k): str(v) for k, v in meta.items()}
+
+
+def write(path: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
+          metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write ``{name: (safetensors dtype, array of the stored element type)}`` atomically."""
+    path = os.fspath(path)
+    header: Dict[str, object] = {}
+    offset = 0
+    order = sorted(tensors)
+    for name in order:
+        dtype, arr = tensors[name]
+        if dtype not in _DTYPES:
+            raise ValueError(f"[safetensors] tensor '{name}': unsupported dtype {dtype!r}")
+        if arr.dtype.itemsize != _DTYPES[dtype].itemsize:
+            raise ValueError(f"[safetensors] tensor '{name}': array of {arr.dtype} cannot be "
+                             f"stored as {dtype}")
+        header[name] = {"dtype": dtype, "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hdr += b" " * (-len(hdr) % 8)  # align the data section to 8 bytes
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(hdr)))
+            f.write(hdr)
+            for name in order:
+                arr = tensors[name][1]
+                f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"),
+                                                         copy=False).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def numpy_dtype_name(arr: np.ndarray) -> str:
+    if arr.dtype not in _FROM_NUMPY:
+        raise TypeError(f"[safetensors] no safetensors dtype for numpy {arr.dtype}")
+    return _FROM_NUMPY[arr.dtype]
+
+
+def write_sharded(directory: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
+                  max_shard_bytes: int, metadata: Optional[Mapping[str, str]] = None,
+                  stem: str = "model") -> Iterable[str]:
+    """One ``{stem}.safetensors`` when everything fits in ``max_shard_bytes``; else shards
+    ``{stem}-0000i-of-0000n.safetensors`` plus ``{stem}.safetensors.index.json`` (the Hugging
+    Face layout). Returns the file names written."""
+    total = sum(a.nbytes for _, a in tensors.values())
+    if total <= max_shard_bytes:
+        write(os.path.join(directory, f"{stem}.safetensors"), tensors, metadata)
+        return [f"{stem}.safetensors"]
+    shards, cur, size = [], {}, 0
+    for name in sorted(tensors):
+        nbytes = tensors[name][1].nbytes
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = tensors[name]
+        size += nbytes
+    if cur:
+        shards.append(cur)
+    names, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        fname = f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write(os.path.join(directory, fname), shard, metadata)
+        names.append(fname)
+        weight_map.update({k: fname for k in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    ipath = os.path.join(directory, f"{stem}.safetensors.index.json")
+    tmp = f"{ipath}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ipath)
+    return names + [os.path.basename(ipath)]
+
+
+def read_dir(directory: str, stem: str = "model") -> Dict[str, Tensor]:
+    """Every tensor of a checkpoint directory: ``{stem}.safetensors``, or the shards named by
+    ``{stem}.safetensors.index.json`` (each shard read once; missing shards are an error)."""
+    directory = os.fspath(directory)
+    index = os.path.join(directory, f"{stem}.safetensors.index.json")
+    single = os.path.join(directory, f"{stem}.safetensors")
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"[safetensors] {index}: not a valid index ({e})") from None
+        out: Dict[str, Tensor] = {}
+        for fname in sorted(set(weight_map.values())):
+            p = os.path.join(directory, fname)
+            if not os.path.exists(p):
+                raise ValueError(f"[safetensors] {index} names shard {fname}, which is missing")
+            tensors, _ = read(p)
+            out.update(tensors)
+        missing = sorted(set(weight_map) - set(out))
+        if missing:
+            raise ValueError(f"[safetensors] {index}: tensors listed but not found in their "
+                             f"shards: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        return out
+    if os.path.exists(single):
+        return read(single)[0]
+    raise FileNotFoundError(f"[safetensors] {directory} has neither {stem}.safetensors nor "
+                            f"{stem}.safetensors.index.json")
