@@ -215,7 +215,9 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   const int64_t R = B * S, W = d.Dc + d.Dr, Q = d.H * d.dqk(), L = start_pos + S;
   // q_abs [R, H, Dc+Dr] = [q_nope_h @ W_UK_h | q_pe_h]
   std::vector<float> qa((size_t)(R * d.H * W));
-  parallel_for(d.H, 1, [&](int64_t h0, int64_t h1) {
+  // heads per task: enough work (~1 MFLOP) to pay for waking a thread
+  const int64_t head_grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, R * d.Dn * d.Dc));
+  parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
       sgemm(false, false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q,
             p.kv_b_proj + h * (d.Dn + d.Dv) * d.Dc, d.Dc, 0.f, qa.data() + h * W, d.H * W);
@@ -245,7 +247,7 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   });
   // o_h = ctx_h @ W_UV_h^T, then o_proj
   std::vector<float> o((size_t)(R * d.H * d.Dv));
-  parallel_for(d.H, 1, [&](int64_t h0, int64_t h1) {
+  parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h)
       sgemm(false, true, R, d.Dv, d.Dc, 1.f, ctx.data() + h * d.Dc, d.H * d.Dc,
             p.kv_b_proj + (h * (d.Dn + d.Dv) + d.Dn) * d.Dc, d.Dc, 0.f, o.data() + h * d.Dv,
