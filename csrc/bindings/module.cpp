@@ -5,10 +5,12 @@
 namespace dsv3 {
 void bind_info(pybind11::module_& m);
 void bind_ops(pybind11::module_& m);
+void bind_moe(pybind11::module_& m);
 }  // namespace dsv3
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "dsv3 C++ engine (private; use the dsv3 package)";
   dsv3::bind_info(m);
   dsv3::bind_ops(m);
+  dsv3::bind_moe(m);
 }
