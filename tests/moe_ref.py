@@ -160,5 +160,6 @@ def torch_moe_grads(torch, x: np.ndarray, params: Dict[str, np.ndarray], cfg, id
             bal = bal + alpha * (f * Pm).sum()
         L = L + bal / B
     L.backward()
-    grads = {k: v.grad.numpy() for k, v in P.items() if v.grad is not None}
-    return float(L), xt.grad.numpy().reshape(shape), grads
+    grads = {k: (v.grad.numpy() if v.grad is not None else np.zeros(v.shape))  # unused expert
+             for k, v in P.items() if v.requires_grad}
+    return float(L.detach()), xt.grad.numpy().reshape(shape), grads

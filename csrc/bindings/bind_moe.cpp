@@ -184,6 +184,7 @@ void layer_setup(LayerRun& r, py::handle x_h, py::handle params, py::handle cfg,
   const int64_t D = r.x.shape(r.x.ndim() - 1);
   r.c = moe_config_from(cfg, D, op);
   r.lp = layer_params(params, r.c, op);
+  check_finite(r.x.data(), r.x.size(), op, "x");
   r.B = r.x.ndim() == 3 ? r.x.shape(0) : 1;
   r.T = r.x.shape(r.x.ndim() - 2);
 }

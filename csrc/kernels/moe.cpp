@@ -127,8 +127,9 @@ void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
   DSV3_CHECK(T >= 0, "[", op, "] number of tokens must be >= 0, got ", T);
   const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, D = c.hidden_size;
   const int64_t F = c.moe_intermediate_size, S = c.shared_width(), N = T * K;
+  check_finite(x, T * D, op, "x");
 
-  // 1. Gate (validates x, the gate weight and the bias).
+  // 1. Gate (also validates the gate weight and the bias).
   moe_gate_forward(a.topk_idx, a.topk_weight, a.scores, x, p.gate_weight,
                    p.gate_e_score_correction_bias, c, T);
   if (T == 0) return;
