@@ -62,8 +62,10 @@ def make_params(cfg, seed: int, bias_scale: float = 0.1) -> Dict[str, np.ndarray
 
 
 def assert_scaled(name, got, want, rtol, scale_tol):
+    """|got - want| <= rtol |want| + scale_tol * max|want| (floor 1e-6: a gradient that is
+    zero up to rounding, e.g. the gate's with K = 1 and norm_topk_prob, compares absolutely)."""
     want = np.asarray(want, np.float64)
-    atol = scale_tol * max(float(np.max(np.abs(want))), 1e-30)
+    atol = scale_tol * max(float(np.max(np.abs(want), initial=0.0)), 1e-6)
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=name)
 
 
@@ -131,19 +133,31 @@ def test_dispatch_combine_identity_experts(name, T):
     np.testing.assert_allclose(y2, x * coef[:, None], rtol=1e-6, atol=1e-6)
 
 
-def test_all_tokens_on_one_expert():
+@pytest.mark.parametrize("K,n_shared", [(2, 1), (1, 0)])
+def test_all_tokens_on_one_expert(K, n_shared):
     """A bias that dwarfs the scores sends every token to the same experts: the load is as
-    unbalanced as it gets (the expert runs alone with threaded BLAS), other experts are empty."""
-    cfg = layer_cfg("v3", n_group=1, topk_group=1, num_experts_per_tok=2)
+    unbalanced as it gets and the other experts are empty. With K = 1 and no shared expert
+    one item holds all rows, so (with 2+ threads) it runs alone with threaded BLAS.
+    Forward and every gradient."""
+    cfg = layer_cfg("v3", n_group=1, topk_group=1, num_experts_per_tok=K,
+                    n_shared_experts=n_shared)
     params = make_params(cfg, seed=1)
     params["gate.e_score_correction_bias"] = np.zeros(16, np.float32)
     params["gate.e_score_correction_bias"][[5, 9]] = [10.0, 5.0]
     x = np.random.default_rng(2).standard_normal((129, D)).astype(np.float32)
     y, aux = dsv3.ops.moe_forward(x, params, cfg)
-    assert np.all(aux["topk_idx"] == [5, 9])
-    assert aux["max_violation"] == pytest.approx(16 / 2 - 1)
+    assert np.all(aux["topk_idx"] == [5, 9][:K])
+    assert aux["max_violation"] == pytest.approx(16 / K - 1)
     ridx, rw, _ = ref_gate(x, params["gate.weight"], bias_of(params), cfg)
     assert_scaled("y", y, ref_moe_forward(x, params, cfg, ridx, rw), 1e-5, 1e-5)
+    dy = np.random.default_rng(3).standard_normal(x.shape).astype(np.float32)
+    dx, grads = dsv3.ops.moe_backward(dy, x, params, cfg)
+    _, tdx, tgrads = torch_moe_grads(get_torch(), x, params, cfg, aux["topk_idx"], dy)
+    assert_scaled("dx", dx, tdx, 2e-5, 2e-5)
+    for k, g in grads.items():
+        assert_scaled(f"d{k}", g, tgrads[k], 2e-5, 2e-5)
+    if K == 1:  # w = s / (s + 1e-20) * rsf is constant: the gate gets no gradient
+        assert np.max(np.abs(grads["gate.weight"])) < 1e-12
 
 
 def test_deterministic_and_thread_count():

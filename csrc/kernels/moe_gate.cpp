@@ -196,13 +196,19 @@ void moe_gate_backward(float* dx, float* d_weight, const float* d_topk_weight,
       if (d_topk_weight) {
         const int64_t* idx = topk_idx + t * K;
         const float* dw = d_topk_weight + t * K;
-        if (c.norm_topk_prob) {  // w_k = rsf s_k / S,  S = sum_j s_j + 1e-20
-          float sum = 0.f, dot = 0.f;
+        if (c.norm_topk_prob) {
+          // w_k = rsf s_k / S with S = sum_j s_j + 1e-20:
+          //   dL/ds_m = rsf (dw_m S - sum_k dw_k s_k) / S^2
+          //           = rsf (sum_k (dw_m - dw_k) s_k + 1e-20 dw_m) / S^2
+          // (the second form has no cancellation: K = 1 gives exactly ~0, as it should).
+          float sum = 0.f;
           for (int64_t k = 0; k < K; ++k) sum += s[idx[k]];
           const float S = sum + 1e-20f;
-          for (int64_t k = 0; k < K; ++k) dot += dw[k] * s[idx[k]];
-          const float q = dot / S;
-          for (int64_t k = 0; k < K; ++k) ds[idx[k]] += rsf * ((dw[k] - q) / S);
+          for (int64_t m = 0; m < K; ++m) {
+            float acc = 0.f;
+            for (int64_t k = 0; k < K; ++k) acc += (dw[m] - dw[k]) * s[idx[k]];
+            ds[idx[m]] += rsf * (((acc + 1e-20f * dw[m]) / S) / S);
+          }
         } else {
           for (int64_t k = 0; k < K; ++k) ds[idx[k]] += rsf * dw[k];
         }
