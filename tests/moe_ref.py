@@ -108,6 +108,7 @@ def ref_moe_forward(x: np.ndarray, params: Dict[str, np.ndarray], cfg, idx: np.n
 def ref_balance_loss(s: np.ndarray, idx: np.ndarray, alpha: float, E: int) -> float:
     """SPEC §2.4: mean over sequences of alpha * sum_i f_i P_i. s (B,T,E), idx (B,T,K)."""
     B, T, K = idx.shape
+    s = np.asarray(s, dtype=f64)
     total = 0.0
     for b in range(B):
         counts = np.bincount(idx[b].ravel(), minlength=E).astype(f64)
