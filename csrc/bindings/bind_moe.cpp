@@ -169,13 +169,24 @@ py::tuple moe_gate_py(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
 }
 
 // ---- layer ----------------------------------------------------------------------------------
+// Saved activations and scratch of the layer calls, kept per Python thread between calls:
+// at the sizes researchers use (thousands of tokens) they are tens of MB, and fresh buffers
+// would be page-faulted in (and zeroed by the kernel) on every call.
+struct LayerScratch {
+  std::vector<float> f;
+  std::vector<int64_t> i;
+  MoeWorkspace ws;
+};
+LayerScratch& layer_scratch() {
+  static thread_local LayerScratch s;
+  return s;
+}
+
 struct LayerRun {
   MoeConfig c;
   LayerParams lp;
   F32 x;
   int64_t B, T;  // sequences, tokens per sequence
-  std::vector<float> fbuf;
-  std::vector<int64_t> ibuf;
   MoeActs acts;
 };
 
@@ -193,10 +204,11 @@ void layer_setup(LayerRun& r, py::handle x_h, py::handle params, py::handle cfg,
 void layer_forward(LayerRun& r, float* y) {
   const int64_t R = r.B * r.T;
   MoeActsSize sz = moe_acts_size(r.c, R);
-  r.fbuf.assign((size_t)sz.floats, 0.f);
-  r.ibuf.assign((size_t)sz.ints, 0);
-  r.acts = moe_acts_view(r.fbuf.data(), r.ibuf.data(), r.c, R);
-  moe_forward(y, r.acts, r.x.data(), r.lp.p, r.c, R);
+  LayerScratch& sc = layer_scratch();
+  if ((int64_t)sc.f.size() < sz.floats) sc.f.resize((size_t)sz.floats);
+  if ((int64_t)sc.i.size() < sz.ints) sc.i.resize((size_t)sz.ints);
+  r.acts = moe_acts_view(sc.f.data(), sc.i.data(), r.c, R);
+  moe_forward(y, r.acts, r.x.data(), r.lp.p, r.c, R, &sc.ws);
 }
 
 void check_alpha(double alpha, const char* op) {
@@ -278,7 +290,7 @@ py::tuple moe_backward_py(py::handle dy_h, py::handle x_h, py::handle params, py
                                 E, K, alpha);
     }
     moe_backward(pdx, g, pdy, d_scores.empty() ? nullptr : d_scores.data(), r.acts, r.x.data(),
-                 r.lp.p, r.c, R);
+                 r.lp.p, r.c, R, &layer_scratch().ws);
   }
   return py::make_tuple(dx, out);
 }

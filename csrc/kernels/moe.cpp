@@ -3,11 +3,14 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "core/blas.h"
 #include "core/check.h"
+#include "core/mathfn.h"
 #include "core/parallel.h"
+#include "core/simd.h"
 #include "kernels/balance.h"
 #include "kernels/nn.h"
 
@@ -55,21 +58,56 @@ void for_each_expert(const std::vector<int64_t>& rows, const std::function<void(
   });
 }
 
+// An uninitialised float buffer (the values are always written before they are read).
+using Buf = std::unique_ptr<float[]>;
+Buf buf(int64_t n) { return Buf(new float[(size_t)std::max<int64_t>(n, 1)]); }
+
+// Rows of `n` floats that live in ws->rows when a workspace is given (kept between calls:
+// fresh buffers of this size are page-faulted in on every call), else in `local`.
+float* workspace_rows(MoeWorkspace* ws, Buf& local, int64_t n) {
+  if (!ws) {
+    local = buf(n);
+    return local.get();
+  }
+  if ((int64_t)ws->rows.size() < n) ws->rows.resize((size_t)n);
+  return ws->rows.data();
+}
+
 void gather_rows(float* dst, const float* src, const int64_t* slots, int64_t n, int64_t K,
                  int64_t D) {
   for (int64_t p = 0; p < n; ++p)
     std::memcpy(dst + p * D, src + (slots[p] / K) * D, sizeof(float) * D);
 }
 
-float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0};
+// y[j] += w * x[j]
+DSV3_SIMD_CLONES void axpy_row(float* __restrict__ y, float w, const float* __restrict__ x,
+                               int64_t D) {
+  for (int64_t j = 0; j < D; ++j) y[j] += w * x[j];
+}
+
+// One dispatched row of the expert backward, fused so that silu is evaluated once:
+//   h = silu(g) u ;  dh = w a ;  dg = dh u s (1 + g (1 - s)) ;  du = dh silu(g)
+// Returns <a, h> (= dL/dw of the routing weight that scales this row's output).
+DSV3_SIMD_CLONES float swiglu_backward_row(float* __restrict__ h, float* __restrict__ dg,
+                                           float* __restrict__ du, const float* __restrict__ a,
+                                           const float* __restrict__ g,
+                                           const float* __restrict__ u, float w, int64_t W) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {0};
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += a[j + l] * b[j + l];
-  float s = 0.f;
-  for (int l = 0; l < 8; ++l) s += acc[l];
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
+  for (; j < W; ++j) {
+    const float s = sigmoid_f32(g[j]), silu = g[j] * s;
+    h[j] = silu * u[j];
+    const float dh = w * a[j];
+    dg[j] = dh * u[j] * (s * (1.f + g[j] * (1.f - s)));
+    du[j] = dh * silu;
+  }
+  for (j = 0; j + kLanes <= W; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * h[j + l];
+  float sum = 0.f;
+  for (int l = 0; l < kLanes; ++l) sum += acc[l];
+  for (; j < W; ++j) sum += a[j] * h[j];
+  return sum;
 }
 
 }  // namespace
@@ -121,7 +159,7 @@ void moe_layer_check(const MoeConfig& c, const MoeParams& p, const char* op) {
 }
 
 void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
-                 const MoeConfig& c, int64_t T) {
+                 const MoeConfig& c, int64_t T, MoeWorkspace* ws) {
   const char* op = "moe_forward";
   moe_layer_check(c, p, op);
   DSV3_CHECK(T >= 0, "[", op, "] number of tokens must be >= 0, got ", T);
@@ -148,28 +186,29 @@ void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
   }
 
   // 3. Experts: item e < E is routed expert e, item E the shared expert (writes y directly).
-  std::vector<float> ye((size_t)(N * D));
+  Buf ye_local;
+  float* ye = workspace_rows(ws, ye_local, N * D);
   std::vector<int64_t> rows(a.expert_count, a.expert_count + E);
   if (S > 0) rows.push_back(T);
   for_each_expert(rows, [&](int64_t e) {
     if (e == E) {
       const SwiGluParams& w = p.shared_experts;
-      std::vector<float> h((size_t)(T * S));
+      Buf h = buf(T * S);
       linear_forward(a.shared_gate, x, w.gate_proj, T, D, S);
       linear_forward(a.shared_up, x, w.up_proj, T, D, S);
-      swiglu_forward(h.data(), a.shared_gate, a.shared_up, T * S);
-      linear_forward(y, h.data(), w.down_proj, T, S, D);
+      swiglu_forward(h.get(), a.shared_gate, a.shared_up, T * S);
+      linear_forward(y, h.get(), w.down_proj, T, S, D);
       return;
     }
     const SwiGluParams& w = p.experts[e];
     const int64_t o = a.expert_offset[e], n = a.expert_count[e];
-    std::vector<float> xs((size_t)(n * D)), h((size_t)(n * F));
-    gather_rows(xs.data(), x, a.dispatch_slot + o, n, K, D);
+    Buf xs = buf(n * D), h = buf(n * F);
+    gather_rows(xs.get(), x, a.dispatch_slot + o, n, K, D);
     float *g = a.expert_gate + o * F, *u = a.expert_up + o * F;
-    linear_forward(g, xs.data(), w.gate_proj, n, D, F);
-    linear_forward(u, xs.data(), w.up_proj, n, D, F);
-    swiglu_forward(h.data(), g, u, n * F);
-    linear_forward(ye.data() + o * D, h.data(), w.down_proj, n, F, D);
+    linear_forward(g, xs.get(), w.gate_proj, n, D, F);
+    linear_forward(u, xs.get(), w.up_proj, n, D, F);
+    swiglu_forward(h.get(), g, u, n * F);
+    linear_forward(ye + o * D, h.get(), w.down_proj, n, F, D);
   });
 
   // 4. Combine in k order.
@@ -177,18 +216,15 @@ void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
     for (int64_t t = t0; t < t1; ++t) {
       float* yr = y + t * D;
       if (S == 0) std::fill(yr, yr + D, 0.f);
-      for (int64_t k = 0; k < K; ++k) {
-        const float wk = a.topk_weight[t * K + k];
-        const float* src = ye.data() + a.slot_row[t * K + k] * D;
-        for (int64_t j = 0; j < D; ++j) yr[j] += wk * src[j];
-      }
+      for (int64_t k = 0; k < K; ++k)
+        axpy_row(yr, a.topk_weight[t * K + k], ye + a.slot_row[t * K + k] * D, D);
     }
   });
 }
 
 void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_scores_extra,
                   const MoeActs& a, const float* x, const MoeParams& p, const MoeConfig& c,
-                  int64_t T) {
+                  int64_t T, MoeWorkspace* ws) {
   const char* op = "moe_backward";
   moe_layer_check(c, p, op);
   DSV3_CHECK(g.experts.empty() || (int64_t)g.experts.size() == c.n_routed_experts, "[", op,
@@ -198,8 +234,9 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
   const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, D = c.hidden_size;
   const int64_t F = c.moe_intermediate_size, S = c.shared_width(), N = T * K;
 
-  std::vector<float> d_topk_weight((size_t)N, 0.f);  // each slot written by its expert only
-  std::vector<float> dxs(dx ? (size_t)(N * D) : 0);
+  std::vector<float> d_topk_weight((size_t)N);  // each slot written once, by its expert
+  Buf dxs_local;
+  float* dxs = dx ? workspace_rows(ws, dxs_local, N * D) : nullptr;
   std::vector<int64_t> rows(a.expert_count, a.expert_count + E);
   if (S > 0) rows.push_back(T);
   for_each_expert(rows, [&](int64_t e) {
@@ -212,53 +249,45 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
     const float* gg = shared ? a.shared_gate : a.expert_gate + o * F;
     const float* uu = shared ? a.shared_up : a.expert_up + o * F;
     const int64_t* slots = a.dispatch_slot + o;
-    std::vector<float> dys, xs_buf;
-    const float* dY = dy;  // dL/d(expert output), rows of this item
+    Buf dys, A = buf(n * W), h = buf(n * W), dg = buf(n * W), du = buf(n * W);
+    const float* dY = dy;  // dL/d(expert output), this item's rows
     if (!shared) {
-      dys.resize((size_t)(n * D));
-      gather_rows(dys.data(), dy, slots, n, K, D);
-      dY = dys.data();
+      dys = buf(n * D);
+      gather_rows(dys.get(), dy, slots, n, K, D);
+      dY = dys.get();
     }
-    std::vector<float> A((size_t)(n * W)), h((size_t)(n * W));
-    sgemm(false, false, n, W, D, 1.f, dY, D, w.down_proj, W, 0.f, A.data(), W);  // dy_e Wd
-    swiglu_forward(h.data(), gg, uu, n * W);
-    if (!shared) {  // w_p scales the expert output: dw_p = <dy_p Wd, h_p>, dh_p = w_p (dy_p Wd)
-      for (int64_t q = 0; q < n; ++q) {
-        const int64_t slot = slots[q];
-        const float wp = a.topk_weight[slot];
-        float *Aq = A.data() + q * W, *dq = dys.data() + q * D;
-        d_topk_weight[slot] = dot(Aq, h.data() + q * W, W);
-        for (int64_t j = 0; j < W; ++j) Aq[j] *= wp;
-        for (int64_t j = 0; j < D; ++j) dq[j] *= wp;
+    sgemm(false, false, n, W, D, 1.f, dY, D, w.down_proj, W, 0.f, A.get(), W);  // dY Wd
+    // The routing weight w_p scales row p's output: dL/dw_p = <dY_p Wd, h_p>, dh_p = w_p dY_p Wd
+    for (int64_t q = 0; q < n; ++q) {
+      const float wp = shared ? 1.f : a.topk_weight[slots[q]];
+      const float d_w = swiglu_backward_row(h.get() + q * W, dg.get() + q * W, du.get() + q * W,
+                                            A.get() + q * W, gg + q * W, uu + q * W, wp, W);
+      if (!shared) {
+        d_topk_weight[slots[q]] = d_w;
+        float* dq = dys.get() + q * D;
+        for (int64_t j = 0; j < D; ++j) dq[j] *= wp;  // dL/d(weighted output) for dWd
       }
     }
-    if (gw.down_proj) sgemm(true, false, D, W, n, 1.f, dY, D, h.data(), W, 1.f, gw.down_proj, W);
-    std::vector<float> dg((size_t)(n * W), 0.f), du((size_t)(n * W), 0.f);
-    swiglu_backward(dg.data(), du.data(), A.data(), gg, uu, n * W);
+    if (gw.down_proj) sgemm(true, false, D, W, n, 1.f, dY, D, h.get(), W, 1.f, gw.down_proj, W);
     const float* xs = x;
     if (!shared && (gw.gate_proj || gw.up_proj)) {
-      gather_rows(dys.data(), x, slots, n, K, D);  // dys is free again: reuse it for x rows
-      xs = dys.data();
+      gather_rows(dys.get(), x, slots, n, K, D);  // dys is free again: reuse it for x rows
+      xs = dys.get();
     }
-    if (gw.gate_proj) sgemm(true, false, W, D, n, 1.f, dg.data(), W, xs, D, 1.f, gw.gate_proj, D);
-    if (gw.up_proj) sgemm(true, false, W, D, n, 1.f, du.data(), W, xs, D, 1.f, gw.up_proj, D);
+    if (gw.gate_proj) sgemm(true, false, W, D, n, 1.f, dg.get(), W, xs, D, 1.f, gw.gate_proj, D);
+    if (gw.up_proj) sgemm(true, false, W, D, n, 1.f, du.get(), W, xs, D, 1.f, gw.up_proj, D);
     if (dx) {
-      float* dst = shared ? dx : dxs.data() + o * D;  // shared: accumulate straight into dx
+      float* dst = shared ? dx : dxs + o * D;  // shared: accumulate straight into dx
       const float beta = shared ? 1.f : 0.f;
-      sgemm(false, false, n, D, W, 1.f, dg.data(), W, w.gate_proj, D, beta, dst, D);
-      sgemm(false, false, n, D, W, 1.f, du.data(), W, w.up_proj, D, 1.f, dst, D);
+      sgemm(false, false, n, D, W, 1.f, dg.get(), W, w.gate_proj, D, beta, dst, D);
+      sgemm(false, false, n, D, W, 1.f, du.get(), W, w.up_proj, D, 1.f, dst, D);
     }
   });
 
   if (dx)  // routed input gradients back to tokens, in k order
     parallel_for(T, std::max<int64_t>(1, 8192 / (K * D)), [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        float* dr = dx + t * D;
-        for (int64_t k = 0; k < K; ++k) {
-          const float* src = dxs.data() + a.slot_row[t * K + k] * D;
-          for (int64_t j = 0; j < D; ++j) dr[j] += src[j];
-        }
-      }
+      for (int64_t t = t0; t < t1; ++t)
+        for (int64_t k = 0; k < K; ++k) axpy_row(dx + t * D, 1.f, dxs + a.slot_row[t * K + k] * D, D);
     });
 
   moe_gate_backward(dx, g.gate_weight, d_topk_weight.data(), d_scores_extra, a.scores,

@@ -75,19 +75,26 @@ MoeActsSize moe_acts_size(const MoeConfig& c, int64_t T);
 // Carves MoeActs out of f[floats] and i[ints] (sizes from moe_acts_size).
 MoeActs moe_acts_view(float* f, int64_t* i, const MoeConfig& c, int64_t T);
 
+// Scratch reused between calls (N*D floats: the routed outputs in the forward, the routed
+// input gradients in the backward). Optional: without one each call allocates its own, and
+// fresh buffers of this size are page-faulted in on every call.
+struct MoeWorkspace {
+  std::vector<float> rows;
+};
+
 // Validates the config (moe_config_check plus F >= 1, n_shared >= 0) and that every weight
 // pointer the config needs is present.
 void moe_layer_check(const MoeConfig& c, const MoeParams& p, const char* op);
 
 // y[T,D] (overwritten); fills acts. x must be finite (std::invalid_argument otherwise).
 void moe_forward(float* y, const MoeActs& acts, const float* x, const MoeParams& p,
-                 const MoeConfig& c, int64_t T);
+                 const MoeConfig& c, int64_t T, MoeWorkspace* ws = nullptr);
 
 // Gradients of L given dy = dL/dy, ACCUMULATED: dx[T,D] (may be null), every non-null member
 // of grads. d_scores_extra[T,E] (may be null) is an extra dL/ds added before the gate's
 // backward, e.g. seq_balance_loss_backward's output. acts are those of the forward of x.
 void moe_backward(float* dx, const MoeGrads& grads, const float* dy, const float* d_scores_extra,
                   const MoeActs& acts, const float* x, const MoeParams& p, const MoeConfig& c,
-                  int64_t T);
+                  int64_t T, MoeWorkspace* ws = nullptr);
 
 }  // namespace dsv3
