@@ -1,6 +1,7 @@
 #include "kernels/moe.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <functional>
 #include <memory>
@@ -18,43 +19,36 @@ namespace dsv3 {
 
 namespace {
 
-// The expert scheduling policy (see moe.h): heavy items alone with threaded BLAS, the rest in
-// row-balanced contiguous ranges, one per thread, with single-threaded BLAS.
+// The expert scheduling policy (see moe.h). Items holding more than 1/threads of all rows run
+// alone, one after the other, with threaded BLAS. The others are claimed by the threads from a
+// shared counter, largest first, and run with single-threaded BLAS. Every item writes only its
+// own outputs and its arithmetic does not depend on the thread that runs it, so dynamic
+// claiming keeps the results bit-identical from run to run (the counter hands out work; no
+// float is reduced across threads) while adapting to threads that are slowed down by other
+// processes.
 void for_each_expert(const std::vector<int64_t>& rows, const std::function<void(int64_t)>& fn) {
   const int64_t n = (int64_t)rows.size();
   int64_t total = 0;
   for (int64_t r : rows) total += r;
   const int nt = in_parallel() ? 1 : num_threads();
-  if (nt <= 1 || total == 0) {
-    for (int64_t i = 0; i < n; ++i)
-      if (rows[i] > 0) fn(i);
-    return;
-  }
   std::vector<int64_t> light;
-  int64_t light_total = 0;
   for (int64_t i = 0; i < n; ++i) {
     if (rows[i] == 0) continue;
-    if (rows[i] * nt > total) {
+    if (nt > 1 && rows[i] * nt > total)
       fn(i);
-    } else {
+    else
       light.push_back(i);
-      light_total += rows[i];
-    }
   }
-  if (light.empty()) return;
-  // bounds[t] = first light item whose row prefix reaches light_total * t / nt
-  std::vector<int64_t> bounds((size_t)nt + 1, (int64_t)light.size());
-  bounds[0] = 0;
-  int64_t prefix = 0;
-  size_t j = 0;
-  for (int t = 1; t < nt; ++t) {
-    const int64_t target = light_total * t / nt;
-    while (j < light.size() && prefix + rows[light[j]] / 2 < target) prefix += rows[light[j++]];
-    bounds[t] = (int64_t)j;
+  std::stable_sort(light.begin(), light.end(),
+                   [&](int64_t a, int64_t b) { return rows[a] > rows[b]; });
+  if (nt <= 1 || light.size() <= 1) {
+    for (int64_t i : light) fn(i);
+    return;
   }
-  parallel_for(nt, 1, [&](int64_t t0, int64_t t1) {
+  std::atomic<size_t> next{0};
+  parallel_for(std::min<int64_t>(nt, (int64_t)light.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t q = bounds[t]; q < bounds[t + 1]; ++q) fn(light[q]);
+      for (size_t q = next++; q < light.size(); q = next++) fn(light[q]);
   });
 }
 

@@ -15,9 +15,10 @@
 //
 // Threads (core/parallel.h policy): the E routed experts and the shared expert are work items
 // weighed by their rows. An item holding more than 1/threads of all rows runs alone with
-// threaded BLAS; the others are cut into one contiguous, row-balanced range per thread and run
-// in a parallel loop with single-threaded BLAS inside. No atomics; for a given thread count
-// the results are bit-identical run to run.
+// threaded BLAS; the others are claimed by the threads, largest first, and run with
+// single-threaded BLAS inside. Each item writes only its own outputs, so the claiming order
+// does not change any value: for a given thread count the results are bit-identical run to
+// run (no atomics in float reductions; the only atomic is the work counter).
 //
 // Names are Hugging Face's, relative to the layer (`model.layers.{i}.mlp.`): gate.weight,
 // gate.e_score_correction_bias, experts.{j}.{gate,up,down}_proj.weight,
