@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import _core
+from .config import Config
 
 __all__ = [
     "embedding", "embedding_backward", "linear", "linear_backward", "rmsnorm",
@@ -140,10 +141,14 @@ def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, lse: np.ndar
 # routed_scaling_factor, moe_intermediate_size, n_shared_experts). The hidden size D is taken
 # from ``x``. Invalid combinations (num_experts_per_tok > n_routed_experts, n_group not
 # dividing n_routed_experts, ...) raise ValueError naming the field, as do NaN/inf in x.
+# The layer functions keep their saved activations and scratch per calling thread between
+# calls (about (2 F + D + 1) K + E + 2 S floats per token, S the shared width), so repeated
+# calls do not page-fault tens of
+# MB in each time.
 
 
 def moe_gate(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
-             cfg: Any) -> Tuple[np.ndarray, np.ndarray]:
+             cfg: Config) -> Tuple[np.ndarray, np.ndarray]:
     """DeepSeekMoE routing (SPEC §2.3), in fp32.
 
     x: float32 (..., D); weight: float32 (E, D) (``gate.weight``); bias: float32 (E,)
@@ -156,7 +161,7 @@ def moe_gate(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
     return _core.moe_gate(x, weight, bias, cfg)
 
 
-def moe_param_shapes(cfg: Any, hidden_size: Optional[int] = None) -> Dict[str, Tuple[int, ...]]:
+def moe_param_shapes(cfg: Config, hidden_size: Optional[int] = None) -> Dict[str, Tuple[int, ...]]:
     """The parameters of one MoE layer: Hugging Face names relative to the layer
     (``model.layers.{i}.mlp.``) -> shapes, in layout order. ``hidden_size`` defaults to
     ``cfg.hidden_size``."""
@@ -177,7 +182,7 @@ def moe_param_shapes(cfg: Any, hidden_size: Optional[int] = None) -> Dict[str, T
     return shapes
 
 
-def init_moe_params(cfg: Any, seed: int = 0, std: Optional[float] = None,
+def init_moe_params(cfg: Config, seed: int = 0, std: Optional[float] = None,
                     hidden_size: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Random float32 parameters for :func:`moe_forward`: N(0, std) weights (std defaults to
     ``cfg.initializer_range``), a zero correction bias."""
@@ -192,7 +197,7 @@ def init_moe_params(cfg: Any, seed: int = 0, std: Optional[float] = None,
     return out
 
 
-def moe_forward(x: np.ndarray, params: Dict[str, np.ndarray], cfg: Any,
+def moe_forward(x: np.ndarray, params: Dict[str, np.ndarray], cfg: Config,
                 balance_alpha: float = 0.0) -> Tuple[np.ndarray, Dict[str, Any]]:
     """The DeepSeekMoE layer: ``y = Shared(x) + sum_k w_k Expert_{idx_k}(x)`` (SPEC §2.3).
 
@@ -211,7 +216,7 @@ def moe_forward(x: np.ndarray, params: Dict[str, np.ndarray], cfg: Any,
     return _core.moe_forward(x, params, cfg, float(balance_alpha))
 
 
-def moe_backward(dy: np.ndarray, x: np.ndarray, params: Dict[str, np.ndarray], cfg: Any,
+def moe_backward(dy: np.ndarray, x: np.ndarray, params: Dict[str, np.ndarray], cfg: Config,
                  balance_alpha: float = 0.0) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
     """Gradients of ``L = sum(dy * y) + balance_loss`` for ``y, aux = moe_forward(x, params,
     cfg, balance_alpha)`` (the forward is re-run to rebuild what the backward needs).
