@@ -143,8 +143,7 @@ def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, lse: np.ndar
 # dividing n_routed_experts, ...) raise ValueError naming the field, as do NaN/inf in x.
 # The layer functions keep their saved activations and scratch per calling thread between
 # calls (about (2 F + D + 1) K + E + 2 S floats per token, S the shared width), so repeated
-# calls do not page-fault tens of
-# MB in each time.
+# calls do not page-fault tens of MB in each time.
 
 
 def moe_gate(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
