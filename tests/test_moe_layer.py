@@ -237,11 +237,11 @@ def test_gradients_vs_finite_differences(name, rng):
     R = np.random.default_rng(23).standard_normal(x.shape)
     alpha = 0.05
     base_idx = dsv3.ops.moe_forward(x, params, cfg)[1]["topk_idx"]
-    _, aux = dsv3.ops.moe_forward(x, params, cfg)
     busy = int(np.bincount(base_idx.ravel()).argmax())
-    names = ["gate.weight", f"experts.{busy}.down_proj.weight", f"experts.{busy}.gate_proj.weight"]
+    proj = ("gate_proj", "up_proj", "down_proj")
+    names = ["gate.weight"] + [f"experts.{busy}.{m}.weight" for m in proj]
     if cfg.n_shared_experts:
-        names.append("shared_experts.up_proj.weight")
+        names += [f"shared_experts.{m}.weight" for m in proj]
 
     def loss(xx, *ws):
         p = dict(params)
