@@ -281,7 +281,8 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
   if (dx)  // routed input gradients back to tokens, in k order
     parallel_for(T, std::max<int64_t>(1, 8192 / (K * D)), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        for (int64_t k = 0; k < K; ++k) axpy_row(dx + t * D, 1.f, dxs + a.slot_row[t * K + k] * D, D);
+        for (int64_t k = 0; k < K; ++k)
+          axpy_row(dx + t * D, 1.f, dxs + a.slot_row[t * K + k] * D, D);
     });
 
   moe_gate_backward(dx, g.gate_weight, d_topk_weight.data(), d_scores_extra, a.scores,

@@ -2,7 +2,8 @@
 // shared expert. No token dropping, no capacity factor.
 //
 // Legend:  T tokens   D hidden   E routed experts   K experts per token   F routed expert width
-//          (moe_intermediate_size)   S shared width (n_shared_experts * F)   N = T*K dispatched rows
+//          (moe_intermediate_size)   S shared width (n_shared_experts * F)
+//          N = T*K dispatched rows
 //
 //   y[t] = Shared(x[t]) + sum_{k<K} w[t,k] * Expert_{idx[t,k]}(x[t])
 //   Expert(x) = down_proj(silu(gate_proj x) * up_proj x)     gate/up [F,D], down [D,F]

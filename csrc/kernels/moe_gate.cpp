@@ -127,8 +127,8 @@ void moe_config_check(const MoeConfig& c, const char* op) {
              "n_routed_experts = ", E, "], got ", K);
   DSV3_CHECK(G >= 1 && E % G == 0, "[", op, "] n_group must be >= 1 and divide n_routed_experts (",
              E, "), got ", G);
-  DSV3_CHECK(c.topk_group >= 1 && c.topk_group <= G, "[", op, "] topk_group must be in [1, n_group = ",
-             G, "], got ", c.topk_group);
+  DSV3_CHECK(c.topk_group >= 1 && c.topk_group <= G, "[", op,
+             "] topk_group must be in [1, n_group = ", G, "], got ", c.topk_group);
   if (c.grouped()) {
     const int64_t per = E / G;
     DSV3_CHECK(K <= c.topk_group * per, "[", op, "] num_experts_per_tok (", K, ") must be <= ",
