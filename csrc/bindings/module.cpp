@@ -6,6 +6,7 @@ namespace dsv3 {
 void bind_info(pybind11::module_& m);
 void bind_ops(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
+void bind_moe(pybind11::module_& m);
 }  // namespace dsv3
 
 PYBIND11_MODULE(_core, m) {
@@ -13,4 +14,5 @@ PYBIND11_MODULE(_core, m) {
   dsv3::bind_info(m);
   dsv3::bind_ops(m);
   dsv3::bind_attention(m);
+  dsv3::bind_moe(m);
 }

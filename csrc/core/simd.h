@@ -2,6 +2,10 @@
 // DSV3_SIMD_CLONES is compiled for AVX-512F, AVX2 and baseline x86-64, and the loader picks
 // the best one for the CPU (GCC/Clang function multiversioning). Elsewhere it is a no-op.
 // Contraction into FMA stays off (-ffp-contract=off), so the clones round identically.
+// The clones name instruction sets, not CPU models ("arch=haswell"): an arch= clone is chosen
+// by __builtin_cpu_is, which fails on CPUs newer than the compiler's model table (and on many
+// VMs), silently falling back to the baseline clone; and GCC refuses to inline the default-arch
+// helpers of mathfn.h into an arch= clone, which kept those loops scalar.
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(DSV3_NO_CLONES) && \

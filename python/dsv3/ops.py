@@ -13,11 +13,12 @@ Backward functions return the gradients of a scalar loss L with respect to the i
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
 from . import _core
+from .config import Config
 
 __all__ = [
     "embedding", "embedding_backward", "linear", "linear_backward", "rmsnorm",
@@ -25,6 +26,8 @@ __all__ = [
     "yarn_mscale", "attention", "attention_backward", "cross_entropy",
     "cross_entropy_backward", "KVCache", "attention_layer", "attention_layer_backward",
     "attention_layer_decode",
+    "moe_gate", "moe_forward", "moe_backward", "moe_balance_loss",
+    "expert_load", "max_violation", "update_expert_bias", "moe_param_shapes", "init_moe_params",
 ]
 
 
@@ -176,3 +179,125 @@ def attention_layer_decode(x: np.ndarray, params: dict, cfg, cache: "KVCache", l
     unchanged."""
     return _core.attention_layer_decode(x, params, cfg, cache, int(layer), int(start_pos),
                                         bool(absorbed))
+
+# ---------------------------------------------------------------------------------- MoE
+# ``cfg`` below is a :class:`dsv3.Config` (or any object with its MoE fields: n_routed_experts,
+# num_experts_per_tok, n_group, topk_group, topk_method, scoring_func, norm_topk_prob,
+# routed_scaling_factor, moe_intermediate_size, n_shared_experts). The hidden size D is taken
+# from ``x``. Invalid combinations (num_experts_per_tok > n_routed_experts, n_group not
+# dividing n_routed_experts, ...) raise ValueError naming the field, as do NaN/inf in x.
+# The layer functions keep their saved activations and scratch per calling thread between
+# calls (about (2 F + D + 1) K + E + 2 S floats per token, S the shared width), so repeated
+# calls do not page-fault tens of MB in each time.
+
+
+def moe_gate(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
+             cfg: Config) -> Tuple[np.ndarray, np.ndarray]:
+    """DeepSeekMoE routing (SPEC §2.3), in fp32.
+
+    x: float32 (..., D); weight: float32 (E, D) (``gate.weight``); bias: float32 (E,)
+    (``gate.e_score_correction_bias``) for topk_method "noaux_tc", None for "greedy" and
+    "group_limited_greedy". Returns ``(topk_idx int64 (..., K), topk_weight float32 (..., K))``,
+    experts sorted by decreasing biased score, ties toward the lower index; the weights are the
+    unbiased scores of the chosen experts (normalised if norm_topk_prob, times
+    routed_scaling_factor).
+    """
+    return _core.moe_gate(x, weight, bias, cfg)
+
+
+def moe_param_shapes(cfg: Config, hidden_size: Optional[int] = None) -> Dict[str, Tuple[int, ...]]:
+    """The parameters of one MoE layer: Hugging Face names relative to the layer
+    (``model.layers.{i}.mlp.``) -> shapes, in layout order. ``hidden_size`` defaults to
+    ``cfg.hidden_size``."""
+    D = int(cfg.hidden_size if hidden_size is None else hidden_size)
+    E, F = int(cfg.n_routed_experts), int(cfg.moe_intermediate_size)
+    S = int(cfg.n_shared_experts) * F
+    shapes: Dict[str, Tuple[int, ...]] = {"gate.weight": (E, D)}
+    if cfg.topk_method == "noaux_tc":
+        shapes["gate.e_score_correction_bias"] = (E,)
+    for j in range(E):
+        shapes[f"experts.{j}.gate_proj.weight"] = (F, D)
+        shapes[f"experts.{j}.up_proj.weight"] = (F, D)
+        shapes[f"experts.{j}.down_proj.weight"] = (D, F)
+    if S > 0:
+        shapes["shared_experts.gate_proj.weight"] = (S, D)
+        shapes["shared_experts.up_proj.weight"] = (S, D)
+        shapes["shared_experts.down_proj.weight"] = (D, S)
+    return shapes
+
+
+def init_moe_params(cfg: Config, seed: int = 0, std: Optional[float] = None,
+                    hidden_size: Optional[int] = None) -> Dict[str, np.ndarray]:
+    """Random float32 parameters for :func:`moe_forward`: N(0, std) weights (std defaults to
+    ``cfg.initializer_range``), a zero correction bias."""
+    rng = np.random.default_rng(seed)
+    std = float(cfg.initializer_range if std is None else std)
+    out: Dict[str, np.ndarray] = {}
+    for name, shape in moe_param_shapes(cfg, hidden_size).items():
+        if name == "gate.e_score_correction_bias":
+            out[name] = np.zeros(shape, np.float32)
+        else:
+            out[name] = (rng.standard_normal(shape) * std).astype(np.float32)
+    return out
+
+
+def moe_forward(x: np.ndarray, params: Dict[str, np.ndarray], cfg: Config,
+                balance_alpha: float = 0.0) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """The DeepSeekMoE layer: ``y = Shared(x) + sum_k w_k Expert_{idx_k}(x)`` (SPEC §2.3).
+
+    x: float32 (T, D) (one sequence) or (B, T, D) (B sequences). params: float32 arrays keyed
+    by Hugging Face names relative to the layer, exactly those of :func:`moe_param_shapes`
+    (missing or unexpected keys, wrong shapes -> ValueError). Returns ``(y, aux)`` with y the
+    shape of x and aux:
+
+    - ``topk_idx`` int64 (..., K), ``topk_weight`` float32 (..., K): the routing;
+    - ``scores`` float32 (..., E): the unbiased gate scores s;
+    - ``expert_load`` int64 (E,): tokens routed to each expert; ``max_violation`` float:
+      max(load) / mean(load) - 1;
+    - ``balance_loss`` float: the sequence-wise balance loss (SPEC §2.4) with
+      ``alpha = balance_alpha``, averaged over the B sequences (0.0 when balance_alpha is 0).
+    """
+    return _core.moe_forward(x, params, cfg, float(balance_alpha))
+
+
+def moe_backward(dy: np.ndarray, x: np.ndarray, params: Dict[str, np.ndarray], cfg: Config,
+                 balance_alpha: float = 0.0) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """Gradients of ``L = sum(dy * y) + balance_loss`` for ``y, aux = moe_forward(x, params,
+    cfg, balance_alpha)`` (the forward is re-run to rebuild what the backward needs).
+
+    Returns ``(dx, grads)``: dx float32 like x; grads float32 keyed like params, except
+    ``gate.e_score_correction_bias``, which has no gradient (see :func:`update_expert_bias`).
+    The routing is piecewise constant: the gate weight's gradient flows through the unbiased
+    scores of the chosen experts, their normalisation and routed_scaling_factor (and through
+    all scores for the balance loss).
+    """
+    return _core.moe_backward(dy, x, params, cfg, float(balance_alpha))
+
+
+def moe_balance_loss(scores: np.ndarray, topk_idx: np.ndarray,
+                     alpha: float) -> Tuple[float, np.ndarray]:
+    """Sequence-wise balance loss (SPEC §2.4) and its gradient.
+
+    scores: float32 (T, E) or (B, T, E), the unbiased gate scores s; topk_idx: ints (..., K).
+    Per sequence ``L = alpha * sum_i f_i P_i`` with ``f_i = E / (K T) * #{t : i in topk_t}``,
+    ``P_i = mean_t s_{i,t} / sum_j s_{j,t}``; the result is the mean over sequences. Returns
+    ``(L, dL/dscores float32 like scores)``.
+    """
+    return _core.moe_balance_loss(scores, topk_idx, float(alpha))
+
+
+def expert_load(topk_idx: np.ndarray, n_routed_experts: int) -> np.ndarray:
+    """Tokens routed to each expert: int64 (E,) counts of the ids in ``topk_idx`` (any shape)."""
+    return _core.expert_load(topk_idx, int(n_routed_experts))
+
+
+def max_violation(load: np.ndarray) -> float:
+    """MaxVio = max_i load_i / mean(load) - 1 (0 for an all-zero load). load: ints (E,)."""
+    return _core.max_violation(load)
+
+
+def update_expert_bias(bias: np.ndarray, load: np.ndarray, gamma: float) -> np.ndarray:
+    """Aux-loss-free balancing step: a new float32 (E,) array
+    ``bias + gamma * sign(mean(load) - load)`` (the input is not modified). load: ints (E,),
+    e.g. the expert_load of a whole training step; gamma is cfg.bias_update_speed."""
+    return _core.update_expert_bias(bias, load, float(gamma))
