@@ -7,6 +7,7 @@ void bind_info(pybind11::module_& m);
 void bind_ops(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_moe(pybind11::module_& m);
+void bind_model(pybind11::module_& m);
 }  // namespace dsv3
 
 PYBIND11_MODULE(_core, m) {
@@ -15,4 +16,5 @@ PYBIND11_MODULE(_core, m) {
   dsv3::bind_ops(m);
   dsv3::bind_attention(m);
   dsv3::bind_moe(m);
+  dsv3::bind_model(m);
 }

@@ -11,10 +11,11 @@ from . import _core
 from . import ops
 from .config import Config
 from .ops import KVCache
+from .model import Model
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "KVCache", "ops", "build_info", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["Config", "KVCache", "Model", "ops", "build_info", "get_num_threads", "set_num_threads", "__version__"]
 
 
 def build_info() -> Dict[str, Any]:

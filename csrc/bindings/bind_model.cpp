@@ -1,0 +1,169 @@
+// dsv3._core.Model: the C++ model object, its parameter slab by Hugging Face name, forward,
+// cached forward, loss and gradients.
+#include <pybind11/stl.h>
+
+#include "bindings/convert.h"
+#include "model/model.h"
+
+namespace dsv3 {
+
+namespace py = pybind11;
+using namespace py_glue;
+using py::arg;
+
+namespace {
+
+ModelConfig model_config(const py::object& cfg) {
+  ModelConfig c;
+  auto I = [&](const char* n) { return cfg_get<int64_t>(cfg, n); };
+  auto opt = [&](const char* n) {
+    py::object v = cfg.attr(n);
+    return v.is_none() ? int64_t(0) : v.cast<int64_t>();
+  };
+  c.V = I("vocab_size");
+  c.D = I("hidden_size");
+  c.inter = I("intermediate_size");
+  c.layers = I("num_hidden_layers");
+  c.mtp = I("num_nextn_predict_layers");
+  c.H = I("num_attention_heads");
+  c.Hkv = I("kv_heads");
+  c.Dq = opt("q_lora_rank");
+  c.Dc = I("kv_lora_rank");
+  c.Dn = I("qk_nope_head_dim");
+  c.Dr = I("qk_rope_head_dim");
+  c.Dv = I("v_head_dim");
+  c.E = opt("n_routed_experts");
+  if (c.E > 0) {
+    c.moe_inter = I("moe_intermediate_size");
+    c.n_shared = I("n_shared_experts");
+    c.K = I("num_experts_per_tok");
+    c.n_group = I("n_group");
+    c.topk_group = I("topk_group");
+    c.topk_method = cfg_get<std::string>(cfg, "topk_method");
+    c.scoring_func = cfg_get<std::string>(cfg, "scoring_func");
+    c.norm_topk_prob = cfg_get<bool>(cfg, "norm_topk_prob");
+    c.routed_scaling_factor = cfg_get<float>(cfg, "routed_scaling_factor");
+  }
+  c.first_k_dense = I("first_k_dense_replace");
+  c.moe_layer_freq = I("moe_layer_freq");
+  c.eps = cfg_get<float>(cfg, "rms_norm_eps");
+  c.rope = rope_params(c.Dr, cfg_get<double>(cfg, "rope_theta"), cfg.attr("rope_scaling"));
+  c.softmax_scale = cfg_get<float>(cfg, "softmax_scale");
+  c.tie_embeddings = cfg_get<bool>(cfg, "tie_word_embeddings");
+  c.init_range = cfg_get<float>(cfg, "initializer_range");
+  c.attention = cfg_get<std::string>(cfg, "attention_type");
+  c.mtp_loss_weight = cfg_get<float>(cfg, "mtp_loss_weight");
+  c.bias_update_speed = cfg_get<float>(cfg, "bias_update_speed");
+  c.seq_aux_loss_alpha = cfg_get<float>(cfg, "seq_aux_loss_alpha");
+  return c;
+}
+
+struct Tokens {
+  I64 arr;
+  int64_t B, T;
+  bool batched;
+};
+
+Tokens tokens_arg(const py::handle& h, const char* op, int64_t min_t) {
+  Tokens t{i64(h, op, "tokens"), 1, 0, false};
+  check_ndim(t.arr, 1, 2, op, "tokens (T,) or (B, T)");
+  t.batched = t.arr.ndim() == 2;
+  t.B = t.batched ? t.arr.shape(0) : 1;
+  t.T = t.arr.shape(t.arr.ndim() - 1);
+  DSV3_CHECK(t.B >= 1 && t.T >= min_t, "[", op, "] tokens must hold at least ", min_t,
+             " token(s) per sequence, got shape ", shape_str(shape_of(t.arr)));
+  return t;
+}
+
+py::dict named_copy(const ParamLayout& L, const float* slab, bool trainable_only) {
+  py::dict d;
+  for (const ParamEntry& e : L.entries) {
+    if (trainable_only && !e.trainable) continue;
+    F32 a(Shape(e.shape.begin(), e.shape.end()));
+    std::copy(slab + e.offset, slab + e.offset + e.size, a.mutable_data());
+    d[py::str(e.name)] = a;
+  }
+  return d;
+}
+
+}  // namespace
+
+void bind_model(py::module_& m) {
+  py::class_<Model, std::shared_ptr<Model>>(m, "Model")
+      .def(py::init([](py::object cfg, uint64_t seed) {
+             ModelConfig c = model_config(cfg);
+             py::gil_scoped_release nogil;
+             return std::make_shared<Model>(c, seed);
+           }),
+           arg("cfg"), arg("seed"))
+      .def_property_readonly("num_parameters", [](const Model& md) {
+        int64_t n = 0;
+        for (const ParamEntry& e : md.layout().entries) n += e.size;
+        return n;
+      })
+      .def("param_info", [](const Model& md) {
+        py::list out;
+        for (const ParamEntry& e : md.layout().entries)
+          out.append(py::make_tuple(e.name, py::tuple(py::cast(e.shape)), e.trainable, e.decay));
+        return out;
+      })
+      .def("state_dict", [](const Model& md) { return named_copy(md.layout(), md.params().data(), false); })
+      .def("set_param", [](Model& md, const std::string& name, py::handle value) {
+        const ParamEntry& e = md.layout().at(name);
+        F32 a = f32(value, "load_state_dict", name.c_str());
+        const Shape want(e.shape.begin(), e.shape.end());
+        DSV3_CHECK(shape_of(a) == want, "[load_state_dict] '", name, "' must have shape ",
+                   shape_str(want), ", got ", shape_str(shape_of(a)));
+        std::copy(a.data(), a.data() + e.size, md.params().data() + e.offset);
+      }, arg("name"), arg("value"))
+      .def("forward", [](Model& md, py::handle tok) {
+        Tokens t = tokens_arg(tok, "Model.forward", 1);
+        const int64_t V = md.config().V;
+        F32 out = t.batched ? F32({t.B, t.T, V}) : F32({t.T, V});
+        float* po = out.mutable_data();
+        const int64_t* pt = t.arr.data();
+        py::gil_scoped_release nogil;
+        md.forward(po, pt, t.B, t.T);
+        return out;
+      }, arg("tokens"))
+      .def("forward_cached", [](Model& md, py::handle tok, KvCache& cache, int64_t start_pos,
+                                bool want_hidden) {
+        Tokens t = tokens_arg(tok, "Model.forward", 1);
+        const int64_t V = md.config().V, D = md.config().D;
+        F32 out = t.batched ? F32({t.B, t.T, V}) : F32({t.T, V});
+        F32 hid = want_hidden ? (t.batched ? F32({t.B, t.T, D}) : F32({t.T, D})) : F32(0);
+        float *po = out.mutable_data(), *ph = want_hidden ? hid.mutable_data() : nullptr;
+        const int64_t* pt = t.arr.data();
+        {
+          py::gil_scoped_release nogil;
+          md.forward_cached(po, ph, pt, t.B, t.T, cache, start_pos);
+        }
+        return want_hidden ? py::object(py::make_tuple(out, hid)) : py::object(out);
+      }, arg("tokens"), arg("cache"), arg("start_pos"), arg("want_hidden"))
+      .def("new_cache", [](const Model& md, int64_t batch, int64_t max_len) {
+        return std::make_shared<KvCache>(md.new_cache(batch, max_len));
+      }, arg("batch"), arg("max_len"))
+      .def("loss", [](Model& md, py::handle tok, double alpha, double mtp_weight, bool grad) {
+        Tokens t = tokens_arg(tok, "Model.loss", 2);
+        const int64_t* pt = t.arr.data();
+        std::vector<float> g;
+        LossParts lp;
+        {
+          py::gil_scoped_release nogil;
+          if (grad) g.assign((size_t)md.layout().total, 0.f);
+          lp = md.loss(pt, t.B, t.T, grad ? g.data() : nullptr, alpha, mtp_weight);
+        }
+        py::dict d;
+        d["loss"] = lp.loss;
+        d["main"] = lp.main;
+        d["mtp"] = lp.mtp;
+        d["balance"] = lp.balance;
+        py::array_t<int64_t> load({(py::ssize_t)lp.moe_blocks, (py::ssize_t)md.config().E});
+        std::copy(lp.expert_load.begin(), lp.expert_load.end(), load.mutable_data());
+        d["expert_load"] = load;
+        py::object grads = grad ? py::object(named_copy(md.layout(), g.data(), true)) : py::none();
+        return py::tuple(py::make_tuple(d, grads));
+      }, arg("tokens"), arg("alpha"), arg("mtp_weight"), arg("grad"));
+}
+
+}  // namespace dsv3

@@ -1,0 +1,71 @@
+// The DeepSeek-V3 model (SPEC §2.1-2.5): embedding, num_hidden_layers blocks, final norm,
+// lm_head, and num_nextn_predict_layers MTP modules, over one parameter slab (layout.h).
+//
+// Legend:  B sequences   N tokens per sequence   T = N-1 predicted positions   R = B*T
+//          D hidden   V vocabulary   L_k = T-k+1 positions fed to MTP module k
+//
+// Loss of a batch tokens[B,N] (SPEC §2.5):
+//   main  = mean over the B*T positions of -log p(t_{i+1} | t_<=i)
+//   MTP module k (k = 1..D): h'_i = eh_proj([enorm(Emb(t_{i+k})) | hnorm(h^{k-1}_i)]),
+//     h^k = Block_k(h'), logits = head(shared_head.norm(h^k)) predict t_{i+k+1};
+//     h^0 = the main model's final hidden state after model.norm; embedding and head shared.
+//     L_k = (1/(B*T)) sum over the B*(T-k) valid positions;  mtp = (lambda / D) sum_k L_k
+//   balance (when alpha > 0) = mean over MoE blocks (main and MTP) of the sequence-wise
+//     balance loss (balance.h), each averaged over the B sequences
+//   loss = main + mtp + balance
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/kv_cache.h"
+#include "model/block.h"
+#include "model/config.h"
+#include "model/layout.h"
+
+namespace dsv3 {
+
+struct LossParts {
+  double loss = 0, main = 0, mtp = 0, balance = 0;
+  std::vector<int64_t> expert_load;  // [moe blocks, E] tokens routed per expert in this call
+  int64_t moe_blocks = 0;
+};
+
+class Model {
+ public:
+  Model(const ModelConfig& c, uint64_t seed);
+
+  const ModelConfig& config() const { return cfg_; }
+  const ParamLayout& layout() const { return layout_; }
+  std::vector<float>& params() { return w_; }
+  const std::vector<float>& params() const { return w_; }
+
+  // logits[B,T,V] of tokens[B,T] (no cache; training-form attention).
+  void forward(float* logits, const int64_t* tokens, int64_t B, int64_t T);
+  // Cached decoding of tokens[B,S] at start_pos: logits[B,S,V]; hidden[B,S,D] (may be null)
+  // receives the final hidden state after model.norm (the MTP module's h^0).
+  void forward_cached(float* logits, float* hidden, const int64_t* tokens, int64_t B, int64_t S,
+                      KvCache& cache, int64_t start_pos);
+  // Loss of tokens[B,N]; with grads (slab layout, ACCUMULATED) also the backward.
+  // alpha: weight of the sequence-wise balance loss (0 disables it).
+  LossParts loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
+                 double mtp_weight);
+  KvCache new_cache(int64_t batch, int64_t max_len) const;
+
+  // The MoE blocks in order (main layers then MTP), for balancing: bias pointers [E] each.
+  std::vector<float*> expert_biases();
+  int64_t moe_blocks() const;
+
+ private:
+  ModelConfig cfg_;
+  ParamLayout layout_;
+  std::vector<float> w_;
+  BlockDims dims_;
+
+  BlockParams block_params(int64_t i) const;
+  BlockGrads block_grads(int64_t i, float* g) const;
+  void check_tokens(const int64_t* tokens, int64_t n, const char* op) const;
+  const float* head() const;
+};
+
+}  // namespace dsv3

@@ -1,0 +1,129 @@
+"""dsv3.Model: the DeepSeek-V3 model (SPEC §2.1-2.5, §3), computed by the C++ engine.
+
+The parameters live in one C++ slab under their Hugging Face names; ``state_dict`` copies them
+out and ``load_state_dict`` copies them in. Checkpoints are Hugging Face-style directories
+(``config.json`` + safetensors; see :mod:`dsv3.checkpoint`).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from .config import Config
+from .ops import KVCache
+
+
+class Model:
+    """``Model(cfg, seed=0)``: weights N(0, initializer_range), norms 1, biases 0."""
+
+    def __init__(self, config: Config, seed: int = 0):
+        if not isinstance(config, Config):
+            raise TypeError(f"[Model] config must be a dsv3.Config, got {type(config).__name__}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"[Model] seed must be an integer >= 0, got {seed!r}")
+        self._config = config.replace()  # a private copy: later edits of cfg do not desync
+        self._m = _core.Model(self._config, int(seed))
+        self._info = {name: (tuple(shape), trainable, decay)
+                      for name, shape, trainable, decay in self._m.param_info()}
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def config(self) -> Config:
+        return self._config
+
+    def num_parameters(self, active: bool = False, mtp: bool = True) -> int:
+        """Parameters of this model; equals ``config.num_parameters(active, mtp)``."""
+        return self._config.num_parameters(active=active, mtp=mtp)
+
+    def parameter_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        return {k: v[0] for k, v in self._info.items()}
+
+    def trainable_names(self):
+        return [k for k, v in self._info.items() if v[1]]
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        """``{hf_name: float32 array}`` (copies), including the gates'
+        ``e_score_correction_bias`` and the MTP layers at ``num_hidden_layers + k``."""
+        return self._m.state_dict()
+
+    def load_state_dict(self, state: Dict[str, np.ndarray], strict: bool = True):
+        """Copy ``state`` into the model. Wrong shapes and dtypes always raise. With
+        ``strict=True`` missing or unexpected keys raise ``KeyError`` listing them (nothing is
+        loaded); with ``strict=False`` the present keys load and ``(missing, unexpected)`` is
+        returned."""
+        if not isinstance(state, dict):
+            raise TypeError(f"[load_state_dict] state must be a dict, got {type(state).__name__}")
+        missing = sorted(set(self._info) - set(state))
+        unexpected = sorted(set(state) - set(self._info))
+        if strict and (missing or unexpected):
+            raise KeyError(f"[load_state_dict] missing keys {missing[:10]}"
+                           f"{' ...' if len(missing) > 10 else ''} ({len(missing)}), unexpected "
+                           f"keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
+                           f"({len(unexpected)})")
+        for name in state:  # check everything before writing anything
+            if name not in self._info:
+                continue
+            a = state[name]
+            if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+                raise TypeError(f"[load_state_dict] '{name}' must be a float32 ndarray, got "
+                                f"{getattr(a, 'dtype', type(a).__name__)}")
+            if a.shape != self._info[name][0]:
+                raise ValueError(f"[load_state_dict] '{name}' must have shape "
+                                 f"{self._info[name][0]}, got {a.shape}")
+        for name in state:
+            if name in self._info:
+                self._m.set_param(name, state[name])
+        return missing, unexpected
+
+    # ------------------------------------------------------------------ compute
+    def new_cache(self, batch: int = 1, max_len: int = 1024) -> KVCache:
+        """A decoding cache for this model: MLA keeps only the normalised latent and the roped
+        k_pe per token per layer (``cache.bytes_per_token`` = (kv_lora_rank + qk_rope_head_dim)
+        x num_hidden_layers x 4 bytes per sequence)."""
+        return self._m.new_cache(int(batch), int(max_len))
+
+    def forward(self, tokens: np.ndarray, cache: Optional[KVCache] = None,
+                start_pos: int = 0) -> np.ndarray:
+        """Logits float32 (B, T, V) for int tokens (B, T) (or (T, V) for (T,)).
+
+        Without a cache: one causal pass over the tokens (training-form attention). With a
+        cache: incremental decoding in the absorbed MLA form; the tokens sit at positions
+        ``start_pos ..`` and attend to everything cached before them."""
+        if cache is None:
+            if start_pos:
+                raise ValueError("[Model.forward] start_pos needs a cache")
+            return self._m.forward(tokens)
+        return self._m.forward_cached(tokens, cache, int(start_pos), False)
+
+    def forward_with_hidden(self, tokens: np.ndarray, cache: KVCache,
+                            start_pos: int) -> Tuple[np.ndarray, np.ndarray]:
+        """Cached forward returning ``(logits, hidden)``, hidden = the final hidden state after
+        ``model.norm`` (what the MTP module drafts from)."""
+        return self._m.forward_cached(tokens, cache, int(start_pos), True)
+
+    def loss(self, tokens: np.ndarray, alpha: Optional[float] = None,
+             mtp_weight: Optional[float] = None) -> Dict[str, float]:
+        """``{loss, main, mtp, balance, expert_load}`` for int tokens (B, N) (N-1 targets per
+        sequence). ``alpha`` (default ``config.seq_aux_loss_alpha``) weighs the sequence-wise
+        balance loss; ``mtp_weight`` (default ``config.mtp_loss_weight``) is lambda."""
+        d, _ = self._m.loss(tokens, *self._weights(alpha, mtp_weight), False)
+        return d
+
+    def loss_and_grad(self, tokens: np.ndarray, alpha: Optional[float] = None,
+                      mtp_weight: Optional[float] = None):
+        """``(losses, grads)``: grads ``{hf_name: float32 array}`` for every trainable
+        parameter (all but the gates' correction biases, which the balancer moves)."""
+        return self._m.loss(tokens, *self._weights(alpha, mtp_weight), True)
+
+    def _weights(self, alpha, mtp_weight):
+        a = self._config.seq_aux_loss_alpha if alpha is None else float(alpha)
+        w = self._config.mtp_loss_weight if mtp_weight is None else float(mtp_weight)
+        if not (a >= 0 and w >= 0):
+            raise ValueError(f"[Model.loss] alpha and mtp_weight must be >= 0, got {a}, {w}")
+        return a, w
+
+    def __repr__(self) -> str:
+        return f"dsv3.Model({self._config!r})"

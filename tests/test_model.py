@@ -1,0 +1,198 @@
+"""The whole model (SPEC §2.1-2.5): layout and names, forward vs the float64 reference, loss
+parts, every named gradient vs autograd and finite differences, cached decoding, errors."""
+import numpy as np
+import pytest
+
+import dsv3
+from conftest import assert_close, fd_check, get_torch
+from hf_shapes import hf_shapes
+from ref_model import t_model
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
+VARIANTS = {
+    "v3-sigmoid-groups-bias": dict(num_hidden_layers=4, first_k_dense_replace=2),
+    "v2-softmax-greedy-noq": dict(topk_method="greedy", scoring_func="softmax", n_group=1,
+                                  topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+                                  q_lora_rank=0, n_shared_experts=2),
+    "yarn-group-limited": dict(rope_scaling=YARN, topk_method="group_limited_greedy",
+                               scoring_func="softmax", norm_topk_prob=False),
+    "gqa-tied-2mtp": dict(attention_type="gqa", num_key_value_heads=2, tie_word_embeddings=True,
+                          num_nextn_predict_layers=2),
+    "dense-mha": dict(n_routed_experts=None, attention_type="mha"),
+}
+
+
+def make(name, seed=0, bias_scale=0.05):
+    cfg = dsv3.Config.tiny().replace(**VARIANTS[name])
+    m = dsv3.Model(cfg, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    sd = m.state_dict()
+    for k in sd:  # non-trivial norms and biases so that every path is exercised
+        if k.endswith("norm.weight") or k.endswith("layernorm.weight"):
+            sd[k] = (1 + 0.2 * rng.standard_normal(sd[k].shape)).astype(np.float32)
+        if k.endswith("e_score_correction_bias"):
+            sd[k] = (bias_scale * rng.standard_normal(sd[k].shape)).astype(np.float32)
+        if k.endswith("gate.weight") and "mlp" in k:
+            sd[k] = (0.3 * rng.standard_normal(sd[k].shape)).astype(np.float32)
+    m.load_state_dict(sd)
+    return cfg, m, sd
+
+
+def torch_params(torch, sd):
+    return {k: torch.tensor(v.astype(np.float64), requires_grad=not k.endswith("bias"))
+            for k, v in sd.items()}
+
+
+def test_layout_names_shapes_and_counts():
+    for name in VARIANTS:
+        cfg, m, sd = make(name)
+        want = hf_shapes(cfg, mtp=True)
+        assert {k: v.shape for k, v in sd.items()} == want, name
+        assert m.num_parameters() == cfg.num_parameters(mtp=True) == sum(v.size for v in sd.values())
+        assert m._m.num_parameters == m.num_parameters()
+    cfg, m, sd = make("v3-sigmoid-groups-bias")
+    assert "model.layers.4.eh_proj.weight" in sd and "model.layers.4.mlp.gate.e_score_correction_bias" in sd
+    assert np.all(dsv3.Model(cfg, seed=3).state_dict()["model.layers.2.mlp.gate.e_score_correction_bias"] == 0)
+
+
+def test_init_statistics_and_seed():
+    cfg = dsv3.Config.small()
+    a, b = dsv3.Model(cfg, seed=1).state_dict(), dsv3.Model(cfg, seed=1).state_dict()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    w = a["model.layers.1.mlp.experts.3.up_proj.weight"]
+    assert abs(w.std() - cfg.initializer_range) < 0.002 and abs(w.mean()) < 0.002
+    assert np.all(a["model.norm.weight"] == 1)
+    c = dsv3.Model(cfg, seed=2).state_dict()
+    assert not np.array_equal(a["lm_head.weight"], c["lm_head.weight"])
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_forward_and_losses_vs_reference(name):
+    torch = get_torch()
+    cfg, m, sd = make(name)
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, cfg.vocab_size, size=(2, 11))
+    logits = m.forward(tokens[:, :-1])
+    alpha = 0.05
+    ref = t_model(torch, torch_params(torch, sd), cfg, tokens, alpha=alpha)
+    err = np.max(np.abs(logits - ref["logits"].detach().numpy()))
+    assert err <= 1e-4, f"{name}: max |dlogit| {err:.2e}"
+    got = m.loss(tokens, alpha=alpha)
+    for part in ("main", "mtp", "balance", "loss"):
+        assert_close(f"{name} {part}", got[part], ref[part].item(), "fp32_reduce")
+    assert m.forward(tokens[0, :-1]).shape == (10, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_gradient_vs_autograd(name):
+    torch = get_torch()
+    cfg, m, sd = make(name)
+    tokens = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(2, 9))
+    P = torch_params(torch, sd)
+    ref = t_model(torch, P, cfg, tokens, alpha=0.05)
+    ref["loss"].backward()
+    losses, grads = m.loss_and_grad(tokens, alpha=0.05)
+    assert set(grads) == {k for k in sd if not k.endswith("e_score_correction_bias")}
+    for k, g in grads.items():
+        want = P[k].grad.numpy() if P[k].grad is not None else np.zeros_like(g)
+        scale = max(np.abs(want).max(), 1e-3)
+        assert_close(f"{name} d{k}", g, want, rtol=1e-4, atol=2e-5 * scale)
+
+
+def test_gradients_finite_differences():
+    """Routing is piecewise constant, so the check uses every expert per token (the selected
+    set cannot change); gradients of every parameter kind along random directions."""
+    cfg = dsv3.Config.tiny().replace(num_experts_per_tok=8, n_group=1, topk_group=1,
+                                     num_hidden_layers=2, rope_scaling=YARN)
+    m = dsv3.Model(cfg, seed=5)
+    sd = m.state_dict()
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 7))
+    _, grads = m.loss_and_grad(tokens, alpha=0.1)
+    names = ["model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_a_proj.weight",
+             "model.layers.0.self_attn.kv_b_proj.weight", "model.layers.1.mlp.gate.weight",
+             "model.layers.1.mlp.experts.5.down_proj.weight", "model.layers.1.mlp.shared_experts.up_proj.weight",
+             "model.layers.2.eh_proj.weight", "model.layers.2.enorm.weight", "model.layers.2.hnorm.weight",
+             "model.layers.2.shared_head.norm.weight", "model.norm.weight",
+             "model.layers.0.mlp.gate_proj.weight", "model.layers.1.post_attention_layernorm.weight"]
+    rng = np.random.default_rng(1)
+    for n in names:
+        def loss(w, n=n):
+            m.load_state_dict({n: w}, strict=False)
+            return float(m.loss(tokens, alpha=0.1)["loss"])
+        fd_check(n, loss, [sd[n]], [grads[n]], rng, directions=2, rel_step=3e-2)
+        m.load_state_dict({n: sd[n]}, strict=False)
+
+
+def test_shared_embedding_and_head_get_mtp_gradient():
+    cfg, m, sd = make("v3-sigmoid-groups-bias")
+    tokens = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 9))
+    _, g_all = m.loss_and_grad(tokens)
+    _, g_main = m.loss_and_grad(tokens, mtp_weight=0.0)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert np.abs(g_all[k] - g_main[k]).max() > 1e-6, k
+    assert not np.any(g_main["model.layers.4.eh_proj.weight"])
+
+
+def test_mtp_loss_formula():
+    """mtp = (lambda/D) sum_k (1/T) sum_{valid i} -log p_k(t_{i+k+1}): scaling lambda scales it
+    linearly and the main loss does not move."""
+    cfg, m, _ = make("gqa-tied-2mtp")
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, size=(3, 8))
+    a, b = m.loss(tokens, mtp_weight=0.3), m.loss(tokens, mtp_weight=0.6)
+    assert abs(b["mtp"] - 2 * a["mtp"]) < 1e-9 and a["main"] == b["main"]
+    assert m.loss(tokens, mtp_weight=0.0)["mtp"] == 0.0
+
+
+@pytest.mark.parametrize("name", ["v3-sigmoid-groups-bias", "gqa-tied-2mtp", "dense-mha"])
+def test_prefill_plus_decode_equals_full_forward(name):
+    cfg, m, _ = make(name)
+    tokens = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(2, 13))
+    full = m.forward(tokens)
+    cache = m.new_cache(batch=2, max_len=32)
+    parts = [m.forward(tokens[:, :6], cache=cache, start_pos=0)]
+    for t in range(6, 13):
+        parts.append(m.forward(tokens[:, t:t + 1], cache=cache, start_pos=t))
+    assert_close(f"{name} prefill+decode", np.concatenate(parts, 1), full, "fp32_reduce")
+    assert cache.length == [13] * cfg.num_hidden_layers
+    if cfg.attention_type == "mla":
+        assert cache.bytes_per_token == (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4
+    logits, hidden = m.forward_with_hidden(tokens[:, 12:13], cache, 12)
+    assert hidden.shape == (2, 1, cfg.hidden_size)
+
+
+def test_errors():
+    cfg, m, sd = make("v3-sigmoid-groups-bias")
+    with pytest.raises(IndexError, match="token id 64"):
+        m.forward(np.array([[1, 64]]))
+    with pytest.raises(IndexError, match="token id -1"):
+        m.loss(np.array([[1, -1, 3]]))
+    with pytest.raises(ValueError, match="N >= 2|at least 2"):
+        m.loss(np.array([[1]]))
+    with pytest.raises(TypeError, match="integer"):
+        m.forward(np.array([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match="dimensions"):
+        m.forward(np.zeros((1, 2, 3), dtype=np.int64))
+    with pytest.raises(KeyError, match="missing keys"):
+        m.load_state_dict({k: v for k, v in sd.items() if k != "lm_head.weight"})
+    with pytest.raises(KeyError, match="unexpected keys"):
+        m.load_state_dict(dict(sd, extra=np.zeros(1, np.float32)))
+    with pytest.raises(ValueError, match="must have shape"):
+        m.load_state_dict(dict(sd, **{"lm_head.weight": np.zeros((3, 3), np.float32)}))
+    with pytest.raises(TypeError, match="float32"):
+        m.load_state_dict(dict(sd, **{"lm_head.weight": sd["lm_head.weight"].astype(np.float64)}))
+    missing, unexpected = m.load_state_dict({"model.norm.weight": sd["model.norm.weight"], "x": 1},
+                                            strict=False)
+    assert "lm_head.weight" in missing and unexpected == ["x"]
+    cache = m.new_cache(1, 8)
+    with pytest.raises(ValueError, match="batch 2"):
+        m.forward(np.zeros((2, 1), np.int64), cache=cache)
+    with pytest.raises(ValueError, match="capacity"):
+        m.forward(np.zeros((1, 9), np.int64), cache=cache)
+    with pytest.raises(ValueError, match="does not continue"):
+        m.forward(np.zeros((1, 1), np.int64), cache=cache, start_pos=3)
+    with pytest.raises(ValueError, match="not made for this model"):
+        m.forward(np.zeros((1, 1), np.int64), cache=dsv3.KVCache(cfg.replace(kv_lora_rank=8), 1, 8))
+    with pytest.raises(TypeError):
+        dsv3.Model({"hidden_size": 3})
+    np.testing.assert_array_equal(m.state_dict()["lm_head.weight"], sd["lm_head.weight"])
