@@ -78,6 +78,23 @@ class Model:
                 self._m.set_param(name, state[name])
         return missing, unexpected
 
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory, dtype: str = "float32",
+                        max_shard_bytes: int = 4 << 30) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (sharded with
+        ``model.safetensors.index.json`` above ``max_shard_bytes``) in ``dtype`` "float32",
+        "bfloat16" or "fp8" (DeepSeek-V3's layout: E4M3 linear weights with a
+        ``weight_scale_inv`` per 128x128 block). Atomic: see :mod:`dsv3.checkpoint`."""
+        from . import checkpoint
+        checkpoint.save(self, directory, dtype, max_shard_bytes)
+
+    @classmethod
+    def from_pretrained(cls, directory) -> "Model":
+        """Load a checkpoint written by :meth:`save_pretrained` or in DeepSeek-V3's format
+        (float32 / bfloat16 / E4M3 + weight_scale_inv, single file or sharded)."""
+        from . import checkpoint
+        return checkpoint.load(directory, cls)
+
     # ------------------------------------------------------------------ compute
     def new_cache(self, batch: int = 1, max_len: int = 1024) -> KVCache:
         """A decoding cache for this model: MLA keeps only the normalised latent and the roped

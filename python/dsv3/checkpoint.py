@@ -1,0 +1,174 @@
+"""Hugging Face-style checkpoints: ``config.json`` + safetensors (sharded above a size limit).
+
+``save(model, dir, dtype)`` writes float32, bfloat16, or DeepSeek-V3's FP8 layout: the linear
+weights (attention projections, dense MLP, experts, shared experts, eh_proj) as E4M3 codes
+with a float32 ``<name>_scale_inv`` per 128x128 block (``w = q * scale_inv``), everything else
+(embedding, head, router gate, norms, correction biases) in bfloat16, as in the released
+checkpoint. ``load(dir)`` reads any of these, and DeepSeek-V3's own files (the copies of the
+embedding and head that its MTP layer carries are accepted and ignored: dsv3 shares them).
+
+Crash safety: everything is written into a fresh temporary directory next to the target,
+fsync'ed, then swapped in with one atomic rename (``renameat2(RENAME_EXCHANGE)`` on Linux
+when the target exists). An interrupted save leaves the previous checkpoint intact under the
+final name and never a partial one.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+from typing import Dict, Tuple
+
+import numpy as np
+
+from . import safetensors_io as st
+from .config import Config
+
+DTYPES = ("float32", "bfloat16", "fp8")
+DEFAULT_SHARD_BYTES = 4 << 30
+FP8_BLOCK = (128, 128)
+
+
+def is_fp8_linear(name: str, shape: Tuple[int, ...]) -> bool:
+    """The tensors DeepSeek's FP8 checkpoint quantizes: 2-D projection weights, not the
+    embedding, the output head or the router gate."""
+    if len(shape) != 2 or not name.endswith(".weight"):
+        return False
+    if name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight"):
+        return False
+    return ".self_attn." in name or ".mlp." in name or name.endswith("eh_proj.weight")
+
+
+def encode_state(state: Dict[str, np.ndarray], dtype: str) -> Dict[str, Tuple[str, np.ndarray]]:
+    """{name: float32} -> {stored name: (safetensors dtype, stored array)}."""
+    if dtype not in DTYPES:
+        raise ValueError(f"[save_pretrained] dtype must be one of {DTYPES}, got {dtype!r}")
+    out: Dict[str, Tuple[str, np.ndarray]] = {}
+    for name, w in state.items():
+        if dtype == "float32":
+            out[name] = ("F32", w)
+        elif dtype == "bfloat16" or not is_fp8_linear(name, w.shape):
+            out[name] = ("BF16", st.bf16_bits(w))
+        else:
+            from . import fp8
+            codes, scales = fp8.quantize(w, "e4m3", block=FP8_BLOCK)
+            out[name] = ("F8_E4M3", codes)
+            out[name + "_scale_inv"] = ("F32", scales)
+    return out
+
+
+def decode_tensors(tensors: Dict[str, st.Tensor], directory: str) -> Dict[str, np.ndarray]:
+    """Stored tensors -> {name: float32}, dequantizing FP8 weights with their scale_inv."""
+    from . import fp8
+    out: Dict[str, np.ndarray] = {}
+    for name, t in tensors.items():
+        if name.endswith("_scale_inv"):
+            if name[:-len("_scale_inv")] not in tensors:
+                raise ValueError(f"[from_pretrained] {directory}: '{name}' has no weight")
+            continue
+        if t.dtype in ("F8_E4M3", "F8_E5M2"):
+            sname = name + "_scale_inv"
+            if sname not in tensors:
+                raise ValueError(f"[from_pretrained] {directory}: FP8 tensor '{name}' has no "
+                                 f"'{sname}'")
+            codes = np.ascontiguousarray(t.data)
+            scales = tensors[sname].to_float32()
+            want = tuple(-(-d // b) for d, b in zip(codes.shape, FP8_BLOCK))
+            if codes.ndim != 2 or scales.shape != want:
+                raise ValueError(f"[from_pretrained] {directory}: '{sname}' has shape "
+                                 f"{scales.shape}, expected {want} for 128x128 blocks of "
+                                 f"'{name}' {codes.shape}")
+            fmt = "e4m3" if t.dtype == "F8_E4M3" else "e5m2"
+            out[name] = fp8.dequantize(codes, scales, FP8_BLOCK, fmt=fmt)
+        elif t.dtype in ("F32", "F16", "BF16", "F64"):
+            out[name] = t.to_float32()
+        else:
+            raise ValueError(f"[from_pretrained] {directory}: tensor '{name}' has dtype "
+                             f"{t.dtype}, expected a float type")
+    return out
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
+
+
+def publish_dir(tmp: str, directory: str) -> None:
+    """Make the finished directory ``tmp`` appear at ``directory`` in one atomic step."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    if not os.path.exists(directory):
+        os.rename(tmp, directory)
+    elif _exchange(tmp, directory):
+        shutil.rmtree(tmp)  # tmp now holds the previous checkpoint
+    else:  # no atomic exchange: two renames (a crash between them leaves `<dir>.old-<pid>`)
+        old = f"{directory}.old-{os.getpid()}"
+        os.rename(directory, old)
+        os.rename(tmp, directory)
+        shutil.rmtree(old)
+    _fsync_dir(parent)
+
+
+def save(model, directory: str, dtype: str = "float32",
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    directory = os.fspath(directory)
+    if dtype not in DTYPES:
+        raise ValueError(f"[save_pretrained] dtype must be one of {DTYPES}, got {dtype!r}")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"[save_pretrained] {directory} exists and is not a directory")
+    tensors = encode_state(model.state_dict(), dtype)
+    cfg = model.config.to_dict()
+    cfg["quantization_config"] = ({"activation_scheme": "dynamic", "fmt": "e4m3",
+                                   "quant_method": "fp8", "weight_block_size": list(FP8_BLOCK)}
+                                  if dtype == "fp8" else None)
+    cfg["torch_dtype"] = "float32" if dtype == "float32" else "bfloat16"
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(directory))}.tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    try:
+        st.write_sharded(tmp, tensors, max_shard_bytes, metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        publish_dir(tmp, directory)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load(directory: str, model_cls):
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"[from_pretrained] {directory} is not a directory")
+    cfg = Config.from_json(os.path.join(directory, "config.json"))
+    tensors = decode_tensors(st.read_dir(directory), directory)
+    model = model_cls(cfg, seed=0)
+    names = set(model.parameter_shapes())
+    # DeepSeek-V3's MTP layer stores copies of the shared embedding and head: not separate here
+    shared_copies = {n for n in tensors if n not in names and
+                     (n.endswith(".embed_tokens.weight") or n.endswith(".shared_head.head.weight"))}
+    state = {k: v for k, v in tensors.items() if k not in shared_copies
+             and not k.endswith("rotary_emb.inv_freq")}
+    model.load_state_dict(state, strict=True)
+    return model
