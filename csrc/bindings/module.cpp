@@ -4,6 +4,7 @@
 
 namespace dsv3 {
 void bind_info(pybind11::module_& m);
+void bind_fp8(pybind11::module_& m);
 void bind_ops(pybind11::module_& m);
 }  // namespace dsv3
 
@@ -11,4 +12,5 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "dsv3 C++ engine (private; use the dsv3 package)";
   dsv3::bind_info(m);
   dsv3::bind_ops(m);
+  dsv3::bind_fp8(m);
 }
