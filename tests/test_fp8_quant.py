@@ -14,6 +14,8 @@ CASES = [  # (shape, block)
     ((1, 1), (1, 128)), ((31, 33), (1, 128)), ((127, 129), (1, 128)), ((3, 300), (1, 128)),
     ((1, 1), (128, 128)), ((127, 129), (128, 128)), ((129, 257), (128, 128)),
     ((33, 31), (3, 5)), ((31, 33), (1, 1)), ((129, 33), (64, 32)), ((31, 129), (31, 129)),
+    ((520, 513), (520, 513)),  # a block above 2^18 elements takes the two-pass path
+    ((600, 700), (300, 1000)),
 ]
 
 
@@ -156,10 +158,10 @@ def test_noncontiguous_and_readonly(rng):
     assert np.array_equal(d, fp8.dequantize(*want))
 
 
-@pytest.mark.parametrize("block", [(1, 128), (128, 128), (4, 4)])
+@pytest.mark.parametrize("block", [(1, 128), (128, 128), (4, 4), (600, 500)])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_input_is_rejected(block, bad, rng):
-    x = data(rng, (130, 300), spread=False)
+    x = data(rng, (600, 500) if block == (600, 500) else (130, 300), spread=False)
     x[129, 260] = bad
     with pytest.raises(ValueError, match=r"x must be finite.*block") as e:
         fp8.quantize(x, block=block)

@@ -1,6 +1,7 @@
 #include "kernels/fp8.h"
 
 #include <algorithm>
+#include <array>
 #include <vector>
 
 #include "core/check.h"
@@ -14,43 +15,83 @@ using namespace fp8_detail;
 
 namespace {
 
-constexpr int64_t kGrain = 1 << 14;  // elements per task, below which threads do not pay
+constexpr int64_t kGrain = 1 << 14;       // elements per task, below which threads do not pay
+constexpr int64_t kFusedBlock = 1 << 18;  // elements of a scale block quantized in one visit
+                                          // (1 MB of fp32: stays in L2 between the passes)
 
 // ---- elementwise loops, one set per format, each cloned for AVX-512 / AVX2 / baseline ----
+// A 16-lane vector body and a scalar tail running the same codec (fp8_codec.h).
 template <class F>
 DSV3_FP8_INLINE void cast_loop(float* __restrict out, const float* __restrict x, int64_t a,
                                int64_t b, bool sat) {
-  for (int64_t i = a; i < b; ++i) out[i] = cast_value<F>(x[i], sat);
+  int64_t i = a;
+#if DSV3_FP8_VECTOR
+  for (; i + kLanes <= b; i += kLanes) {
+    VecU u;
+    std::memcpy(&u, x + i, sizeof u);
+    const VecU r = cast_bits<F>(u, sat);
+    std::memcpy(out + i, &r, sizeof r);
+  }
+#endif
+  for (; i < b; ++i) out[i] = float_of(cast_bits<F>(bits_of(x[i]), sat));
 }
 template <class F>
 DSV3_FP8_INLINE void encode_loop(uint8_t* __restrict codes, const float* __restrict x,
-                                 int64_t a, int64_t b, bool sat) {
-  for (int64_t i = a; i < b; ++i) codes[i] = (uint8_t)encode_bits<F>(bits_of(x[i]), sat);
+                                 int64_t a, int64_t b, bool sat, float scale = 1.f,
+                                 bool scaled = false) {
+  int64_t i = a;
+#if DSV3_FP8_VECTOR
+  for (; i + kLanes <= b; i += kLanes) {
+    VecF v;
+    std::memcpy(&v, x + i, sizeof v);
+    if (scaled) v = v / scale;
+    const VecU8 c = __builtin_convertvector(encode_bits<F>((VecU)v, sat), VecU8);
+    std::memcpy(codes + i, &c, sizeof c);
+  }
+#endif
+  for (; i < b; ++i) codes[i] = (uint8_t)encode_bits<F>(bits_of(scaled ? x[i] / scale : x[i]), sat);
+}
+// Decoding is a table lookup: 256 entries made once per format by decode_bits (so exactly
+// the codec's values); a load per element beats the ~20 vector ops of the formula and the
+// byte-to-lane widening, which GCC 12 compiles poorly inside target clones.
+template <class F>
+const float* decode_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (uint32_t c = 0; c < 256; ++c) t[c] = float_of(decode_bits<F>(c));
+    return t;
+  }();
+  return table.data();
 }
 template <class F>
 DSV3_FP8_INLINE void decode_loop(float* __restrict out, const uint8_t* __restrict codes,
-                                 int64_t a, int64_t b) {
-  for (int64_t i = a; i < b; ++i) out[i] = float_of(decode_bits<F>(codes[i]));
+                                 int64_t a, int64_t b, float scale = 1.f, bool scaled = false) {
+  const float* lut = decode_table<F>();
+  if (scaled)
+    for (int64_t i = a; i < b; ++i) out[i] = lut[codes[i]] * scale;
+  else
+    for (int64_t i = a; i < b; ++i) out[i] = lut[codes[i]];
 }
 // max |x| over [a, b) as fp32 bits: for non-negative floats the bit patterns order like the
 // values, so an integer max is exact, order-free and vectorizes; NaN (bits > inf) wins.
 DSV3_FP8_INLINE uint32_t amax_bits(const float* x, int64_t a, int64_t b) {
   uint32_t m = 0;
-  for (int64_t i = a; i < b; ++i) {
+  int64_t i = a;
+#if DSV3_FP8_VECTOR
+  VecU mv = {};
+  for (; i + kLanes <= b; i += kLanes) {
+    VecU u;
+    std::memcpy(&u, x + i, sizeof u);
+    u &= 0x7fffffffu;
+    mv = u > mv ? u : mv;
+  }
+  for (int l = 0; l < kLanes; ++l) m = mv[l] > m ? mv[l] : m;
+#endif
+  for (; i < b; ++i) {
     const uint32_t v = bits_of(x[i]) & 0x7fffffffu;
     m = v > m ? v : m;
   }
   return m;
-}
-template <class F>
-DSV3_FP8_INLINE void encode_scaled(uint8_t* __restrict codes, const float* __restrict x,
-                                   int64_t n, float scale) {
-  for (int64_t i = 0; i < n; ++i) codes[i] = (uint8_t)encode_bits<F>(bits_of(x[i] / scale), true);
-}
-template <class F>
-DSV3_FP8_INLINE void decode_scaled(float* __restrict out, const uint8_t* __restrict codes,
-                                   int64_t n, float scale) {
-  for (int64_t i = 0; i < n; ++i) out[i] = float_of(decode_bits<F>(codes[i])) * scale;
 }
 
 #define DSV3_FP8_CAST(NAME, F)                                                                \
@@ -67,11 +108,11 @@ DSV3_FP8_INLINE void decode_scaled(float* __restrict out, const uint8_t* __restr
     decode_loop<F>(out, c, a, b);                                                              \
   }                                                                                            \
   DSV3_SIMD_CLONES void encode_scaled_##NAME(uint8_t* c, const float* x, int64_t n, float s) { \
-    encode_scaled<F>(c, x, n, s);                                                              \
+    encode_loop<F>(c, x, 0, n, true, s, true);                                                 \
   }                                                                                            \
   DSV3_SIMD_CLONES void decode_scaled_##NAME(float* out, const uint8_t* c, int64_t n,          \
                                              float s) {                                        \
-    decode_scaled<F>(out, c, n, s);                                                            \
+    decode_loop<F>(out, c, 0, n, s, true);                                                     \
   }
 
 DSV3_FP8_CAST(e4m3, E4M3)
@@ -180,37 +221,40 @@ void fp8_quantize(uint8_t* codes, float* scales, const float* x, int64_t R, int6
   const int64_t Rb = fp8_blocks(R, br), Cb = fp8_blocks(C, bc);
   const float fmax = fp8_format_info(fmt).max;
   const EncodeScaledFn encode = encode_scaled_fn(fmt);
-  // Work items are (row, column block) pairs in row-major order: contiguous memory per task.
+
+  if (br * bc <= kFusedBlock) {
+    // One visit per block while it is in cache: amax, scale, encode. Blocks in row-major
+    // order, so a task walks memory forward. A block with NaN/Inf gets a NaN scale here and
+    // is reported after the parallel region.
+    parallel_for(Rb * Cb, std::max<int64_t>(1, kGrain / (br * bc)), [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = (blk / Cb) * br, r1 = std::min(R, r0 + br);
+        const int64_t c0 = (blk % Cb) * bc, n = std::min(bc, C - c0);
+        uint32_t amax = 0;
+        for (int64_t r = r0; r < r1; ++r) amax = std::max(amax, amax_range(x + r * C + c0, 0, n));
+        if (amax >= 0x7f800000u) {
+          scales[blk] = float_of(0x7fc00000u);
+          continue;
+        }
+        const float s = block_scale(amax, fmax, pow2_scale);
+        scales[blk] = s;
+        for (int64_t r = r0; r < r1; ++r) encode(codes + r * C + c0, x + r * C + c0, n, s);
+      }
+    });
+    for (int64_t blk = 0; blk < Rb * Cb; ++blk)
+      if (!(scales[blk] == scales[blk])) throw_nonfinite(blk / Cb, blk % Cb, block, R, C);
+    return;
+  }
+
+  // Blocks too big for a cache (e.g. one scale per tensor): a pass for per-(row, block)
+  // partial amax — parallel even for a single block — reduced per block (max is exact and
+  // order-free: deterministic), then an encode pass.
   const int64_t items = R * Cb, grain = std::max<int64_t>(1, kGrain / bc);
   auto item_cols = [&](int64_t it, int64_t& r, int64_t& c0, int64_t& n) {
     r = it / Cb;
     c0 = (it % Cb) * bc;
     n = std::min(bc, C - c0);
   };
-
-  if (br == 1) {  // tiles: amax and encode in one visit while the tile is in L1
-    parallel_for(items, grain, [&](int64_t i0, int64_t i1) {
-      for (int64_t it = i0; it < i1; ++it) {
-        int64_t r, c0, n;
-        item_cols(it, r, c0, n);
-        const float* xr = x + r * C + c0;
-        const uint32_t amax = amax_range(xr, 0, n);
-        if (amax >= 0x7f800000u) {
-          scales[it] = float_of(0x7fc00000u);  // reported below, outside the parallel region
-          continue;
-        }
-        const float s = block_scale(amax, fmax, pow2_scale);
-        scales[it] = s;
-        encode(codes + r * C + c0, xr, n, s);
-      }
-    });
-    for (int64_t it = 0; it < items; ++it)
-      if (!(scales[it] == scales[it])) throw_nonfinite(it / Cb, it % Cb, block, R, C);
-    return;
-  }
-
-  // Blocks of several rows: per-row partial amax, reduced per block (max is exact and
-  // order-free, so this is deterministic), then the encode pass.
   std::vector<uint32_t> row_amax((size_t)items);
   parallel_for(items, grain, [&](int64_t i0, int64_t i1) {
     for (int64_t it = i0; it < i1; ++it) {

@@ -73,7 +73,9 @@ struct Fp8Block {
 //   codes[r,c]  = encode(x[r,c] / scales[r/br, c/bc])   (fp32 division, saturating)
 //                                      x[R,C]  codes[R,C] uint8  scales[Rb,Cb]
 // x must be finite: a NaN/Inf would make its whole block's scale NaN/Inf, so it is rejected
-// (std::invalid_argument naming x and the block) before anything is written.
+// with std::invalid_argument naming x and the block (codes/scales are then unspecified).
+// Blocks of up to 2^18 elements are quantized in one visit each (amax, then encode while the
+// block is in cache), larger ones in two passes over x.
 void fp8_quantize(uint8_t* codes, float* scales, const float* x, int64_t R, int64_t C,
                   Fp8Block block, Fp8Format fmt, bool pow2_scale);
 

@@ -16,15 +16,9 @@ using namespace fp8_detail;
 
 namespace {
 
-constexpr int kMR = 8;   // rows of A per register tile of the emulated kernel
-constexpr int kNL = 16;  // columns of B per register tile (one AVX-512 vector of lanes)
-
-// 16 lanes as one value (GCC/Clang vector extensions): one zmm in the AVX-512 clone, two ymm
-// or four xmm in the others. -ffp-contract=off keeps products and sums separately rounded.
-// (-Wpsabi: the 64-byte by-value arguments below only exist in always-inlined code.)
-#pragma GCC diagnostic ignored "-Wpsabi"
-typedef float VecF __attribute__((vector_size(kNL * 4)));
-typedef int32_t VecI __attribute__((vector_size(kNL * 4)));
+constexpr int kMR = 8;       // rows of A per register tile of the emulated kernel
+constexpr int kNL = kLanes;  // columns of B per register tile: one 16-lane vector
+                             // (VecF/VecI of fp8_codec.h: a zmm in the AVX-512 clone)
 
 // s <- trunc_k(s + p), lane-wise. r = fl(s + p) and e = (s + p) - r exactly (TwoSum). If r has
 // bits below the k-bit grid, the exact sum truncates like r (no grid point lies within half
@@ -38,8 +32,8 @@ DSV3_FP8_INLINE VecF trunc_add(VecF s, VecF p, VecI mask) {
   const VecF bp = r - s;
   const VecF e = (s - (r - bp)) + (p - bp);
   const VecI rb = (VecI)r, eb = (VecI)e;
-  // -1 where e != 0 and sign(e) != sign(r), else 0; shifts only (GCC 12 scalarizes vector
-  // comparisons inside target_clones functions)
+  // -1 where e != 0 and sign(e) != sign(r), else 0, with shifts (GCC 12 scalarized the
+  // AND of two vector comparisons here)
   const VecI e_mag = eb & 0x7fffffff;
   const VecI toward_zero = ((eb ^ rb) >> 31) & ((e_mag | -e_mag) >> 31);
   return (VecF)((rb + toward_zero) & mask);
