@@ -13,8 +13,8 @@
 // long dot product: the tensor core sums each 128-wide chunk, and the partial result is
 // multiplied by the two scales and added to an fp32 accumulator on the CUDA cores
 // ("promotion"). Promotion also fixes a second problem: the tensor core keeps only ~14 bits
-// of the running sum, which over K = 4096 products loses ~2%; restarting the limited sum
-// every 128 products bounds that error. fp8_gemm.h emulates exactly that.
+// of the running sum (the report measured a max relative error near 2% at K = 4096);
+// restarting the limited sum every 128 products bounds that error. fp8_gemm.h emulates both.
 //
 // On a CPU there is no FP8 hardware, so every value here is stored as fp32 or as its code
 // (uint8 for the 8-bit formats) and rounding is done by integer bit manipulation: results do
