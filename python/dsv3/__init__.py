@@ -1,6 +1,6 @@
 """dsv3: the DeepSeek-V3 architecture as a C++ engine for CPU research.
 
-Public surface (SPEC §3): ``Config``, ``ops``, ``build_info``, ``get_num_threads``,
+Public surface (SPEC §3): ``Config``, ``ops``, ``fp8``, ``build_info``, ``get_num_threads``,
 ``set_num_threads``. The compiled core lives in the private ``dsv3._core``.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Dict
 
 from . import _core
+from . import fp8
 from . import ops
 from .config import Config
 from .ops import KVCache
@@ -15,7 +16,8 @@ from .model import Model
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "KVCache", "Model", "ops", "build_info", "get_num_threads", "set_num_threads", "__version__"]
+__all__ = ["Config", "KVCache", "Model", "ops", "fp8", "build_info", "get_num_threads",
+           "set_num_threads", "__version__"]
 
 
 def build_info() -> Dict[str, Any]:

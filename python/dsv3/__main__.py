@@ -1,4 +1,4 @@
-"""Command line: ``python -m dsv3 {info} ...`` (see ``--help``)."""
+"""Command line: ``python -m dsv3 {info,bench} ...`` (see ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run bench/bench_<suite>.py's main() from a source checkout (bench/ is not installed)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "bench",
+                        f"bench_{args.suite}.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"dsv3: {os.path.normpath(path)} not found (benchmarks run from a "
+                         "source checkout)")
+    spec = importlib.util.spec_from_file_location(f"bench_{args.suite}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(args.options)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv3",
                                      description="dsv3: DeepSeek-V3 on the CPU")
@@ -77,6 +91,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(default: deepseek_v3)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("bench", help="run a benchmark suite from bench/ (e.g. fp8)")
+    p.add_argument("suite", help="suite name: bench/bench_<suite>.py")
+    p.add_argument("options", nargs=argparse.REMAINDER, help="passed to the suite")
+    p.set_defaults(func=cmd_bench)
     args = parser.parse_args(argv)
     return args.func(args)
 

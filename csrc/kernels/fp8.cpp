@@ -1,0 +1,298 @@
+#include "kernels/fp8.h"
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "core/check.h"
+#include "core/parallel.h"
+#include "core/simd.h"
+#include "kernels/fp8_codec.h"
+
+namespace dsv3 {
+
+using namespace fp8_detail;
+
+namespace {
+
+constexpr int64_t kGrain = 1 << 14;       // elements per task, below which threads do not pay
+constexpr int64_t kFusedBlock = 1 << 18;  // elements of a scale block quantized in one visit
+                                          // (1 MB of fp32: stays in L2 between the passes)
+
+// ---- elementwise loops, one set per format, each cloned for AVX-512 / AVX2 / baseline ----
+// A 16-lane vector body and a scalar tail running the same codec (fp8_codec.h).
+template <class F>
+DSV3_FP8_INLINE void cast_loop(float* __restrict out, const float* __restrict x, int64_t a,
+                               int64_t b, bool sat) {
+  int64_t i = a;
+#if DSV3_FP8_VECTOR
+  for (; i + kLanes <= b; i += kLanes) {
+    VecU u;
+    std::memcpy(&u, x + i, sizeof u);
+    const VecU r = cast_bits<F>(u, sat);
+    std::memcpy(out + i, &r, sizeof r);
+  }
+#endif
+  for (; i < b; ++i) out[i] = float_of(cast_bits<F>(bits_of(x[i]), sat));
+}
+template <class F>
+DSV3_FP8_INLINE void encode_loop(uint8_t* __restrict codes, const float* __restrict x,
+                                 int64_t a, int64_t b, bool sat, float scale = 1.f,
+                                 bool scaled = false) {
+  int64_t i = a;
+#if DSV3_FP8_VECTOR
+  for (; i + kLanes <= b; i += kLanes) {
+    VecF v;
+    std::memcpy(&v, x + i, sizeof v);
+    if (scaled) v = v / scale;
+    const VecU8 c = __builtin_convertvector(encode_bits<F>((VecU)v, sat), VecU8);
+    std::memcpy(codes + i, &c, sizeof c);
+  }
+#endif
+  for (; i < b; ++i) codes[i] = (uint8_t)encode_bits<F>(bits_of(scaled ? x[i] / scale : x[i]), sat);
+}
+// Decoding is a table lookup: 256 entries made once per format by decode_bits (so exactly
+// the codec's values); a load per element beats the ~20 vector ops of the formula and the
+// byte-to-lane widening, which GCC 12 compiles poorly inside target clones.
+template <class F>
+const float* decode_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (uint32_t c = 0; c < 256; ++c) t[c] = float_of(decode_bits<F>(c));
+    return t;
+  }();
+  return table.data();
+}
+template <class F>
+DSV3_FP8_INLINE void decode_loop(float* __restrict out, const uint8_t* __restrict codes,
+                                 int64_t a, int64_t b, float scale = 1.f, bool scaled = false) {
+  const float* lut = decode_table<F>();
+  if (scaled)
+    for (int64_t i = a; i < b; ++i) out[i] = lut[codes[i]] * scale;
+  else
+    for (int64_t i = a; i < b; ++i) out[i] = lut[codes[i]];
+}
+// max |x| over [a, b) as fp32 bits: for non-negative floats the bit patterns order like the
+// values, so an integer max is exact, order-free and vectorizes; NaN (bits > inf) wins.
+DSV3_FP8_INLINE uint32_t amax_bits(const float* x, int64_t a, int64_t b) {
+  uint32_t m = 0;
+  int64_t i = a;
+#if DSV3_FP8_VECTOR
+  VecU mv = {};
+  for (; i + kLanes <= b; i += kLanes) {
+    VecU u;
+    std::memcpy(&u, x + i, sizeof u);
+    u &= 0x7fffffffu;
+    mv = u > mv ? u : mv;
+  }
+  for (int l = 0; l < kLanes; ++l) m = mv[l] > m ? mv[l] : m;
+#endif
+  for (; i < b; ++i) {
+    const uint32_t v = bits_of(x[i]) & 0x7fffffffu;
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+#define DSV3_FP8_CAST(NAME, F)                                                                \
+  DSV3_SIMD_CLONES void cast_##NAME(float* out, const float* x, int64_t a, int64_t b,          \
+                                    bool sat) {                                                \
+    cast_loop<F>(out, x, a, b, sat);                                                           \
+  }
+#define DSV3_FP8_BYTES(NAME, F)                                                               \
+  DSV3_SIMD_CLONES void encode_##NAME(uint8_t* c, const float* x, int64_t a, int64_t b,        \
+                                      bool sat) {                                              \
+    encode_loop<F>(c, x, a, b, sat);                                                           \
+  }                                                                                            \
+  DSV3_SIMD_CLONES void decode_##NAME(float* out, const uint8_t* c, int64_t a, int64_t b) {    \
+    decode_loop<F>(out, c, a, b);                                                              \
+  }                                                                                            \
+  DSV3_SIMD_CLONES void encode_scaled_##NAME(uint8_t* c, const float* x, int64_t n, float s) { \
+    encode_loop<F>(c, x, 0, n, true, s, true);                                                 \
+  }                                                                                            \
+  DSV3_SIMD_CLONES void decode_scaled_##NAME(float* out, const uint8_t* c, int64_t n,          \
+                                             float s) {                                        \
+    decode_loop<F>(out, c, 0, n, s, true);                                                     \
+  }
+
+DSV3_FP8_CAST(e4m3, E4M3)
+DSV3_FP8_CAST(e5m2, E5M2)
+DSV3_FP8_CAST(bf16, BF16)
+DSV3_FP8_CAST(e5m6, E5M6)
+DSV3_FP8_BYTES(e4m3, E4M3)
+DSV3_FP8_BYTES(e5m2, E5M2)
+
+DSV3_SIMD_CLONES uint32_t amax_range(const float* x, int64_t a, int64_t b) {
+  return amax_bits(x, a, b);
+}
+
+using EncodeScaledFn = void (*)(uint8_t*, const float*, int64_t, float);
+using DecodeScaledFn = void (*)(float*, const uint8_t*, int64_t, float);
+
+EncodeScaledFn encode_scaled_fn(Fp8Format f) {
+  return f == Fp8Format::e4m3 ? encode_scaled_e4m3 : encode_scaled_e5m2;
+}
+DecodeScaledFn decode_scaled_fn(Fp8Format f) {
+  return f == Fp8Format::e4m3 ? decode_scaled_e4m3 : decode_scaled_e5m2;
+}
+
+void check_bytes(Fp8Format fmt, const char* op) {
+  DSV3_CHECK(fp8_format_info(fmt).byte_codes, "[fp8.", op, "] fmt \"", fp8_format_info(fmt).name,
+             "\" has no 8-bit codes (it is cast-only); use \"e4m3\" or \"e5m2\"");
+}
+
+void check_block(int64_t R, int64_t C, Fp8Block block, const char* op) {
+  DSV3_CHECK(block.rows >= 1 && block.cols >= 1, "[fp8.", op,
+             "] block sizes must be >= 1, got block=(", block.rows, ", ", block.cols, ")");
+  DSV3_CHECK(R >= 0 && C >= 0, "[fp8.", op, "] negative shape (", R, ", ", C, ")");
+}
+
+// scale = max(amax, 1e-4) / fmt_max, optionally rounded up to a power of two. The scale is
+// always an fp32 normal (>= 1e-4 / 57344), so the power-of-two rounding is a bit operation.
+float block_scale(uint32_t amax, float fmt_max, bool pow2) {
+  float s = std::max(float_of(amax), 1e-4f) / fmt_max;
+  if (pow2) {
+    uint32_t u = bits_of(s);
+    if (u & 0x7fffffu) u = (u & 0x7f800000u) + 0x800000u;
+    s = float_of(u);
+  }
+  return s;
+}
+
+[[noreturn]] void throw_nonfinite(int64_t bi, int64_t bj, Fp8Block b, int64_t R, int64_t C) {
+  throw std::invalid_argument(str_cat(
+      "[fp8.quantize] x must be finite: scale block (", bi, ", ", bj, ") (rows ", bi * b.rows,
+      "..", std::min(R, (bi + 1) * b.rows) - 1, ", columns ", bj * b.cols, "..",
+      std::min(C, (bj + 1) * b.cols) - 1, ") contains NaN or Inf"));
+}
+
+}  // namespace
+
+const Fp8FormatInfo& fp8_format_info(Fp8Format fmt) {
+  static const Fp8FormatInfo table[] = {
+      {"e4m3", 4, 3, 7, false, true, 448.f, 0x1p-9f},
+      {"e5m2", 5, 2, 15, true, true, 57344.f, 0x1p-16f},
+      {"bf16", 8, 7, 127, true, false, 0x1.fep127f, 0x1p-133f},
+      {"e5m6", 5, 6, 15, true, false, 65024.f, 0x1p-20f},
+  };
+  const int i = (int)fmt;
+  DSV3_ASSERT(i >= 0 && i < 4, "bad Fp8Format ", i);
+  return table[i];
+}
+
+Fp8Format fp8_parse_format(const std::string& name, const char* op) {
+  if (name == "e4m3" || name == "e4m3fn" || name == "float8_e4m3fn") return Fp8Format::e4m3;
+  if (name == "e5m2" || name == "float8_e5m2") return Fp8Format::e5m2;
+  if (name == "bf16" || name == "bfloat16") return Fp8Format::bf16;
+  if (name == "e5m6") return Fp8Format::e5m6;
+  throw std::invalid_argument(str_cat("[fp8.", op, "] fmt must be one of \"e4m3\", \"e5m2\", ",
+                                      "\"bf16\", \"e5m6\", got \"", name, "\""));
+}
+
+void fp8_cast(float* out, const float* x, int64_t F, Fp8Format fmt, bool saturate) {
+  DSV3_CHECK(F >= 0, "[fp8.cast] negative size ", F);
+  auto fn = fmt == Fp8Format::e4m3   ? cast_e4m3
+            : fmt == Fp8Format::e5m2 ? cast_e5m2
+            : fmt == Fp8Format::bf16 ? cast_bf16
+                                     : cast_e5m6;
+  parallel_for(F, kGrain, [&](int64_t a, int64_t b) { fn(out, x, a, b, saturate); });
+}
+
+void fp8_encode(uint8_t* codes, const float* x, int64_t F, Fp8Format fmt, bool saturate) {
+  check_bytes(fmt, "encode");
+  DSV3_CHECK(F >= 0, "[fp8.encode] negative size ", F);
+  auto fn = fmt == Fp8Format::e4m3 ? encode_e4m3 : encode_e5m2;
+  parallel_for(F, kGrain, [&](int64_t a, int64_t b) { fn(codes, x, a, b, saturate); });
+}
+
+void fp8_decode(float* out, const uint8_t* codes, int64_t F, Fp8Format fmt) {
+  check_bytes(fmt, "decode");
+  DSV3_CHECK(F >= 0, "[fp8.decode] negative size ", F);
+  auto fn = fmt == Fp8Format::e4m3 ? decode_e4m3 : decode_e5m2;
+  parallel_for(F, kGrain, [&](int64_t a, int64_t b) { fn(out, codes, a, b); });
+}
+
+void fp8_quantize(uint8_t* codes, float* scales, const float* x, int64_t R, int64_t C,
+                  Fp8Block block, Fp8Format fmt, bool pow2_scale) {
+  check_bytes(fmt, "quantize");
+  check_block(R, C, block, "quantize");
+  if (R == 0 || C == 0) return;
+  const int64_t br = block.rows, bc = block.cols;
+  const int64_t Rb = fp8_blocks(R, br), Cb = fp8_blocks(C, bc);
+  const float fmax = fp8_format_info(fmt).max;
+  const EncodeScaledFn encode = encode_scaled_fn(fmt);
+
+  if (br * bc <= kFusedBlock) {
+    // One visit per block while it is in cache: amax, scale, encode. Blocks in row-major
+    // order, so a task walks memory forward. A block with NaN/Inf gets a NaN scale here and
+    // is reported after the parallel region.
+    parallel_for(Rb * Cb, std::max<int64_t>(1, kGrain / (br * bc)), [&](int64_t b0, int64_t b1) {
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t r0 = (blk / Cb) * br, r1 = std::min(R, r0 + br);
+        const int64_t c0 = (blk % Cb) * bc, n = std::min(bc, C - c0);
+        uint32_t amax = 0;
+        for (int64_t r = r0; r < r1; ++r) amax = std::max(amax, amax_range(x + r * C + c0, 0, n));
+        if (amax >= 0x7f800000u) {
+          scales[blk] = float_of(0x7fc00000u);
+          continue;
+        }
+        const float s = block_scale(amax, fmax, pow2_scale);
+        scales[blk] = s;
+        for (int64_t r = r0; r < r1; ++r) encode(codes + r * C + c0, x + r * C + c0, n, s);
+      }
+    });
+    for (int64_t blk = 0; blk < Rb * Cb; ++blk)
+      if (!(scales[blk] == scales[blk])) throw_nonfinite(blk / Cb, blk % Cb, block, R, C);
+    return;
+  }
+
+  // Blocks too big for a cache (e.g. one scale per tensor): a pass for per-(row, block)
+  // partial amax — parallel even for a single block — reduced per block (max is exact and
+  // order-free: deterministic), then an encode pass.
+  const int64_t items = R * Cb, grain = std::max<int64_t>(1, kGrain / bc);
+  auto item_cols = [&](int64_t it, int64_t& r, int64_t& c0, int64_t& n) {
+    r = it / Cb;
+    c0 = (it % Cb) * bc;
+    n = std::min(bc, C - c0);
+  };
+  std::vector<uint32_t> row_amax((size_t)items);
+  parallel_for(items, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t r, c0, n;
+      item_cols(it, r, c0, n);
+      row_amax[(size_t)it] = amax_range(x + r * C + c0, 0, n);
+    }
+  });
+  for (int64_t bi = 0; bi < Rb; ++bi)
+    for (int64_t bj = 0; bj < Cb; ++bj) {
+      uint32_t m = 0;
+      for (int64_t r = bi * br; r < std::min(R, (bi + 1) * br); ++r)
+        m = std::max(m, row_amax[(size_t)(r * Cb + bj)]);
+      if (m >= 0x7f800000u) throw_nonfinite(bi, bj, block, R, C);
+      scales[bi * Cb + bj] = block_scale(m, fmax, pow2_scale);
+    }
+  parallel_for(items, grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      int64_t r, c0, n;
+      item_cols(it, r, c0, n);
+      encode(codes + r * C + c0, x + r * C + c0, n, scales[(r / br) * Cb + c0 / bc]);
+    }
+  });
+}
+
+void fp8_dequantize(float* out, const uint8_t* codes, const float* scales, int64_t R, int64_t C,
+                    Fp8Block block, Fp8Format fmt) {
+  check_bytes(fmt, "dequantize");
+  check_block(R, C, block, "dequantize");
+  if (R == 0 || C == 0) return;
+  const int64_t br = block.rows, bc = block.cols, Cb = fp8_blocks(C, bc);
+  const DecodeScaledFn decode = decode_scaled_fn(fmt);
+  parallel_for(R * Cb, std::max<int64_t>(1, kGrain / bc), [&](int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; ++it) {
+      const int64_t r = it / Cb, c0 = (it % Cb) * bc, n = std::min(bc, C - c0);
+      decode(out + r * C + c0, codes + r * C + c0, n, scales[(r / br) * Cb + c0 / bc]);
+    }
+  });
+}
+
+}  // namespace dsv3

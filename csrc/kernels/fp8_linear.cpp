@@ -1,0 +1,82 @@
+#include "kernels/fp8_linear.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "core/check.h"
+#include "core/parallel.h"
+
+namespace dsv3 {
+
+namespace {
+
+constexpr int64_t kTile = 128;  // the recipe's tile / block edge
+
+// dst[C,R] = src[R,C]^T, in 32x32 blocks.
+void transpose(float* dst, const float* src, int64_t R, int64_t C) {
+  constexpr int64_t T = 32;
+  const int64_t rb = fp8_blocks(R, T), cb = fp8_blocks(C, T);
+  parallel_for(rb * cb, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = (t / cb) * T, c0 = (t % cb) * T;
+      const int64_t r1 = std::min(R, r0 + T), c1 = std::min(C, c0 + T);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) dst[c * R + r] = src[r * C + c];
+    }
+  });
+}
+
+// A quantized [rows, cols] operand that owns its buffers.
+struct Quantized {
+  std::vector<uint8_t> codes;
+  std::vector<float> scales;
+  Fp8Operand op;
+  Quantized(const float* x, int64_t rows, int64_t cols, Fp8Block block, Fp8Format fmt,
+            bool pow2)
+      : codes((size_t)(rows * cols)),
+        scales((size_t)(fp8_blocks(rows, block.rows) * fp8_blocks(cols, block.cols))) {
+    fp8_quantize(codes.data(), scales.data(), x, rows, cols, block, fmt, pow2);
+    op.codes = codes.data();
+    op.scales = scales.data();
+    op.block = block;
+    op.fmt = fmt;
+  }
+};
+
+void check_sizes(int64_t R, int64_t K, int64_t O, const char* op) {
+  DSV3_CHECK(R >= 0 && K >= 0 && O >= 0, "[fp8.", op, "] negative size R=", R, " K=", K,
+             " O=", O);
+}
+
+}  // namespace
+
+void fp8_linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K,
+                        int64_t O, const Fp8LinearOptions& opts) {
+  check_sizes(R, K, O, "linear");
+  if (R == 0 || O == 0) return;
+  Quantized qx(x, R, K, {1, kTile}, opts.act_fmt, opts.pow2_scale);
+  Quantized qw(w, O, K, {kTile, kTile}, opts.weight_fmt, opts.pow2_scale);
+  fp8_gemm(y, qx.op, qw.op, R, O, K, opts.gemm, false);
+}
+
+void fp8_linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                         int64_t R, int64_t K, int64_t O, const Fp8LinearOptions& opts) {
+  check_sizes(R, K, O, "linear_backward");
+  if (dx && R > 0 && K > 0) {  // dx[R,K] += dy[R,O] @ W[O,K]: inner dimension O
+    std::vector<float> wt((size_t)(K * O));
+    transpose(wt.data(), w, O, K);
+    Quantized qdy(dy, R, O, {1, kTile}, opts.grad_fmt, opts.pow2_scale);
+    Quantized qwt(wt.data(), K, O, {kTile, kTile}, opts.weight_fmt, opts.pow2_scale);
+    fp8_gemm(dx, qdy.op, qwt.op, R, K, O, opts.gemm, true);
+  }
+  if (dw && O > 0 && K > 0) {  // dW[O,K] += dy^T[O,R] @ x[R,K]: inner dimension R
+    std::vector<float> dyt((size_t)(O * R)), xt((size_t)(K * R));
+    transpose(dyt.data(), dy, R, O);
+    transpose(xt.data(), x, R, K);
+    Quantized qdyt(dyt.data(), O, R, {1, kTile}, opts.grad_fmt, opts.pow2_scale);
+    Quantized qxt(xt.data(), K, R, {1, kTile}, opts.act_fmt, opts.pow2_scale);
+    fp8_gemm(dw, qdyt.op, qxt.op, O, K, R, opts.gemm, true);
+  }
+}
+
+}  // namespace dsv3
