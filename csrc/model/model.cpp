@@ -137,9 +137,12 @@ void Model::forward(float* logits, const int64_t* tokens, int64_t B, int64_t T) 
   linear_forward(logits, h2.data(), head(), R, D, cfg_.V);
 }
 
-KvCache Model::new_cache(int64_t batch, int64_t max_len) const {
-  if (dims_.mla) return KvCache("latent", cfg_.layers, batch, max_len, cfg_.Dc + cfg_.Dr);
-  return KvCache("kv", cfg_.layers, batch, max_len, dims_.mha_dims.cache_width());
+int64_t Model::cache_width() const {
+  return dims_.mla ? cfg_.Dc + cfg_.Dr : dims_.mha_dims.cache_width();
+}
+
+std::shared_ptr<KvCache> Model::new_cache(int64_t batch, int64_t max_len) const {
+  return std::make_shared<KvCache>(cache_kind(), cfg_.layers, batch, max_len, cache_width());
 }
 
 void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, int64_t B,
@@ -147,8 +150,8 @@ void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, 
   const char* op = "Model.forward";
   DSV3_CHECK(B >= 1 && S >= 1, "[", op, "] tokens must hold at least one token");
   check_tokens(tokens, B * S, op);
-  const KvCache ref = new_cache(1, 1);
-  DSV3_CHECK(cache.kind == ref.kind && cache.width == ref.width && cache.layers == cfg_.layers,
+  DSV3_CHECK(cache.kind == cache_kind() && cache.width == cache_width() &&
+                 cache.layers == cfg_.layers,
              "[", op, "] cache was not made for this model (use model.new_cache)");
   DSV3_CHECK(cache.batch == B, "[", op, "] tokens have batch ", B, " but the cache holds ",
              cache.batch, " sequences");

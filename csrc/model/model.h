@@ -15,9 +15,11 @@
 //   loss = main + mtp + balance
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "core/busy.h"
 #include "kernels/kv_cache.h"
 #include "model/block.h"
 #include "model/config.h"
@@ -50,11 +52,16 @@ class Model {
   // alpha: weight of the sequence-wise balance loss (0 disables it).
   LossParts loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
                  double mtp_weight);
-  KvCache new_cache(int64_t batch, int64_t max_len) const;
+  std::shared_ptr<KvCache> new_cache(int64_t batch, int64_t max_len) const;
+  std::string cache_kind() const { return dims_.mla ? "latent" : "kv"; }
+  int64_t cache_width() const;
 
   // The MoE blocks in order (main layers then MTP), for balancing: bias pointers [E] each.
   std::vector<float*> expert_biases();
   int64_t moe_blocks() const;
+
+  // Concurrency (core/busy.h): readers share, writers (weights change) need the model alone.
+  mutable std::shared_mutex busy;
 
  private:
   ModelConfig cfg_;
