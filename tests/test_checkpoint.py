@@ -51,9 +51,26 @@ def test_fp8_layout_and_round_trip(tmp_path, model):
     stored, _ = st.read(str(tmp_path / "f8" / "model.safetensors"))
     q = "model.layers.1.mlp.experts.3.up_proj.weight"
     assert stored[q].dtype == "F8_E4M3" and stored[q + "_scale_inv"].shape == (1, 1)
-    assert stored["model.embed_tokens.weight"].dtype == "BF16"
-    assert stored["model.layers.1.mlp.gate.weight"].dtype == "BF16"
-    assert stored["model.layers.0.input_layernorm.weight"].dtype == "BF16"
+    # DeepSeek-V3's released layout, name by name (written out here, not derived from the code)
+    fp8 = ["model.layers.0.self_attn.q_a_proj.weight", "model.layers.0.self_attn.q_b_proj.weight",
+           "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+           "model.layers.0.self_attn.kv_b_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+           "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.down_proj.weight",
+           "model.layers.1.mlp.experts.0.gate_proj.weight",
+           "model.layers.1.mlp.shared_experts.up_proj.weight",
+           "model.layers.2.self_attn.o_proj.weight", "model.layers.2.mlp.experts.7.down_proj.weight"]
+    bf16 = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
+            "model.layers.1.mlp.gate.weight", "model.layers.0.input_layernorm.weight",
+            "model.layers.0.self_attn.q_a_layernorm.weight",
+            "model.layers.0.self_attn.kv_a_layernorm.weight", "model.layers.2.eh_proj.weight",
+            "model.layers.2.enorm.weight", "model.layers.2.shared_head.norm.weight"]
+    for n in fp8:
+        assert stored[n].dtype == "F8_E4M3" and stored[n + "_scale_inv"].dtype == "F32", n
+    for n in bf16:
+        assert stored[n].dtype == "BF16" and n + "_scale_inv" not in stored, n
+    for n in ("model.layers.1.mlp.gate.e_score_correction_bias",
+              "model.layers.2.mlp.gate.e_score_correction_bias"):
+        assert stored[n].dtype == "F32", n
     back = dsv3.Model.from_pretrained(tmp_path / "f8")
     sd, sd2 = model.state_dict(), back.state_dict()
     for k in sd:
@@ -78,6 +95,20 @@ def test_sharded_and_package_compat(tmp_path, model):
     loaded = sf.load_file(str(tmp_path / "one" / "model.safetensors"))
     sd = model.state_dict()
     assert set(loaded) == set(sd) and all(np.array_equal(loaded[k], sd[k]) for k in sd)
+    # bf16 and fp8 files load in the package (through torch) with the same values
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+    for dt in ("bfloat16", "fp8"):
+        model.save_pretrained(tmp_path / dt, dtype=dt)
+        ours = dsv3.Model.from_pretrained(tmp_path / dt).state_dict()
+        pk = load_file(str(tmp_path / dt / "model.safetensors"))
+        for k, v in sd.items():
+            t = pk[k]
+            if t.dtype == torch.float8_e4m3fn:  # value = code * scale_inv (one 128x128 block)
+                val = t.float().numpy() * pk[k + "_scale_inv"].numpy()[0, 0]
+            else:
+                val = t.float().numpy()
+            assert np.array_equal(val, ours[k]), (dt, k)
 
 
 def test_deepseek_style_checkpoint(tmp_path, model):
@@ -88,10 +119,12 @@ def test_deepseek_style_checkpoint(tmp_path, model):
     sd = model.state_dict()
     out = {}
     for k, v in sd.items():
-        if checkpoint.is_fp8_linear(k, v.shape):
+        if (".self_attn." in k or ".mlp." in k) and v.ndim == 2 and not k.endswith("mlp.gate.weight"):
             codes, scales = dsv3.fp8.quantize(v, "e4m3", block=(128, 128))
             out[k] = torch.from_numpy(codes).view(torch.float8_e4m3fn)
             out[k + "_scale_inv"] = torch.from_numpy(scales)
+        elif k.endswith("e_score_correction_bias"):
+            out[k] = torch.from_numpy(v)
         else:
             out[k] = torch.from_numpy(v).to(torch.bfloat16)
     mtp = f"model.layers.{model.config.num_hidden_layers}."

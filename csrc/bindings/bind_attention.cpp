@@ -197,13 +197,17 @@ void bind_attention(py::module_& m) {
       .def_readonly("width", &KvCache::width)
       .def_property_readonly("nbytes", &KvCache::nbytes)
       .def_property_readonly("bytes_per_token", &KvCache::bytes_per_token)
-      .def_property_readonly("length", [](const KvCache& c) { return c.length; })
+      .def_property_readonly("length", [](const KvCache& c) {
+        BusyGuard guard(c.busy, false, "KVCache");
+        return c.length;
+      })
       .def("reset", [](KvCache& c) {
         BusyGuard guard(c.busy, true, "KVCache");
         std::fill(c.length.begin(), c.length.end(), 0);
       })
       .def("layer_data", [](KvCache& c, int64_t l) {
         DSV3_INDEX_CHECK(l >= 0 && l < c.layers, "[KVCache] layer ", l, " out of range");
+        BusyGuard guard(c.busy, false, "KVCache");
         F32 a({(py::ssize_t)c.batch, (py::ssize_t)c.max_len, (py::ssize_t)c.width});
         std::copy(c.layer(l), c.layer(l) + c.batch * c.max_len * c.width, a.mutable_data());
         return a;

@@ -156,6 +156,10 @@ void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, 
   DSV3_CHECK(cache.batch == B, "[", op, "] tokens have batch ", B, " but the cache holds ",
              cache.batch, " sequences");
   for (int64_t l = 0; l < cfg_.layers; ++l) cache.check_step(l, start_pos, S);
+  // Rows from start_pos on are about to be rewritten layer by layer: until every layer has
+  // succeeded the cache only vouches for the tokens before start_pos, so a failure midway
+  // (e.g. non-finite activations) leaves a consistent, shorter cache instead of stale rows.
+  for (int64_t l = 0; l < cfg_.layers; ++l) cache.length[l] = std::min(cache.length[l], start_pos);
   const int64_t R = B * S, D = cfg_.D;
   std::vector<float> h((size_t)(R * D)), ln((size_t)(R * D)), tmp((size_t)(R * D)),
       hm((size_t)(R * D));

@@ -37,7 +37,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     total = cfg.num_parameters()
     active = cfg.num_parameters(active=True)
     with_mtp = cfg.num_parameters(mtp=True)
-    gqa_heads = min(8, cfg.num_attention_heads)
+    gqa_heads = min(8, cfg.num_attention_heads)  # what-if baseline: GQA with 8 kv heads
     rows = [
         ("MLA (latent + shared rope key)", cfg.kv_cache_bytes_per_token("bfloat16", "mla")),
         ("MHA (decompressed keys/values)", cfg.kv_cache_bytes_per_token("bfloat16", "mha")),

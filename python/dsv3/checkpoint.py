@@ -3,8 +3,8 @@
 ``save(model, dir, dtype)`` writes float32, bfloat16, or DeepSeek-V3's FP8 layout: the linear
 weights (attention projections, dense MLP, experts, shared experts, eh_proj) as E4M3 codes
 with a float32 ``<name>_scale_inv`` per 128x128 block (``w = q * scale_inv``), everything else
-(embedding, head, router gate, norms, correction biases) in bfloat16, as in the released
-checkpoint. ``load(dir)`` reads any of these, and DeepSeek-V3's own files (the copies of the
+(embedding, head, router gate, norms, eh_proj) in bfloat16 and the gates' correction biases
+in float32, as in the released checkpoint. ``load(dir)`` reads any of these, and DeepSeek-V3's own files (the copies of the
 embedding and head that its MTP layer carries are accepted and ignored: dsv3 shares them).
 
 Crash safety: everything is written into a fresh temporary directory next to the target,
@@ -32,13 +32,14 @@ FP8_BLOCK = (128, 128)
 
 
 def is_fp8_linear(name: str, shape: Tuple[int, ...]) -> bool:
-    """The tensors DeepSeek's FP8 checkpoint quantizes: 2-D projection weights, not the
-    embedding, the output head or the router gate."""
+    """The tensors DeepSeek's FP8 checkpoint quantizes: the 2-D projection weights of the
+    attention, dense MLPs and experts. Not the embedding, the output head, the router gate or
+    the MTP module's eh_proj (a plain linear layer in the engines that load the release)."""
     if len(shape) != 2 or not name.endswith(".weight"):
         return False
-    if name in ("model.embed_tokens.weight", "lm_head.weight") or name.endswith("mlp.gate.weight"):
+    if name.endswith("mlp.gate.weight"):
         return False
-    return ".self_attn." in name or ".mlp." in name or name.endswith("eh_proj.weight")
+    return ".self_attn." in name or ".mlp." in name
 
 
 def encode_state(state: Dict[str, np.ndarray], dtype: str) -> Dict[str, Tuple[str, np.ndarray]]:
@@ -47,7 +48,9 @@ def encode_state(state: Dict[str, np.ndarray], dtype: str) -> Dict[str, Tuple[st
         raise ValueError(f"[save_pretrained] dtype must be one of {DTYPES}, got {dtype!r}")
     out: Dict[str, Tuple[str, np.ndarray]] = {}
     for name, w in state.items():
-        if dtype == "float32":
+        if dtype == "float32" or name.endswith("e_score_correction_bias"):
+            # the correction bias moves in steps of gamma = 1e-3, finer than bf16 resolves
+            # near 1, so it is kept in float32 in every dtype (as in DeepSeek's release)
             out[name] = ("F32", w)
         elif dtype == "bfloat16" or not is_fp8_linear(name, w.shape):
             out[name] = ("BF16", st.bf16_bits(w))
