@@ -198,6 +198,7 @@ void bind_attention(py::module_& m) {
       .def_property_readonly("bytes_per_token", &KvCache::bytes_per_token)
       .def_property_readonly("length", [](const KvCache& c) { return c.length; })
       .def("reset", [](KvCache& c) { std::fill(c.length.begin(), c.length.end(), 0); })
+      .def("truncate", &KvCache::truncate, arg("length"))
       .def("layer_data", [](KvCache& c, int64_t l) {
         DSV3_INDEX_CHECK(l >= 0 && l < c.layers, "[KVCache] layer ", l, " out of range");
         F32 a({(py::ssize_t)c.batch, (py::ssize_t)c.max_len, (py::ssize_t)c.width});
