@@ -208,3 +208,23 @@ def test_stops_at_max_position_embeddings():
     m = dsv3.Model(dsv3.Config.tiny().replace(max_position_embeddings=12), seed=1)
     for spec in (None, "mtp"):
         assert len(m.generate(np.arange(1, 9), max_new_tokens=50, speculative=spec).tokens) == 4
+
+
+def test_cli_generate(tmp_path, trained):
+    import subprocess
+    import sys
+    trained.save_pretrained(str(tmp_path / "ck"))
+    ids = ",".join(map(str, PERIOD[:3]))
+    base = [sys.executable, "-m", "dsv3", "generate", str(tmp_path / "ck"), "--prompt-ids", ids,
+            "--max-new-tokens", "10", "--eos-token-id", "-1"]
+    want = " ".join(map(str, trained.generate(np.array(PERIOD[:3]), max_new_tokens=10).tokens))
+    for extra in ([], ["--speculative", "mtp", "--num-draft-tokens", "2"]):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == want
+        assert "acceptance rate" in r.stderr and "tok/s" in r.stderr
+    r = subprocess.run(base + ["--top-p", "0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "top_p" in r.stderr
+    r = subprocess.run(base[:4] + [str(tmp_path / "nope")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0 and "not found" in r.stderr
