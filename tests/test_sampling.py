@@ -96,7 +96,10 @@ def peaky():
     whose drafts are accepted ~30% of the time, so both branches of the acceptance run."""
     cfg = dsv3.Config.tiny().replace(vocab_size=8, bos_token_id=0, eos_token_id=1,
                                      initializer_range=0.3)
-    return dsv3.Model(cfg, seed=2)
+    threads = dsv3.get_num_threads()
+    dsv3.set_num_threads(1)  # thousands of tiny calls: threads only add contention
+    yield dsv3.Model(cfg, seed=2)
+    dsv3.set_num_threads(threads)
 
 
 def exact_joint(m, prompt, n, T, top_k, top_p):
