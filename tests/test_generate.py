@@ -84,6 +84,8 @@ def test_batch_of_prompts_equals_each_alone(rand_model):
         for p, got in zip(prompts, out.tokens):
             np.testing.assert_array_equal(got, rand_model.generate(p, max_new_tokens=9, **kw).tokens)
         assert out.stats["new_tokens"] == 27
+    two = rand_model.generate(np.array([[1, 2, 3], [4, 5, 6]]), max_new_tokens=4)
+    np.testing.assert_array_equal(two.tokens[1], rand_model.generate([4, 5, 6], max_new_tokens=4).tokens)
 
 
 def test_streaming_matches_generate(trained, rand_model):

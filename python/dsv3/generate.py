@@ -220,6 +220,8 @@ class _Decoder:
 # ---------------------------------------------------------------------- public entry points
 def _prompts(model, prompt):
     V = model.config.vocab_size
+    if isinstance(prompt, np.ndarray) and prompt.ndim == 2:  # equal-length prompts, one a row
+        prompt = list(prompt)
     single = not isinstance(prompt, (list, tuple)) or (len(prompt) > 0 and np.isscalar(prompt[0]))
     items = [prompt] if single else list(prompt)
     if not items:
