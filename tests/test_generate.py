@@ -242,3 +242,37 @@ def test_speculative_greedy_equals_plain_greedy_small_config():
         for draft in (1, 3):
             spec = m.generate(prompt, max_new_tokens=16, speculative="mtp", num_draft_tokens=draft)
             np.testing.assert_array_equal(spec.tokens, plain.tokens)
+
+
+@pytest.mark.parametrize("which", ["random", "trained"])
+def test_caches_after_speculative_decoding_equal_clean_caches(which, rand_model, trained):
+    """After a speculative run with rejections (random model: ~all drafts rejected; trained:
+    mostly accepted), the main and MTP caches hold exactly the committed tokens: lengths, and
+    rows < length equal caches built from the committed tokens alone (prefill + single steps;
+    the engine's row values depend on how many rows a call computes by ~1e-6, hence rtol
+    1e-4 / atol 1e-5)."""
+    from dsv3.generate import _decoders
+    m = rand_model if which == "random" else trained
+    cfg = m.config
+    prompt = np.array(PERIOD[:4])
+    (dec,), _ = _decoders(m, prompt, max_new_tokens=23, speculative="mtp", num_draft_tokens=2)
+    toks = [t for new in dec.run() for t in new]
+    if which == "random":
+        assert dec.stats["accepted"] < dec.stats["proposed"]
+    seq = np.array(list(prompt) + toks)
+    L = dec.cache.length[0]
+    assert dec.cache.length == [L] * cfg.num_hidden_layers and dec.mtp_cache.length == [L]
+    assert len(prompt) <= L <= len(seq)  # L == len(seq): the next committed token is unfed
+    clean = m.new_cache(1, 64)
+    m.forward(prompt[None], cache=clean, start_pos=0)
+    for i in range(len(prompt), L):
+        m.forward(seq[None, i:i + 1], cache=clean, start_pos=i)
+    for l in range(cfg.num_hidden_layers):
+        assert_close(f"main layer {l}", dec.cache.layer_data(l)[:, :L], clean.layer_data(l)[:, :L],
+                     rtol=1e-4, atol=1e-5)
+    Lm = min(L, len(seq) - 1)  # MTP row i is fed t_{i+1}; the last may be the unemitted one
+    _, h = m.forward_with_hidden(seq[None, :Lm], m.new_cache(1, 64), 0)
+    mclean = m.new_mtp_cache(1, 64)
+    m.mtp_forward(h, seq[None, 1:Lm + 1], mclean, 0)
+    assert_close("MTP layer", dec.mtp_cache.layer_data(0)[:, :Lm], mclean.layer_data(0)[:, :Lm],
+                 rtol=1e-4, atol=1e-5)

@@ -115,14 +115,14 @@ class _Decoder:
         P = len(self.prompt)
         limit = min(self.max_new, self.cfg.max_position_embeddings - P)
         cap = P + limit + self.D + 1
-        cache = self.m.new_cache(1, cap)
+        self.cache = cache = self.m.new_cache(1, cap)  # kept for inspection (tests)
         t0 = time.perf_counter()
         logits, hidden = self.core.forward_cached(self.prompt[None], cache, 0, True)
         self.stats["main_forwards"] += 1
         nxt = draw(self._p(logits[0, -1]), self.rng, self.greedy)
         q = mtp_cache = None
         if self.spec:
-            mtp_cache = self.m.new_mtp_cache(1, cap)
+            self.mtp_cache = mtp_cache = self.m.new_mtp_cache(1, cap)
             toks = np.append(self.prompt[1:], nxt)[None]
             ql, qh = self.core.mtp_forward_cached(hidden, toks, mtp_cache, 0, 1)
             self.stats["mtp_forwards"] += 1
