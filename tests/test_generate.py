@@ -276,3 +276,10 @@ def test_caches_after_speculative_decoding_equal_clean_caches(which, rand_model,
     m.mtp_forward(h, seq[None, 1:Lm + 1], mclean, 0)
     assert_close("MTP layer", dec.mtp_cache.layer_data(0)[:, :Lm], mclean.layer_data(0)[:, :Lm],
                  rtol=1e-4, atol=1e-5)
+
+
+def test_decode_time_excludes_the_callback(rand_model):
+    import time
+    out = rand_model.generate(np.array([1, 2]), max_new_tokens=5,
+                              callback=lambda i, t: time.sleep(0.1))
+    assert out.stats["decode_seconds"] < 0.3, out.stats  # 5 callbacks sleep 0.5 s in total

@@ -34,7 +34,9 @@ class GenerationOutput:
     """``tokens``: the new tokens only (int64, 1-D; a list of them for a batch of prompts),
     ending at EOS when it was produced. ``stats``: proposed, accepted, acceptance_rate,
     tokens_per_second (decode), prompt_tokens_per_second, main_forwards, mtp_forwards,
-    prompt_tokens, new_tokens, decode_seconds, prompt_seconds."""
+    prompt_tokens, new_tokens, decode_seconds, prompt_seconds. The prompt phase is the
+    prefill (plus the MTP module's prefill when speculative) and the first token's sampling;
+    decode time excludes time spent by a streaming consumer or callback."""
     tokens: Any
     stats: Dict[str, float] = field(default_factory=dict)
     per_prompt: Optional[List[Dict[str, float]]] = None
@@ -128,30 +130,27 @@ class _Decoder:
             self.stats["mtp_forwards"] += 1
             q, qhid = ql[0, -1], qh[0, -1]
         self.stats["prompt_seconds"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
         n, produced = P, 0  # n = index of the committed-but-unfed token nxt
-        try:
-            while limit > 0:
-                if not self.spec or limit - produced < 2 or self._is_eos(nxt):
-                    new = [nxt]
-                    if produced + 1 < limit and not self._is_eos(nxt):
-                        logits = self.core.forward_cached(np.array([[nxt]], np.int64), cache, n,
-                                                          False)
-                        self.stats["main_forwards"] += 1
-                        nxt = draw(self._p(logits[0, -1]), self.rng, self.greedy)
-                        n += 1
-                else:
-                    new, nxt, q, qhid, n = self._spec_step(nxt, n, q, qhid, cache, mtp_cache,
-                                                           limit - produced)
-                new, done = self._clip(new, limit - produced)
-                produced += len(new)
-                self.stats["new_tokens"] = produced
-                self.stats["decode_seconds"] = time.perf_counter() - t0
-                yield new
-                if done or produced >= limit:
-                    break
-        finally:
-            self.stats["decode_seconds"] = time.perf_counter() - t0
+        while limit > 0:  # decode time excludes the consumer's time between yields
+            t0 = time.perf_counter()
+            if not self.spec or limit - produced < 2 or self._is_eos(nxt):
+                new = [nxt]
+                if produced + 1 < limit and not self._is_eos(nxt):
+                    logits = self.core.forward_cached(np.array([[nxt]], np.int64), cache, n,
+                                                      False)
+                    self.stats["main_forwards"] += 1
+                    nxt = draw(self._p(logits[0, -1]), self.rng, self.greedy)
+                    n += 1
+            else:
+                new, nxt, q, qhid, n = self._spec_step(nxt, n, q, qhid, cache, mtp_cache,
+                                                       limit - produced)
+            new, done = self._clip(new, limit - produced)
+            produced += len(new)
+            self.stats["new_tokens"] = produced
+            self.stats["decode_seconds"] += time.perf_counter() - t0
+            yield new
+            if done or produced >= limit:
+                break
 
     def _is_eos(self, t) -> bool:
         return self.eos is not None and t == self.eos
