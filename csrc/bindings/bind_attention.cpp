@@ -155,6 +155,7 @@ F32 layer_decode(py::handle x_h, py::handle params, py::object cfg, KvCache& cac
   LayerWeights w(params, cfg, op);
   DSV3_CHECK(a.B == cache.batch, "[", op, "] x has batch ", a.B, " but the cache was made for ",
              cache.batch);
+  BusyGuard cguard(cache.busy, true, "KVCache");
   cache.check_step(layer, start_pos, a.T);
   F32 out = empty(shape_of(a.x));
   float* po = out.mutable_data();
@@ -197,8 +198,14 @@ void bind_attention(py::module_& m) {
       .def_property_readonly("nbytes", &KvCache::nbytes)
       .def_property_readonly("bytes_per_token", &KvCache::bytes_per_token)
       .def_property_readonly("length", [](const KvCache& c) { return c.length; })
-      .def("reset", [](KvCache& c) { std::fill(c.length.begin(), c.length.end(), 0); })
-      .def("truncate", &KvCache::truncate, arg("length"))
+      .def("reset", [](KvCache& c) {
+        BusyGuard guard(c.busy, true, "KVCache");
+        std::fill(c.length.begin(), c.length.end(), 0);
+      })
+      .def("truncate", [](KvCache& c, int64_t length) {
+        BusyGuard guard(c.busy, true, "KVCache");
+        c.truncate(length);
+      }, arg("length"))
       .def("layer_data", [](KvCache& c, int64_t l) {
         DSV3_INDEX_CHECK(l >= 0 && l < c.layers, "[KVCache] layer ", l, " out of range");
         F32 a({(py::ssize_t)c.batch, (py::ssize_t)c.max_len, (py::ssize_t)c.width});

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include "bindings/convert.h"
+#include "core/busy.h"
 #include "model/model.h"
 
 namespace dsv3 {
@@ -107,8 +108,12 @@ void bind_model(py::module_& m) {
           out.append(py::make_tuple(e.name, py::tuple(py::cast(e.shape)), e.trainable, e.decay));
         return out;
       })
-      .def("state_dict", [](const Model& md) { return named_copy(md.layout(), md.params().data(), false); })
+      .def("state_dict", [](const Model& md) {
+        BusyGuard guard(md.busy, false, "Model");
+        return named_copy(md.layout(), md.params().data(), false);
+      })
       .def("set_param", [](Model& md, const std::string& name, py::handle value) {
+        BusyGuard guard(md.busy, true, "Model");
         const ParamEntry& e = md.layout().at(name);
         F32 a = f32(value, "load_state_dict", name.c_str());
         const Shape want(e.shape.begin(), e.shape.end());
@@ -116,12 +121,28 @@ void bind_model(py::module_& m) {
                    shape_str(want), ", got ", shape_str(shape_of(a)));
         std::copy(a.data(), a.data() + e.size, md.params().data() + e.offset);
       }, arg("name"), arg("value"))
+      .def("set_params", [](Model& md, py::dict values) {
+        // every check first, then one copy under one exclusive hold: all or nothing
+        std::vector<std::pair<const ParamEntry*, F32>> todo;
+        for (auto item : values) {
+          const std::string name = py::str(item.first);
+          const ParamEntry& e = md.layout().at(name);
+          F32 a = f32(item.second, "load_state_dict", name.c_str());
+          const Shape want(e.shape.begin(), e.shape.end());
+          DSV3_CHECK(shape_of(a) == want, "[load_state_dict] '", name, "' must have shape ",
+                     shape_str(want), ", got ", shape_str(shape_of(a)));
+          todo.emplace_back(&e, std::move(a));
+        }
+        BusyGuard guard(md.busy, true, "Model");
+        for (auto& [e, a] : todo) std::copy(a.data(), a.data() + e->size, md.params().data() + e->offset);
+      }, arg("values"))
       .def("forward", [](Model& md, py::handle tok) {
         Tokens t = tokens_arg(tok, "Model.forward", 1);
         const int64_t V = md.config().V;
         F32 out = t.batched ? F32({t.B, t.T, V}) : F32({t.T, V});
         float* po = out.mutable_data();
         const int64_t* pt = t.arr.data();
+        BusyGuard guard(md.busy, false, "Model");
         py::gil_scoped_release nogil;
         md.forward(po, pt, t.B, t.T);
         return out;
@@ -135,16 +156,18 @@ void bind_model(py::module_& m) {
         float *po = out.mutable_data(), *ph = want_hidden ? hid.mutable_data() : nullptr;
         const int64_t* pt = t.arr.data();
         {
+          BusyGuard guard(md.busy, false, "Model");
+          BusyGuard cguard(cache.busy, true, "KVCache");
           py::gil_scoped_release nogil;
           md.forward_cached(po, ph, pt, t.B, t.T, cache, start_pos);
         }
         return want_hidden ? py::object(py::make_tuple(out, hid)) : py::object(out);
       }, arg("tokens"), arg("cache"), arg("start_pos"), arg("want_hidden"))
       .def("new_cache", [](const Model& md, int64_t batch, int64_t max_len) {
-        return std::make_shared<KvCache>(md.new_cache(batch, max_len));
+        return md.new_cache(batch, max_len);
       }, arg("batch"), arg("max_len"))
       .def("new_mtp_cache", [](const Model& md, int64_t batch, int64_t max_len) {
-        return std::make_shared<KvCache>(md.new_mtp_cache(batch, max_len));
+        return md.new_mtp_cache(batch, max_len);
       }, arg("batch"), arg("max_len"))
       .def("mtp_forward_cached", [](Model& md, py::handle h_prev, py::handle tok, KvCache& cache,
                                     int64_t start_pos, int64_t k) {
@@ -161,6 +184,8 @@ void bind_model(py::module_& m) {
         const float* pin = h.data();
         const int64_t* pt = t.arr.data();
         {
+          BusyGuard guard(md.busy, false, "Model");
+          BusyGuard cguard(cache.busy, true, "KVCache");
           py::gil_scoped_release nogil;
           md.mtp_forward_cached(po, ph, pin, pt, t.B, t.T, cache, start_pos, k);
         }
@@ -172,6 +197,7 @@ void bind_model(py::module_& m) {
         std::vector<float> g;
         LossParts lp;
         {
+          BusyGuard guard(md.busy, false, "Model");
           py::gil_scoped_release nogil;
           if (grad) g.assign((size_t)md.layout().total, 0.f);
           lp = md.loss(pt, t.B, t.T, grad ? g.data() : nullptr, alpha, mtp_weight);

@@ -10,6 +10,7 @@
 
 #include <unistd.h>
 
+#include "core/busy.h"
 #include "core/check.h"
 
 namespace dsv3 {
@@ -19,6 +20,7 @@ struct KvCache {
   int64_t layers = 0, batch = 0, max_len = 0, width = 0;
   std::vector<float> data;
   std::vector<int64_t> length;
+  mutable std::shared_mutex busy;  // see core/busy.h
 
   KvCache(std::string kind_, int64_t layers_, int64_t batch_, int64_t max_len_, int64_t width_)
       : kind(std::move(kind_)), layers(layers_), batch(batch_), max_len(max_len_), width(width_) {

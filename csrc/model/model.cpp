@@ -137,21 +137,23 @@ void Model::forward(float* logits, const int64_t* tokens, int64_t B, int64_t T) 
   linear_forward(logits, h2.data(), head(), R, D, cfg_.V);
 }
 
-KvCache Model::new_cache(int64_t batch, int64_t max_len) const {
-  if (dims_.mla) return KvCache("latent", cfg_.layers, batch, max_len, cfg_.Dc + cfg_.Dr);
-  return KvCache("kv", cfg_.layers, batch, max_len, dims_.mha_dims.cache_width());
+int64_t Model::cache_width() const {
+  return dims_.mla ? cfg_.Dc + cfg_.Dr : dims_.mha_dims.cache_width();
 }
 
-KvCache Model::new_mtp_cache(int64_t batch, int64_t max_len) const {
+std::shared_ptr<KvCache> Model::new_cache(int64_t batch, int64_t max_len) const {
+  return std::make_shared<KvCache>(cache_kind(), cfg_.layers, batch, max_len, cache_width());
+}
+
+std::shared_ptr<KvCache> Model::new_mtp_cache(int64_t batch, int64_t max_len) const {
   DSV3_CHECK(cfg_.mtp >= 1, "[Model.new_mtp_cache] the model has no MTP module ",
              "(num_nextn_predict_layers = 0)");
-  const KvCache ref = new_cache(1, 1);
-  return KvCache(ref.kind, cfg_.mtp, batch, max_len, ref.width);
+  return std::make_shared<KvCache>(cache_kind(), cfg_.mtp, batch, max_len, cache_width());
 }
 
 void Model::check_cache(const KvCache& cache, int64_t layers, int64_t B, const char* op) const {
-  const KvCache ref = new_cache(1, 1);
-  DSV3_CHECK(cache.kind == ref.kind && cache.width == ref.width && cache.layers == layers, "[",
+  DSV3_CHECK(cache.kind == cache_kind() && cache.width == cache_width() && cache.layers == layers,
+             "[",
              op, "] cache was not made for this model (use model.new_cache / new_mtp_cache)");
   DSV3_CHECK(cache.batch == B, "[", op, "] tokens have batch ", B, " but the cache holds ",
              cache.batch, " sequences");

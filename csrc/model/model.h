@@ -15,9 +15,11 @@
 //   loss = main + mtp + balance
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "core/busy.h"
 #include "kernels/kv_cache.h"
 #include "model/block.h"
 #include "model/config.h"
@@ -50,7 +52,9 @@ class Model {
   // alpha: weight of the sequence-wise balance loss (0 disables it).
   LossParts loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
                  double mtp_weight);
-  KvCache new_cache(int64_t batch, int64_t max_len) const;
+  std::shared_ptr<KvCache> new_cache(int64_t batch, int64_t max_len) const;
+  std::string cache_kind() const { return dims_.mla ? "latent" : "kv"; }
+  int64_t cache_width() const;
 
   // MTP drafting step (SPEC §2.5) for module k (1-based) over rows i = start_pos .. +S-1 of a
   // cache from new_mtp_cache (layer k-1 holds module k's attention rows; row i is fed
@@ -62,11 +66,14 @@ class Model {
                           const int64_t* tokens, int64_t B, int64_t S, KvCache& mtp_cache,
                           int64_t start_pos, int64_t k);
   // A cache with one layer per MTP module (num_nextn_predict_layers layers).
-  KvCache new_mtp_cache(int64_t batch, int64_t max_len) const;
+  std::shared_ptr<KvCache> new_mtp_cache(int64_t batch, int64_t max_len) const;
 
   // The MoE blocks in order (main layers then MTP), for balancing: bias pointers [E] each.
   std::vector<float*> expert_biases();
   int64_t moe_blocks() const;
+
+  // Concurrency (core/busy.h): readers share, writers (weights change) need the model alone.
+  mutable std::shared_mutex busy;
 
  private:
   ModelConfig cfg_;

@@ -125,6 +125,25 @@ def publish_dir(tmp: str, directory: str) -> None:
     _fsync_dir(parent)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(parent: str, prefix: str) -> None:
+    """Delete temporary directories left by saves whose process died (kill -9, power loss)."""
+    for name in os.listdir(parent):
+        if name.startswith(prefix):
+            pid = name[len(prefix):]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 def save(model, directory: str, dtype: str = "float32",
          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     directory = os.fspath(directory)
@@ -140,7 +159,9 @@ def save(model, directory: str, dtype: str = "float32",
     cfg["torch_dtype"] = "float32" if dtype == "float32" else "bfloat16"
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(directory))}.tmp-{os.getpid()}")
+    base = os.path.basename(os.path.abspath(directory))
+    remove_stale_temps(parent, f".{base}.tmp-")
+    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     os.makedirs(tmp)

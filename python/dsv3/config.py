@@ -253,20 +253,45 @@ class Config:
     def _block_params(self, layer: int, active: bool) -> int:
         return 2 * self.hidden_size + self._attention_params() + self._ffn_params(layer, active)
 
+    def num_moe_layers(self, start: int, stop: int) -> int:
+        """How many of the layers start..stop-1 are MoE (closed form: O(1) for any depth)."""
+        if not self.n_routed_experts:
+            return 0
+        lo = max(start, self.first_k_dense_replace)
+        if lo >= stop:
+            return 0
+        f = self.moe_layer_freq
+        first = -(-lo // f) * f  # smallest multiple of f >= lo
+        return 0 if first >= stop else (stop - 1 - first) // f + 1
+
     def num_parameters(self, active: bool = False, mtp: bool = False) -> int:
         """Parameter count from the config alone.
 
         ``active=True`` counts only the routed experts a token uses (num_experts_per_tok of
         n_routed_experts per MoE layer). ``mtp=True`` adds the MTP modules' own parameters
         (enorm, hnorm, eh_proj, a full block, shared_head.norm); their embedding and output
-        head are the main model's and are not counted twice.
+        head are the main model's and are not counted twice. The embedding and the head are
+        included in the activated count.
         """
-        D, V = self.hidden_size, self.vocab_size
-        n = V * D + D + (0 if self.tie_word_embeddings else V * D)
-        n += sum(self._block_params(i, active) for i in range(self.num_hidden_layers))
-        if mtp:
-            for k in range(self.num_nextn_predict_layers):
-                n += 3 * D + 2 * D * D + self._block_params(self.num_hidden_layers + k, active)
+        D, V, L = self.hidden_size, self.vocab_size, self.num_hidden_layers
+        moe_id = self.first_k_dense_replace if self.n_routed_experts else None
+
+        def blocks(start: int, stop: int) -> int:
+            n_moe = self.num_moe_layers(start, stop)
+            n_dense = (stop - start) - n_moe
+            per = 2 * D + self._attention_params()
+            total = (stop - start) * per + n_dense * 3 * D * self.intermediate_size
+            if n_moe:
+                layer = max(moe_id, start)
+                while not self.is_moe_layer(layer):
+                    layer += 1
+                total += n_moe * self._ffn_params(layer, active)
+            return total
+
+        n = V * D + D + (0 if self.tie_word_embeddings else V * D) + blocks(0, L)
+        if mtp and self.num_nextn_predict_layers:
+            k = self.num_nextn_predict_layers
+            n += k * (3 * D + 2 * D * D) + blocks(L, L + k)
         return n
 
     def kv_cache_bytes_per_token(self, dtype: str = "bfloat16",
@@ -324,6 +349,15 @@ class Config:
             if v < lo or (strict and v == lo):
                 fail(name, f"must be {'>' if strict else '>='} {lo}")
 
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "max_position_embeddings", "moe_layer_freq", "intermediate_size",
+                     "num_nextn_predict_layers", "first_k_dense_replace", "n_shared_experts",
+                     "kv_lora_rank", "q_lora_rank", "n_routed_experts", "moe_intermediate_size",
+                     "num_experts_per_tok", "n_group", "topk_group"):
+            v = getattr(self, name)
+            if isinstance(v, int) and not isinstance(v, bool) and v >= 2 ** 31:
+                fail(name, "must be < 2^31 (dimensions are 32-bit in the BLAS interface)")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "num_key_value_heads", "qk_nope_head_dim", "qk_rope_head_dim",
                      "v_head_dim", "max_position_embeddings", "moe_layer_freq",

@@ -73,9 +73,7 @@ class Model:
             if a.shape != self._info[name][0]:
                 raise ValueError(f"[load_state_dict] '{name}' must have shape "
                                  f"{self._info[name][0]}, got {a.shape}")
-        for name in state:
-            if name in self._info:
-                self._m.set_param(name, state[name])
+        self._m.set_params({k: v for k, v in state.items() if k in self._info})
         return missing, unexpected
 
     # ------------------------------------------------------------------ checkpoints
