@@ -174,3 +174,24 @@ def test_errors_leave_cache_unchanged(rng):
         ops.attention_layer_decode(x, P, cfg, dsv3.KVCache(cfg_of("mha"), 1, 8), 0, 0)
     with pytest.raises(ValueError, match="exceed this machine's memory"):
         dsv3.KVCache(dsv3.Config.deepseek_v3(), batch=1 << 20, max_len=1 << 20)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_context_split_keys_equal_naive(rng, threads):
+    """Decoding against >= 512 cached tokens splits the keys across threads; the merged
+    softmax must equal the naive form (and the 1-thread, unsplit path)."""
+    cfg = cfg_of("mla-yarn")
+    P = random_attention_params(cfg, rng)
+    x = randn(rng, 1, 700, cfg.hidden_size, scale=0.5)
+    n0 = dsv3.get_num_threads()
+    try:
+        dsv3.set_num_threads(threads)
+        outs = []
+        for absorbed in (True, False):
+            cache = dsv3.KVCache(cfg, 1, 701, layers=1)
+            ops.attention_layer_decode(x[:, :690], P, cfg, cache, 0, 0, absorbed)
+            outs.append(np.concatenate([ops.attention_layer_decode(x[:, t:t + 1], P, cfg, cache, 0, t, absorbed)
+                                        for t in range(690, 700)], 1))
+    finally:
+        dsv3.set_num_threads(n0)
+    assert_close(f"split-key decode, {threads} threads", outs[0], outs[1], "fp32_reduce")

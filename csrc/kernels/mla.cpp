@@ -1,6 +1,7 @@
 #include "kernels/mla.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "core/blas.h"
@@ -226,25 +227,61 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
                     sizeof(float) * d.Dr);
     }
   });
-  // one product per (sequence, block of query rows) against the cache; rows are (s, h)
+  // One product per (sequence, block of query rows) against the cache; rows are (s, h). When
+  // that leaves threads idle (decoding one sequence) and the context is long, the keys are
+  // split into one chunk per thread as well and the softmax pieces merged afterwards.
   constexpr int64_t kRows = 64;
   const int64_t M = S * d.H, blocks = (M + kRows - 1) / kRows;
+  const int64_t nt = num_threads();
+  const int64_t parts = (B * blocks < nt && L >= 512) ? std::min<int64_t>(nt, L / 256) : 1;
+  const int64_t chunk = (L + parts - 1) / parts;
   std::vector<float> ctx((size_t)(R * d.H * d.Dc));  // [R, H, Dc] latent context
-  parallel_for(B * blocks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> sc((size_t)(kRows * L));
+  std::vector<float> pctx(parts > 1 ? (size_t)(parts * R * d.H * d.Dc) : 0);
+  std::vector<SoftmaxPiece> piece(parts > 1 ? (size_t)(parts * R * d.H) : 0);
+  parallel_for(B * blocks * parts, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> sc((size_t)(kRows * chunk));
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / blocks, m0 = (t % blocks) * kRows, m = std::min(kRows, M - m0);
-      const float* cb = cache.data + b * cache.max_len * W;
-      sgemm(false, true, m, L, W, d.scale, qa.data() + (b * M + m0) * W, W, cb, W, 0.f,
-            sc.data(), L);
+      const int64_t part = t % parts, bb = t / parts;
+      const int64_t b = bb / blocks, m0 = (bb % blocks) * kRows, m = std::min(kRows, M - m0);
+      const int64_t k0 = part * chunk, n = std::min(L, k0 + chunk) - k0;
+      if (n <= 0) continue;
+      const float* cb = cache.data + (b * cache.max_len + k0) * W;
+      sgemm(false, true, m, n, W, d.scale, qa.data() + (b * M + m0) * W, W, cb, W, 0.f,
+            sc.data(), n);
       for (int64_t i = 0; i < m; ++i) {
-        const int64_t s = (m0 + i) / d.H;
-        softmax_row(sc.data() + i * L, start_pos + s + 1, L);
+        const int64_t s = (m0 + i) / d.H, visible = std::min(n, start_pos + s + 1 - k0);
+        if (parts == 1)
+          softmax_row(sc.data() + i * n, visible, n);
+        else
+          piece[(part * B * M) + b * M + m0 + i] = softmax_piece(sc.data() + i * n, visible, n);
       }
-      sgemm(false, false, m, d.Dc, L, 1.f, sc.data(), L, cb, W, 0.f,
-            ctx.data() + (b * M + m0) * d.Dc, d.Dc);
+      float* dst = parts == 1 ? ctx.data() : pctx.data() + part * R * d.H * d.Dc;
+      sgemm(false, false, m, d.Dc, n, 1.f, sc.data(), n, cb, W, 0.f,
+            dst + (b * M + m0) * d.Dc, d.Dc);
     }
   });
+  if (parts > 1) {  // merge the pieces in part order (deterministic)
+    const int64_t rows = B * M;
+    parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float mx = -INFINITY;
+        for (int64_t q = 0; q < parts; ++q) mx = std::max(mx, piece[q * rows + r].max);
+        float denom = 0.f;
+        float* out = ctx.data() + r * d.Dc;
+        std::fill_n(out, d.Dc, 0.f);
+        for (int64_t q = 0; q < parts; ++q) {
+          const SoftmaxPiece pc = piece[q * rows + r];
+          if (pc.sum == 0.f) continue;
+          const float w = std::exp(pc.max - mx);
+          denom += w * pc.sum;
+          const float* src = pctx.data() + q * R * d.H * d.Dc + r * d.Dc;
+          for (int64_t j = 0; j < d.Dc; ++j) out[j] += w * src[j];
+        }
+        const float inv = 1.f / denom;
+        for (int64_t j = 0; j < d.Dc; ++j) out[j] *= inv;
+      }
+    });
+  }
   // o_h = ctx_h @ W_UV_h^T, then o_proj
   std::vector<float> o((size_t)(R * d.H * d.Dv));
   parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {

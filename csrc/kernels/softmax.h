@@ -33,4 +33,34 @@ DSV3_SIMD_CLONES inline float softmax_row(float* row, int64_t n, int64_t width) 
   return m + std::log(sum);
 }
 
+// Unnormalised piece of a softmax split over key chunks: row[0..n) <- exp(row - max), entries
+// [n, width) zeroed; returns {max, sum}. n <= 0 gives {-inf, 0} and an all-zero row. Pieces
+// combine as sum_c exp(max_c - M) * piece_c / sum_c exp(max_c - M) * sum_c.
+struct SoftmaxPiece {
+  float max, sum;
+};
+DSV3_SIMD_CLONES inline SoftmaxPiece softmax_piece(float* row, int64_t n, int64_t width) {
+  if (n <= 0) {
+    for (int64_t j = 0; j < width; ++j) row[j] = 0.f;
+    return {-INFINITY, 0.f};
+  }
+  constexpr int L = 16;
+  float mx[L], acc[L];
+  for (int l = 0; l < L; ++l) mx[l] = -INFINITY, acc[l] = 0.f;
+  int64_t j = 0;
+  for (; j + L <= n; j += L)
+    for (int l = 0; l < L; ++l) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
+  float m = -INFINITY;
+  for (int l = 0; l < L; ++l) m = mx[l] > m ? mx[l] : m;
+  for (int64_t t = j; t < n; ++t) m = row[t] > m ? row[t] : m;
+  for (j = 0; j < n; ++j) row[j] = exp_f32(row[j] - m);
+  for (j = 0; j + L <= n; j += L)
+    for (int l = 0; l < L; ++l) acc[l] += row[j + l];
+  float sum = 0.f;
+  for (int l = 0; l < L; ++l) sum += acc[l];
+  for (; j < n; ++j) sum += row[j];
+  for (j = n; j < width; ++j) row[j] = 0.f;
+  return {m, sum};
+}
+
 }  // namespace dsv3
