@@ -205,6 +205,10 @@ void bind_attention(py::module_& m) {
         BusyGuard guard(c.busy, true, "KVCache");
         std::fill(c.length.begin(), c.length.end(), 0);
       })
+      .def("truncate", [](KvCache& c, int64_t length) {
+        BusyGuard guard(c.busy, true, "KVCache");
+        c.truncate(length);
+      }, arg("length"))
       .def("layer_data", [](KvCache& c, int64_t l) {
         DSV3_INDEX_CHECK(l >= 0 && l < c.layers, "[KVCache] layer ", l, " out of range");
         BusyGuard guard(c.busy, false, "KVCache");

@@ -166,6 +166,31 @@ void bind_model(py::module_& m) {
       .def("new_cache", [](const Model& md, int64_t batch, int64_t max_len) {
         return md.new_cache(batch, max_len);
       }, arg("batch"), arg("max_len"))
+      .def("new_mtp_cache", [](const Model& md, int64_t batch, int64_t max_len) {
+        return md.new_mtp_cache(batch, max_len);
+      }, arg("batch"), arg("max_len"))
+      .def("mtp_forward_cached", [](Model& md, py::handle h_prev, py::handle tok, KvCache& cache,
+                                    int64_t start_pos, int64_t k) {
+        const char* op = "Model.mtp_forward";
+        Tokens t = tokens_arg(tok, op, 1);
+        const int64_t V = md.config().V, D = md.config().D;
+        F32 h = f32(h_prev, op, "hidden");
+        const Shape want = t.batched ? Shape{t.B, t.T, D} : Shape{t.T, D};
+        DSV3_CHECK(shape_of(h) == want, "[", op, "] hidden must have shape ", shape_str(want),
+                   " (tokens' shape + hidden_size), got ", shape_str(shape_of(h)));
+        F32 out = t.batched ? F32({t.B, t.T, V}) : F32({t.T, V});
+        F32 hid = t.batched ? F32({t.B, t.T, D}) : F32({t.T, D});
+        float *po = out.mutable_data(), *ph = hid.mutable_data();
+        const float* pin = h.data();
+        const int64_t* pt = t.arr.data();
+        {
+          BusyGuard guard(md.busy, false, "Model");
+          BusyGuard cguard(cache.busy, true, "KVCache");
+          py::gil_scoped_release nogil;
+          md.mtp_forward_cached(po, ph, pin, pt, t.B, t.T, cache, start_pos, k);
+        }
+        return py::make_tuple(out, hid);
+      }, arg("hidden"), arg("tokens"), arg("cache"), arg("start_pos"), arg("k"))
       .def("loss", [](Model& md, py::handle tok, double alpha, double mtp_weight, bool grad) {
         Tokens t = tokens_arg(tok, "Model.loss", 2);
         const int64_t* pt = t.arr.data();

@@ -40,6 +40,11 @@ struct KvCache {
   float* layer(int64_t l) { return data.data() + l * batch * max_len * width; }
   int64_t bytes_per_token() const { return layers * width * (int64_t)sizeof(float); }
   int64_t nbytes() const { return (int64_t)(data.size() * sizeof(float)); }
+  // Forget every row at or after n (speculative rollback); rows below n are untouched.
+  void truncate(int64_t n) {
+    DSV3_CHECK(n >= 0, "[KVCache.truncate] length must be >= 0, got ", n);
+    for (int64_t& l : length) l = l < n ? l : n;
+  }
   void check_step(int64_t l, int64_t start_pos, int64_t S) const {
     DSV3_INDEX_CHECK(l >= 0 && l < layers, "[KVCache] layer ", l, " out of range [0, ", layers, ")");
     DSV3_CHECK(start_pos >= 0 && start_pos <= length[l], "[KVCache] start_pos ", start_pos,

@@ -145,56 +145,101 @@ std::shared_ptr<KvCache> Model::new_cache(int64_t batch, int64_t max_len) const 
   return std::make_shared<KvCache>(cache_kind(), cfg_.layers, batch, max_len, cache_width());
 }
 
+std::shared_ptr<KvCache> Model::new_mtp_cache(int64_t batch, int64_t max_len) const {
+  DSV3_CHECK(cfg_.mtp >= 1, "[Model.new_mtp_cache] the model has no MTP module ",
+             "(num_nextn_predict_layers = 0)");
+  return std::make_shared<KvCache>(cache_kind(), cfg_.mtp, batch, max_len, cache_width());
+}
+
+void Model::check_cache(const KvCache& cache, int64_t layers, int64_t B, const char* op) const {
+  DSV3_CHECK(cache.kind == cache_kind() && cache.width == cache_width() && cache.layers == layers,
+             "[",
+             op, "] cache was not made for this model (use model.new_cache / new_mtp_cache)");
+  DSV3_CHECK(cache.batch == B, "[", op, "] tokens have batch ", B, " but the cache holds ",
+             cache.batch, " sequences");
+}
+
+void Model::block_decode(float* h, int64_t block, KvCache& cache, int64_t cache_layer, int64_t B,
+                         int64_t S, int64_t start_pos, DecodeScratch& s) const {
+  const int64_t R = B * S, D = cfg_.D;
+  s.ln.resize((size_t)(R * D));
+  s.tmp.resize((size_t)(R * D));
+  s.hm.resize((size_t)(R * D));
+  const BlockParams p = block_params(block);
+  rmsnorm_forward(s.ln.data(), nullptr, h, p.input_layernorm, R, D, cfg_.eps);
+  if (dims_.mla)
+    mla_decode_absorbed(s.tmp.data(), s.ln.data(), p.mla, dims_.mla_dims,
+                        LatentCacheView{cache.layer(cache_layer), cache.max_len}, B, S, start_pos);
+  else
+    mha_decode(s.tmp.data(), s.ln.data(), p.mha, dims_.mha_dims,
+               KvCacheView{cache.layer(cache_layer), cache.max_len}, B, S, start_pos);
+  for (int64_t j = 0; j < R * D; ++j) s.hm[j] = h[j] + s.tmp[j];
+  rmsnorm_forward(s.ln.data(), nullptr, s.hm.data(), p.post_attention_layernorm, R, D, cfg_.eps);
+  if (p.moe) {
+    const MoeActsSize sz = moe_acts_size(dims_.moe, R);
+    s.mf.resize(sz.floats);
+    s.mi.resize(sz.ints);
+    moe_forward(s.tmp.data(), moe_acts_view(s.mf.data(), s.mi.data(), dims_.moe, R), s.ln.data(),
+                p.experts, dims_.moe, R);
+  } else {
+    mlp_forward(s.tmp.data(), s.mlp, s.ln.data(), p.mlp, R, D, cfg_.inter);
+  }
+  for (int64_t j = 0; j < R * D; ++j) h[j] = s.hm[j] + s.tmp[j];
+  cache.length[cache_layer] = start_pos + S;
+}
+
 void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, int64_t B,
                            int64_t S, KvCache& cache, int64_t start_pos) {
   const char* op = "Model.forward";
   DSV3_CHECK(B >= 1 && S >= 1, "[", op, "] tokens must hold at least one token");
   check_tokens(tokens, B * S, op);
-  DSV3_CHECK(cache.kind == cache_kind() && cache.width == cache_width() &&
-                 cache.layers == cfg_.layers,
-             "[", op, "] cache was not made for this model (use model.new_cache)");
-  DSV3_CHECK(cache.batch == B, "[", op, "] tokens have batch ", B, " but the cache holds ",
-             cache.batch, " sequences");
+  check_cache(cache, cfg_.layers, B, op);
   for (int64_t l = 0; l < cfg_.layers; ++l) cache.check_step(l, start_pos, S);
   // Rows from start_pos on are about to be rewritten layer by layer: until every layer has
   // succeeded the cache only vouches for the tokens before start_pos, so a failure midway
   // (e.g. non-finite activations) leaves a consistent, shorter cache instead of stale rows.
   for (int64_t l = 0; l < cfg_.layers; ++l) cache.length[l] = std::min(cache.length[l], start_pos);
   const int64_t R = B * S, D = cfg_.D;
-  std::vector<float> h((size_t)(R * D)), ln((size_t)(R * D)), tmp((size_t)(R * D)),
-      hm((size_t)(R * D));
+  std::vector<float> h((size_t)(R * D)), hn((size_t)(R * D));
   embedding_forward(h.data(), tokens, layout_.ptr(w_.data(), "model.embed_tokens.weight"), R,
                     cfg_.V, D);
-  MlpActs mlp;
-  std::vector<float> mf;
-  std::vector<int64_t> mi;
-  for (int64_t l = 0; l < cfg_.layers; ++l) {
-    const BlockParams p = block_params(l);
-    rmsnorm_forward(ln.data(), nullptr, h.data(), p.input_layernorm, R, D, cfg_.eps);
-    if (dims_.mla)
-      mla_decode_absorbed(tmp.data(), ln.data(), p.mla, dims_.mla_dims,
-                          LatentCacheView{cache.layer(l), cache.max_len}, B, S, start_pos);
-    else
-      mha_decode(tmp.data(), ln.data(), p.mha, dims_.mha_dims,
-                 KvCacheView{cache.layer(l), cache.max_len}, B, S, start_pos);
-    for (int64_t j = 0; j < R * D; ++j) hm[j] = h[j] + tmp[j];
-    rmsnorm_forward(ln.data(), nullptr, hm.data(), p.post_attention_layernorm, R, D, cfg_.eps);
-    if (p.moe) {
-      const MoeActsSize sz = moe_acts_size(dims_.moe, R);
-      mf.resize(sz.floats);
-      mi.resize(sz.ints);
-      moe_forward(tmp.data(), moe_acts_view(mf.data(), mi.data(), dims_.moe, R), ln.data(),
-                  p.experts, dims_.moe, R);
-    } else {
-      mlp_forward(tmp.data(), mlp, ln.data(), p.mlp, R, D, cfg_.inter);
-    }
-    for (int64_t j = 0; j < R * D; ++j) h[j] = hm[j] + tmp[j];
-  }
-  for (int64_t l = 0; l < cfg_.layers; ++l) cache.length[l] = start_pos + S;
-  rmsnorm_forward(ln.data(), nullptr, h.data(), layout_.ptr(w_.data(), "model.norm.weight"), R, D,
+  DecodeScratch s;
+  for (int64_t l = 0; l < cfg_.layers; ++l) block_decode(h.data(), l, cache, l, B, S, start_pos, s);
+  rmsnorm_forward(hn.data(), nullptr, h.data(), layout_.ptr(w_.data(), "model.norm.weight"), R, D,
                   cfg_.eps);
-  if (hidden) std::memcpy(hidden, ln.data(), sizeof(float) * R * D);
-  linear_forward(logits, ln.data(), head(), R, D, cfg_.V);
+  if (hidden) std::memcpy(hidden, hn.data(), sizeof(float) * R * D);
+  linear_forward(logits, hn.data(), head(), R, D, cfg_.V);
+}
+
+void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_prev,
+                               const int64_t* tokens, int64_t B, int64_t S, KvCache& cache,
+                               int64_t start_pos, int64_t k) {
+  const char* op = "Model.mtp_forward";
+  DSV3_CHECK(cfg_.mtp >= 1, "[", op, "] the model has no MTP module");
+  DSV3_INDEX_CHECK(k >= 1 && k <= cfg_.mtp, "[", op, "] module k = ", k, " out of range [1, ",
+                   cfg_.mtp, "]");
+  DSV3_CHECK(B >= 1 && S >= 1, "[", op, "] tokens must hold at least one token");
+  check_tokens(tokens, B * S, op);
+  check_cache(cache, cfg_.mtp, B, op);
+  cache.check_step(k - 1, start_pos, S);
+  const int64_t R = B * S, D = cfg_.D, V = cfg_.V;
+  const std::string p = layer_prefix(cfg_.layers + k - 1);
+  auto P = [&](const std::string& n) { return layout_.ptr(w_.data(), n); };
+  std::vector<float> e((size_t)(R * D)), en((size_t)(R * D)), hpn((size_t)(R * D)),
+      cat((size_t)(R * 2 * D)), h((size_t)(R * D)), sn((size_t)(R * D));
+  embedding_forward(e.data(), tokens, P("model.embed_tokens.weight"), R, V, D);
+  rmsnorm_forward(en.data(), nullptr, e.data(), P(p + "enorm.weight"), R, D, cfg_.eps);
+  rmsnorm_forward(hpn.data(), nullptr, h_prev, P(p + "hnorm.weight"), R, D, cfg_.eps);
+  for (int64_t r = 0; r < R; ++r) {  // EMBEDDING FIRST (SPEC §2.5)
+    std::memcpy(cat.data() + r * 2 * D, en.data() + r * D, sizeof(float) * D);
+    std::memcpy(cat.data() + r * 2 * D + D, hpn.data() + r * D, sizeof(float) * D);
+  }
+  linear_forward(h.data(), cat.data(), P(p + "eh_proj.weight"), R, 2 * D, D);
+  DecodeScratch s;
+  block_decode(h.data(), cfg_.layers + k - 1, cache, k - 1, B, S, start_pos, s);
+  if (hidden_out) std::memcpy(hidden_out, h.data(), sizeof(float) * R * D);
+  rmsnorm_forward(sn.data(), nullptr, h.data(), P(p + "shared_head.norm.weight"), R, D, cfg_.eps);
+  linear_forward(logits, sn.data(), head(), R, D, V);
 }
 
 LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,

@@ -56,6 +56,18 @@ class Model {
   std::string cache_kind() const { return dims_.mla ? "latent" : "kv"; }
   int64_t cache_width() const;
 
+  // MTP drafting step (SPEC §2.5) for module k (1-based) over rows i = start_pos .. +S-1 of a
+  // cache from new_mtp_cache (layer k-1 holds module k's attention rows; row i is fed
+  // (h_prev_i, tokens_i) = (h^{k-1}_i, t_{i+k})):
+  //   h'_i = eh_proj([enorm(Emb(tokens_i)) | hnorm(h_prev_i)]),  h^k = Block_k(h') (cached),
+  //   logits[B,S,V] = head(shared_head.norm(h^k)),  hidden_out[B,S,D] (may be null) = h^k.
+  // h_prev[B,S,D], tokens[B,S]. Like forward_cached, start_pos <= length rewrites (rollback).
+  void mtp_forward_cached(float* logits, float* hidden_out, const float* h_prev,
+                          const int64_t* tokens, int64_t B, int64_t S, KvCache& mtp_cache,
+                          int64_t start_pos, int64_t k);
+  // A cache with one layer per MTP module (num_nextn_predict_layers layers).
+  std::shared_ptr<KvCache> new_mtp_cache(int64_t batch, int64_t max_len) const;
+
   // The MoE blocks in order (main layers then MTP), for balancing: bias pointers [E] each.
   std::vector<float*> expert_biases();
   int64_t moe_blocks() const;
@@ -69,6 +81,15 @@ class Model {
   std::vector<float> w_;
   BlockDims dims_;
 
+  struct DecodeScratch {
+    std::vector<float> ln, tmp, hm, mf;
+    std::vector<int64_t> mi;
+    MlpActs mlp;
+  };
+  // h[B*S,D] <- block `block` of h at start_pos, attention rows in cache layer cache_layer.
+  void block_decode(float* h, int64_t block, KvCache& cache, int64_t cache_layer, int64_t B,
+                    int64_t S, int64_t start_pos, DecodeScratch& s) const;
+  void check_cache(const KvCache& cache, int64_t layers, int64_t B, const char* op) const;
   BlockParams block_params(int64_t i) const;
   BlockGrads block_grads(int64_t i, float* g) const;
   void check_tokens(const int64_t* tokens, int64_t n, const char* op) const;

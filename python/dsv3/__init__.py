@@ -13,10 +13,11 @@ from . import ops
 from .config import Config
 from .ops import KVCache
 from .model import Model
+from .generate import GenerationOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "KVCache", "Model", "ops", "fp8", "build_info", "get_num_threads",
+__all__ = ["Config", "KVCache", "Model", "GenerationOutput", "ops", "fp8", "build_info", "get_num_threads",
            "set_num_threads", "__version__"]
 
 

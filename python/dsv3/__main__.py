@@ -1,4 +1,4 @@
-"""Command line: ``python -m dsv3 {info,bench} ...`` (see ``--help``)."""
+"""Command line: ``python -m dsv3 {info,bench,generate} ...`` (see ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -79,6 +79,59 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return module.main(args.options)
 
 
+def _encode_text(text: str, cfg: Config) -> List[int]:
+    """Byte-level prompt: BOS (when the vocabulary has one) then the UTF-8 bytes. Needs a
+    byte vocabulary (vocab_size >= 256), as Config.small() has."""
+    if cfg.vocab_size < 256:
+        raise SystemExit(f"dsv3: this checkpoint's vocabulary ({cfg.vocab_size}) is not a byte "
+                         "vocabulary; give --prompt-ids instead")
+    bos = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
+    return bos + list(text.encode("utf-8"))
+
+
+def _decode_text(ids) -> str:
+    return bytes(int(t) for t in ids if 0 <= int(t) < 256).decode("utf-8", errors="replace")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import numpy as np
+    from .model import Model
+    if not os.path.isdir(args.checkpoint):
+        raise SystemExit(f"dsv3: checkpoint directory {args.checkpoint!r} not found")
+    model = Model.from_pretrained(args.checkpoint)
+    cfg = model.config
+    if args.prompt_ids is not None:
+        prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+    else:
+        prompt = _encode_text(args.prompt, cfg)
+    eos = cfg.eos_token_id if args.eos_token_id is None else args.eos_token_id
+    eos = None if eos is not None and eos < 0 else eos
+    byte_vocab = cfg.vocab_size >= 256 and args.prompt_ids is None
+    try:
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                  top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                  speculative=args.speculative, eos_token_id=eos,
+                  num_draft_tokens=args.num_draft_tokens)
+        def show(_, new):
+            sys.stdout.buffer.write(bytes(t for t in new if t < 256))
+            sys.stdout.flush()
+        out = model.generate(np.array(prompt, np.int64),
+                             callback=show if args.stream and byte_vocab else None, **kw)
+        if args.stream and byte_vocab:
+            print()
+        else:
+            print(_decode_text(out.tokens) if byte_vocab else " ".join(map(str, out.tokens)))
+    except (ValueError, IndexError, TypeError) as e:
+        raise SystemExit(f"dsv3: {e}")
+    if args.stats:
+        s = out.stats
+        print(f"\n[stats] new tokens {s['new_tokens']}, decode {s['tokens_per_second']:.1f} tok/s, "
+              f"prompt {s['prompt_tokens']} tokens at {s['prompt_tokens_per_second']:.1f} tok/s, "
+              f"main forwards {s['main_forwards']}, proposed {s['proposed']}, accepted "
+              f"{s['accepted']}, acceptance rate {s['acceptance_rate']:.3f}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv3",
                                      description="dsv3: DeepSeek-V3 on the CPU")
@@ -95,6 +148,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("suite", help="suite name: bench/bench_<suite>.py")
     p.add_argument("options", nargs=argparse.REMAINDER, help="passed to the suite")
     p.set_defaults(func=cmd_bench)
+    p = sub.add_parser("generate", help="generate text from a checkpoint (byte vocabulary)")
+    p.add_argument("checkpoint", help="a checkpoint directory (save_pretrained)")
+    p.add_argument("--prompt", default="", help="prompt text (UTF-8 bytes after BOS)")
+    p.add_argument("--prompt-ids", default=None, help="prompt as token ids '1,2,3' instead")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="MTP speculative decoding")
+    p.add_argument("--num-draft-tokens", type=int, default=1)
+    p.add_argument("--eos-token-id", type=int, default=None,
+                   help="stop token (default: the config's; -1 = none)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come")
+    p.add_argument("--no-stats", dest="stats", action="store_false",
+                   help="do not print the stats line (stderr)")
+    p.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -119,6 +119,46 @@ class Model:
         ``model.norm`` (what the MTP module drafts from)."""
         return self._m.forward_cached(tokens, cache, int(start_pos), True)
 
+    def new_mtp_cache(self, batch: int = 1, max_len: int = 1024) -> KVCache:
+        """A cache for the MTP modules' attention: layer k-1 holds module k's latent rows."""
+        return self._m.new_mtp_cache(int(batch), int(max_len))
+
+    def mtp_forward(self, hidden: np.ndarray, tokens: np.ndarray, cache: KVCache,
+                    start_pos: int, k: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+        """MTP module k over cached rows ``start_pos ..`` (SPEC §2.5): row i is fed
+        ``(hidden_i, tokens_i)`` = (h^{k-1}_i float32 (B, S, D), t_{i+k} int (B, S)). Returns
+        ``(logits (B, S, V), h^k (B, S, D))``; the logits of row i predict t_{i+k+1}."""
+        return self._m.mtp_forward_cached(hidden, tokens, cache, int(start_pos), int(k))
+
+    def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 speculative: Optional[str] = None, eos_token_id: Optional[int] = None,
+                 num_draft_tokens: int = 1, callback=None):
+        """Generate after ``prompt`` (a 1-D int sequence, or a list of them of any lengths).
+
+        Returns ``out`` with ``out.tokens`` the new tokens only (int64; a list for a list of
+        prompts), ending with ``eos_token_id`` when produced, and ``out.stats``: proposed,
+        accepted, acceptance_rate, tokens_per_second, prompt_tokens_per_second,
+        main_forwards, mtp_forwards, ... temperature 0 = greedy (argmax); otherwise sampling
+        from softmax(logits / temperature) restricted by ``top_k`` (0 = off) and ``top_p``.
+        ``speculative="mtp"`` drafts ``num_draft_tokens`` tokens per step with the MTP module
+        and verifies them in one forward (greedy: identical output to plain greedy; sampling:
+        the same distribution). A list of prompts is decoded prompt by prompt, each with the
+        same ``seed``, so each result equals running that prompt alone; stats are summed
+        (``out.per_prompt`` keeps each). ``callback(prompt_index, tokens)`` sees tokens as
+        they come. Generation also stops at ``max_position_embeddings``."""
+        from .generate import generate
+        return generate(self, prompt, callback=callback, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        speculative=speculative, eos_token_id=eos_token_id,
+                        num_draft_tokens=num_draft_tokens)
+
+    def stream(self, prompt, **kw):
+        """Iterator over the new tokens of one prompt as they are produced; keywords as
+        :meth:`generate`."""
+        from .generate import stream
+        return stream(self, prompt, **kw)
+
     def loss(self, tokens: np.ndarray, alpha: Optional[float] = None,
              mtp_weight: Optional[float] = None) -> Dict[str, float]:
         """``{loss, main, mtp, balance, expert_load}`` for int tokens (B, N) (N-1 targets per
