@@ -185,7 +185,6 @@ void Model::block_decode(float* h, int64_t block, KvCache& cache, int64_t cache_
     mlp_forward(s.tmp.data(), s.mlp, s.ln.data(), p.mlp, R, D, cfg_.inter);
   }
   for (int64_t j = 0; j < R * D; ++j) h[j] = s.hm[j] + s.tmp[j];
-  cache.length[cache_layer] = start_pos + S;
 }
 
 void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, int64_t B,
@@ -205,6 +204,7 @@ void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, 
                     cfg_.V, D);
   DecodeScratch s;
   for (int64_t l = 0; l < cfg_.layers; ++l) block_decode(h.data(), l, cache, l, B, S, start_pos, s);
+  for (int64_t l = 0; l < cfg_.layers; ++l) cache.length[l] = start_pos + S;  // all succeeded
   rmsnorm_forward(hn.data(), nullptr, h.data(), layout_.ptr(w_.data(), "model.norm.weight"), R, D,
                   cfg_.eps);
   if (hidden) std::memcpy(hidden, hn.data(), sizeof(float) * R * D);
@@ -222,6 +222,7 @@ void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_
   check_tokens(tokens, B * S, op);
   check_cache(cache, cfg_.mtp, B, op);
   cache.check_step(k - 1, start_pos, S);
+  cache.length[k - 1] = std::min(cache.length[k - 1], start_pos);  // see forward_cached
   const int64_t R = B * S, D = cfg_.D, V = cfg_.V;
   const std::string p = layer_prefix(cfg_.layers + k - 1);
   auto P = [&](const std::string& n) { return layout_.ptr(w_.data(), n); };
@@ -237,6 +238,7 @@ void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_
   linear_forward(h.data(), cat.data(), P(p + "eh_proj.weight"), R, 2 * D, D);
   DecodeScratch s;
   block_decode(h.data(), cfg_.layers + k - 1, cache, k - 1, B, S, start_pos, s);
+  cache.length[k - 1] = start_pos + S;
   if (hidden_out) std::memcpy(hidden_out, h.data(), sizeof(float) * R * D);
   rmsnorm_forward(sn.data(), nullptr, h.data(), P(p + "shared_head.norm.weight"), R, D, cfg_.eps);
   linear_forward(logits, sn.data(), head(), R, D, V);
