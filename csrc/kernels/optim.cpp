@@ -1,5 +1,6 @@
 #include "kernels/optim.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -14,8 +15,8 @@ namespace {
 constexpr int64_t kGrain = 1 << 14;
 
 struct Coeffs {
-  float lr, b1, b2, c1, c2, eps, decay;  // c1 = 1/(1-b1^t), c2 = 1/(1-b2^t), decay = 1-lr*wd
-};
+  float lr, b1, b2, c1, c2, eps, decay[3];  // c1 = 1/(1-b1^t), c2 = 1/(1-b2^t)
+};                                          // decay[mode]: -, 1, 1 - lr*wd
 
 Coeffs coeffs(const AdamWParams& p, const char* op) {
   DSV3_CHECK(p.step >= 1, "[", op, "] step must be >= 1, got ", p.step);
@@ -30,17 +31,17 @@ Coeffs coeffs(const AdamWParams& p, const char* op) {
           (float)(1.0 / (1.0 - std::pow((double)p.beta1, t))),
           (float)(1.0 / (1.0 - std::pow((double)p.beta2, t))),
           p.eps,
-          1.f - p.lr * p.weight_decay};
+          {1.f, 1.f, 1.f - p.lr * p.weight_decay}};
 }
 
-inline float update(float& w, float g, float m, float v, const Coeffs& c, float* mo, float* vo) {
+inline void update(float& w, float g, float m, float v, const Coeffs& c, int mode, float* mo,
+                   float* vo) {
   m = c.b1 * m + (1.f - c.b1) * g;
   v = c.b2 * v + (1.f - c.b2) * (g * g);
   const float mh = m * c.c1, vh = v * c.c2;
-  w = w * c.decay - c.lr * (mh / (std::sqrt(vh) + c.eps));
+  w = w * c.decay[mode] - c.lr * (mh / (std::sqrt(vh) + c.eps));
   *mo = m;
   *vo = v;
-  return w;
 }
 
 }  // namespace
@@ -59,20 +60,26 @@ float bf16_decode(uint16_t b) {
   return x;
 }
 
-void adamw_update(float* w, const float* g, float* m, float* v, int64_t n, const AdamWParams& p) {
+void adamw_update(float* w, const float* g, float* m, float* v, int64_t n, const AdamWParams& p,
+                  const uint8_t* mode) {
   const Coeffs c = coeffs(p, "adamw");
   parallel_for(n, kGrain, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) update(w[i], g[i], m[i], v[i], c, &m[i], &v[i]);
+    for (int64_t i = a; i < b; ++i) {
+      const int md = mode ? mode[i] : 2;
+      if (md) update(w[i], g[i], m[i], v[i], c, md, &m[i], &v[i]);
+    }
   });
 }
 
 void adamw_update_bf16(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n,
-                       const AdamWParams& p) {
+                       const AdamWParams& p, const uint8_t* mode) {
   const Coeffs c = coeffs(p, "adamw");
   parallel_for(n, kGrain, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) {
+      const int md = mode ? mode[i] : 2;
+      if (!md) continue;
       float mo, vo;
-      update(w[i], g[i], bf16_decode(m[i]), bf16_decode(v[i]), c, &mo, &vo);
+      update(w[i], g[i], bf16_decode(m[i]), bf16_decode(v[i]), c, md, &mo, &vo);
       m[i] = bf16_encode(mo);
       v[i] = bf16_encode(vo);
     }

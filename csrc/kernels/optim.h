@@ -21,9 +21,12 @@ struct AdamWParams {
   int64_t step = 1;  // t, >= 1
 };
 
-void adamw_update(float* w, const float* g, float* m, float* v, int64_t n, const AdamWParams& p);
+// mode[n] (may be null = all 2): 0 leaves the element alone (frozen), 1 updates it without
+// weight decay, 2 with. One call covers a whole parameter slab in one parallel region.
+void adamw_update(float* w, const float* g, float* m, float* v, int64_t n, const AdamWParams& p,
+                  const uint8_t* mode = nullptr);
 void adamw_update_bf16(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n,
-                       const AdamWParams& p);
+                       const AdamWParams& p, const uint8_t* mode = nullptr);
 
 // sum_i g_i^2 in double over fixed 4096-element chunks combined in order: the same value for
 // every thread count.

@@ -1,5 +1,6 @@
 #include "model/train.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "core/check.h"
@@ -9,6 +10,10 @@ namespace dsv3 {
 
 Trainer::Trainer(Model& model, bool bf16_moments) : model_(model), bf16_(bf16_moments) {
   const size_t n = (size_t)model.layout().total;
+  mode_.assign(n, 0);
+  for (const ParamEntry& e : model.layout().entries)
+    if (e.trainable)
+      std::fill(mode_.begin() + e.offset, mode_.begin() + e.offset + e.size, e.decay ? 2 : 1);
   if (bf16_) {
     m16.assign(n, 0);
     v16.assign(n, 0);
@@ -46,10 +51,9 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
     }
   }
   if (A > 1) scale_inplace(grads_.data(), L.total, 1.f / (float)A);
-  double ss = 0;
-  for (const ParamEntry& e : L.entries)
-    if (e.trainable) ss += sum_squares(grads_.data() + e.offset, e.size);
-  st.grad_norm = std::sqrt(ss);
+  // Frozen entries (the gate biases) have no gradient: their slots stay 0, so the norm over
+  // the whole slab is the norm over the trainable entries (one parallel pass).
+  st.grad_norm = std::sqrt(sum_squares(grads_.data(), L.total));
   st.finite = std::isfinite(st.loss) && std::isfinite(st.grad_norm);
   if (!st.finite) return st;
   if (o.grad_clip > 0 && st.grad_norm > o.grad_clip)
@@ -60,17 +64,13 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
   p.beta1 = o.beta1;
   p.beta2 = o.beta2;
   p.eps = o.eps;
+  p.weight_decay = o.weight_decay;
   p.step = steps_done + 1;
   float* w = model_.params().data();
-  for (const ParamEntry& e : L.entries) {
-    if (!e.trainable) continue;
-    p.weight_decay = e.decay ? o.weight_decay : 0.f;
-    const int64_t at = e.offset;
-    if (bf16_)
-      adamw_update_bf16(w + at, grads_.data() + at, m16.data() + at, v16.data() + at, e.size, p);
-    else
-      adamw_update(w + at, grads_.data() + at, m32.data() + at, v32.data() + at, e.size, p);
-  }
+  if (bf16_)
+    adamw_update_bf16(w, grads_.data(), m16.data(), v16.data(), L.total, p, mode_.data());
+  else
+    adamw_update(w, grads_.data(), m32.data(), v32.data(), L.total, p, mode_.data());
   if (o.gamma > 0 && E > 0) {
     const std::vector<float*> bias = model_.expert_biases();
     for (int64_t j = 0; j < st.moe_blocks && j < (int64_t)bias.size(); ++j)

@@ -56,6 +56,7 @@ class Trainer {
   Model& model_;
   bool bf16_;
   std::vector<float> grads_;
+  std::vector<uint8_t> mode_;  // per slab element: 0 frozen, 1 no decay, 2 decay (optim.h)
 };
 
 }  // namespace dsv3

@@ -216,6 +216,8 @@ class Trainer:
             self._data_state = None
         self._data = data
         log_path = log_path or c.log_path
+        if log_path:
+            os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         log = open(log_path, "a", encoding="utf-8") if log_path else None
         bar = _progress(steps, progress)
         records: List[Dict[str, Any]] = []
