@@ -83,6 +83,12 @@ void bind_train(py::module_& m) {
           return py::tuple(py::make_tuple(copy_out<uint16_t, U16>(t.m16), copy_out<uint16_t, U16>(t.v16)));
         return py::tuple(py::make_tuple(copy_out<float, F32>(t.m32), copy_out<float, F32>(t.v32)));
       })
+      .def("entries", [](Trainer& t) {  // (name, offset, size) of each slab entry
+        py::list out;
+        for (const ParamEntry& e : t.model().layout().entries)
+          out.append(py::make_tuple(e.name, e.offset, e.size));
+        return out;
+      })
       .def("set_moments", [](Trainer& t, py::array m_, py::array v_) {
         if (t.bf16_moments()) {
           copy_in(t.m16, U16::ensure(m_), "m");

@@ -187,6 +187,19 @@ class Trainer:
                   max_violation=float(np.mean(vios)) if vios else 0.0)
         return st
 
+    def moments(self) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+        """AdamW's (m, v) by parameter name, as float32 (decoded from bf16 when stored so)."""
+        m, v = self._t.moments()
+        if m.dtype == np.uint16:
+            m, v = [(a.astype(np.uint32) << 16).view(np.float32) for a in (m, v)]
+        shapes = self.model.parameter_shapes()
+        out, trainable = ({}, {}), set(self.model.trainable_names())
+        for name, off, size in self._t.entries():
+            if name in trainable:
+                for d, a in zip(out, (m, v)):
+                    d[name] = a[off:off + size].reshape(shapes[name])
+        return out
+
     # ------------------------------------------------------------------ evaluation and fit
     def evaluate(self, data, batches: Optional[int] = None) -> float:
         """Mean main (next-token) loss over the dataset's held-out batches."""
