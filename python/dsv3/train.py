@@ -175,7 +175,13 @@ class Trainer:
         n = self.step_count
         lr = self.config.lr_at(n)
         t0 = time.perf_counter()
-        st = self._t.step(np.ascontiguousarray(arr, dtype=np.int64), self._options(lr))
+        try:
+            st = self._t.step(np.ascontiguousarray(arr, dtype=np.int64), self._options(lr))
+        except ValueError as e:  # a kernel's finiteness check (e.g. the MoE input)
+            if "finite" not in str(e):
+                raise
+            raise FloatingPointError(f"[Trainer.step] non-finite values at step {n + 1}: {e}; "
+                                     "the update was not applied") from e
         dt = time.perf_counter() - t0
         if not st.pop("finite"):
             raise FloatingPointError(
