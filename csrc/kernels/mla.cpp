@@ -9,6 +9,7 @@
 #include "core/parallel.h"
 #include "kernels/attention.h"
 #include "kernels/nn.h"
+#include "kernels/precision.h"
 #include "kernels/softmax.h"
 
 namespace dsv3 {
@@ -72,7 +73,13 @@ void decompress(float* k, float* v, const float* c, int64_t ldc, const float* kp
                 const MlaParams& p, const MlaDims& d, int64_t L) {
   const int64_t KV = d.H * (d.Dn + d.Dv);
   std::vector<float> kv((size_t)(L * KV));
-  sgemm(false, true, L, KV, d.Dc, 1.f, c, ldc, p.kv_b_proj, d.Dc, 0.f, kv.data(), KV);
+  if (gemm_precision() != GemmPrecision::fp32) {  // training in bf16/fp8: kv_b_proj is a linear
+    std::vector<float> cc((size_t)(L * d.Dc));
+    for (int64_t r = 0; r < L; ++r) std::memcpy(&cc[r * d.Dc], c + r * ldc, sizeof(float) * d.Dc);
+    linear_forward(kv.data(), cc.data(), p.kv_b_proj, L, d.Dc, KV);
+  } else {
+    sgemm(false, true, L, KV, d.Dc, 1.f, c, ldc, p.kv_b_proj, d.Dc, 0.f, kv.data(), KV);
+  }
   parallel_for(L, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t h = 0; h < d.H; ++h) {

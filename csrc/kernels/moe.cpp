@@ -14,6 +14,7 @@
 #include "core/simd.h"
 #include "kernels/balance.h"
 #include "kernels/nn.h"
+#include "kernels/precision.h"
 
 namespace dsv3 {
 
@@ -250,7 +251,14 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
       gather_rows(dys.get(), dy, slots, n, K, D);
       dY = dys.get();
     }
-    sgemm(false, false, n, W, D, 1.f, dY, D, w.down_proj, W, 0.f, A.get(), W);  // dY Wd
+    const GemmPrecision prec = gemm_precision();  // fp32, or the training step's bf16/fp8
+    const bool lowp = prec != GemmPrecision::fp32;
+    if (lowp) {
+      std::fill(A.get(), A.get() + n * W, 0.f);
+      lowp_linear_backward(A.get(), nullptr, dY, nullptr, w.down_proj, n, W, D, prec);
+    } else {
+      sgemm(false, false, n, W, D, 1.f, dY, D, w.down_proj, W, 0.f, A.get(), W);  // dY Wd
+    }
     // The routing weight w_p scales row p's output: dL/dw_p = <dY_p Wd, h_p>, dh_p = w_p dY_p Wd
     for (int64_t q = 0; q < n; ++q) {
       const float wp = shared ? 1.f : a.topk_weight[slots[q]];
@@ -262,11 +270,21 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
         for (int64_t j = 0; j < D; ++j) dq[j] *= wp;  // dL/d(weighted output) for dWd
       }
     }
-    if (gw.down_proj) sgemm(true, false, D, W, n, 1.f, dY, D, h.get(), W, 1.f, gw.down_proj, W);
+    if (gw.down_proj && lowp)
+      lowp_linear_backward(nullptr, gw.down_proj, dY, h.get(), w.down_proj, n, W, D, prec);
+    else if (gw.down_proj)
+      sgemm(true, false, D, W, n, 1.f, dY, D, h.get(), W, 1.f, gw.down_proj, W);
     const float* xs = x;
     if (!shared && (gw.gate_proj || gw.up_proj)) {
       gather_rows(dys.get(), x, slots, n, K, D);  // dys is free again: reuse it for x rows
       xs = dys.get();
+    }
+    if (lowp) {
+      float* dst = !dx ? nullptr : shared ? dx : dxs + o * D;
+      if (dst && !shared) std::fill(dst, dst + n * D, 0.f);
+      lowp_linear_backward(dst, gw.gate_proj, dg.get(), xs, w.gate_proj, n, D, W, prec);
+      lowp_linear_backward(dst, gw.up_proj, du.get(), xs, w.up_proj, n, D, W, prec);
+      return;
     }
     if (gw.gate_proj) sgemm(true, false, W, D, n, 1.f, dg.get(), W, xs, D, 1.f, gw.gate_proj, D);
     if (gw.up_proj) sgemm(true, false, W, D, n, 1.f, du.get(), W, xs, D, 1.f, gw.up_proj, D);

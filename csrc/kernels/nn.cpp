@@ -9,6 +9,7 @@
 #include "core/check.h"
 #include "core/mathfn.h"
 #include "core/parallel.h"
+#include "kernels/precision.h"
 #include "core/simd.h"
 
 namespace dsv3 {
@@ -136,11 +137,15 @@ void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids,
 }
 
 void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O) {
+  if (const GemmPrecision p = gemm_precision(); p != GemmPrecision::fp32)
+    return lowp_linear_forward(y, x, w, R, K, O, p);
   sgemm(false, true, R, O, K, 1.f, x, K, w, K, 0.f, y, O);
 }
 
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
                      int64_t R, int64_t K, int64_t O) {
+  if (const GemmPrecision p = gemm_precision(); p != GemmPrecision::fp32)
+    return lowp_linear_backward(dx, dw, dy, x, w, R, K, O, p);
   if (dx) sgemm(false, false, R, K, O, 1.f, dy, O, w, K, 1.f, dx, K);
   if (dw) sgemm(true, false, O, K, R, 1.f, dy, O, x, K, 1.f, dw, K);
 }

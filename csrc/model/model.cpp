@@ -6,6 +6,7 @@
 #include "core/check.h"
 #include "kernels/balance.h"
 #include "kernels/nn.h"
+#include "kernels/precision.h"
 
 namespace dsv3 {
 
@@ -244,6 +245,21 @@ void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_
   linear_forward(logits, sn.data(), head(), R, D, V);
 }
 
+namespace {
+
+// lm_head stays fp32 in every training precision (SPEC §2.6).
+void head_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O) {
+  ScopedGemmPrecision fp32(GemmPrecision::fp32);
+  linear_forward(y, x, w, R, K, O);
+}
+void head_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                   int64_t R, int64_t K, int64_t O) {
+  ScopedGemmPrecision fp32(GemmPrecision::fp32);
+  linear_backward(dx, dw, dy, x, w, R, K, O);
+}
+
+}  // namespace
+
 LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
                       double mtp_weight) {
   const char* op = "Model.loss";
@@ -268,7 +284,7 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
   std::vector<float> hn((size_t)(R * D)), rstd_f((size_t)R), logits((size_t)(R * V)),
       lrows((size_t)R), lse((size_t)R);
   rmsnorm_forward(hn.data(), rstd_f.data(), H[Lm].data(), P("model.norm.weight"), R, D, cfg_.eps);
-  linear_forward(logits.data(), hn.data(), head(), R, D, V);
+  head_forward(logits.data(), hn.data(), head(), R, D, V);
   cross_entropy_forward(lrows.data(), lse.data(), logits.data(), targets.data(), R, V, -1);
   LossParts out;
   for (int64_t r = 0; r < R; ++r) out.main += lrows[r];
@@ -314,7 +330,7 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
     rmsnorm_forward(m.sn.data(), m.rstd_s.data(), m.hk.data(), P(p + "shared_head.norm.weight"), Rk,
                     D, cfg_.eps);
     m.logits.resize(Rk * V);
-    linear_forward(m.logits.data(), m.sn.data(), head(), Rk, D, V);
+    head_forward(m.logits.data(), m.sn.data(), head(), Rk, D, V);
     m.rows.resize(Rk);
     m.lse.resize(Rk);
     cross_entropy_forward(m.rows.data(), m.lse.data(), m.logits.data(), m.targets.data(), Rk, V, -1);
@@ -359,7 +375,7 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
   std::vector<float> dl((size_t)(R * V), 0.f), dhn((size_t)(R * D), 0.f);
   cross_entropy_backward(dl.data(), lse.data(), logits.data(), targets.data(), R, V, -1,
                          (float)(1.0 / (double)R));
-  linear_backward(dhn.data(), g_head, dl.data(), hn.data(), head(), R, D, V);
+  head_backward(dhn.data(), g_head, dl.data(), hn.data(), head(), R, D, V);
   std::vector<float> dnext;  // dL/dh^k from module k+1
   for (int64_t k = Dm; k >= 1; --k) {
     MtpActs& m = mtp[k - 1];
@@ -371,7 +387,7 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
     if (!dnext.empty()) dhk = dnext;
     cross_entropy_backward(dlk.data(), m.lse.data(), m.logits.data(), m.targets.data(), Rk, V, -1,
                            (float)(mtp_weight / (double)Dm / (double)R));
-    linear_backward(dsn.data(), g_head, dlk.data(), m.sn.data(), head(), Rk, D, V);
+    head_backward(dsn.data(), g_head, dlk.data(), m.sn.data(), head(), Rk, D, V);
     rmsnorm_backward(dhk.data(), Gp(p + "shared_head.norm.weight"), dsn.data(), m.rstd_s.data(),
                      m.hk.data(), P(p + "shared_head.norm.weight"), Rk, D);
     std::vector<float> dhp((size_t)(Rk * D), 0.f), dcat((size_t)(Rk * 2 * D), 0.f);

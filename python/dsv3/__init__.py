@@ -1,6 +1,7 @@
 """dsv3: the DeepSeek-V3 architecture as a C++ engine for CPU research.
 
-Public surface (SPEC §3): ``Config``, ``ops``, ``fp8``, ``build_info``, ``get_num_threads``,
+Public surface (SPEC §3): ``Config``, ``Model``, ``Trainer``, ``TrainConfig``, ``data``,
+``ops``, ``fp8``, ``build_info``, ``get_num_threads``,
 ``set_num_threads``. The compiled core lives in the private ``dsv3._core``.
 """
 from __future__ import annotations
@@ -14,10 +15,13 @@ from .config import Config
 from .ops import KVCache
 from .model import Model
 from .generate import GenerationOutput
+from . import data
+from .train import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "KVCache", "Model", "GenerationOutput", "ops", "fp8", "build_info", "get_num_threads",
+__all__ = ["Config", "KVCache", "Model", "GenerationOutput", "Trainer", "TrainConfig", "data",
+           "ops", "fp8", "build_info", "get_num_threads",
            "set_num_threads", "__version__"]
 
 

@@ -1,4 +1,5 @@
 """Command line: ``python -m dsv3 {info,bench,generate} ...`` (see ``--help``)."""
+"""Command line: ``python -m dsv3 {info,train,bench} ...`` (see ``--help``)."""
 from __future__ import annotations
 
 import argparse
@@ -85,12 +86,14 @@ def _encode_text(text: str, cfg: Config) -> List[int]:
     if cfg.vocab_size < 256:
         raise SystemExit(f"dsv3: this checkpoint's vocabulary ({cfg.vocab_size}) is not a byte "
                          "vocabulary; give --prompt-ids instead")
+    from .data import ByteTokenizer
     bos = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
-    return bos + list(text.encode("utf-8"))
+    return bos + ByteTokenizer().encode(text).tolist()
 
 
 def _decode_text(ids) -> str:
-    return bytes(int(t) for t in ids if 0 <= int(t) < 256).decode("utf-8", errors="replace")
+    from .data import ByteTokenizer
+    return ByteTokenizer().decode(ids)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -132,6 +135,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model on the default corpus (or --data), save it, report validation loss."""
+    import numpy as np
+    from . import data as data_mod
+    from .model import Model
+    from .train import TrainConfig, Trainer
+    if args.threads:
+        from . import set_num_threads
+        set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    tok = data_mod.ByteTokenizer()
+    if cfg.vocab_size < tok.vocab_size:
+        raise SystemExit(f"dsv3: the byte tokenizer needs vocab_size >= {tok.vocab_size}, "
+                         f"config has {cfg.vocab_size}")
+    ds = data_mod.load(args.data, seed=args.seed)
+    model = Model(cfg, seed=args.seed)
+    tc = TrainConfig(lr=args.lr, warmup_steps=min(args.warmup, max(0, args.steps - 1)),
+                     schedule=args.schedule, precision=args.precision, batch_size=args.batch,
+                     seq_len=args.seq, balance=args.balance, total_steps=max(1, args.steps),
+                     eval_interval=args.eval_interval,
+                     log_path=args.log or os.path.join(os.path.abspath(args.out) + ".log.jsonl"))
+    trainer = Trainer(model, tc)
+    print(f"dsv3 train: {model.num_parameters():,} parameters, {len(ds):,} tokens "
+          f"({'default corpus' if args.data is None else args.data}), precision {args.precision}, "
+          f"{args.steps} steps of {args.batch}x{args.seq}", flush=True)
+    trainer.fit(ds, args.steps, progress=not args.no_progress, checkpoint_dir=args.out,
+                checkpoint_interval=args.save_every)
+    val = trainer.evaluate(ds, batches=8)
+    base = ds.unigram_entropy()
+    print(f"saved to {args.out}\nvalidation loss {val:.4f} nats/token "
+          f"(unigram baseline {base:.4f}, {val / base:.1%} of it)")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dsv3",
                                      description="dsv3: DeepSeek-V3 on the CPU")
@@ -144,6 +181,27 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "(default: deepseek_v3)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_info)
+    p = sub.add_parser("train", help="train a model (default: Config.small() on the Python "
+                                     "standard library sources) and save it")
+    p.add_argument("--config", default="small", help="preset or config.json (default: small)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")
+    p.add_argument("--balance", choices=("aux_free", "aux_loss", "none"), default="aux_free")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--schedule", choices=("cosine", "constant", "linear"), default="cosine")
+    p.add_argument("--data", default=None, help="a text file or directory (default: the Python "
+                                                "standard library sources)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-interval", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--log", default=None, help="JSON-lines log (default: OUT.log.jsonl)")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
     p = sub.add_parser("bench", help="run a benchmark suite from bench/ (e.g. fp8)")
     p.add_argument("suite", help="suite name: bench/bench_<suite>.py")
     p.add_argument("options", nargs=argparse.REMAINDER, help="passed to the suite")

@@ -1,0 +1,120 @@
+// dsv3._core.Trainer (the C++ training step), adamw_update (for tests) and the precision knob.
+#include <pybind11/stl.h>
+
+#include "bindings/arrays.h"
+#include "model/train.h"
+
+namespace dsv3 {
+
+namespace py = pybind11;
+using namespace py_glue;
+using py::arg;
+
+namespace {
+
+using U16 = py::array_t<uint16_t, py::array::c_style>;
+
+TrainStepOptions step_options(const py::dict& d) {
+  TrainStepOptions o;
+  o.lr = d["lr"].cast<float>();
+  o.beta1 = d["beta1"].cast<float>();
+  o.beta2 = d["beta2"].cast<float>();
+  o.eps = d["eps"].cast<float>();
+  o.weight_decay = d["weight_decay"].cast<float>();
+  o.grad_clip = d["grad_clip"].cast<float>();
+  o.grad_accum = d["grad_accum"].cast<int64_t>();
+  o.alpha = d["alpha"].cast<double>();
+  o.mtp_weight = d["mtp_weight"].cast<double>();
+  o.gamma = d["gamma"].cast<float>();
+  o.precision = parse_gemm_precision(d["precision"].cast<std::string>().c_str());
+  return o;
+}
+
+template <typename T, typename A>
+A copy_out(const std::vector<T>& v) {
+  A a((py::ssize_t)v.size());
+  std::copy(v.begin(), v.end(), a.mutable_data());
+  return a;
+}
+
+template <typename T, typename A>
+void copy_in(std::vector<T>& v, const A& a, const char* name) {
+  DSV3_CHECK(a.ndim() == 1 && (size_t)a.shape(0) == v.size(), "[Trainer.load] ", name,
+             " must have ", v.size(), " elements, got shape ", shape_str(shape_of(a)));
+  std::copy(a.data(), a.data() + v.size(), v.begin());
+}
+
+}  // namespace
+
+void bind_train(py::module_& m) {
+  py::class_<Trainer, std::shared_ptr<Trainer>>(m, "Trainer")
+      .def(py::init([](std::shared_ptr<Model> md, bool bf16) {
+             return std::make_shared<Trainer>(*md, bf16);
+           }),
+           arg("model"), arg("bf16_moments"), py::keep_alive<1, 2>())
+      .def_readwrite("steps_done", &Trainer::steps_done)
+      .def("step", [](Trainer& t, py::handle batch, const py::dict& opts) {
+        const TrainStepOptions o = step_options(opts);
+        I64 arr = i64(batch, "Trainer.step", "batch");
+        DSV3_CHECK(arr.ndim() == 2, "[Trainer.step] batch must be an int array (B, T+1), got ",
+                   "shape ", shape_str(shape_of(arr)));
+        const int64_t B = arr.shape(0), N = arr.shape(1);
+        const int64_t* p = arr.data();
+        TrainStepStats st;
+        {
+          py::gil_scoped_release nogil;
+          st = t.step(p, B, N, o);
+        }
+        py::dict d;
+        d["loss"] = st.loss;
+        d["main"] = st.main;
+        d["mtp"] = st.mtp;
+        d["balance"] = st.balance;
+        d["grad_norm"] = st.grad_norm;
+        d["finite"] = st.finite;
+        const int64_t E = t.model().config().E;
+        py::array_t<int64_t> load({(py::ssize_t)st.moe_blocks, (py::ssize_t)E});
+        std::copy(st.expert_load.begin(), st.expert_load.end(), load.mutable_data());
+        d["expert_load"] = load;
+        return d;
+      }, arg("batch"), arg("options"))
+      .def("moments", [](const Trainer& t) -> py::tuple {
+        if (t.bf16_moments())
+          return py::tuple(py::make_tuple(copy_out<uint16_t, U16>(t.m16), copy_out<uint16_t, U16>(t.v16)));
+        return py::tuple(py::make_tuple(copy_out<float, F32>(t.m32), copy_out<float, F32>(t.v32)));
+      })
+      .def("entries", [](Trainer& t) {  // (name, offset, size) of each slab entry
+        py::list out;
+        for (const ParamEntry& e : t.model().layout().entries)
+          out.append(py::make_tuple(e.name, e.offset, e.size));
+        return out;
+      })
+      .def("set_moments", [](Trainer& t, py::array m_, py::array v_) {
+        if (t.bf16_moments()) {
+          copy_in(t.m16, U16::ensure(m_), "m");
+          copy_in(t.v16, U16::ensure(v_), "v");
+        } else {
+          copy_in(t.m32, F32::ensure(m_), "m");
+          copy_in(t.v32, F32::ensure(v_), "v");
+        }
+      }, arg("m"), arg("v"));
+
+  // AdamW on one flat range (tests): w, m, v updated in place; bf16 moments as uint16 arrays.
+  m.def("adamw_update", [](F32 w, F32 g, py::array m_, py::array v_, float lr, float b1, float b2,
+                           float eps, float wd, int64_t step) {
+    const int64_t n = (int64_t)w.size();
+    DSV3_CHECK((int64_t)g.size() == n && (int64_t)m_.size() == n && (int64_t)v_.size() == n,
+               "[adamw] w, g, m, v must have the same size");
+    AdamWParams p{lr, b1, b2, eps, wd, step};
+    if (m_.dtype().is(py::dtype::of<uint16_t>())) {
+      U16 m = py::cast<U16>(m_), v = py::cast<U16>(v_);
+      adamw_update_bf16(w.mutable_data(), g.data(), m.mutable_data(), v.mutable_data(), n, p);
+    } else {
+      F32 m = py::cast<F32>(m_), v = py::cast<F32>(v_);
+      adamw_update(w.mutable_data(), g.data(), m.mutable_data(), v.mutable_data(), n, p);
+    }
+  }, arg("w"), arg("g"), arg("m"), arg("v"), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"),
+     arg("weight_decay"), arg("step"));
+}
+
+}  // namespace dsv3

@@ -1,0 +1,86 @@
+#include "kernels/precision.h"
+
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "core/blas.h"
+#include "core/check.h"
+#include "core/parallel.h"
+#include "kernels/fp8_linear.h"
+
+namespace dsv3 {
+
+namespace {
+
+std::atomic<int> g_precision{0};
+
+inline float bf16_rne(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return x;  // NaN stays NaN
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  float y;
+  std::memcpy(&y, &u, 4);
+  return y;
+}
+
+std::vector<float> bf16_copy(const float* x, int64_t n) {
+  std::vector<float> out((size_t)n);
+  parallel_for(n, 1 << 15, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) out[i] = bf16_rne(x[i]);
+  });
+  return out;
+}
+
+}  // namespace
+
+GemmPrecision gemm_precision() {
+  return (GemmPrecision)g_precision.load(std::memory_order_relaxed);
+}
+
+GemmPrecision parse_gemm_precision(const char* s) {
+  if (!std::strcmp(s, "fp32")) return GemmPrecision::fp32;
+  if (!std::strcmp(s, "bf16")) return GemmPrecision::bf16;
+  if (!std::strcmp(s, "fp8")) return GemmPrecision::fp8;
+  DSV3_CHECK(false, "[precision] precision must be 'fp32', 'bf16' or 'fp8', got '", s, "'");
+  return GemmPrecision::fp32;
+}
+
+ScopedGemmPrecision::ScopedGemmPrecision(GemmPrecision p) : prev_(gemm_precision()) {
+  g_precision.store((int)p, std::memory_order_relaxed);
+}
+ScopedGemmPrecision::~ScopedGemmPrecision() {
+  g_precision.store((int)prev_, std::memory_order_relaxed);
+}
+
+void lowp_linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K,
+                         int64_t O, GemmPrecision p) {
+  if (R == 0 || O == 0) return;
+  if (p == GemmPrecision::fp8) {
+    fp8_linear_forward(y, x, w, R, K, O, Fp8LinearOptions{});
+    return;
+  }
+  std::vector<float> xb = bf16_copy(x, R * K), wb = bf16_copy(w, O * K);
+  sgemm(false, true, R, O, K, 1.f, xb.data(), K, wb.data(), K, 0.f, y, O);
+}
+
+void lowp_linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+                          int64_t R, int64_t K, int64_t O, GemmPrecision p) {
+  if (p == GemmPrecision::fp8) {
+    fp8_linear_backward(dx, dw, dy, x, w, R, K, O, Fp8LinearOptions{});
+    return;
+  }
+  if (R == 0 || K == 0 || O == 0) return;
+  std::vector<float> dyb = bf16_copy(dy, R * O);
+  if (dx) {
+    std::vector<float> wb = bf16_copy(w, O * K);
+    sgemm(false, false, R, K, O, 1.f, dyb.data(), O, wb.data(), K, 1.f, dx, K);
+  }
+  if (dw) {
+    std::vector<float> xb = bf16_copy(x, R * K);
+    sgemm(true, false, O, K, R, 1.f, dyb.data(), O, xb.data(), K, 1.f, dw, K);
+  }
+}
+
+}  // namespace dsv3

@@ -1,0 +1,62 @@
+// One training step of the model, entirely in C++ (called with the GIL released):
+//
+//   grads = 0
+//   for each of the A micro-batches (B/A sequences each):  grads += d(loss_micro)/dw
+//   grads /= A                       (the gradient of the mean loss over the B sequences)
+//   norm  = ||grads||_2 over the trainable entries;  if clip > 0 and norm > clip:
+//           grads *= clip / (norm + 1e-6)                      (torch.nn.utils.clip_grad_norm_)
+//   AdamW (optim.h) on every trainable entry, weight decay on the `decay` entries only
+//   aux-free balancing (SPEC §2.4), gamma > 0:  per MoE block, with load = the tokens routed
+//           to each expert over the whole step,  b_i += gamma * sign(mean(load) - load_i)
+//
+// The linear layers' GEMMs run in `precision` (precision.h) for the whole step. A step whose
+// loss or gradient norm is not finite changes nothing (weights, moments, biases, step count)
+// and reports finite = false, so the caller can stop with the last good state intact.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "kernels/optim.h"
+#include "kernels/precision.h"
+#include "model/model.h"
+
+namespace dsv3 {
+
+struct TrainStepOptions {
+  float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, weight_decay = 0.1f;
+  float grad_clip = 1.f;      // <= 0: no clipping
+  int64_t grad_accum = 1;     // micro-batches per step; must divide B
+  double alpha = 0;           // sequence-wise balance loss weight (0: off)
+  double mtp_weight = 0;      // lambda
+  float gamma = 0;            // aux-free bias update speed (0: biases untouched)
+  GemmPrecision precision = GemmPrecision::fp32;
+};
+
+struct TrainStepStats {
+  double loss = 0, main = 0, mtp = 0, balance = 0, grad_norm = 0;
+  std::vector<int64_t> expert_load;  // [moe_blocks, E], summed over the micro-batches
+  int64_t moe_blocks = 0;
+  bool finite = true;
+};
+
+class Trainer {
+ public:
+  Trainer(Model& model, bool bf16_moments);
+
+  TrainStepStats step(const int64_t* tokens, int64_t B, int64_t N, const TrainStepOptions& o);
+
+  Model& model() { return model_; }
+  bool bf16_moments() const { return bf16_; }
+  int64_t steps_done = 0;  // optimizer steps applied (AdamW's t of the next step is this + 1)
+  // Moments in the parameter slab's layout (entries that are not trainable stay 0).
+  std::vector<float> m32, v32;
+  std::vector<uint16_t> m16, v16;
+
+ private:
+  Model& model_;
+  bool bf16_;
+  std::vector<float> grads_;
+  std::vector<uint8_t> mode_;  // per slab element: 0 frozen, 1 no decay, 2 decay (optim.h)
+};
+
+}  // namespace dsv3

@@ -1,0 +1,347 @@
+"""dsv3.Trainer: DeepSeek-V3's training recipe at small scale (SPEC §2.4, §2.6, §3).
+
+``Trainer.step`` runs the whole step in C++ with the GIL released (``csrc/model/train.h``):
+forward + backward over ``grad_accum`` micro-batches, global-norm clipping, AdamW (decoupled
+weight decay on matrices only, fp32 master weights, fp32 or bf16 moments), then the
+aux-loss-free bias update. The linear layers' GEMMs run in ``precision``:
+
+* ``"fp32"``  plain fp32.
+* ``"bf16"``  GEMM operands rounded to bf16 (RNE), fp32 accumulation.
+* ``"fp8"``   SPEC §2.6: each linear layer's forward, input-grad and weight-grad GEMMs on E4M3
+  operands tiled along that GEMM's inner dimension (1x128 activations/gradients, 128x128
+  weights), fp32 promotion. Embedding, lm_head, router gate, norms and the attention core stay
+  fp32 (they do not go through the linear layers' GEMMs).
+
+Balancing (``TrainConfig.balance``):
+
+* ``"aux_free"`` (DeepSeek-V3): bias updates with gamma = ``config.bias_update_speed`` AND the
+  complementary sequence-wise balance loss with alpha = ``config.seq_aux_loss_alpha``, as the
+  report uses both.
+* ``"aux_loss"``: the sequence-wise loss only (alpha = ``TrainConfig.aux_loss_alpha`` or
+  ``config.seq_aux_loss_alpha``); biases untouched.
+* ``"none"``: neither.
+
+MTP lambda is ``config.mtp_loss_weight`` (0 disables the MTP modules in training).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from . import _core
+from .model import Model
+
+SCHEDULES = ("cosine", "constant", "linear")
+PRECISIONS = ("fp32", "bf16", "fp8")
+BALANCES = ("aux_free", "aux_loss", "none")
+MOMENT_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Hyperparameters of a training run (everything :meth:`Trainer.save` needs to resume).
+
+    ``lr`` is the peak learning rate: linear warmup over ``warmup_steps`` from lr/warmup to lr,
+    then ``schedule`` down to ``min_lr`` at ``total_steps`` (cosine / linear; ``fit`` sets
+    ``total_steps`` when it is None)."""
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    betas: Tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    moment_dtype: str = "float32"
+    precision: str = "fp32"
+    balance: str = "aux_free"
+    min_lr: float = 0.0
+    total_steps: Optional[int] = None
+    grad_accum: int = 1
+    aux_loss_alpha: Optional[float] = None  # None: config.seq_aux_loss_alpha
+    batch_size: int = 8
+    seq_len: int = 256
+    eval_interval: int = 100
+    eval_batches: int = 4
+    log_path: Optional[str] = None  # JSON lines, one per step (and per evaluation)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)
+        def bad(name, msg):
+            raise ValueError(f"[TrainConfig] {name} {msg}, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if not 0 <= self.min_lr <= self.lr:
+            bad("min_lr", "must be in [0, lr]")
+        if self.warmup_steps < 0:
+            bad("warmup_steps", "must be >= 0")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"must be one of {SCHEDULES}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            bad("betas", "must be two numbers in [0, 1)")
+        if not self.eps > 0:
+            bad("eps", "must be > 0")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if self.moment_dtype not in MOMENT_DTYPES:
+            bad("moment_dtype", f"must be one of {MOMENT_DTYPES}")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"must be one of {PRECISIONS}")
+        if self.balance not in BALANCES:
+            bad("balance", f"must be one of {BALANCES}")
+        if self.grad_accum < 1:
+            bad("grad_accum", "must be >= 1")
+        if self.total_steps is not None and self.total_steps < 1:
+            bad("total_steps", "must be >= 1 or None")
+        if self.aux_loss_alpha is not None and self.aux_loss_alpha < 0:
+            bad("aux_loss_alpha", "must be >= 0")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        if self.total_steps is None:
+            raise ValueError(f"[TrainConfig] schedule {self.schedule!r} needs total_steps "
+                             "(Trainer.fit sets it)")
+        span = max(1, self.total_steps - self.warmup_steps)
+        p = min(1.0, (step - self.warmup_steps) / span)
+        if self.schedule == "linear":
+            return self.lr - (self.lr - self.min_lr) * p
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * p))
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+
+class Trainer:
+    """``Trainer(model, TrainConfig(...))``; ``step(batch)``, ``fit(data, steps)``,
+    ``save(dir)``, ``Trainer.load(dir)``."""
+
+    def __init__(self, model: Model, config: Optional[TrainConfig] = None):
+        if not isinstance(model, Model):
+            raise TypeError(f"[Trainer] model must be a dsv3.Model, got {type(model).__name__}")
+        self.model = model
+        self.config = config if config is not None else TrainConfig()
+        if not isinstance(self.config, TrainConfig):
+            raise TypeError("[Trainer] config must be a dsv3.TrainConfig")
+        self._t = _core.Trainer(model._m, self.config.moment_dtype == "bfloat16")
+        self._data_state: Optional[Dict] = None  # restored into the dataset by fit()
+        self.history: List[Dict[str, Any]] = []
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps applied so far."""
+        return int(self._t.steps_done)
+
+    def _options(self, lr: float) -> Dict[str, Any]:
+        c, mc = self.config, self.model.config
+        alpha = c.aux_loss_alpha if c.aux_loss_alpha is not None else mc.seq_aux_loss_alpha
+        return dict(lr=lr, beta1=c.betas[0], beta2=c.betas[1], eps=c.eps,
+                    weight_decay=c.weight_decay, grad_clip=c.grad_clip, grad_accum=c.grad_accum,
+                    alpha=0.0 if c.balance == "none" else float(alpha),
+                    mtp_weight=float(mc.mtp_loss_weight),
+                    gamma=float(mc.bias_update_speed) if c.balance == "aux_free" else 0.0,
+                    precision=c.precision)
+
+    def step(self, batch: np.ndarray) -> Dict[str, Any]:
+        """One optimizer step on int tokens (B, T+1). Returns loss, main, mtp, balance,
+        grad_norm (before clipping), lr, expert_load int64 [moe blocks (main MoE layers, then
+        MTP), n_routed], max_violation (mean over MoE blocks of max_i load_i/mean(load) - 1),
+        tokens_per_second (B*T / wall time) and step (1-based). A non-finite loss or gradient
+        raises FloatingPointError naming the step and leaves the model untouched."""
+        arr = np.asarray(batch)
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"[Trainer.step] batch must be an int array (B, T+1), got "
+                             f"{arr.dtype} {arr.shape}")
+        if arr.shape[1] < 2:
+            raise ValueError(f"[Trainer.step] batch must hold at least 2 tokens per sequence "
+                             f"(T+1 >= 2), got shape {arr.shape}")
+        V = self.model.config.vocab_size
+        if arr.size and (arr.min() < 0 or arr.max() >= V):
+            bad = arr.max() if arr.max() >= V else arr.min()
+            raise ValueError(f"[Trainer.step] token id {int(bad)} is out of range "
+                             f"[0, vocab_size={V})")
+        n = self.step_count
+        lr = self.config.lr_at(n)
+        t0 = time.perf_counter()
+        try:
+            st = self._t.step(np.ascontiguousarray(arr, dtype=np.int64), self._options(lr))
+        except ValueError as e:  # a kernel's finiteness check (e.g. the MoE input)
+            if "finite" not in str(e):
+                raise
+            raise FloatingPointError(f"[Trainer.step] non-finite values at step {n + 1}: {e}; "
+                                     "the update was not applied") from e
+        dt = time.perf_counter() - t0
+        if not st.pop("finite"):
+            raise FloatingPointError(
+                f"[Trainer.step] non-finite loss or gradient at step {n + 1} (loss={st['loss']},"
+                f" grad_norm={st['grad_norm']}); the update was not applied")
+        load = st["expert_load"]
+        vios = [float(r.max() / r.mean() - 1) for r in load if r.mean() > 0]
+        st.update(lr=lr, step=n + 1, tokens_per_second=arr.shape[0] * (arr.shape[1] - 1) / dt,
+                  max_violation=float(np.mean(vios)) if vios else 0.0)
+        return st
+
+    def moments(self) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+        """AdamW's (m, v) by parameter name, as float32 (decoded from bf16 when stored so)."""
+        m, v = self._t.moments()
+        if m.dtype == np.uint16:
+            m, v = [(a.astype(np.uint32) << 16).view(np.float32) for a in (m, v)]
+        shapes = self.model.parameter_shapes()
+        out, trainable = ({}, {}), set(self.model.trainable_names())
+        for name, off, size in self._t.entries():
+            if name in trainable:
+                for d, a in zip(out, (m, v)):
+                    d[name] = a[off:off + size].reshape(shapes[name])
+        return out
+
+    # ------------------------------------------------------------------ evaluation and fit
+    def evaluate(self, data, batches: Optional[int] = None) -> float:
+        """Mean main (next-token) loss over the dataset's held-out batches."""
+        c = self.config
+        vb = data.val_batches(c.batch_size, c.seq_len, batches or c.eval_batches)
+        if not vb:
+            return float("nan")
+        return float(np.mean([self.model.loss(b, alpha=0.0, mtp_weight=0.0)["main"]
+                              for b in vb]))
+
+    def fit(self, data, steps: int, progress: bool = True,
+            checkpoint_dir: Optional[str] = None, checkpoint_interval: Optional[int] = None,
+            log_path: Optional[str] = None) -> List[Dict[str, Any]]:
+        """Train ``steps`` more steps on ``data`` (a :class:`dsv3.data.TokenDataset`) with
+        batches of ``config.batch_size`` x (``config.seq_len`` + 1). Evaluates on the held-out
+        split every ``config.eval_interval`` steps and at the end, logs every step as a JSON
+        line to ``log_path`` (or ``config.log_path``), saves to ``checkpoint_dir`` every
+        ``checkpoint_interval`` steps and at the end. Ctrl-C stops cleanly after saving a
+        checkpoint (when ``checkpoint_dir`` is given). Returns this call's records."""
+        c = self.config
+        if steps < 0:
+            raise ValueError(f"[Trainer.fit] steps must be >= 0, got {steps}")
+        if c.total_steps is None:
+            c.total_steps = max(1, self.step_count + steps)
+        if self._data_state is not None:
+            data.load_state_dict(self._data_state)
+            self._data_state = None
+        self._data = data
+        log_path = log_path or c.log_path
+        if log_path:
+            os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+        log = open(log_path, "a", encoding="utf-8") if log_path else None
+        bar = _progress(steps, progress)
+        records: List[Dict[str, Any]] = []
+        try:
+            for _ in range(steps):
+                st = self.step(data.batch(c.batch_size, c.seq_len))
+                rec = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in st.items()}
+                if c.eval_interval and st["step"] % c.eval_interval == 0:
+                    rec["val_loss"] = self.evaluate(data)
+                records.append(rec)
+                if log:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{st['loss']:.3f}", tok_s=f"{st['tokens_per_second']:.0f}")
+                if checkpoint_dir and checkpoint_interval and st["step"] % checkpoint_interval == 0:
+                    self.save(checkpoint_dir)
+        except KeyboardInterrupt:
+            if checkpoint_dir:
+                self.save(checkpoint_dir)
+            print(f"\ninterrupted at step {self.step_count}"
+                  + (f"; checkpoint saved to {checkpoint_dir}" if checkpoint_dir else ""),
+                  file=sys.stderr)
+            records.append({"interrupted": True, "step": self.step_count})
+            self.history.extend(records)
+            return records
+        finally:
+            if bar is not None:
+                bar.close()
+            if log:
+                log.close()
+        if checkpoint_dir:
+            self.save(checkpoint_dir)
+        self.history.extend(records)
+        return records
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: str) -> None:
+        """Write model (``save_pretrained`` float32 files at the top level, so
+        ``Model.from_pretrained(directory)`` works), optimizer moments, step, train config and
+        the data generator state. Atomic: everything goes to a temporary directory that
+        replaces ``directory`` in one step (:func:`dsv3.checkpoint.publish_dir`)."""
+        from . import checkpoint
+        directory = os.fspath(directory)
+        parent = os.path.dirname(os.path.abspath(directory))
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(directory))}"
+                                   f".trainer-tmp-{os.getpid()}")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        try:
+            inner = os.path.join(tmp, "model")
+            os.makedirs(tmp)
+            self.model.save_pretrained(inner, dtype="float32")
+            for f in os.listdir(inner):
+                os.rename(os.path.join(inner, f), os.path.join(tmp, f))
+            os.rmdir(inner)
+            m, v = self._t.moments()
+            np.save(os.path.join(tmp, "optimizer_m.npy"), m)
+            np.save(os.path.join(tmp, "optimizer_v.npy"), v)
+            data = getattr(self, "_data", None)
+            state = {"format": "dsv3.trainer/1", "step": self.step_count,
+                     "train_config": self.config.to_dict(),
+                     "data_state": _jsonable(data.state_dict()) if data is not None
+                     else self._data_state}
+            with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as f:
+                json.dump(state, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+            checkpoint.publish_dir(tmp, directory)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    @classmethod
+    def load(cls, directory: str) -> "Trainer":
+        """A Trainer restored from :meth:`save`: continuing it gives bit-identically the run
+        that was never interrupted (pass the same dataset to ``fit``; its generator state is
+        restored)."""
+        directory = os.fspath(directory)
+        with open(os.path.join(directory, "trainer.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        model = Model.from_pretrained(directory)
+        t = cls(model, TrainConfig(**state["train_config"]))
+        t._t.set_moments(np.load(os.path.join(directory, "optimizer_m.npy")),
+                         np.load(os.path.join(directory, "optimizer_v.npy")))
+        t._t.steps_done = int(state["step"])
+        t._data_state = state.get("data_state")
+        return t
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (np.integer,)):
+        return int(d)
+    return d
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return None
+    return tqdm(total=total, unit="step", dynamic_ncols=True)
