@@ -1,5 +1,4 @@
-"""Command line: ``python -m dsv3 {info,bench,generate} ...`` (see ``--help``)."""
-"""Command line: ``python -m dsv3 {info,train,bench} ...`` (see ``--help``)."""
+"""Command line: ``python -m dsv3 {info,train,generate,bench} ...`` (see ``--help``)."""
 from __future__ import annotations
 
 import argparse
