@@ -80,26 +80,20 @@ DSV3_SIMD_CLONES void swiglu_back_range(float* dg, float* du, const float* dh, c
     for (int64_t i = a; i < b; ++i) du[i] += dh[i] * (g[i] * sigmoid_f32(g[i]));
 }
 
+// The reductions use OpenMP SIMD reductions: full-width vectors in every clone, a fixed
+// association for a given CPU and build (deterministic), no reassociation flags elsewhere.
 DSV3_SIMD_CLONES float row_logsumexp(const float* x, int64_t V) {
-  float mx[kLanes];
-  for (int l = 0; l < kLanes; ++l) mx[l] = -INFINITY;
-  int64_t j = 0;
-  for (; j + kLanes <= V; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) mx[l] = x[j + l] > mx[l] ? x[j + l] : mx[l];
   float m = -INFINITY;
-  for (int l = 0; l < kLanes; ++l) m = mx[l] > m ? mx[l] : m;
-  for (; j < V; ++j) m = x[j] > m ? x[j] : m;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < V; ++j) m = x[j] > m ? x[j] : m;
   if (std::isnan(m) || std::isinf(m)) {  // NaN anywhere, or +-inf max: fall back to plain math
-    for (j = 0; j < V; ++j)
+    for (int64_t j = 0; j < V; ++j)
       if (std::isnan(x[j])) return x[j];
     if (m == -INFINITY) return -INFINITY;
   }
-  float acc[kLanes] = {0};
-  for (j = 0; j + kLanes <= V; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += exp_f32(x[j + l] - m);
   float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  for (; j < V; ++j) s += exp_f32(x[j] - m);
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < V; ++j) s += exp_f32(x[j] - m);
   return m + std::log(s);
 }
 
