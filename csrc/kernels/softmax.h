@@ -8,32 +8,8 @@
 
 namespace dsv3 {
 
-// In place: row[0..n) <- exp(row - max) / sum; returns the log-sum-exp of row[0..n).
-// Entries [n, width) are zeroed (masked keys). Max and sum run in 16 fixed lanes so the loops
-// vectorize and the result does not depend on the SIMD level.
-DSV3_SIMD_CLONES inline float softmax_row(float* row, int64_t n, int64_t width) {
-  constexpr int L = 16;
-  float mx[L], acc[L];
-  for (int l = 0; l < L; ++l) mx[l] = -INFINITY, acc[l] = 0.f;
-  int64_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int l = 0; l < L; ++l) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
-  float m = -INFINITY;
-  for (int l = 0; l < L; ++l) m = mx[l] > m ? mx[l] : m;
-  for (int64_t t = j; t < n; ++t) m = row[t] > m ? row[t] : m;
-  for (j = 0; j < n; ++j) row[j] = exp_f32(row[j] - m);
-  for (j = 0; j + L <= n; j += L)
-    for (int l = 0; l < L; ++l) acc[l] += row[j + l];
-  float sum = 0.f;
-  for (int l = 0; l < L; ++l) sum += acc[l];
-  for (; j < n; ++j) sum += row[j];
-  const float inv = 1.f / sum;
-  for (j = 0; j < n; ++j) row[j] *= inv;
-  for (j = n; j < width; ++j) row[j] = 0.f;
-  return m + std::log(sum);
-}
-
-// Unnormalised piece of a softmax split over key chunks: row[0..n) <- exp(row - max), entries
+// Unnormalised softmax (a piece of one split over key chunks, or a whole row):
+// row[0..n) <- exp(row - max), entries
 // [n, width) zeroed; returns {max, sum}. n <= 0 gives {-inf, 0} and an all-zero row. Pieces
 // combine as sum_c exp(max_c - M) * piece_c / sum_c exp(max_c - M) * sum_c.
 struct SoftmaxPiece {
@@ -61,6 +37,15 @@ DSV3_SIMD_CLONES inline SoftmaxPiece softmax_piece(float* row, int64_t n, int64_
   for (; j < n; ++j) sum += row[j];
   for (j = n; j < width; ++j) row[j] = 0.f;
   return {m, sum};
+}
+
+// In place: row[0..n) <- exp(row - max) / sum; returns the log-sum-exp of row[0..n).
+// Entries [n, width) are zeroed (masked keys).
+DSV3_SIMD_CLONES inline float softmax_row(float* row, int64_t n, int64_t width) {
+  const SoftmaxPiece p = softmax_piece(row, n, width);
+  const float inv = 1.f / p.sum;
+  for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+  return p.max + std::log(p.sum);
 }
 
 }  // namespace dsv3
