@@ -312,8 +312,7 @@ def test_grad_accumulation_matches_full_batch():
 def test_cli_train(tmp_path):
     src = tmp_path / "corpus.txt"
     src.write_text("def f(x):\n    return x + 1\n" * 400)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.join(os.path.dirname(__file__), "..", "python"), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))  # the dsv3 this test imported
     out = subprocess.run([sys.executable, "-m", "dsv3", "train", "--config", "small",
                           "--steps", "2", "--batch", "2", "--seq", "32", "--data", str(src),
                           "--out", str(tmp_path / "ck"), "--no-progress"],
