@@ -101,6 +101,19 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_tree(directory: str) -> None:
+    """fsync every file of a directory and the directory itself (before publishing it)."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(directory)
+
+
 def _exchange(a: str, b: str) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
     try:

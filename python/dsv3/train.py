@@ -284,8 +284,9 @@ class Trainer:
         directory = os.fspath(directory)
         parent = os.path.dirname(os.path.abspath(directory))
         os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(directory))}"
-                                   f".trainer-tmp-{os.getpid()}")
+        prefix = f".{os.path.basename(os.path.abspath(directory))}.trainer-tmp-"
+        checkpoint.remove_stale_temps(parent, prefix)  # left by saves killed midway
+        tmp = os.path.join(parent, f"{prefix}{os.getpid()}")
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         try:
@@ -305,8 +306,7 @@ class Trainer:
                      else self._data_state}
             with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as f:
                 json.dump(state, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
+            checkpoint.fsync_tree(tmp)
             checkpoint.publish_dir(tmp, directory)
         finally:
             if os.path.exists(tmp):
