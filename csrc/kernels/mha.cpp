@@ -36,17 +36,6 @@ void project(float* q, float* k, float* v, const float* x, const MhaParams& p, c
   rope_forward(k + d.Dn, K, d.dqk(), k + d.Dn, K, d.dqk(), pos, R, d.Hkv, d.rope);
 }
 
-// dst = src with the rotated part of each head un-rotated (gradient through RoPE)
-std::vector<float> unrope(const std::vector<float>& src, int64_t heads, const MhaDims& d,
-                          const int64_t* pos, int64_t R) {
-  const int64_t W = heads * d.dqk();
-  std::vector<float> dst(src);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t h = 0; h < heads; ++h) std::fill_n(dst.data() + r * W + h * d.dqk() + d.Dn, d.Dr, 0.f);
-  rope_backward(dst.data() + d.Dn, W, d.dqk(), src.data() + d.Dn, W, d.dqk(), pos, R, heads, d.rope);
-  return dst;
-}
-
 }  // namespace
 
 void mha_forward(float* out, MhaActs& a, const float* x, const MhaParams& p, const MhaDims& d,
@@ -57,8 +46,7 @@ void mha_forward(float* out, MhaActs& a, const float* x, const MhaParams& p, con
   const int64_t R = B * T;
   a.B = B;
   a.T = T;
-  a.pos.resize(R);
-  for (int64_t r = 0; r < R; ++r) a.pos[r] = start_pos + r % T;
+  a.pos = row_positions(B, T, start_pos);
   a.q.resize(R * d.H * d.dqk());
   a.k.resize(R * d.Hkv * d.dqk());
   a.v.resize(R * d.Hkv * d.Dv);
@@ -80,8 +68,8 @@ void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaAct
   const AttnShape s{B, T, T, d.H, d.Hkv, d.dqk(), d.Dv, 0, d.scale};
   attention_backward(dq.data(), dk.data(), dv.data(), d_o.data(), a.o.data(), a.lse.data(),
                      a.q.data(), a.k.data(), a.v.data(), s);
-  const std::vector<float> dq_raw = unrope(dq, d.H, d, a.pos.data(), R);
-  const std::vector<float> dk_raw = unrope(dk, d.Hkv, d, a.pos.data(), R);
+  const std::vector<float> dq_raw = rope_heads_backward(dq, d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
+  const std::vector<float> dk_raw = rope_heads_backward(dk, d.Hkv, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   linear_backward(dx, g.q_proj, dq_raw.data(), x, p.q_proj, R, d.D, d.H * d.dqk());
   linear_backward(dx, g.k_proj, dk_raw.data(), x, p.k_proj, R, d.D, d.Hkv * d.dqk());
   linear_backward(dx, g.v_proj, dv.data(), x, p.v_proj, R, d.D, d.Hkv * d.Dv);
@@ -95,8 +83,7 @@ void mha_decode(float* out, const float* x, const MhaParams& p, const MhaDims& d
   DSV3_CHECK(start_pos >= 0 && start_pos + S <= cache.max_len, "[mha_decode] start_pos (",
              start_pos, ") + tokens (", S, ") exceeds the cache capacity (", cache.max_len, ")");
   const int64_t R = B * S, K = d.Hkv * d.dqk(), V = d.Hkv * d.Dv, L = start_pos + S;
-  std::vector<int64_t> pos((size_t)R);
-  for (int64_t r = 0; r < R; ++r) pos[r] = start_pos + r % S;
+  const std::vector<int64_t> pos = row_positions(B, S, start_pos);
   std::vector<float> q((size_t)(R * d.H * d.dqk())), k((size_t)(R * K)), v((size_t)(R * V)),
       o((size_t)(R * d.H * d.Dv));
   project(q.data(), k.data(), v.data(), x, p, d, pos.data(), R);

@@ -92,11 +92,6 @@ void decompress(float* k, float* v, const float* c, int64_t ldc, const float* kp
   });
 }
 
-std::vector<int64_t> positions(int64_t B, int64_t T, int64_t start_pos) {
-  std::vector<int64_t> pos((size_t)(B * T));
-  for (int64_t r = 0; r < B * T; ++r) pos[r] = start_pos + r % T;
-  return pos;
-}
 
 }  // namespace
 
@@ -109,7 +104,7 @@ void mla_forward(float* out, MlaActs& a, const float* x, const MlaParams& p, con
   const int64_t R = B * T;
   a.B = B;
   a.T = T;
-  a.pos = positions(B, T, start_pos);
+  a.pos = row_positions(B, T, start_pos);
   a.q.resize(R * d.H * d.dqk());
   project_q(a.q.data(), &a.qa, &a.qa_rstd, &a.qa_n, x, p, d, a.pos.data(), R);
   a.kva.resize(R * (d.Dc + d.Dr));
@@ -164,12 +159,7 @@ void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaAct
   rope_backward(dkva.data() + d.Dc, W, 0, dkpe.data(), d.Dr, 0, a.pos.data(), R, 1, d.rope);
   linear_backward(dx, g.kv_a_proj_with_mqa, dkva.data(), x, p.kv_a_proj_with_mqa, R, d.D, W);
   // back through the query path: un-rotate the q_pe gradient
-  std::vector<float> dq_raw(dq);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t h = 0; h < d.H; ++h)
-      std::fill_n(dq_raw.data() + r * Q + h * d.dqk() + d.Dn, d.Dr, 0.f);
-  rope_backward(dq_raw.data() + d.Dn, Q, d.dqk(), dq.data() + d.Dn, Q, d.dqk(), a.pos.data(), R,
-                d.H, d.rope);
+  const std::vector<float> dq_raw = rope_heads_backward(dq, d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   if (d.Dq > 0) {
     std::vector<float> dqa_n((size_t)(R * d.Dq), 0.f), dqa((size_t)(R * d.Dq), 0.f);
     linear_backward(dqa_n.data(), g.q_b_proj, dq_raw.data(), a.qa_n.data(), p.q_b_proj, R, d.Dq,
@@ -201,7 +191,7 @@ DecodeStep decode_prologue(const float* x, const MlaParams& p, const MlaDims& d,
   DSV3_CHECK(start_pos >= 0 && start_pos + S <= cache.max_len, "[mla_decode] start_pos (",
              start_pos, ") + tokens (", S, ") exceeds the cache capacity (", cache.max_len, ")");
   const int64_t R = B * S, W = d.Dc + d.Dr;
-  DecodeStep st{positions(B, S, start_pos), std::vector<float>((size_t)(R * d.H * d.dqk()))};
+  DecodeStep st{row_positions(B, S, start_pos), std::vector<float>((size_t)(R * d.H * d.dqk()))};
   project_q(st.q.data(), nullptr, nullptr, nullptr, x, p, d, st.pos.data(), R);
   std::vector<float> kva((size_t)(R * W)), rstd((size_t)R), c((size_t)(R * d.Dc)),
       kpe((size_t)(R * d.Dr));

@@ -98,4 +98,21 @@ void rope_backward(float* dx, int64_t dx_row, int64_t dx_head, const float* dy, 
   rope_apply(dx, dx_row, dx_head, dy, dy_row, dy_head, pos, R, H, t, -1.0, true);
 }
 
+std::vector<int64_t> row_positions(int64_t B, int64_t T, int64_t start_pos) {
+  std::vector<int64_t> pos((size_t)(B * T));
+  for (int64_t r = 0; r < B * T; ++r) pos[r] = start_pos + r % T;
+  return pos;
+}
+
+std::vector<float> rope_heads_backward(const std::vector<float>& d_out, int64_t heads,
+                                       int64_t Dn, int64_t Dr, const int64_t* pos, int64_t R,
+                                       const RopeTable& t) {
+  const int64_t Dh = Dn + Dr, W = heads * Dh;
+  std::vector<float> dx(d_out);
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t h = 0; h < heads; ++h) std::fill_n(dx.data() + r * W + h * Dh + Dn, Dr, 0.f);
+  rope_backward(dx.data() + Dn, W, Dh, d_out.data() + Dn, W, Dh, pos, R, heads, t);
+  return dx;
+}
+
 }  // namespace dsv3
