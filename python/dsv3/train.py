@@ -338,10 +338,19 @@ def _jsonable(d):
 
 
 def _progress(total: int, enabled: bool):
+    """A tqdm bar, or None without tqdm. The notebook widget bar only when ipywidgets is there
+    (else tqdm.auto warns and falls back anyway); off a terminal (notebooks, logs) the text bar
+    refreshes every few seconds so saved outputs stay short."""
     if not enabled:
         return None
     try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional
+        import tqdm as _tqdm  # noqa: F401  (optional dependency)
+    except ImportError:
         return None
-    return tqdm(total=total, unit="step", dynamic_ncols=True)
+    try:
+        import ipywidgets  # noqa: F401
+        from tqdm.auto import tqdm
+    except ImportError:
+        from tqdm import tqdm
+    interval = 0.1 if sys.stderr.isatty() else 5.0
+    return tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=interval)
