@@ -105,13 +105,19 @@ def test_loss_decreases_in_each_precision_and_low_precision_tracks_fp32():
     for prec in ("bf16", "fp8"):
         got = overfit(prec)
         assert got[-1] < 0.5 * got[0], (prec, got)
-        # Measured (tiny model, 25 steps, fixed seed): first-step main-loss gap 7e-6 (bf16) and
-        # 2.3e-4 (fp8) relative; final (overfitted, ~0.0036) loss within 1% of fp32.
-        # Bounds: 1e-3 on the first step, 5% on the final loss.
+        # Measured (tiny model, 25 steps, lr 1e-2, fixed seed): first-step main-loss gap 7e-6
+        # (bf16) and 2.3e-4 (fp8) relative; along the fast descent those perturbations grow to
+        # at most 0.8% (bf16) and 3.2% (fp8) of the initial loss (4.23); the final losses
+        # (overfitted, ~3.6e-3 nats) differ by 1e-4 (bf16) and 3e-4 (fp8) nats. A relative
+        # bound on a loss that close to 0 is noise, so the final check is absolute.
+        # Bounds: 1e-3 relative on the first step, 5% of the initial loss along the curve,
+        # 1e-3 nats at the end (a mis-scaled fp8 path stays far above 1e-2).
         assert abs(got[0] - ref[0]) / ref[0] < 1e-3, prec
-        assert abs(got[-1] - ref[-1]) / ref[-1] < 5e-2, (prec, got[-1], ref[-1])
+        gap = np.abs(np.array(got) - np.array(ref))
+        assert gap.max() < 5e-2 * ref[0], (prec, gap.max(), ref[0])
+        assert gap[-1] < 1e-3, (prec, got[-1], ref[-1])
     got = overfit("fp32", moment_dtype="bfloat16")
-    assert got[-1] < 0.5 * got[0] and abs(got[-1] - ref[-1]) / ref[-1] < 5e-2
+    assert got[-1] < 0.5 * got[0] and abs(got[-1] - ref[-1]) < 1e-3, (got[-1], ref[-1])
 
 
 def test_low_precision_changes_linear_gemms_only():

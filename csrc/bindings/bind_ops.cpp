@@ -162,6 +162,17 @@ F32 swiglu(py::handle g_h, py::handle u_h) {
   return h;
 }
 
+F32 exp_py(py::handle x_h) {  // _exp_f32: the engine's expf, for tests/test_mathfn.py
+  auto x = f32(x_h, "_exp_f32", "x");
+  F32 y = empty(shape_of(x));
+  float* py_ = y.mutable_data();
+  const float* px = x.data();
+  const int64_t n = x.size();
+  py::gil_scoped_release nogil;
+  exp_elementwise(py_, px, n);
+  return y;
+}
+
 py::tuple swiglu_bwd(py::handle dh_h, py::handle g_h, py::handle u_h) {
   auto dh = f32(dh_h, "swiglu_backward", "dh");
   auto g = f32(g_h, "swiglu_backward", "gate");
@@ -377,6 +388,7 @@ void bind_ops(py::module_& m) {
   m.def("attention", &attention_py, arg("q"), arg("k"), arg("v"), arg("scale"), arg("start_pos"));
   m.def("attention_backward", &attention_bwd, arg("d_out"), arg("q"), arg("k"), arg("v"),
         arg("out"), arg("lse"), arg("scale"), arg("start_pos"));
+  m.def("_exp_f32", &exp_py, arg("x"));
   m.def("cross_entropy", &cross_entropy_py, arg("logits"), arg("targets"), arg("ignore_index"));
   m.def("cross_entropy_backward", &cross_entropy_bwd, arg("logits"), arg("targets"), arg("lse"),
         arg("ignore_index"), arg("d_loss"));

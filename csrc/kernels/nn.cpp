@@ -71,6 +71,14 @@ DSV3_SIMD_CLONES void swiglu_range(float* h, const float* g, const float* u, int
 
 DSV3_SIMD_CLONES void swiglu_back_range(float* dg, float* du, const float* dh, const float* g,
                                         const float* u, int64_t a, int64_t b) {
+  if (dg && du) {  // one sigmoid per element for both gradients
+    for (int64_t i = a; i < b; ++i) {
+      const float s = sigmoid_f32(g[i]);
+      dg[i] += dh[i] * u[i] * (s * (1.f + g[i] * (1.f - s)));
+      du[i] += dh[i] * (g[i] * s);
+    }
+    return;
+  }
   if (dg)
     for (int64_t i = a; i < b; ++i) {
       const float s = sigmoid_f32(g[i]);
@@ -78,6 +86,10 @@ DSV3_SIMD_CLONES void swiglu_back_range(float* dg, float* du, const float* dh, c
     }
   if (du)
     for (int64_t i = a; i < b; ++i) du[i] += dh[i] * (g[i] * sigmoid_f32(g[i]));
+}
+
+DSV3_SIMD_CLONES void exp_range(float* y, const float* x, int64_t a, int64_t b) {
+  for (int64_t i = a; i < b; ++i) y[i] = exp_f32(x[i]);
 }
 
 // The reductions use OpenMP SIMD reductions: full-width vectors in every clone, a fixed
@@ -103,6 +115,8 @@ DSV3_SIMD_CLONES void softmax_grad_row(float* d, const float* x, float lse, floa
 }
 
 }  // namespace
+
+void exp_elementwise(float* y, const float* x, int64_t n) { exp_range(y, x, 0, n); }
 
 void embedding_forward(float* out, const int64_t* ids, const float* weight, int64_t R, int64_t V,
                        int64_t D) {

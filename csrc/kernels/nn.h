@@ -33,6 +33,9 @@ void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* rstd, 
                       const float* w, int64_t R, int64_t D);
 
 // h = silu(g) * u = g * sigmoid(g) * u    g[F]  u[F]  h[F]
+// y = exp(x) elementwise with the engine's exp_f32, in the hot loops' SIMD clone (for tests).
+void exp_elementwise(float* y, const float* x, int64_t n);
+
 void swiglu_forward(float* h, const float* g, const float* u, int64_t F);
 // dg += dh * u * s * (1 + g * (1 - s)) ;  du += dh * silu(g)     (s = sigmoid(g))
 void swiglu_backward(float* dg, float* du, const float* dh, const float* g, const float* u,
