@@ -136,14 +136,14 @@ py::tuple rmsnorm_bwd(py::handle dy_h, py::handle x_h, py::handle w_h, float eps
   check_rmsnorm(x, w, eps, "rmsnorm_backward");
   check_same_shape(x, dy, "rmsnorm_backward", "x", "dy");
   const int64_t R = rows(x), D = w.shape(0);
-  F32 dx = zeros(shape_of(x)), dw = zeros(shape_of(w));
+  F32 dx = empty(shape_of(x)), dw = zeros(shape_of(w));
   float *pdx = dx.mutable_data(), *pdw = dw.mutable_data();
   const float *pdy = dy.data(), *px = x.data(), *pw = w.data();
   {
     py::gil_scoped_release nogil;
-    std::vector<float> y((size_t)(R * D)), rstd((size_t)R);  // recompute the saved rstd
-    rmsnorm_forward(y.data(), rstd.data(), px, pw, R, D, eps);
-    rmsnorm_backward(pdx, pdw, pdy, rstd.data(), px, pw, R, D);
+    std::vector<float> rstd((size_t)R);  // recompute the saved rstd (no y)
+    rmsnorm_forward(nullptr, rstd.data(), px, pw, R, D, eps);
+    rmsnorm_backward(pdx, pdw, pdy, rstd.data(), px, pw, R, D, /*set_dx=*/true);
   }
   return py::make_tuple(dx, dw);
 }
@@ -179,13 +179,13 @@ py::tuple swiglu_bwd(py::handle dh_h, py::handle g_h, py::handle u_h) {
   auto u = f32(u_h, "swiglu_backward", "up");
   check_same_shape(g, u, "swiglu_backward", "gate", "up");
   check_same_shape(g, dh, "swiglu_backward", "gate", "dh");
-  F32 dg = zeros(shape_of(g)), du = zeros(shape_of(g));
+  F32 dg = empty(shape_of(g)), du = empty(shape_of(g));
   float *pdg = dg.mutable_data(), *pdu = du.mutable_data();
   const float *pdh = dh.data(), *pg = g.data(), *pu = u.data();
   const int64_t F = g.size();
   {
     py::gil_scoped_release nogil;
-    swiglu_backward(pdg, pdu, pdh, pg, pu, F);
+    swiglu_backward(pdg, pdu, pdh, pg, pu, F, /*set=*/true);
   }
   return py::make_tuple(dg, du);
 }
@@ -357,13 +357,13 @@ F32 cross_entropy_bwd(py::handle l_h, py::handle t_h, py::handle lse_h, int64_t 
                      " is out of range [0, ", a.V, ") and is not ignore_index (", ignore_index, ")");
     ++count;
   }
-  F32 d = zeros(shape_of(a.logits));
-  if (count == 0) return d;
+  if (count == 0) return zeros(shape_of(a.logits));
+  F32 d = empty(shape_of(a.logits));
   float* pd = d.mutable_data();
   const float *px = a.logits.data(), *pl = lse.data();
   const float scale = (float)(d_loss / (double)count);
   py::gil_scoped_release nogil;
-  cross_entropy_backward(pd, pl, px, pt, a.R, a.V, ignore_index, scale);
+  cross_entropy_backward(pd, pl, px, pt, a.R, a.V, ignore_index, scale, /*set=*/true);
   return d;
 }
 

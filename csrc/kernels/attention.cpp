@@ -32,6 +32,10 @@ DSV3_SIMD_CLONES void softmax_back_row(float* p, float* dp, float lse, float del
   for (int64_t j = n; j < width; ++j) p[j] = dp[j] = 0.f;
 }
 
+DSV3_SIMD_CLONES void scale_row(float* y, float a, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) y[j] *= a;
+}
+
 }  // namespace
 
 void attention_check(const AttnShape& s) {
@@ -53,7 +57,7 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
   const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.Hkv * s.Dv, ldo = s.H * s.Dv;
   const int64_t group = s.H / s.Hkv;
   parallel_for(s.B * s.H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> S((size_t)(kBlock * s.Tk));
+    std::vector<float> S((size_t)(kBlock * s.Tk)), inv(kBlock);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.H, h = t % s.H, hk = h / group;
       const float* qb = q + b * s.Tq * ldq + h * s.Dk;
@@ -64,11 +68,15 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
         const int64_t m = std::min(kBlock, s.Tq - i0);
         const int64_t n = visible(s, i0 + m - 1);  // keys any row of the block can see
         sgemm(false, true, m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kb, ldk, 0.f, S.data(), n);
+        // Unnormalised P = exp(S - max); the 1/sum goes on the m x Dv output rows instead of
+        // the m x n probabilities (one pass fewer over S).
         for (int64_t i = 0; i < m; ++i) {
-          const float l = softmax_row(S.data() + i * n, visible(s, i0 + i), n);
-          if (lse) lse[(b * s.H + h) * s.Tq + i0 + i] = l;
+          const SoftmaxPiece p = softmax_piece(S.data() + i * n, visible(s, i0 + i), n);
+          inv[i] = 1.f / p.sum;
+          if (lse) lse[(b * s.H + h) * s.Tq + i0 + i] = p.max + std::log(p.sum);
         }
         sgemm(false, false, m, s.Dv, n, 1.f, S.data(), n, vb, ldv, 0.f, ob + i0 * ldo, ldo);
+        for (int64_t i = 0; i < m; ++i) scale_row(ob + (i0 + i) * ldo, inv[i], s.Dv);
       }
     }
   });

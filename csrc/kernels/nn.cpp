@@ -35,12 +35,15 @@ DSV3_SIMD_CLONES void rmsnorm_rows(float* y, float* rstd, const float* x, const 
     for (; j < D; ++j) ss += xr[j] * xr[j];
     const float rs = 1.f / std::sqrt(ss / (float)D + eps);
     if (rstd) rstd[r] = rs;
+    if (!y) continue;  // rstd only (the backward of the Python op recomputes it)
     float* yr = y + r * D;
     for (j = 0; j < D; ++j) yr[j] = w[j] * (xr[j] * rs);
   }
 }
 
-// dx part of the rmsnorm backward for rows [r0, r1); dw partial sums into dw_part[D].
+// dx part of the rmsnorm backward for rows [r0, r1) (kSet: dx = ..., else dx += ...); dw
+// partial sums into dw_part[D].
+template <bool kSet>
 DSV3_SIMD_CLONES void rmsnorm_back_rows(float* dx, float* dw_part, const float* dy,
                                         const float* rstd, const float* x, const float* w,
                                         int64_t r0, int64_t r1, int64_t D) {
@@ -57,7 +60,7 @@ DSV3_SIMD_CLONES void rmsnorm_back_rows(float* dx, float* dw_part, const float* 
     if (dx) {
       const float c = rs * rs * rs * dot / (float)D;
       float* dxr = dx + r * D;
-      for (j = 0; j < D; ++j) dxr[j] += rs * (w[j] * dyr[j]) - c * xr[j];
+      for (j = 0; j < D; ++j) dxr[j] = (kSet ? 0.f : dxr[j]) + (rs * (w[j] * dyr[j]) - c * xr[j]);
     }
     if (dw_part)
       for (j = 0; j < D; ++j) dw_part[j] += dyr[j] * (xr[j] * rs);
@@ -69,23 +72,24 @@ DSV3_SIMD_CLONES void swiglu_range(float* h, const float* g, const float* u, int
   for (int64_t i = a; i < b; ++i) h[i] = g[i] * sigmoid_f32(g[i]) * u[i];
 }
 
+template <bool kSet>
 DSV3_SIMD_CLONES void swiglu_back_range(float* dg, float* du, const float* dh, const float* g,
                                         const float* u, int64_t a, int64_t b) {
   if (dg && du) {  // one sigmoid per element for both gradients
     for (int64_t i = a; i < b; ++i) {
       const float s = sigmoid_f32(g[i]);
-      dg[i] += dh[i] * u[i] * (s * (1.f + g[i] * (1.f - s)));
-      du[i] += dh[i] * (g[i] * s);
+      dg[i] = (kSet ? 0.f : dg[i]) + dh[i] * u[i] * (s * (1.f + g[i] * (1.f - s)));
+      du[i] = (kSet ? 0.f : du[i]) + dh[i] * (g[i] * s);
     }
     return;
   }
   if (dg)
     for (int64_t i = a; i < b; ++i) {
       const float s = sigmoid_f32(g[i]);
-      dg[i] += dh[i] * u[i] * (s * (1.f + g[i] * (1.f - s)));
+      dg[i] = (kSet ? 0.f : dg[i]) + dh[i] * u[i] * (s * (1.f + g[i] * (1.f - s)));
     }
   if (du)
-    for (int64_t i = a; i < b; ++i) du[i] += dh[i] * (g[i] * sigmoid_f32(g[i]));
+    for (int64_t i = a; i < b; ++i) du[i] = (kSet ? 0.f : du[i]) + dh[i] * (g[i] * sigmoid_f32(g[i]));
 }
 
 DSV3_SIMD_CLONES void exp_range(float* y, const float* x, int64_t a, int64_t b) {
@@ -109,9 +113,10 @@ DSV3_SIMD_CLONES float row_logsumexp(const float* x, int64_t V) {
   return m + std::log(s);
 }
 
+template <bool kSet>
 DSV3_SIMD_CLONES void softmax_grad_row(float* d, const float* x, float lse, float scale,
                                        int64_t V) {
-  for (int64_t j = 0; j < V; ++j) d[j] += scale * exp_f32(x[j] - lse);
+  for (int64_t j = 0; j < V; ++j) d[j] = (kSet ? 0.f : d[j]) + scale * exp_f32(x[j] - lse);
 }
 
 }  // namespace
@@ -165,11 +170,15 @@ void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, int6
 }
 
 void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* rstd, const float* x,
-                      const float* w, int64_t R, int64_t D) {
+                      const float* w, int64_t R, int64_t D, bool set_dx) {
+  const auto rows = [&](float* part, int64_t r0, int64_t r1) {
+    if (set_dx)
+      rmsnorm_back_rows<true>(dx, part, dy, rstd, x, w, r0, r1, D);
+    else
+      rmsnorm_back_rows<false>(dx, part, dy, rstd, x, w, r0, r1, D);
+  };
   if (!dw) {
-    parallel_for(R, row_grain(D), [&](int64_t r0, int64_t r1) {
-      rmsnorm_back_rows(dx, nullptr, dy, rstd, x, w, r0, r1, D);
-    });
+    parallel_for(R, row_grain(D), [&](int64_t r0, int64_t r1) { rows(nullptr, r0, r1); });
     return;
   }
   // dw: one partial row per task, summed in task order afterwards (deterministic).
@@ -179,7 +188,7 @@ void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* rstd, 
   parallel_for(tasks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = R * t / tasks, r1 = R * (t + 1) / tasks;
-      rmsnorm_back_rows(dx, part.data() + t * D, dy, rstd, x, w, r0, r1, D);
+      rows(part.data() + t * D, r0, r1);
     }
   });
   for (int64_t t = 0; t < tasks; ++t)
@@ -191,8 +200,13 @@ void swiglu_forward(float* h, const float* g, const float* u, int64_t F) {
 }
 
 void swiglu_backward(float* dg, float* du, const float* dh, const float* g, const float* u,
-                     int64_t F) {
-  parallel_for(F, 1 << 15, [&](int64_t a, int64_t b) { swiglu_back_range(dg, du, dh, g, u, a, b); });
+                     int64_t F, bool set) {
+  parallel_for(F, 1 << 15, [&](int64_t a, int64_t b) {
+    if (set)
+      swiglu_back_range<true>(dg, du, dh, g, u, a, b);
+    else
+      swiglu_back_range<false>(dg, du, dh, g, u, a, b);
+  });
 }
 
 int64_t cross_entropy_forward(float* loss_rows, float* lse, const float* logits,
@@ -218,11 +232,17 @@ int64_t cross_entropy_forward(float* loss_rows, float* lse, const float* logits,
 
 void cross_entropy_backward(float* d_logits, const float* lse, const float* logits,
                             const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index,
-                            float scale) {
+                            float scale, bool set) {
   parallel_for(R, row_grain(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      if (targets[r] == ignore_index) continue;
-      softmax_grad_row(d_logits + r * V, logits + r * V, lse[r], scale, V);
+      if (targets[r] == ignore_index) {
+        if (set) std::memset(d_logits + r * V, 0, sizeof(float) * V);
+        continue;
+      }
+      if (set)
+        softmax_grad_row<true>(d_logits + r * V, logits + r * V, lse[r], scale, V);
+      else
+        softmax_grad_row<false>(d_logits + r * V, logits + r * V, lse[r], scale, V);
       d_logits[r * V + targets[r]] -= scale;
     }
   });

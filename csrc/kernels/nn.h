@@ -5,7 +5,8 @@
 // Conventions: forward(out..., saved..., in..., weights..., opts) /
 //              backward(d_in..., d_weights..., d_out, saved..., in..., weights...).
 // Backward functions ACCUMULATE (+=) into every gradient output; callers zero them. A null
-// gradient pointer skips that gradient.
+// gradient pointer skips that gradient. Where a `set` flag exists, set=true overwrites the
+// large gradient instead (the Python ops: fresh outputs need no zeroing pass).
 #pragma once
 #include <cstdint>
 
@@ -25,21 +26,21 @@ void linear_backward(float* dx, float* dw, const float* dy, const float* x, cons
                      int64_t R, int64_t K, int64_t O);
 
 // y = w * x / sqrt(mean(x^2) + eps), in fp32; rstd[R] = 1/sqrt(mean(x^2)+eps) is saved
-//                                         x[R,D]  w[D]  y[R,D]  rstd[R] (may be null)
+//                                         x[R,D]  w[D]  y[R,D]  rstd[R] (either may be null)
 void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, int64_t R, int64_t D,
                      float eps);
-// dx += rstd*(w*dy) - rstd^3/D * x * sum(w*dy*x) ;  dw += sum_r dy*x*rstd
+// dx += rstd*(w*dy) - rstd^3/D * x * sum(w*dy*x) ;  dw += sum_r dy*x*rstd   (set_dx: dx =)
 void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* rstd, const float* x,
-                      const float* w, int64_t R, int64_t D);
+                      const float* w, int64_t R, int64_t D, bool set_dx = false);
 
-// h = silu(g) * u = g * sigmoid(g) * u    g[F]  u[F]  h[F]
 // y = exp(x) elementwise with the engine's exp_f32, in the hot loops' SIMD clone (for tests).
 void exp_elementwise(float* y, const float* x, int64_t n);
 
+// h = silu(g) * u = g * sigmoid(g) * u    g[F]  u[F]  h[F]
 void swiglu_forward(float* h, const float* g, const float* u, int64_t F);
-// dg += dh * u * s * (1 + g * (1 - s)) ;  du += dh * silu(g)     (s = sigmoid(g))
+// dg += dh * u * s * (1 + g * (1 - s)) ;  du += dh * silu(g)     (s = sigmoid(g); set: =)
 void swiglu_backward(float* dg, float* du, const float* dh, const float* g, const float* u,
-                     int64_t F);
+                     int64_t F, bool set = false);
 
 // Softmax cross-entropy with ignore-index.  logits[R,V]  targets[R]  loss_rows[R]  lse[R]
 // loss_rows[r] = logsumexp(logits[r]) - logits[r, t_r] (0 where t_r == ignore_index).
@@ -48,9 +49,9 @@ void swiglu_backward(float* dg, float* du, const float* dh, const float* g, cons
 int64_t cross_entropy_forward(float* loss_rows, float* lse, const float* logits,
                               const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index);
 // d_logits[r,:] += scale * (softmax(logits[r]) - onehot(t_r)) for counted rows
-// (scale = d_loss / count for the mean loss)
+// (scale = d_loss / count for the mean loss). set: d_logits = ..., ignored rows zeroed.
 void cross_entropy_backward(float* d_logits, const float* lse, const float* logits,
                             const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index,
-                            float scale);
+                            float scale, bool set = false);
 
 }  // namespace dsv3

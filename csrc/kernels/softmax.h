@@ -29,9 +29,14 @@ DSV3_SIMD_CLONES inline SoftmaxPiece softmax_piece(float* row, int64_t n, int64_
   float m = -INFINITY;
   for (int l = 0; l < L; ++l) m = mx[l] > m ? mx[l] : m;
   for (int64_t t = j; t < n; ++t) m = row[t] > m ? row[t] : m;
-  for (j = 0; j < n; ++j) row[j] = exp_f32(row[j] - m);
+  // exp and sum in one pass; lane l accumulates columns l, l + L, ... (fixed order)
   for (j = 0; j + L <= n; j += L)
-    for (int l = 0; l < L; ++l) acc[l] += row[j + l];
+    for (int l = 0; l < L; ++l) {
+      const float e = exp_f32(row[j + l] - m);
+      row[j + l] = e;
+      acc[l] += e;
+    }
+  for (int64_t t = j; t < n; ++t) row[t] = exp_f32(row[t] - m);
   float sum = 0.f;
   for (int l = 0; l < L; ++l) sum += acc[l];
   for (; j < n; ++j) sum += row[j];
