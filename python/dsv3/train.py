@@ -250,9 +250,10 @@ class Trainer:
                 if log:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
-                if bar is not None:
+                if bar is not None:  # postfix without a redraw: update() redraws at its interval
+                    bar.set_postfix(loss=f"{st['loss']:.3f}", tok_s=f"{st['tokens_per_second']:.0f}",
+                                    refresh=False)
                     bar.update(1)
-                    bar.set_postfix(loss=f"{st['loss']:.3f}", tok_s=f"{st['tokens_per_second']:.0f}")
                 if checkpoint_dir and checkpoint_interval and st["step"] % checkpoint_interval == 0:
                     self.save(checkpoint_dir)
         except KeyboardInterrupt:
