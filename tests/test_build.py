@@ -60,3 +60,27 @@ def test_gil_released_during_compute():
     during = [s for s in ticks if start < s < end]
     # with the GIL held for the whole call the ticker could not run between start and end
     assert end - start < 0.05 or len(during) >= 3, (end - start, len(during))
+
+
+def _malloc_tuned(env):
+    import os
+    import subprocess
+    import sys
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("DSV3_MALLOC_TUNING", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+    e.update(env)
+    out = subprocess.run([sys.executable, "-c", "import dsv3; print(dsv3.build_info()['malloc_tuned'])"],
+                         env=e, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.skipif(not __import__("platform").libc_ver()[0] == "glibc", reason="glibc only")
+def test_malloc_policy_applied_at_import_unless_opted_out():
+    # core/memory.h: fixed mmap threshold + 1 GiB trim threshold, skipped on request or when
+    # the user already set malloc policy through the environment
+    if dsv3.build_info()["sanitizers"] != "none":
+        pytest.skip("the sanitizer allocator replaces malloc")
+    assert _malloc_tuned({}) == "True"
+    assert _malloc_tuned({"DSV3_MALLOC_TUNING": "0"}) == "False"
+    assert _malloc_tuned({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1048576"}) == "False"
+    assert _malloc_tuned({"MALLOC_ARENA_MAX": "2"}) == "False"

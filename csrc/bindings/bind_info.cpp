@@ -3,6 +3,7 @@
 
 #include "bindings/arrays.h"
 #include "core/blas.h"
+#include "core/memory.h"
 #include "core/parallel.h"
 #include "core/simd.h"
 
@@ -11,6 +12,7 @@ namespace dsv3 {
 namespace py = pybind11;
 
 void bind_info(py::module_& m) {
+  tune_malloc();  // at import: see core/memory.h (DSV3_MALLOC_TUNING=0 opts out)
   m.def("build_info", [] {
     py::dict d;
     d["compiler"] = DSV3_COMPILER;
@@ -20,6 +22,7 @@ void bind_info(py::module_& m) {
     d["openmp"] = (long)_OPENMP;
     d["num_threads"] = num_threads();
     d["simd"] = simd_flags();
+    d["malloc_tuned"] = malloc_tuned();
 #ifdef __OPTIMIZE__
     d["optimized"] = true;
 #else
