@@ -118,6 +118,19 @@ def ref_balance_loss(s: np.ndarray, idx: np.ndarray, alpha: float, E: int) -> fl
     return total / B
 
 
+def t_seq_balance(torch, s, idx: np.ndarray, E: int, K: int, alpha: float):
+    """Sequence-wise balance loss in torch (differentiable in s): s (B, T, E) affinities,
+    idx (B, T, K) chosen experts; mean over sequences of alpha * sum_i f_i P_i with
+    f_i = E / (K T) * count_i and P_i the mean over tokens of s_i / sum_j s_j."""
+    B, T, _ = s.shape
+    bal = 0
+    for b in range(B):
+        f = torch.tensor(E / (K * T) * np.bincount(idx[b].ravel(), minlength=E), dtype=s.dtype)
+        Pm = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
+        bal = bal + alpha * (f * Pm).sum()
+    return bal / B
+
+
 def torch_moe_grads(torch, x: np.ndarray, params: Dict[str, np.ndarray], cfg, idx: np.ndarray,
                     dy: np.ndarray, alpha: float = 0.0):
     """float64 autograd of L = sum(dy * y) + balance loss with the routing fixed to idx
@@ -152,14 +165,7 @@ def torch_moe_grads(torch, x: np.ndarray, params: Dict[str, np.ndarray], cfg, id
     if alpha:
         E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
         T = xt.shape[0] // B
-        sb = s.reshape(B, T, E)
-        ib = idx.reshape(B, T, K)
-        bal = 0.0
-        for b in range(B):
-            f = torch.tensor(E / (K * T) * np.bincount(ib[b].ravel(), minlength=E), dtype=torch.float64)
-            Pm = (sb[b] / sb[b].sum(-1, keepdim=True)).mean(0)
-            bal = bal + alpha * (f * Pm).sum()
-        L = L + bal / B
+        L = L + t_seq_balance(torch, s.reshape(B, T, E), idx.reshape(B, T, K), E, K, alpha)
     L.backward()
     grads = {k: (v.grad.numpy() if v.grad is not None else np.zeros(v.shape))  # unused expert
              for k, v in P.items() if v.requires_grad}

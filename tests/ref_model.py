@@ -4,7 +4,7 @@ final norm, head, MTP modules, and the losses. Routing is decided in float64 by 
 as moe_ref.ref_gate (selection is piecewise constant; autograd flows through the weights)."""
 import numpy as np
 
-from moe_ref import ref_selection_scores
+from moe_ref import ref_selection_scores, t_seq_balance
 from ref import t_mha, t_mla, t_rmsnorm
 
 
@@ -56,15 +56,7 @@ def t_balance(torch, stats, cfg, alpha):
     if not stats or alpha == 0:
         return torch.zeros(())
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-    total = 0
-    for s, idx in stats:
-        B, T, _ = s.shape
-        per_seq = 0
-        for b in range(B):
-            f = torch.tensor(E / (K * T) * np.bincount(idx[b].ravel(), minlength=E), dtype=s.dtype)
-            Pi = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
-            per_seq = per_seq + alpha * (f * Pi).sum()
-        total = total + per_seq / B
+    total = sum(t_seq_balance(torch, s, idx, E, K, alpha) for s, idx in stats)
     return total / len(stats)
 
 

@@ -32,10 +32,6 @@ DSV3_SIMD_CLONES void softmax_back_row(float* p, float* dp, float lse, float del
   for (int64_t j = n; j < width; ++j) p[j] = dp[j] = 0.f;
 }
 
-DSV3_SIMD_CLONES void scale_row(float* y, float a, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) y[j] *= a;
-}
-
 }  // namespace
 
 void attention_check(const AttnShape& s) {
@@ -76,7 +72,8 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
           if (lse) lse[(b * s.H + h) * s.Tq + i0 + i] = p.max + std::log(p.sum);
         }
         sgemm(false, false, m, s.Dv, n, 1.f, S.data(), n, vb, ldv, 0.f, ob + i0 * ldo, ldo);
-        for (int64_t i = 0; i < m; ++i) scale_row(ob + (i0 + i) * ldo, inv[i], s.Dv);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < s.Dv; ++j) ob[(i0 + i) * ldo + j] *= inv[i];
       }
     }
   });

@@ -75,21 +75,13 @@ DSV3_SIMD_CLONES void swiglu_range(float* h, const float* g, const float* u, int
 template <bool kSet>
 DSV3_SIMD_CLONES void swiglu_back_range(float* dg, float* du, const float* dh, const float* g,
                                         const float* u, int64_t a, int64_t b) {
-  if (dg && du) {  // one sigmoid per element for both gradients
-    for (int64_t i = a; i < b; ++i) {
-      const float s = sigmoid_f32(g[i]);
-      dg[i] = (kSet ? 0.f : dg[i]) + dh[i] * u[i] * (s * (1.f + g[i] * (1.f - s)));
-      du[i] = (kSet ? 0.f : du[i]) + dh[i] * (g[i] * s);
-    }
-    return;
+  // one sigmoid per element for both gradients; the null checks are loop-invariant (the
+  // compiler unswitches them)
+  for (int64_t i = a; i < b; ++i) {
+    const float s = sigmoid_f32(g[i]);
+    if (dg) dg[i] = (kSet ? 0.f : dg[i]) + dh[i] * u[i] * (s * (1.f + g[i] * (1.f - s)));
+    if (du) du[i] = (kSet ? 0.f : du[i]) + dh[i] * (g[i] * s);
   }
-  if (dg)
-    for (int64_t i = a; i < b; ++i) {
-      const float s = sigmoid_f32(g[i]);
-      dg[i] = (kSet ? 0.f : dg[i]) + dh[i] * u[i] * (s * (1.f + g[i] * (1.f - s)));
-    }
-  if (du)
-    for (int64_t i = a; i < b; ++i) du[i] = (kSet ? 0.f : du[i]) + dh[i] * (g[i] * sigmoid_f32(g[i]));
 }
 
 DSV3_SIMD_CLONES void exp_range(float* y, const float* x, int64_t a, int64_t b) {
