@@ -6,6 +6,7 @@
 #include "core/memory.h"
 #include "core/parallel.h"
 #include "core/simd.h"
+#include "core/small_gemm.h"
 
 namespace dsv3 {
 
@@ -23,6 +24,7 @@ void bind_info(py::module_& m) {
     d["num_threads"] = num_threads();
     d["simd"] = simd_flags();
     d["malloc_tuned"] = malloc_tuned();
+    d["attention_gemm"] = small_gemm_vectorized() ? "avx512" : "blas";
 #ifdef __OPTIMIZE__
     d["optimized"] = true;
 #else

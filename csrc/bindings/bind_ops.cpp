@@ -5,6 +5,7 @@
 
 #include "bindings/arrays.h"
 #include "bindings/convert.h"
+#include "core/small_gemm.h"
 #include "kernels/attention.h"
 #include "kernels/nn.h"
 #include "kernels/rope.h"
@@ -98,12 +99,12 @@ py::tuple linear_bwd(py::handle dy_h, py::handle x_h, py::handle w_h) {
   DSV3_CHECK(with_last(x, w.shape(0)) == shape_of(dy), "[linear_backward] dy must have shape ",
              shape_str(with_last(x, w.shape(0))), ", got ", shape_str(shape_of(dy)));
   const int64_t R = rows(x), K = w.shape(1), O = w.shape(0);
-  F32 dx = zeros(shape_of(x)), dw = zeros(shape_of(w));
+  F32 dx = empty(shape_of(x)), dw = zeros(shape_of(w));
   float *pdx = dx.mutable_data(), *pdw = dw.mutable_data();
   const float *pdy = dy.data(), *px = x.data(), *pw = w.data();
   {
     py::gil_scoped_release nogil;
-    linear_backward(pdx, pdw, pdy, px, pw, R, K, O);
+    linear_backward(pdx, pdw, pdy, px, pw, R, K, O, /*set_dx=*/true);
   }
   return py::make_tuple(dx, dw);
 }
@@ -171,6 +172,45 @@ F32 exp_py(py::handle x_h) {  // _exp_f32: the engine's expf, for tests/test_mat
   py::gil_scoped_release nogil;
   exp_elementwise(py_, px, n);
   return y;
+}
+
+// _small_gemm: the attention core's product (core/small_gemm.h), for tests/test_small_gemm.py.
+// a [M,K] (or [K,M] with trans_a), b [K,N]; c [M,N] is accumulated into when given.
+F32 small_gemm_py(py::handle a_h, py::handle b_h, bool trans_a, float alpha, py::object c_h) {
+  const char* op = "_small_gemm";
+  auto a = f32(a_h, op, "a");
+  auto b = f32(b_h, op, "b");
+  check_ndim(a, 2, 2, op, "a");
+  check_ndim(b, 2, 2, op, "b");
+  const int64_t M = a.shape(trans_a ? 1 : 0), K = a.shape(trans_a ? 0 : 1), N = b.shape(1);
+  DSV3_CHECK(b.shape(0) == K, "[", op, "] b must have ", K, " rows, got ", b.shape(0));
+  const bool acc = !c_h.is_none();
+  F32 c = empty(Shape{M, N});  // a private copy of c to accumulate into
+  if (acc) {
+    auto c0 = f32(c_h, op, "c");
+    DSV3_CHECK(shape_of(c0) == (Shape{M, N}), "[", op, "] c must have shape ",
+               shape_str(Shape{M, N}), ", got ", shape_str(shape_of(c0)));
+    std::copy_n(c0.data(), M * N, c.mutable_data());
+  }
+  const float *pa = a.data(), *pb = b.data();
+  float* pc = c.mutable_data();
+  py::gil_scoped_release nogil;
+  small_gemm(trans_a, M, N, K, alpha, pa, a.shape(1), pb, N, acc, pc, N);
+  return c;
+}
+
+// _transpose_rows: out[k, j] = src[j, k] for k < K (core/small_gemm.h), for tests.
+F32 transpose_rows_py(py::handle src_h, int64_t K) {
+  auto src = f32(src_h, "_transpose_rows", "src");
+  check_ndim(src, 2, 2, "_transpose_rows", "src");
+  const int64_t n = src.shape(0), lds = src.shape(1);
+  DSV3_CHECK(K >= 0 && K <= lds, "[_transpose_rows] K must be in [0, ", lds, "], got ", K);
+  F32 out = empty(Shape{K, n});
+  float* po = out.mutable_data();
+  const float* ps = src.data();
+  py::gil_scoped_release nogil;
+  transpose_rows(po, n, ps, lds, n, K);
+  return out;
 }
 
 py::tuple swiglu_bwd(py::handle dh_h, py::handle g_h, py::handle u_h) {
@@ -294,13 +334,13 @@ py::tuple attention_bwd(py::handle do_h, py::handle q_h, py::handle k_h, py::han
              shape_str(shape_of(d_o)), " and ", shape_str(shape_of(o)));
   DSV3_CHECK(shape_of(lse) == ls, "[", op, "] lse must have shape ", shape_str(ls), ", got ",
              shape_str(shape_of(lse)));
-  F32 dq = zeros(shape_of(a.q)), dk = zeros(shape_of(a.k)), dv = zeros(shape_of(a.v));
+  F32 dq = empty(shape_of(a.q)), dk = empty(shape_of(a.k)), dv = empty(shape_of(a.v));
   float *pdq = dq.mutable_data(), *pdk = dk.mutable_data(), *pdv = dv.mutable_data();
   const float *pdo = d_o.data(), *po = o.data(), *pl = lse.data(), *pq = a.q.data(),
               *pk = a.k.data(), *pv = a.v.data();
   {
     py::gil_scoped_release nogil;
-    attention_backward(pdq, pdk, pdv, pdo, po, pl, pq, pk, pv, a.s);
+    attention_backward(pdq, pdk, pdv, pdo, po, pl, pq, pk, pv, a.s, /*set=*/true);
   }
   return py::make_tuple(dq, dk, dv);
 }
@@ -389,6 +429,9 @@ void bind_ops(py::module_& m) {
   m.def("attention_backward", &attention_bwd, arg("d_out"), arg("q"), arg("k"), arg("v"),
         arg("out"), arg("lse"), arg("scale"), arg("start_pos"));
   m.def("_exp_f32", &exp_py, arg("x"));
+  m.def("_small_gemm", &small_gemm_py, arg("a"), arg("b"), arg("trans_a") = false,
+        arg("alpha") = 1.f, arg("c") = py::none());
+  m.def("_transpose_rows", &transpose_rows_py, arg("src"), arg("K"));
   m.def("cross_entropy", &cross_entropy_py, arg("logits"), arg("targets"), arg("ignore_index"));
   m.def("cross_entropy_backward", &cross_entropy_bwd, arg("logits"), arg("targets"), arg("lse"),
         arg("ignore_index"), arg("d_loss"));

@@ -14,8 +14,42 @@
 // says DSV3_MALLOC_TUNING=0, when GLIBC_TUNABLES or MALLOC_* variables already set malloc
 // policy, and on non-glibc systems.
 #pragma once
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <new>
+#include <utility>
+#include <vector>
 
 namespace dsv3 {
+
+// An uninitialised float buffer, for work arrays whose every value is written before it is
+// read (std::vector<float>(n) would zero n floats first, on one thread).
+using Buf = std::unique_ptr<float[]>;
+inline Buf buf(int64_t n) { return Buf(new float[(size_t)std::max<int64_t>(n, 1)]); }
+
+// A std::vector whose resize() leaves new elements uninitialised (default-initialised), for
+// saved activations that the forward writes in full: a value-initialising resize would zero
+// them on one thread first (55 MB per MLA layer call at hidden 512, T 4096).
+template <class T>
+struct DefaultInitAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = DefaultInitAllocator<U>;
+  };
+  DefaultInitAllocator() = default;
+  template <class U>
+  DefaultInitAllocator(const DefaultInitAllocator<U>&) noexcept {}
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using FVec = std::vector<float, DefaultInitAllocator<float>>;
 
 // Returns true when the policy was applied (reported by build_info()).
 bool tune_malloc();

@@ -9,6 +9,7 @@
 #include "core/mathfn.h"
 #include "core/parallel.h"
 #include "core/simd.h"
+#include "core/small_gemm.h"
 #include "kernels/softmax.h"
 
 namespace dsv3 {
@@ -16,6 +17,10 @@ namespace dsv3 {
 namespace {
 
 constexpr int64_t kBlock = 64;  // query rows per block
+
+// Row stride of a transposed [D, n] key block: not a multiple of 4 KiB apart, so a column
+// panel's rows do not all fall into the same L1 sets.
+inline int64_t padded_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
 // Visible keys for query row i: [0, n).
 inline int64_t visible(const AttnShape& s, int64_t i) {
@@ -45,25 +50,30 @@ void attention_check(const AttnShape& s) {
   DSV3_CHECK(s.Tk >= s.start_pos + s.Tq, "[attention] k/v hold ", s.Tk,
              " tokens but start_pos + Tq = ", s.start_pos + s.Tq, " are needed");
   DSV3_CHECK(std::isfinite(s.scale), "[attention] scale must be finite, got ", s.scale);
+  DSV3_CHECK(s.hsv() >= s.Dv && s.ldv() >= (s.Hkv - 1) * s.hsv() + s.Dv,
+             "[attention] v strides (row ", s.ldv(), ", head ", s.hsv(), ") overlap its heads");
 }
 
 void attention_forward(float* o, float* lse, const float* q, const float* k, const float* v,
                        const AttnShape& s) {
   attention_check(s);
-  const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.Hkv * s.Dv, ldo = s.H * s.Dv;
+  const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.ldv(), ldo = s.H * s.Dv;
   const int64_t group = s.H / s.Hkv;
+  const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);  // keys any query sees
   parallel_for(s.B * s.H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> S((size_t)(kBlock * s.Tk)), inv(kBlock);
+    std::vector<float> S((size_t)(kBlock * nk)), inv(kBlock), kt((size_t)(s.Dk * ldt));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.H, h = t % s.H, hk = h / group;
       const float* qb = q + b * s.Tq * ldq + h * s.Dk;
       const float* kb = k + b * s.Tk * ldk + hk * s.Dk;
-      const float* vb = v + b * s.Tk * ldv + hk * s.Dv;
+      const float* vb = v + b * s.Tk * ldv + hk * s.hsv();
       float* ob = o + b * s.Tq * ldo + h * s.Dv;
+      transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
       for (int64_t i0 = 0; i0 < s.Tq; i0 += kBlock) {
         const int64_t m = std::min(kBlock, s.Tq - i0);
         const int64_t n = visible(s, i0 + m - 1);  // keys any row of the block can see
-        sgemm(false, true, m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kb, ldk, 0.f, S.data(), n);
+        small_gemm(false, m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kt.data(), ldt, false,
+                   S.data(), n);
         // Unnormalised P = exp(S - max); the 1/sum goes on the m x Dv output rows instead of
         // the m x n probabilities (one pass fewer over S).
         for (int64_t i = 0; i < m; ++i) {
@@ -71,7 +81,7 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
           inv[i] = 1.f / p.sum;
           if (lse) lse[(b * s.H + h) * s.Tq + i0 + i] = p.max + std::log(p.sum);
         }
-        sgemm(false, false, m, s.Dv, n, 1.f, S.data(), n, vb, ldv, 0.f, ob + i0 * ldo, ldo);
+        small_gemm(false, m, s.Dv, n, 1.f, S.data(), n, vb, ldv, false, ob + i0 * ldo, ldo);
         for (int64_t i = 0; i < m; ++i)
           for (int64_t j = 0; j < s.Dv; ++j) ob[(i0 + i) * ldo + j] *= inv[i];
       }
@@ -81,29 +91,46 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
 
 void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const float* o,
                         const float* lse, const float* q, const float* k, const float* v,
-                        const AttnShape& s) {
+                        const AttnShape& s, bool set) {
   attention_check(s);
-  const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.Hkv * s.Dv, ldo = s.H * s.Dv;
+  const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.ldv(), ldo = s.H * s.Dv;
   const int64_t group = s.H / s.Hkv;
+  const int64_t last = (s.Tq - 1) / kBlock * kBlock;  // first row of the last query block
   // One task per (batch, kv head): the heads of a group accumulate into the same dk/dv rows,
-  // so they run in order inside the task (deterministic, no races).
+  // so they run in order inside the task (deterministic, no races). Blocks run last to first:
+  // the last block sees the most keys, so with `set` its products overwrite dk/dv rows
+  // [0, n) and only the keys no query sees are zeroed explicitly.
+  const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);
   parallel_for(s.B * s.Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> P((size_t)(kBlock * s.Tk)), dP((size_t)(kBlock * s.Tk));
+    std::vector<float> P((size_t)(kBlock * nk)), dP((size_t)(kBlock * nk)),
+        kt((size_t)(s.Dk * ldt)), vt((size_t)(s.Dv * ldt));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.Hkv, hk = t % s.Hkv;
       const float* kb = k + b * s.Tk * ldk + hk * s.Dk;
-      const float* vb = v + b * s.Tk * ldv + hk * s.Dv;
+      const float* vb = v + b * s.Tk * ldv + hk * s.hsv();
+      float* dkb = dk ? dk + b * s.Tk * ldk + hk * s.Dk : nullptr;
+      float* dvb = dv ? dv + b * s.Tk * ldv + hk * s.hsv() : nullptr;
+      transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
+      transpose_rows(vt.data(), ldt, vb, ldv, nk, s.Dv);
+      bool first = set;  // the next dk/dv product overwrites
+      if (set)
+        for (int64_t j = nk; j < s.Tk; ++j) {
+          if (dkb) std::fill_n(dkb + j * ldk, s.Dk, 0.f);
+          if (dvb) std::fill_n(dvb + j * ldv, s.Dv, 0.f);
+        }
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const float* qb = q + b * s.Tq * ldq + h * s.Dk;
         const float* ob = o + b * s.Tq * ldo + h * s.Dv;
         const float* dob = d_o + b * s.Tq * ldo + h * s.Dv;
         const float* lb = lse + (b * s.H + h) * s.Tq;
-        for (int64_t i0 = 0; i0 < s.Tq; i0 += kBlock) {
+        for (int64_t i0 = last; i0 >= 0; i0 -= kBlock) {
           const int64_t m = std::min(kBlock, s.Tq - i0);
           const int64_t n = visible(s, i0 + m - 1);
           // P <- scale * q k^T (softmax applied below), dP <- dO v^T
-          sgemm(false, true, m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kb, ldk, 0.f, P.data(), n);
-          sgemm(false, true, m, n, s.Dv, 1.f, dob + i0 * ldo, ldo, vb, ldv, 0.f, dP.data(), n);
+          small_gemm(false, m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kt.data(), ldt, false,
+                     P.data(), n);
+          small_gemm(false, m, n, s.Dv, 1.f, dob + i0 * ldo, ldo, vt.data(), ldt, false,
+                     dP.data(), n);
           for (int64_t i = 0; i < m; ++i) {
             float dl = 0.f;
             const float *orow = ob + (i0 + i) * ldo, *dorow = dob + (i0 + i) * ldo;
@@ -112,15 +139,16 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
                              visible(s, i0 + i), n);
           }
           // dv += P^T dO ; dq += scale * dS k ; dk += scale * dS^T q
-          if (dv)
-            sgemm(true, false, n, s.Dv, m, 1.f, P.data(), n, dob + i0 * ldo, ldo, 1.f,
-                  dv + b * s.Tk * ldv + hk * s.Dv, ldv);
+          const bool acc_kv = !first;
+          first = false;
+          if (dvb)
+            small_gemm(true, n, s.Dv, m, 1.f, P.data(), n, dob + i0 * ldo, ldo, acc_kv, dvb, ldv);
           if (dq)
-            sgemm(false, false, m, s.Dk, n, s.scale, dP.data(), n, kb, ldk, 1.f,
-                  dq + b * s.Tq * ldq + h * s.Dk + i0 * ldq, ldq);
-          if (dk)
-            sgemm(true, false, n, s.Dk, m, s.scale, dP.data(), n, qb + i0 * ldq, ldq, 1.f,
-                  dk + b * s.Tk * ldk + hk * s.Dk, ldk);
+            small_gemm(false, m, s.Dk, n, s.scale, dP.data(), n, kb, ldk, !set,
+                       dq + b * s.Tq * ldq + h * s.Dk + i0 * ldq, ldq);
+          if (dkb)
+            small_gemm(true, n, s.Dk, m, s.scale, dP.data(), n, qb + i0 * ldq, ldq, acc_kv, dkb,
+                       ldk);
         }
       }
     }

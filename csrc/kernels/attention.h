@@ -18,15 +18,22 @@ struct AttnShape {
   int64_t B, Tq, Tk, H, Hkv, Dk, Dv;
   int64_t start_pos;
   float scale;
+  // v (and dv) may live inside a wider buffer: row stride v_row and head stride v_head in
+  // floats (0: the contiguous layout above, Hkv*Dv and Dv). MLA reads v straight out of the
+  // kv_b_proj output [.., H, Dn+Dv] this way.
+  int64_t v_row = 0, v_head = 0;
+  int64_t ldv() const { return v_row ? v_row : Hkv * Dv; }
+  int64_t hsv() const { return v_head ? v_head : Dv; }
 };
 
 void attention_check(const AttnShape& s);  // throws std::invalid_argument on bad shapes
 
 void attention_forward(float* o, float* lse, const float* q, const float* k, const float* v,
                        const AttnShape& s);
-// dq += ..., dk += ..., dv += ...   (o and lse from the forward; any gradient may be null)
+// dq += ..., dk += ..., dv += ...   (o and lse from the forward; any gradient may be null).
+// set: dq, dk, dv are overwritten instead (they need not be zeroed first).
 void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const float* o,
                         const float* lse, const float* q, const float* k, const float* v,
-                        const AttnShape& s);
+                        const AttnShape& s, bool set = false);
 
 }  // namespace dsv3

@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "core/check.h"
+#include "core/memory.h"
 #include "kernels/attention.h"
 #include "kernels/nn.h"
 
@@ -62,17 +63,17 @@ void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaAct
                   const float* x, const MhaParams& p, const MhaDims& d) {
   const int64_t B = a.B, T = a.T, R = B * T;
   DSV3_ASSERT(R > 0 && (int64_t)a.o.size() == R * d.H * d.Dv, "mha_backward without forward");
-  std::vector<float> d_o(a.o.size(), 0.f), dq(a.q.size(), 0.f), dk(a.k.size(), 0.f),
-      dv(a.v.size(), 0.f);
-  linear_backward(d_o.data(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
+  // fresh gradient buffers, overwritten (not accumulated into) by the first product
+  Buf d_o = buf(a.o.size()), dq = buf(a.q.size()), dk = buf(a.k.size()), dv = buf(a.v.size());
+  linear_backward(d_o.get(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, true);
   const AttnShape s{B, T, T, d.H, d.Hkv, d.dqk(), d.Dv, 0, d.scale};
-  attention_backward(dq.data(), dk.data(), dv.data(), d_o.data(), a.o.data(), a.lse.data(),
-                     a.q.data(), a.k.data(), a.v.data(), s);
-  const std::vector<float> dq_raw = rope_heads_backward(dq, d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
-  const std::vector<float> dk_raw = rope_heads_backward(dk, d.Hkv, d.Dn, d.Dr, a.pos.data(), R, d.rope);
-  linear_backward(dx, g.q_proj, dq_raw.data(), x, p.q_proj, R, d.D, d.H * d.dqk());
-  linear_backward(dx, g.k_proj, dk_raw.data(), x, p.k_proj, R, d.D, d.Hkv * d.dqk());
-  linear_backward(dx, g.v_proj, dv.data(), x, p.v_proj, R, d.D, d.Hkv * d.Dv);
+  attention_backward(dq.get(), dk.get(), dv.get(), d_o.get(), a.o.data(), a.lse.data(),
+                     a.q.data(), a.k.data(), a.v.data(), s, true);
+  rope_heads_backward(dq.get(), d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
+  rope_heads_backward(dk.get(), d.Hkv, d.Dn, d.Dr, a.pos.data(), R, d.rope);
+  linear_backward(dx, g.q_proj, dq.get(), x, p.q_proj, R, d.D, d.H * d.dqk());
+  linear_backward(dx, g.k_proj, dk.get(), x, p.k_proj, R, d.D, d.Hkv * d.dqk());
+  linear_backward(dx, g.v_proj, dv.get(), x, p.v_proj, R, d.D, d.Hkv * d.Dv);
 }
 
 void mha_decode(float* out, const float* x, const MhaParams& p, const MhaDims& d,

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/memory.h"
+
 #include "kernels/rope.h"
 
 namespace dsv3 {
@@ -36,7 +38,7 @@ struct MhaGrads {
 struct MhaActs {
   int64_t B = 0, T = 0;
   std::vector<int64_t> pos;
-  std::vector<float> q, k, v, o, lse;  // roped q [R,H,Dqk], roped k [R,Hkv,Dqk], v, o, lse
+  FVec q, k, v, o, lse;  // roped q [R,H,Dqk], roped k [R,Hkv,Dqk], v, o, lse
 };
 
 void mha_check_dims(const MhaDims& d);

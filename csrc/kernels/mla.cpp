@@ -6,6 +6,7 @@
 
 #include "core/blas.h"
 #include "core/check.h"
+#include "core/memory.h"
 #include "core/parallel.h"
 #include "kernels/attention.h"
 #include "kernels/nn.h"
@@ -37,15 +38,14 @@ void check_params(const MlaParams& p, const MlaDims& d) {
 }
 
 // q [R, H, Dn+Dr] with q_pe roped; saves the q_lora intermediates when given buffers.
-void project_q(float* q, std::vector<float>* qa, std::vector<float>* qa_rstd,
-               std::vector<float>* qa_n, const float* x, const MlaParams& p, const MlaDims& d,
+void project_q(float* q, FVec* qa, FVec* qa_rstd, FVec* qa_n, const float* x, const MlaParams& p, const MlaDims& d,
                const int64_t* pos, int64_t R) {
   const int64_t Q = d.H * d.dqk();
   if (d.Dq > 0) {
-    std::vector<float> a_local, r_local, n_local;
-    std::vector<float>& a = qa ? *qa : a_local;
-    std::vector<float>& r = qa_rstd ? *qa_rstd : r_local;
-    std::vector<float>& n = qa_n ? *qa_n : n_local;
+    FVec a_local, r_local, n_local;
+    FVec& a = qa ? *qa : a_local;
+    FVec& r = qa_rstd ? *qa_rstd : r_local;
+    FVec& n = qa_n ? *qa_n : n_local;
     a.resize(R * d.Dq);
     r.resize(R);
     n.resize(R * d.Dq);
@@ -58,40 +58,68 @@ void project_q(float* q, std::vector<float>* qa, std::vector<float>* qa_rstd,
   rope_forward(q + d.Dn, Q, d.dqk(), q + d.Dn, Q, d.dqk(), pos, R, d.H, d.rope);
 }
 
-// kva [R, Dc+Dr] raw; c [R, Dc] normalised latent; kpe [R, Dr] roped.
-void project_latent(float* kva, float* c_rstd, float* c, float* kpe, const float* x,
+// ckv [R, Dc] raw c_kv; c [R, Dc] normalised latent; kpe [R, Dr] roped.
+void project_latent(float* ckv, float* c_rstd, float* c, float* kpe, const float* x,
                     const MlaParams& p, const MlaDims& d, const int64_t* pos, int64_t R) {
   const int64_t W = d.Dc + d.Dr;
-  linear_forward(kva, x, p.kv_a_proj_with_mqa, R, d.D, W);
-  for (int64_t r = 0; r < R; ++r) std::memcpy(c + r * d.Dc, kva + r * W, sizeof(float) * d.Dc);
-  rmsnorm_forward(c, c_rstd, c, p.kv_a_layernorm, R, d.Dc, d.eps);  // in place, row by row
-  rope_forward(kpe, d.Dr, 0, kva + d.Dc, W, 0, pos, R, 1, d.rope);
+  Buf kva = buf(R * W);
+  linear_forward(kva.get(), x, p.kv_a_proj_with_mqa, R, d.D, W);
+  for (int64_t r = 0; r < R; ++r)
+    std::memcpy(ckv + r * d.Dc, kva.get() + r * W, sizeof(float) * d.Dc);
+  rmsnorm_forward(c, c_rstd, ckv, p.kv_a_layernorm, R, d.Dc, d.eps);
+  rope_forward(kpe, d.Dr, 0, kva.get() + d.Dc, W, 0, pos, R, 1, d.rope);
 }
 
-// k [L, H, Dn+Dr] = [k_nope_h | k_pe], v [L, H, Dv] from the latents c (row stride ldc).
-void decompress(float* k, float* v, const float* c, int64_t ldc, const float* kpe, int64_t ldp,
+// Row stride of the kv_b_proj output and of its gradient: 16 floats of padding, so the rows
+// of one head's v are not a multiple of 4 KiB apart (they would share a few L1 sets).
+int64_t kv_ld(const MlaDims& d) { return d.H * (d.Dn + d.Dv) + 16; }
+
+// kv [L, kv_ld] = kv_b_proj(c) (c with row stride ldc; v is read from kv in place, see
+// v_shape) and k [L, H, Dn+Dr] = [k_nope_h | k_pe] (kpe with row stride ldp).
+void decompress(float* k, float* kv, const float* c, int64_t ldc, const float* kpe, int64_t ldp,
                 const MlaParams& p, const MlaDims& d, int64_t L) {
-  const int64_t KV = d.H * (d.Dn + d.Dv);
-  std::vector<float> kv((size_t)(L * KV));
-  if (gemm_precision() != GemmPrecision::fp32) {  // training in bf16/fp8: kv_b_proj is a linear
-    std::vector<float> cc((size_t)(L * d.Dc));
-    for (int64_t r = 0; r < L; ++r) std::memcpy(&cc[r * d.Dc], c + r * ldc, sizeof(float) * d.Dc);
-    linear_forward(kv.data(), cc.data(), p.kv_b_proj, L, d.Dc, KV);
+  const int64_t KV = d.H * (d.Dn + d.Dv), ld = kv_ld(d);
+  if (gemm_precision() != GemmPrecision::fp32) {  // bf16/fp8 training: kv_b_proj is a linear
+    Buf cc = buf(L * d.Dc), out = buf(L * KV);
+    for (int64_t r = 0; r < L; ++r)
+      std::memcpy(cc.get() + r * d.Dc, c + r * ldc, sizeof(float) * d.Dc);
+    linear_forward(out.get(), cc.get(), p.kv_b_proj, L, d.Dc, KV);
+    for (int64_t r = 0; r < L; ++r) std::memcpy(kv + r * ld, out.get() + r * KV, sizeof(float) * KV);
   } else {
-    sgemm(false, true, L, KV, d.Dc, 1.f, c, ldc, p.kv_b_proj, d.Dc, 0.f, kv.data(), KV);
+    sgemm(false, true, L, KV, d.Dc, 1.f, c, ldc, p.kv_b_proj, d.Dc, 0.f, kv, ld);
   }
   parallel_for(L, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t h = 0; h < d.H; ++h) {
-        const float* src = kv.data() + r * KV + h * (d.Dn + d.Dv);
         float* kd = k + (r * d.H + h) * d.dqk();
-        std::memcpy(kd, src, sizeof(float) * d.Dn);
+        std::memcpy(kd, kv + r * ld + h * (d.Dn + d.Dv), sizeof(float) * d.Dn);
         std::memcpy(kd + d.Dn, kpe + r * ldp, sizeof(float) * d.Dr);
-        std::memcpy(v + (r * d.H + h) * d.Dv, src + d.Dn, sizeof(float) * d.Dv);
       }
   });
 }
 
+// dc = dkv kv_b_proj (overwritten), d kv_b_proj += dkv^T c; dkv rows kv_ld apart.
+void decompress_backward(float* dc, float* g_kv_b, const float* dkv, const float* c,
+                         const MlaParams& p, const MlaDims& d, int64_t R) {
+  const int64_t KV = d.H * (d.Dn + d.Dv), ld = kv_ld(d);
+  if (gemm_precision() != GemmPrecision::fp32) {
+    Buf dense = buf(R * KV);
+    for (int64_t r = 0; r < R; ++r)
+      std::memcpy(dense.get() + r * KV, dkv + r * ld, sizeof(float) * KV);
+    linear_backward(dc, g_kv_b, dense.get(), c, p.kv_b_proj, R, d.Dc, KV, true);
+    return;
+  }
+  sgemm(false, false, R, d.Dc, KV, 1.f, dkv, ld, p.kv_b_proj, d.Dc, 0.f, dc, d.Dc);
+  if (g_kv_b) sgemm(true, false, KV, d.Dc, R, 1.f, dkv, ld, c, d.Dc, 1.f, g_kv_b, d.Dc);
+}
+
+// The attention shape over decompressed keys, v (and dv) strided inside kv.
+AttnShape v_shape(const MlaDims& d, int64_t B, int64_t Tq, int64_t Tk, int64_t start_pos) {
+  AttnShape s{B, Tq, Tk, d.H, d.H, d.dqk(), d.Dv, start_pos, d.scale};
+  s.v_row = kv_ld(d);
+  s.v_head = d.Dn + d.Dv;
+  return s;
+}
 
 }  // namespace
 
@@ -107,68 +135,66 @@ void mla_forward(float* out, MlaActs& a, const float* x, const MlaParams& p, con
   a.pos = row_positions(B, T, start_pos);
   a.q.resize(R * d.H * d.dqk());
   project_q(a.q.data(), &a.qa, &a.qa_rstd, &a.qa_n, x, p, d, a.pos.data(), R);
-  a.kva.resize(R * (d.Dc + d.Dr));
+  a.ckv.resize(R * d.Dc);
   a.c_rstd.resize(R);
   a.c.resize(R * d.Dc);
-  std::vector<float> kpe((size_t)(R * d.Dr));
-  project_latent(a.kva.data(), a.c_rstd.data(), a.c.data(), kpe.data(), x, p, d, a.pos.data(), R);
+  Buf kpe = buf(R * d.Dr);
+  project_latent(a.ckv.data(), a.c_rstd.data(), a.c.data(), kpe.get(), x, p, d, a.pos.data(), R);
   a.k.resize(R * d.H * d.dqk());
-  a.v.resize(R * d.H * d.Dv);
-  decompress(a.k.data(), a.v.data(), a.c.data(), d.Dc, kpe.data(), d.Dr, p, d, R);
+  a.kv.resize(R * kv_ld(d));
+  decompress(a.k.data(), a.kv.data(), a.c.data(), d.Dc, kpe.get(), d.Dr, p, d, R);
   a.o.resize(R * d.H * d.Dv);
   a.lse.resize(B * d.H * T);
-  const AttnShape s{B, T, T, d.H, d.H, d.dqk(), d.Dv, 0, d.scale};
-  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(), s);
+  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.k.data(), a.kv.data() + d.Dn,
+                    v_shape(d, B, T, T, 0));
   linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
 }
 
+// Every gradient buffer below is fresh and overwritten by the first product written into it.
 void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaActs& a,
                   const float* x, const MlaParams& p, const MlaDims& d) {
   const int64_t B = a.B, T = a.T, R = B * T, Q = d.H * d.dqk(), W = d.Dc + d.Dr;
-  const int64_t KV = d.H * (d.Dn + d.Dv);
   DSV3_ASSERT(R > 0 && (int64_t)a.o.size() == R * d.H * d.Dv, "mla_backward without forward");
-  std::vector<float> d_o((size_t)(R * d.H * d.Dv), 0.f);
-  linear_backward(d_o.data(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
-  std::vector<float> dq((size_t)(R * Q), 0.f), dk((size_t)(R * Q), 0.f),
-      dv((size_t)(R * d.H * d.Dv), 0.f);
-  const AttnShape s{B, T, T, d.H, d.H, d.dqk(), d.Dv, 0, d.scale};
-  attention_backward(dq.data(), dk.data(), dv.data(), d_o.data(), a.o.data(), a.lse.data(),
-                     a.q.data(), a.k.data(), a.v.data(), s);
-  // back through the decompression: dkv per head, d k_pe summed over heads
-  std::vector<float> dkv((size_t)(R * KV)), dkpe((size_t)(R * d.Dr), 0.f);
+  Buf d_o = buf(R * d.H * d.Dv);
+  linear_backward(d_o.get(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, true);
+  // dv lands in its place in dkv (the layout of kv); dk_nope is copied there below
+  Buf dq = buf(R * Q), dk = buf(R * Q), dkv = buf(R * kv_ld(d));
+  attention_backward(dq.get(), dk.get(), dkv.get() + d.Dn, d_o.get(), a.o.data(), a.lse.data(),
+                     a.q.data(), a.k.data(), a.kv.data() + d.Dn, v_shape(d, B, T, T, 0), true);
+  // back through the decompression: d k_nope per head, d k_pe summed over heads (in head
+  // order), written as [d c_kv | d k_pe] rows of dkva after the rotation is undone
+  Buf dkpe = buf(R * d.Dr), dkva = buf(R * W);
   parallel_for(R, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
+    for (int64_t r = r0; r < r1; ++r) {
+      float* sum = dkpe.get() + r * d.Dr;
+      std::fill_n(sum, d.Dr, 0.f);
       for (int64_t h = 0; h < d.H; ++h) {
-        const float* dkr = dk.data() + (r * d.H + h) * d.dqk();
-        float* dst = dkv.data() + r * KV + h * (d.Dn + d.Dv);
-        std::memcpy(dst, dkr, sizeof(float) * d.Dn);
-        std::memcpy(dst + d.Dn, dv.data() + (r * d.H + h) * d.Dv, sizeof(float) * d.Dv);
-        for (int64_t j = 0; j < d.Dr; ++j) dkpe[r * d.Dr + j] += dkr[d.Dn + j];
+        const float* dkr = dk.get() + (r * d.H + h) * d.dqk();
+        std::memcpy(dkv.get() + r * kv_ld(d) + h * (d.Dn + d.Dv), dkr, sizeof(float) * d.Dn);
+        for (int64_t j = 0; j < d.Dr; ++j) sum[j] += dkr[d.Dn + j];
       }
+      std::fill_n(dkva.get() + r * W + d.Dc, d.Dr, 0.f);
+    }
   });
-  std::vector<float> dc((size_t)(R * d.Dc), 0.f);
-  linear_backward(dc.data(), g.kv_b_proj, dkv.data(), a.c.data(), p.kv_b_proj, R, d.Dc, KV);
-  std::vector<float> ckv((size_t)(R * d.Dc)), dckv((size_t)(R * d.Dc), 0.f),
-      dkva((size_t)(R * W), 0.f);
+  Buf dc = buf(R * d.Dc), dckv = buf(R * d.Dc);
+  decompress_backward(dc.get(), g.kv_b_proj, dkv.get(), a.c.data(), p, d, R);
+  rmsnorm_backward(dckv.get(), g.kv_a_layernorm, dc.get(), a.c_rstd.data(), a.ckv.data(),
+                   p.kv_a_layernorm, R, d.Dc, true);
   for (int64_t r = 0; r < R; ++r)
-    std::memcpy(ckv.data() + r * d.Dc, a.kva.data() + r * W, sizeof(float) * d.Dc);
-  rmsnorm_backward(dckv.data(), g.kv_a_layernorm, dc.data(), a.c_rstd.data(), ckv.data(),
-                   p.kv_a_layernorm, R, d.Dc);
-  for (int64_t r = 0; r < R; ++r)
-    std::memcpy(dkva.data() + r * W, dckv.data() + r * d.Dc, sizeof(float) * d.Dc);
-  rope_backward(dkva.data() + d.Dc, W, 0, dkpe.data(), d.Dr, 0, a.pos.data(), R, 1, d.rope);
-  linear_backward(dx, g.kv_a_proj_with_mqa, dkva.data(), x, p.kv_a_proj_with_mqa, R, d.D, W);
-  // back through the query path: un-rotate the q_pe gradient
-  const std::vector<float> dq_raw = rope_heads_backward(dq, d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
+    std::memcpy(dkva.get() + r * W, dckv.get() + r * d.Dc, sizeof(float) * d.Dc);
+  rope_backward(dkva.get() + d.Dc, W, 0, dkpe.get(), d.Dr, 0, a.pos.data(), R, 1, d.rope);
+  linear_backward(dx, g.kv_a_proj_with_mqa, dkva.get(), x, p.kv_a_proj_with_mqa, R, d.D, W);
+  // back through the query path: un-rotate the q_pe gradient in place
+  rope_heads_backward(dq.get(), d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   if (d.Dq > 0) {
-    std::vector<float> dqa_n((size_t)(R * d.Dq), 0.f), dqa((size_t)(R * d.Dq), 0.f);
-    linear_backward(dqa_n.data(), g.q_b_proj, dq_raw.data(), a.qa_n.data(), p.q_b_proj, R, d.Dq,
-                    Q);
-    rmsnorm_backward(dqa.data(), g.q_a_layernorm, dqa_n.data(), a.qa_rstd.data(), a.qa.data(),
-                     p.q_a_layernorm, R, d.Dq);
-    linear_backward(dx, g.q_a_proj, dqa.data(), x, p.q_a_proj, R, d.D, d.Dq);
+    Buf dqa_n = buf(R * d.Dq), dqa = buf(R * d.Dq);
+    linear_backward(dqa_n.get(), g.q_b_proj, dq.get(), a.qa_n.data(), p.q_b_proj, R, d.Dq, Q,
+                    true);
+    rmsnorm_backward(dqa.get(), g.q_a_layernorm, dqa_n.get(), a.qa_rstd.data(), a.qa.data(),
+                     p.q_a_layernorm, R, d.Dq, true);
+    linear_backward(dx, g.q_a_proj, dqa.get(), x, p.q_a_proj, R, d.D, d.Dq);
   } else {
-    linear_backward(dx, g.q_proj, dq_raw.data(), x, p.q_proj, R, d.D, Q);
+    linear_backward(dx, g.q_proj, dq.get(), x, p.q_proj, R, d.D, Q);
   }
 }
 
@@ -193,9 +219,9 @@ DecodeStep decode_prologue(const float* x, const MlaParams& p, const MlaDims& d,
   const int64_t R = B * S, W = d.Dc + d.Dr;
   DecodeStep st{row_positions(B, S, start_pos), std::vector<float>((size_t)(R * d.H * d.dqk()))};
   project_q(st.q.data(), nullptr, nullptr, nullptr, x, p, d, st.pos.data(), R);
-  std::vector<float> kva((size_t)(R * W)), rstd((size_t)R), c((size_t)(R * d.Dc)),
+  std::vector<float> ckv((size_t)(R * d.Dc)), rstd((size_t)R), c((size_t)(R * d.Dc)),
       kpe((size_t)(R * d.Dr));
-  project_latent(kva.data(), rstd.data(), c.data(), kpe.data(), x, p, d, st.pos.data(), R);
+  project_latent(ckv.data(), rstd.data(), c.data(), kpe.data(), x, p, d, st.pos.data(), R);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t s = 0; s < S; ++s) {
       float* row = cache.data + (b * cache.max_len + start_pos + s) * W;
@@ -294,14 +320,13 @@ void mla_decode_naive(float* out, const float* x, const MlaParams& p, const MlaD
                       const LatentCacheView& cache, int64_t B, int64_t S, int64_t start_pos) {
   DecodeStep st = decode_prologue(x, p, d, cache, B, S, start_pos);
   const int64_t W = d.Dc + d.Dr, Q = d.H * d.dqk(), L = start_pos + S;
-  std::vector<float> k((size_t)(L * Q)), v((size_t)(L * d.H * d.Dv)),
+  std::vector<float> k((size_t)(L * Q)), kv((size_t)(L * kv_ld(d))),
       o((size_t)(B * S * d.H * d.Dv));
   for (int64_t b = 0; b < B; ++b) {
     const float* cb = cache.data + b * cache.max_len * W;
-    decompress(k.data(), v.data(), cb, W, cb + d.Dc, W, p, d, L);
-    const AttnShape s{1, S, L, d.H, d.H, d.dqk(), d.Dv, start_pos, d.scale};
+    decompress(k.data(), kv.data(), cb, W, cb + d.Dc, W, p, d, L);
     attention_forward(o.data() + b * S * d.H * d.Dv, nullptr, st.q.data() + b * S * Q, k.data(),
-                      v.data(), s);
+                      kv.data() + d.Dn, v_shape(d, 1, S, L, start_pos));
   }
   linear_forward(out, o.data(), p.o_proj, B * S, d.H * d.Dv, d.D);
 }

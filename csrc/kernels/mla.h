@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/memory.h"
 #include "kernels/rope.h"
 
 namespace dsv3 {
@@ -58,13 +59,13 @@ struct MlaGrads {  // same layout; accumulated into
 struct MlaActs {
   int64_t B = 0, T = 0;
   std::vector<int64_t> pos;       // [R] absolute positions
-  std::vector<float> qa, qa_rstd, qa_n;  // [R,Dq] [R] [R,Dq]  (q_lora path)
-  std::vector<float> q;           // [R, H, Dn+Dr]  q_pe already roped
-  std::vector<float> kva;         // [R, Dc+Dr]     raw kv_a_proj_with_mqa output
-  std::vector<float> c_rstd, c;   // [R] [R, Dc]    normalised latent
-  std::vector<float> k;           // [R, H, Dn+Dr]  [k_nope_h | k_pe]
-  std::vector<float> v;           // [R, H, Dv]
-  std::vector<float> o, lse;      // [R, H*Dv]  [B, H, T]
+  FVec qa, qa_rstd, qa_n;  // [R,Dq] [R] [R,Dq]  (q_lora path)
+  FVec q;           // [R, H, Dn+Dr]  q_pe already roped
+  FVec ckv;         // [R, Dc]        c_kv before kv_a_layernorm
+  FVec c_rstd, c;   // [R] [R, Dc]    normalised latent
+  FVec k;           // [R, H, Dn+Dr]  [k_nope_h | k_pe]
+  FVec kv;          // [R, H, Dn+Dv]  kv_b_proj output; v is read from it in place
+  FVec o, lse;      // [R, H*Dv]  [B, H, T]
 };
 
 // out[B,T,D] = MLA(x[B,T,D]) at positions start_pos + t (naive form; saves acts).

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "core/memory.h"
+
 namespace dsv3 {
 
 struct SwiGluParams {
@@ -20,7 +22,7 @@ struct SwiGluGrads {  // null members are skipped
   float* down_proj = nullptr;
 };
 struct MlpActs {
-  std::vector<float> g, u, h;  // [R,W] gate_proj x, up_proj x, silu(g)*u
+  FVec g, u, h;  // [R,W] gate_proj x, up_proj x, silu(g)*u
 };
 
 // y[R,D] = SwiGLU(x[R,D])

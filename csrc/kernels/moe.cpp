@@ -10,6 +10,7 @@
 #include "core/blas.h"
 #include "core/check.h"
 #include "core/mathfn.h"
+#include "core/memory.h"
 #include "core/parallel.h"
 #include "core/simd.h"
 #include "kernels/balance.h"
@@ -52,10 +53,6 @@ void for_each_expert(const std::vector<int64_t>& rows, const std::function<void(
       for (size_t q = next++; q < light.size(); q = next++) fn(light[q]);
   });
 }
-
-// An uninitialised float buffer (the values are always written before they are read).
-using Buf = std::unique_ptr<float[]>;
-Buf buf(int64_t n) { return Buf(new float[(size_t)std::max<int64_t>(n, 1)]); }
 
 // Rows of `n` floats that live in ws->rows when a workspace is given (kept between calls:
 // fresh buffers of this size are page-faulted in on every call), else in `local`.

@@ -148,10 +148,12 @@ void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t
 }
 
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                     int64_t R, int64_t K, int64_t O) {
-  if (const GemmPrecision p = gemm_precision(); p != GemmPrecision::fp32)
+                     int64_t R, int64_t K, int64_t O, bool set_dx) {
+  if (const GemmPrecision p = gemm_precision(); p != GemmPrecision::fp32) {
+    if (dx && set_dx) std::fill_n(dx, R * K, 0.f);  // the low-precision GEMMs accumulate
     return lowp_linear_backward(dx, dw, dy, x, w, R, K, O, p);
-  if (dx) sgemm(false, false, R, K, O, 1.f, dy, O, w, K, 1.f, dx, K);
+  }
+  if (dx) sgemm(false, false, R, K, O, 1.f, dy, O, w, K, set_dx ? 0.f : 1.f, dx, K);
   if (dw) sgemm(true, false, O, K, R, 1.f, dy, O, x, K, 1.f, dw, K);
 }
 

@@ -21,9 +21,9 @@ void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids,
 
 // y = x W^T                               x[R,K]  W[O,K]  y[R,O]
 void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O);
-// dx += dy W ;  dW += dy^T x              dy[R,O]
+// dx += dy W ;  dW += dy^T x              dy[R,O]   (set_dx: dx = dy W, dx need not be zeroed)
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                     int64_t R, int64_t K, int64_t O);
+                     int64_t R, int64_t K, int64_t O, bool set_dx = false);
 
 // y = w * x / sqrt(mean(x^2) + eps), in fp32; rstd[R] = 1/sqrt(mean(x^2)+eps) is saved
 //                                         x[R,D]  w[D]  y[R,D]  rstd[R] (either may be null)

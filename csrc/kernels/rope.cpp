@@ -48,18 +48,49 @@ RopeTable rope_table(const RopeParams& p) {
 
 namespace {
 
+// cos/sin (times attn_factor, sin times sign) of every row's angles, [R, P] each. Rows share
+// positions (every sequence of a batch has the same ones), so the angles are formed once per
+// distinct position when the positions span no more values than there are rows.
+void rope_angles(std::vector<float>& c, std::vector<float>& s, const int64_t* pos, int64_t R,
+                 const RopeTable& t, double sign) {
+  const int64_t P = (int64_t)t.inv_freq.size();
+  const auto [lo, hi] = std::minmax_element(pos, pos + R);
+  const bool by_position = *hi - *lo < R;
+  const int64_t n = by_position ? *hi - *lo + 1 : R;
+  std::vector<float> cu((size_t)(n * P)), su((size_t)(n * P));
+  parallel_for(n, std::max<int64_t>(1, 256 / P), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const double p = by_position ? (double)(*lo + r) : (double)pos[r];
+      for (int64_t i = 0; i < P; ++i) {
+        const double a = p * t.inv_freq[i];
+        cu[r * P + i] = (float)(std::cos(a) * t.attn_factor);
+        su[r * P + i] = (float)(sign * std::sin(a) * t.attn_factor);
+      }
+    }
+  });
+  if (!by_position) {
+    c = std::move(cu);
+    s = std::move(su);
+    return;
+  }
+  c.resize((size_t)(R * P));
+  s.resize((size_t)(R * P));
+  for (int64_t r = 0; r < R; ++r) {
+    std::copy_n(cu.data() + (pos[r] - *lo) * P, P, c.data() + r * P);
+    std::copy_n(su.data() + (pos[r] - *lo) * P, P, s.data() + r * P);
+  }
+}
+
 void rope_apply(float* y, int64_t y_row, int64_t y_head, const float* x, int64_t x_row,
                 int64_t x_head, const int64_t* pos, int64_t R, int64_t H, const RopeTable& t,
                 double sign, bool accumulate) {
+  if (R <= 0) return;
   const int64_t P = (int64_t)t.inv_freq.size();
+  std::vector<float> cs, sn;
+  rope_angles(cs, sn, pos, R, t, sign);
   parallel_for(R, std::max<int64_t>(1, 4096 / (H * P + 1)), [&](int64_t r0, int64_t r1) {
-    std::vector<float> c(P), s(P);
     for (int64_t r = r0; r < r1; ++r) {
-      for (int64_t i = 0; i < P; ++i) {
-        const double a = (double)pos[r] * t.inv_freq[i];
-        c[i] = (float)(std::cos(a) * t.attn_factor);
-        s[i] = (float)(sign * std::sin(a) * t.attn_factor);
-      }
+      const float *c = cs.data() + r * P, *s = sn.data() + r * P;
       for (int64_t h = 0; h < H; ++h) {
         const float* xr = x + r * x_row + h * x_head;
         float* yr = y + r * y_row + h * y_head;
@@ -104,15 +135,11 @@ std::vector<int64_t> row_positions(int64_t B, int64_t T, int64_t start_pos) {
   return pos;
 }
 
-std::vector<float> rope_heads_backward(const std::vector<float>& d_out, int64_t heads,
-                                       int64_t Dn, int64_t Dr, const int64_t* pos, int64_t R,
-                                       const RopeTable& t) {
-  const int64_t Dh = Dn + Dr, W = heads * Dh;
-  std::vector<float> dx(d_out);
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t h = 0; h < heads; ++h) std::fill_n(dx.data() + r * W + h * Dh + Dn, Dr, 0.f);
-  rope_backward(dx.data() + Dn, W, Dh, d_out.data() + Dn, W, Dh, pos, R, heads, t);
-  return dx;
+void rope_heads_backward(float* d, int64_t heads, int64_t Dn, int64_t Dr, const int64_t* pos,
+                         int64_t R, const RopeTable& t) {
+  check_positions(pos, R, "rope_backward");
+  const int64_t Dh = Dn + Dr;
+  rope_apply(d + Dn, heads * Dh, Dh, d + Dn, heads * Dh, Dh, pos, R, heads, t, -1.0, false);
 }
 
 }  // namespace dsv3

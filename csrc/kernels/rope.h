@@ -50,10 +50,9 @@ void rope_backward(float* dx, int64_t dx_row, int64_t dx_head, const float* dy, 
 // Positions of R = B*T rows of B sequences at start_pos..start_pos+T-1: pos[r] = start_pos + r%T.
 std::vector<int64_t> row_positions(int64_t B, int64_t T, int64_t start_pos);
 
-// Gradient through "rope the last Dr dims of every head" for a [R, heads, Dn+Dr] buffer: the
-// unrotated part passes through, the rotated part is rotated back (rope_backward).
-std::vector<float> rope_heads_backward(const std::vector<float>& d_out, int64_t heads,
-                                       int64_t Dn, int64_t Dr, const int64_t* pos, int64_t R,
-                                       const RopeTable& t);
+// Gradient through "rope the last Dr dims of every head" of a [R, heads, Dn+Dr] buffer, in
+// place: the unrotated part passes through, the rotated part is rotated back.
+void rope_heads_backward(float* d, int64_t heads, int64_t Dn, int64_t Dr, const int64_t* pos,
+                         int64_t R, const RopeTable& t);
 
 }  // namespace dsv3

@@ -1,6 +1,7 @@
 #include "model/block.h"
 
 #include "core/check.h"
+#include "core/memory.h"
 #include "core/parallel.h"
 #include "kernels/nn.h"
 
@@ -60,13 +61,13 @@ void block_forward(float* h_out, BlockActs& a, const float* h_in, const BlockPar
   a.h_mid.resize(R * D);
   a.ln2.resize(R * D);
   a.rstd2.resize(R);
-  std::vector<float> tmp((size_t)(R * D));
+  Buf tmp = buf(R * D);
   rmsnorm_forward(a.ln1.data(), a.rstd1.data(), h_in, p.input_layernorm, R, D, d.eps);
   if (d.mla)
-    mla_forward(tmp.data(), a.mla, a.ln1.data(), p.mla, d.mla_dims, B, T, start_pos);
+    mla_forward(tmp.get(), a.mla, a.ln1.data(), p.mla, d.mla_dims, B, T, start_pos);
   else
-    mha_forward(tmp.data(), a.mha, a.ln1.data(), p.mha, d.mha_dims, B, T, start_pos);
-  add_into(a.h_mid.data(), h_in, tmp.data(), R * D);
+    mha_forward(tmp.get(), a.mha, a.ln1.data(), p.mha, d.mha_dims, B, T, start_pos);
+  add_into(a.h_mid.data(), h_in, tmp.get(), R * D);
   rmsnorm_forward(a.ln2.data(), a.rstd2.data(), a.h_mid.data(), p.post_attention_layernorm, R, D,
                   d.eps);
   if (p.moe) {
@@ -74,11 +75,11 @@ void block_forward(float* h_out, BlockActs& a, const float* h_in, const BlockPar
     a.moe_f.resize(sz.floats);
     a.moe_i.resize(sz.ints);
     a.moe = moe_acts_view(a.moe_f.data(), a.moe_i.data(), d.moe, R);
-    moe_forward(tmp.data(), a.moe, a.ln2.data(), p.experts, d.moe, R);
+    moe_forward(tmp.get(), a.moe, a.ln2.data(), p.experts, d.moe, R);
   } else {
-    mlp_forward(tmp.data(), a.mlp, a.ln2.data(), p.mlp, R, D, d.inter);
+    mlp_forward(tmp.get(), a.mlp, a.ln2.data(), p.mlp, R, D, d.inter);
   }
-  add_into(h_out, a.h_mid.data(), tmp.data(), R * D);
+  add_into(h_out, a.h_mid.data(), tmp.get(), R * D);
 }
 
 void block_backward(float* dh_in, const BlockGrads& g, const float* dh_out,

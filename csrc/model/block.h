@@ -47,7 +47,7 @@ struct BlockGrads {
 
 struct BlockActs {
   int64_t B = 0, T = 0;
-  std::vector<float> ln1, rstd1, h_mid, ln2, rstd2;  // [R,D] [R] [R,D] [R,D] [R]
+  FVec ln1, rstd1, h_mid, ln2, rstd2;  // [R,D] [R] [R,D] [R,D] [R]
   MlaActs mla;
   MhaActs mha;
   MlpActs mlp;

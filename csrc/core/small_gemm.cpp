@@ -1,0 +1,166 @@
+#include "core/small_gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "core/blas.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DSV3_SMALL_GEMM_AVX512 1
+#include <immintrin.h>
+#endif
+
+namespace dsv3 {
+
+#if DSV3_SMALL_GEMM_AVX512
+namespace {
+
+// The tile loops must be unrolled completely, or GCC keeps the accumulators in memory.
+#define DSV3_UNROLL _Pragma("GCC unroll 16")
+
+constexpr int kMR = 8;       // rows of C per tile
+constexpr int kNV = 2;       // 16-float vectors of C per tile row
+constexpr int kNR = 16 * kNV;
+
+// C[0:MR, 0:16*NV] (+)= alpha * sum_p A[r*a_rs + p*a_cs] * B[p*ldb + 0:16*NV]; the last vector
+// of each row is restricted to `mask` (masked loads never touch the lanes left out).
+template <int MR, int NV>
+__attribute__((target("avx512f"))) void tile(int64_t K, const float* A, int64_t a_rs,
+                                             int64_t a_cs, const float* B, int64_t ldb, float* C,
+                                             int64_t ldc, float alpha, bool accumulate,
+                                             __mmask16 mask) {
+  __m512 c[MR][NV];
+  DSV3_UNROLL
+  for (int r = 0; r < MR; ++r)
+    DSV3_UNROLL
+    for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
+  const float* ar[MR];
+  DSV3_UNROLL
+  for (int r = 0; r < MR; ++r) ar[r] = A + r * a_rs;
+  for (int64_t p = 0; p < K; ++p) {
+    const float* bp = B + p * ldb;
+    __m512 b[NV];
+    DSV3_UNROLL
+    for (int v = 0; v < NV - 1; ++v) b[v] = _mm512_loadu_ps(bp + 16 * v);
+    b[NV - 1] = _mm512_maskz_loadu_ps(mask, bp + 16 * (NV - 1));
+    const int64_t off = p * a_cs;
+    DSV3_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(ar[r][off]);
+      DSV3_UNROLL
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+    }
+  }
+  const __m512 al = _mm512_set1_ps(alpha);
+  DSV3_UNROLL
+  for (int r = 0; r < MR; ++r)
+    DSV3_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      float* dst = C + r * ldc + 16 * v;
+      const __mmask16 m = v == NV - 1 ? mask : (__mmask16)0xFFFF;
+      const __m512 x = accumulate ? _mm512_fmadd_ps(c[r][v], al, _mm512_maskz_loadu_ps(m, dst))
+                                  : _mm512_mul_ps(c[r][v], al);
+      _mm512_mask_storeu_ps(dst, m, x);
+    }
+}
+
+using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
+                        int64_t, float, bool, __mmask16);
+
+template <int MR>
+constexpr TileFn tile_for(int nv) {
+  return nv == 1 ? tile<MR, 1> : tile<MR, 2>;
+}
+static_assert(kNV == 2, "tile_for lists NV = 1, 2");
+
+TileFn tile_fn(int mr, int nv) {
+  static const TileFn table[kMR][kNV] = {
+      {tile_for<1>(1), tile_for<1>(2)}, {tile_for<2>(1), tile_for<2>(2)},
+      {tile_for<3>(1), tile_for<3>(2)}, {tile_for<4>(1), tile_for<4>(2)},
+      {tile_for<5>(1), tile_for<5>(2)}, {tile_for<6>(1), tile_for<6>(2)},
+      {tile_for<7>(1), tile_for<7>(2)}, {tile_for<8>(1), tile_for<8>(2)}};
+  return table[mr - 1][nv - 1];
+}
+
+// Column panels outside, row tiles inside: a K x 32 panel of B is reused by every row tile.
+void small_gemm_avx512(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha,
+                       const float* A, int64_t lda, const float* B, int64_t ldb, bool accumulate,
+                       float* C, int64_t ldc) {
+  const int64_t a_rs = trans_a ? 1 : lda, a_cs = trans_a ? lda : 1;
+  for (int64_t j0 = 0; j0 < N; j0 += kNR) {
+    const int64_t w = std::min<int64_t>(kNR, N - j0);
+    const int nv = (int)((w + 15) / 16);
+    const int tail = (int)(w - 16 * (nv - 1));  // 1..16 columns in the last vector
+    const __mmask16 mask = (__mmask16)(tail == 16 ? 0xFFFF : (1u << tail) - 1);
+    for (int64_t i0 = 0; i0 < M; i0 += kMR) {
+      const int mr = (int)std::min<int64_t>(kMR, M - i0);
+      tile_fn(mr, nv)(K, A + i0 * a_rs, a_rs, a_cs, B + j0, ldb, C + i0 * ldc + j0, ldc, alpha,
+                      accumulate, mask);
+    }
+  }
+}
+
+// 16 rows of src at a time: column k of those rows is one gather, stored as 16 floats of dst.
+__attribute__((target("avx512f"))) void transpose_rows_avx512(float* dst, int64_t ldd,
+                                                              const float* src, int64_t lds,
+                                                              int64_t n, int64_t K) {
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32((int)lds));
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int64_t w = std::min<int64_t>(16, n - j0);
+    const __mmask16 m = (__mmask16)(w == 16 ? 0xFFFF : (1u << w) - 1);
+    const float* s0 = src + j0 * lds;
+    for (int64_t k = 0; k < K; ++k) {
+      const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, s0 + k, 4);
+      _mm512_mask_storeu_ps(dst + k * ldd + j0, m, x);
+    }
+  }
+}
+
+bool detect() {
+  const char* env = std::getenv("DSV3_SMALL_GEMM");  // "0": always use sgemm (tests, A/B)
+  if (env && std::strcmp(env, "0") == 0) return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+}
+
+}  // namespace
+#endif
+
+bool small_gemm_vectorized() {
+#if DSV3_SMALL_GEMM_AVX512
+  static const bool on = detect();
+  return on;
+#else
+  return false;
+#endif
+}
+
+void small_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                int64_t lda, const float* B, int64_t ldb, bool accumulate, float* C,
+                int64_t ldc) {
+  if (M <= 0 || N <= 0) return;
+#if DSV3_SMALL_GEMM_AVX512
+  if (small_gemm_vectorized())
+    return small_gemm_avx512(trans_a, M, N, K, alpha, A, lda, B, ldb, accumulate, C, ldc);
+#endif
+  sgemm(trans_a, false, M, N, K, alpha, A, lda, B, ldb, accumulate ? 1.f : 0.f, C, ldc);
+}
+
+void transpose_rows(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t n,
+                    int64_t K) {
+#if DSV3_SMALL_GEMM_AVX512
+  if (small_gemm_vectorized() && 15 * lds < (int64_t)1 << 31)
+    return transpose_rows_avx512(dst, ldd, src, lds, n, K);
+#endif
+  constexpr int64_t J = 16;  // rows of src per pass: each dst write is J contiguous floats
+  for (int64_t j0 = 0; j0 < n; j0 += J) {
+    const int64_t w = std::min(J, n - j0);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t j = 0; j < w; ++j) dst[k * ldd + j0 + j] = src[(j0 + j) * lds + k];
+  }
+}
+
+}  // namespace dsv3
