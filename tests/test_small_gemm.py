@@ -23,9 +23,11 @@ def bound(a, b, K):
     return 4 * K * 2.0 ** -24 * (np.abs(a) @ np.abs(b)) + 1e-30
 
 
-# M, N, K cover the tile edges: 8-row tiles, 32-column panels, 16-float vectors
+# M, N, K cover the tile edges (8-row tiles, 32-column panels, 16-float vectors), the wide
+# tiles of trans_a with N a multiple of 64 (6 rows) or 96 (4 rows), and B-panel packing
+# (M above 8 row tiles)
 SHAPES = [(1, 1, 1), (8, 32, 16), (9, 33, 7), (64, 96, 64), (13, 17, 100), (7, 64, 1),
-          (64, 288, 96), (5, 15, 0), (3, 48, 5)]
+          (64, 288, 96), (5, 15, 0), (3, 48, 5), (70, 128, 20), (130, 40, 9)]
 
 
 @pytest.mark.parametrize("M,N,K", SHAPES)

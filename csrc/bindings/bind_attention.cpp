@@ -111,7 +111,7 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
     auto it = garr.find(name);
     return it == garr.end() ? nullptr : it->second.mutable_data();
   };
-  std::vector<float> out((size_t)(a.B * a.T * a.D));
+  Buf out = buf(a.B * a.T * a.D);  // the forward's output, not returned
   float* pdx = dx.mutable_data();
   const float *px = a.x.data(), *pg = g.x.data();
   if (is_mla(cfg)) {
@@ -121,7 +121,7 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
                 gp("kv_a_layernorm.weight"), gp("kv_b_proj.weight"), gp("o_proj.weight")};
     py::gil_scoped_release nogil;
     MlaActs acts;
-    mla_forward(out.data(), acts, px, w.mla, d, a.B, a.T, start_pos);
+    mla_forward(out.get(), acts, px, w.mla, d, a.B, a.T, start_pos);
     mla_backward(pdx, gr, pg, acts, px, w.mla, d);
   } else {
     MhaDims d = mha_dims(cfg);
@@ -129,7 +129,7 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
                 gp("o_proj.weight")};
     py::gil_scoped_release nogil;
     MhaActs acts;
-    mha_forward(out.data(), acts, px, w.mha, d, a.B, a.T, start_pos);
+    mha_forward(out.get(), acts, px, w.mha, d, a.B, a.T, start_pos);
     mha_backward(pdx, gr, pg, acts, px, w.mha, d);
   }
   for (auto& kv : garr) grads[py::str(kv.first)] = kv.second;
