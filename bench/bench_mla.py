@@ -43,8 +43,11 @@ def train_form(rng, B, T):
         xt = torch.from_numpy(x.copy()).requires_grad_()
         dt = torch.from_numpy(d)
         f = t_mla if cfg.attention_type == "mla" else t_mha
-        t_fwd = timeit(lambda: ops.attention_layer(x, P, cfg))
-        t_fb = timeit(lambda: ops.attention_layer_backward(d, x, P, cfg))  # includes a forward
+        # Both sides get 3 warm-up calls (PyTorch's first calls of a shape run 1.3-2.5x slower
+        # while its allocator and thread pool settle) and the median of >= 9 timed calls.
+        reps = dict(min_time=1.0, min_reps=9, warmup=3)
+        t_fwd = timeit(lambda: ops.attention_layer(x, P, cfg), **reps)
+        t_fb = timeit(lambda: ops.attention_layer_backward(d, x, P, cfg), **reps)  # + a forward
 
         def torch_fb():
             for v in list(Pt.values()) + [xt]:
@@ -52,8 +55,8 @@ def train_form(rng, B, T):
             f(torch, xt, Pt, cfg, fast=True).backward(dt)
 
         with torch.no_grad():
-            tt_fwd = timeit(lambda: f(torch, xt, Pt, cfg, fast=True))
-        tt_fb = timeit(torch_fb)
+            tt_fwd = timeit(lambda: f(torch, xt, Pt, cfg, fast=True), **reps)
+        tt_fb = timeit(torch_fb, **reps)
         ntok = B * T
         rows.append([name, f"{ntok / t_fwd:,.0f}", f"{ntok / tt_fwd:,.0f}", f"{tt_fwd / t_fwd:.2f}x",
                      f"{ntok / t_fb:,.0f}", f"{ntok / tt_fb:,.0f}", f"{tt_fb / t_fb:.2f}x"])

@@ -9,9 +9,11 @@ from typing import Callable, List, Sequence
 import numpy as np
 
 
-def timeit(fn: Callable[[], object], min_time: float = 0.3, min_reps: int = 3) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn()
+def timeit(fn: Callable[[], object], min_time: float = 0.3, min_reps: int = 3,
+           warmup: int = 1) -> float:
+    """Median seconds per call after ``warmup`` warm-up calls."""
+    for _ in range(warmup):
+        fn()
     times: List[float] = []
     start = time.perf_counter()
     while len(times) < min_reps or time.perf_counter() - start < min_time:
