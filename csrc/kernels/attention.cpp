@@ -22,6 +22,21 @@ constexpr int64_t kBlock = 64;  // query rows per block
 // panel's rows do not all fall into the same L1 sets.
 inline int64_t padded_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
+// Queries per head below which the keys are not transposed for small_gemm: a transposed copy
+// costs a pass over the keys, as much as the products of ~8 query rows (cached decoding
+// attends with 1..few queries to thousands of keys).
+constexpr int64_t kTransposeMinRows = 16;
+
+// C[m, n] = alpha * A[m, D] B[n, D]^T for B = a head's keys or values: from the transposed copy
+// bt (row stride ldt) when there is one, else by sgemm on B itself (row stride ldb).
+inline void scores(int64_t m, int64_t n, int64_t D, float alpha, const float* a, int64_t lda,
+                   const float* b, int64_t ldb, const float* bt, int64_t ldt, float* c) {
+  if (bt)
+    small_gemm(false, m, n, D, alpha, a, lda, bt, ldt, false, c, n);
+  else
+    sgemm(false, true, m, n, D, alpha, a, lda, b, ldb, 0.f, c, n);
+}
+
 // Visible keys for query row i: [0, n).
 inline int64_t visible(const AttnShape& s, int64_t i) {
   return std::min(s.Tk, s.start_pos + i + 1);
@@ -60,20 +75,21 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
   const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.ldv(), ldo = s.H * s.Dv;
   const int64_t group = s.H / s.Hkv;
   const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);  // keys any query sees
+  const bool tr = s.Tq >= kTransposeMinRows;
   parallel_for(s.B * s.H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> S((size_t)(kBlock * nk)), inv(kBlock), kt((size_t)(s.Dk * ldt));
+    std::vector<float> S((size_t)(kBlock * nk)), inv(kBlock), kt(tr ? (size_t)(s.Dk * ldt) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.H, h = t % s.H, hk = h / group;
       const float* qb = q + b * s.Tq * ldq + h * s.Dk;
       const float* kb = k + b * s.Tk * ldk + hk * s.Dk;
       const float* vb = v + b * s.Tk * ldv + hk * s.hsv();
       float* ob = o + b * s.Tq * ldo + h * s.Dv;
-      transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
+      if (tr) transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
       for (int64_t i0 = 0; i0 < s.Tq; i0 += kBlock) {
         const int64_t m = std::min(kBlock, s.Tq - i0);
         const int64_t n = visible(s, i0 + m - 1);  // keys any row of the block can see
-        small_gemm(false, m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kt.data(), ldt, false,
-                   S.data(), n);
+        scores(m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kb, ldk, tr ? kt.data() : nullptr, ldt,
+               S.data());
         // Unnormalised P = exp(S - max); the 1/sum goes on the m x Dv output rows instead of
         // the m x n probabilities (one pass fewer over S).
         for (int64_t i = 0; i < m; ++i) {
@@ -101,17 +117,20 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
   // the last block sees the most keys, so with `set` its products overwrite dk/dv rows
   // [0, n) and only the keys no query sees are zeroed explicitly.
   const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);
+  const bool tr = s.Tq * group >= kTransposeMinRows;
   parallel_for(s.B * s.Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> P((size_t)(kBlock * nk)), dP((size_t)(kBlock * nk)),
-        kt((size_t)(s.Dk * ldt)), vt((size_t)(s.Dv * ldt));
+        kt(tr ? (size_t)(s.Dk * ldt) : 0), vt(tr ? (size_t)(s.Dv * ldt) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.Hkv, hk = t % s.Hkv;
       const float* kb = k + b * s.Tk * ldk + hk * s.Dk;
       const float* vb = v + b * s.Tk * ldv + hk * s.hsv();
       float* dkb = dk ? dk + b * s.Tk * ldk + hk * s.Dk : nullptr;
       float* dvb = dv ? dv + b * s.Tk * ldv + hk * s.hsv() : nullptr;
-      transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
-      transpose_rows(vt.data(), ldt, vb, ldv, nk, s.Dv);
+      if (tr) {
+        transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
+        transpose_rows(vt.data(), ldt, vb, ldv, nk, s.Dv);
+      }
       bool first = set;  // the next dk/dv product overwrites
       if (set)
         for (int64_t j = nk; j < s.Tk; ++j) {
@@ -127,10 +146,10 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
           const int64_t m = std::min(kBlock, s.Tq - i0);
           const int64_t n = visible(s, i0 + m - 1);
           // P <- scale * q k^T (softmax applied below), dP <- dO v^T
-          small_gemm(false, m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kt.data(), ldt, false,
-                     P.data(), n);
-          small_gemm(false, m, n, s.Dv, 1.f, dob + i0 * ldo, ldo, vt.data(), ldt, false,
-                     dP.data(), n);
+          scores(m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kb, ldk, tr ? kt.data() : nullptr,
+                 ldt, P.data());
+          scores(m, n, s.Dv, 1.f, dob + i0 * ldo, ldo, vb, ldv, tr ? vt.data() : nullptr, ldt,
+                 dP.data());
           for (int64_t i = 0; i < m; ++i) {
             float dl = 0.f;
             const float *orow = ob + (i0 + i) * ldo, *dorow = dob + (i0 + i) * ldo;
