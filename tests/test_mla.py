@@ -19,6 +19,9 @@ CONFIGS = {
     "mla-noq-yarn": dict(q_lora_rank=None, rope_scaling=YARN),
     "mha": dict(attention_type="mha"),
     "gqa-yarn": dict(attention_type="gqa", num_key_value_heads=2, rope_scaling=YARN),
+    # DeepSeek-V3's head dims (nope 128, rope 64, v 128): full AVX-512 vectors in the strided
+    # v/dv, the wide tiles and B-panel packing of the attention products
+    "mla-v3-heads": dict(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
 }
 
 

@@ -23,13 +23,13 @@
 
 namespace dsv3 {
 
-// An uninitialised float buffer, for work arrays whose every value is written before it is
+// An uninitialised float buffer, for work arrays whose values are written before they are
 // read (std::vector<float>(n) would zero n floats first, on one thread).
 using Buf = std::unique_ptr<float[]>;
 inline Buf buf(int64_t n) { return Buf(new float[(size_t)std::max<int64_t>(n, 1)]); }
 
 // A std::vector whose resize() leaves new elements uninitialised (default-initialised), for
-// saved activations that the forward writes in full: a value-initialising resize would zero
+// saved activations that the forward writes before anything reads them: a value-initialising resize would zero
 // them on one thread first (55 MB per MLA layer call at hidden 512, T 4096).
 template <class T>
 struct DefaultInitAllocator : std::allocator<T> {

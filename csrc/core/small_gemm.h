@@ -1,17 +1,19 @@
 // Single-threaded products for the attention core, where a BLAS call costs too much around
-// too little work: every call is one block of one head (M, K ~ 64, N <= a few hundred), and
-// OpenBLAS spends a third of such a call packing its operands and zeroing C.
+// too little work: every call is one block of one head (one of M, K is a 64-query block, the
+// other up to the key count; N is a head dim or the key count), and OpenBLAS spends a third
+// of such a call packing its operands and zeroing C.
 //
 //   C[M,N] = alpha * op(A) @ B           (accumulate = false)
 //   C[M,N] += alpha * op(A) @ B          (accumulate = true)
 //   op(A) = A [M,K] (row stride lda), or with trans_a A stored [K,M] (row stride lda);
 //   B [K,N] row-major, row stride ldb, unit column stride (callers pack a B^T once per head).
 //
-// On CPUs with AVX-512F a register-tiled kernel runs: an 8 x 32 block of C stays in 16
-// registers while K runs, A is read by broadcasts straight from memory (either layout), B a row
-// at a time; no packing, no separate pass over C. Each C element is the sum over k in order
-// with one FMA per step, so results are deterministic (they differ from OpenBLAS's by
-// rounding). Elsewhere the call goes to sgemm.
+// On CPUs with AVX-512F a register-tiled kernel runs: a block of C (8 x 32, or for op(A) = A^T
+// with N a multiple of 96 or 64, 4 x 96 or 6 x 64) stays in registers while K runs; A is read
+// by broadcasts straight from memory (either layout), B a row at a time (a B panel reused by
+// many row tiles is first copied to contiguous rows); C is written once. Each C element is the
+// sum over k in order with one FMA per step, so results are deterministic (they differ from
+// OpenBLAS's by rounding). Elsewhere, or with DSV3_SMALL_GEMM=0, the call goes to sgemm.
 #pragma once
 #include <cstdint>
 

@@ -24,7 +24,8 @@ inline int64_t padded_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 
 // Queries per head below which the keys are not transposed for small_gemm: a transposed copy
 // costs a pass over the keys, as much as the products of ~8 query rows (cached decoding
-// attends with 1..few queries to thousands of keys).
+// attends with 1..few queries to thousands of keys). Without the AVX-512 product, sgemm
+// reads the keys as they are.
 constexpr int64_t kTransposeMinRows = 16;
 
 // C[m, n] = alpha * A[m, D] B[n, D]^T for B = a head's keys or values: from the transposed copy
@@ -75,7 +76,7 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
   const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.ldv(), ldo = s.H * s.Dv;
   const int64_t group = s.H / s.Hkv;
   const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);  // keys any query sees
-  const bool tr = s.Tq >= kTransposeMinRows;
+  const bool tr = small_gemm_vectorized() && s.Tq >= kTransposeMinRows;
   parallel_for(s.B * s.H, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> S((size_t)(kBlock * nk)), inv(kBlock), kt(tr ? (size_t)(s.Dk * ldt) : 0);
     for (int64_t t = t0; t < t1; ++t) {
@@ -117,7 +118,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
   // the last block sees the most keys, so with `set` its products overwrite dk/dv rows
   // [0, n) and only the keys no query sees are zeroed explicitly.
   const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);
-  const bool tr = s.Tq * group >= kTransposeMinRows;
+  const bool tr = small_gemm_vectorized() && s.Tq * group >= kTransposeMinRows;
   parallel_for(s.B * s.Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> P((size_t)(kBlock * nk)), dP((size_t)(kBlock * nk)),
         kt(tr ? (size_t)(s.Dk * ldt) : 0), vt(tr ? (size_t)(s.Dv * ldt) : 0);
@@ -157,7 +158,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
             softmax_back_row(P.data() + i * n, dP.data() + i * n, lb[i0 + i], dl,
                              visible(s, i0 + i), n);
           }
-          // dv += P^T dO ; dq += scale * dS k ; dk += scale * dS^T q
+          // dv += P^T dO ; dq += scale * dS k ; dk += scale * dS^T q  (with set: the first
+          // product into a row overwrites it)
           const bool acc_kv = !first;
           first = false;
           if (dvb)

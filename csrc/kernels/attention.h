@@ -2,7 +2,7 @@
 //
 // Legend:  B batch   Tq query tokens   Tk key tokens   H query heads   Hkv key/value heads
 //          (H % Hkv == 0; head h reads kv head h / (H / Hkv))   Dk q/k head dim   Dv v head dim
-// Layouts (contiguous): q[B,Tq,H,Dk]  k[B,Tk,Hkv,Dk]  v[B,Tk,Hkv,Dv]  o[B,Tq,H,Dv]  lse[B,H,Tq]
+// Layouts (contiguous; v may be strided, see AttnShape): q[B,Tq,H,Dk]  k[B,Tk,Hkv,Dk]  v[B,Tk,Hkv,Dv]  o[B,Tq,H,Dv]  lse[B,H,Tq]
 //
 // Query i sits at absolute position start_pos + i and sees keys j <= start_pos + i (and
 // j < Tk): prefill is start_pos = 0, Tk = Tq; cached decoding passes the cache's keys with

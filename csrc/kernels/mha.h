@@ -13,7 +13,6 @@
 #include <vector>
 
 #include "core/memory.h"
-
 #include "kernels/rope.h"
 
 namespace dsv3 {

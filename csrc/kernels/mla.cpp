@@ -38,7 +38,8 @@ void check_params(const MlaParams& p, const MlaDims& d) {
 }
 
 // q [R, H, Dn+Dr] with q_pe roped; saves the q_lora intermediates when given buffers.
-void project_q(float* q, FVec* qa, FVec* qa_rstd, FVec* qa_n, const float* x, const MlaParams& p, const MlaDims& d,
+void project_q(float* q, FVec* qa, FVec* qa_rstd, FVec* qa_n, const float* x,
+               const MlaParams& p, const MlaDims& d,
                const int64_t* pos, int64_t R) {
   const int64_t Q = d.H * d.dqk();
   if (d.Dq > 0) {
@@ -84,7 +85,8 @@ void decompress(float* k, float* kv, const float* c, int64_t ldc, const float* k
     for (int64_t r = 0; r < L; ++r)
       std::memcpy(cc.get() + r * d.Dc, c + r * ldc, sizeof(float) * d.Dc);
     linear_forward(out.get(), cc.get(), p.kv_b_proj, L, d.Dc, KV);
-    for (int64_t r = 0; r < L; ++r) std::memcpy(kv + r * ld, out.get() + r * KV, sizeof(float) * KV);
+    for (int64_t r = 0; r < L; ++r)
+      std::memcpy(kv + r * ld, out.get() + r * KV, sizeof(float) * KV);
   } else {
     sgemm(false, true, L, KV, d.Dc, 1.f, c, ldc, p.kv_b_proj, d.Dc, 0.f, kv, ld);
   }
@@ -150,7 +152,8 @@ void mla_forward(float* out, MlaActs& a, const float* x, const MlaParams& p, con
   linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
 }
 
-// Every gradient buffer below is fresh and overwritten by the first product written into it.
+// The gradient buffers below are fresh: each is overwritten by the first product written
+// into it (set), or zeroed where it is summed into (dkpe, the d k_pe columns of dkva).
 void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaActs& a,
                   const float* x, const MlaParams& p, const MlaDims& d) {
   const int64_t B = a.B, T = a.T, R = B * T, Q = d.H * d.dqk(), W = d.Dc + d.Dr;
@@ -164,13 +167,14 @@ void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaAct
   // back through the decompression: d k_nope per head, d k_pe summed over heads (in head
   // order), written as [d c_kv | d k_pe] rows of dkva after the rotation is undone
   Buf dkpe = buf(R * d.Dr), dkva = buf(R * W);
+  const int64_t ldkv = kv_ld(d);
   parallel_for(R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* sum = dkpe.get() + r * d.Dr;
       std::fill_n(sum, d.Dr, 0.f);
       for (int64_t h = 0; h < d.H; ++h) {
         const float* dkr = dk.get() + (r * d.H + h) * d.dqk();
-        std::memcpy(dkv.get() + r * kv_ld(d) + h * (d.Dn + d.Dv), dkr, sizeof(float) * d.Dn);
+        std::memcpy(dkv.get() + r * ldkv + h * (d.Dn + d.Dv), dkr, sizeof(float) * d.Dn);
         for (int64_t j = 0; j < d.Dr; ++j) sum[j] += dkr[d.Dn + j];
       }
       std::fill_n(dkva.get() + r * W + d.Dc, d.Dr, 0.f);

@@ -58,14 +58,15 @@ struct MlaGrads {  // same layout; accumulated into
 // What the forward saves for the backward (owned buffers, resized by the forward).
 struct MlaActs {
   int64_t B = 0, T = 0;
-  std::vector<int64_t> pos;       // [R] absolute positions
-  FVec qa, qa_rstd, qa_n;  // [R,Dq] [R] [R,Dq]  (q_lora path)
-  FVec q;           // [R, H, Dn+Dr]  q_pe already roped
-  FVec ckv;         // [R, Dc]        c_kv before kv_a_layernorm
-  FVec c_rstd, c;   // [R] [R, Dc]    normalised latent
-  FVec k;           // [R, H, Dn+Dr]  [k_nope_h | k_pe]
-  FVec kv;          // [R, H, Dn+Dv]  kv_b_proj output; v is read from it in place
-  FVec o, lse;      // [R, H*Dv]  [B, H, T]
+  std::vector<int64_t> pos;  // [R] absolute positions
+  FVec qa, qa_rstd, qa_n;    // [R,Dq] [R] [R,Dq]  (q_lora path)
+  FVec q;                    // [R, H, Dn+Dr]  q_pe already roped
+  FVec ckv;                  // [R, Dc]        c_kv before kv_a_layernorm
+  FVec c_rstd, c;            // [R] [R, Dc]    normalised latent
+  FVec k;                    // [R, H, Dn+Dr]  [k_nope_h | k_pe]
+  FVec kv;                   // [R, kv_ld]     kv_b_proj output, rows [H, Dn+Dv] + 16 unused
+                             //                floats; v is read from it in place
+  FVec o, lse;               // [R, H*Dv]  [B, H, T]
 };
 
 // out[B,T,D] = MLA(x[B,T,D]) at positions start_pos + t (naive form; saves acts).
