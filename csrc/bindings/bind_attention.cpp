@@ -121,6 +121,7 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
                 gp("kv_a_layernorm.weight"), gp("kv_b_proj.weight"), gp("o_proj.weight")};
     py::gil_scoped_release nogil;
     MlaActs acts;
+    acts.keep_probs = true;
     mla_forward(out.get(), acts, px, w.mla, d, a.B, a.T, start_pos);
     mla_backward(pdx, gr, pg, acts, px, w.mla, d);
   } else {
@@ -129,6 +130,7 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
                 gp("o_proj.weight")};
     py::gil_scoped_release nogil;
     MhaActs acts;
+    acts.keep_probs = true;
     mha_forward(out.get(), acts, px, w.mha, d, a.B, a.T, start_pos);
     mha_backward(pdx, gr, pg, acts, px, w.mha, d);
   }

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
 #include "core/blas.h"
@@ -53,7 +55,49 @@ DSV3_SIMD_CLONES void softmax_back_row(float* p, float* dp, float lse, float del
   for (int64_t j = n; j < width; ++j) p[j] = dp[j] = 0.f;
 }
 
+// dp[j] <- p[j] * (dp[j] - delta) from kept probabilities (0 beyond the visible n).
+DSV3_SIMD_CLONES void softmax_back_kept(const float* p, float* dp, float delta, int64_t n,
+                                        int64_t width) {
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+  for (int64_t j = n; j < width; ++j) dp[j] = 0.f;
+}
+
+// Kept probabilities of one head: the query blocks one after another, each m x n (the keys
+// its last row sees). Offset of the block starting at row i0, and the total per head.
+int64_t probs_offset(const AttnShape& s, int64_t i0) {
+  int64_t off = 0;
+  for (int64_t r = 0; r < i0; r += kBlock) {
+    const int64_t m = std::min(kBlock, s.Tq - r);
+    off += m * visible(s, r + m - 1);
+  }
+  return off;
+}
+
 }  // namespace
+
+int64_t attention_probs_per_batch(const AttnShape& s) { return s.H * probs_offset(s, s.Tq); }
+
+void AttnProbs::prepare(const AttnShape& s, bool keep) {
+  if (!keep || !attention_keep_probs(s)) {
+    batch.clear();
+    ptr.clear();
+    return;
+  }
+  batch.resize((size_t)s.B);
+  ptr.resize((size_t)s.B);
+  for (int64_t b = 0; b < s.B; ++b) {
+    batch[b].resize((size_t)attention_probs_per_batch(s));
+    ptr[b] = batch[b].data();
+  }
+}
+
+bool attention_keep_probs(const AttnShape& s) {
+  static const bool allowed = [] {  // DSV3_KEEP_ATTN_PROBS=0: always recompute (tests, A/B)
+    const char* e = std::getenv("DSV3_KEEP_ATTN_PROBS");
+    return !(e && std::string(e) == "0");
+  }();
+  return allowed && s.H * s.Tk <= 8192;
+}
 
 void attention_check(const AttnShape& s) {
   DSV3_CHECK(s.B >= 1 && s.Tq >= 1 && s.Tk >= 1 && s.H >= 1 && s.Hkv >= 1 && s.Dk >= 1 &&
@@ -71,36 +115,44 @@ void attention_check(const AttnShape& s) {
 }
 
 void attention_forward(float* o, float* lse, const float* q, const float* k, const float* v,
-                       const AttnShape& s) {
+                       const AttnShape& s, float* const* probs) {
   attention_check(s);
   const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.ldv(), ldo = s.H * s.Dv;
   const int64_t group = s.H / s.Hkv;
   const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);  // keys any query sees
   const bool tr = small_gemm_vectorized() && s.Tq >= kTransposeMinRows;
+  const int64_t per_head = probs ? probs_offset(s, s.Tq) : 0;
   parallel_for(s.B * s.H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> S((size_t)(kBlock * nk)), inv(kBlock), kt(tr ? (size_t)(s.Dk * ldt) : 0);
+    std::vector<float> S(probs ? 0 : (size_t)(kBlock * nk)), inv(kBlock),
+        kt(tr ? (size_t)(s.Dk * ldt) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.H, h = t % s.H, hk = h / group;
       const float* qb = q + b * s.Tq * ldq + h * s.Dk;
       const float* kb = k + b * s.Tk * ldk + hk * s.Dk;
       const float* vb = v + b * s.Tk * ldv + hk * s.hsv();
       float* ob = o + b * s.Tq * ldo + h * s.Dv;
+      float* pk = probs ? probs[b] + h * per_head : nullptr;  // this head's kept blocks
       if (tr) transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
       for (int64_t i0 = 0; i0 < s.Tq; i0 += kBlock) {
         const int64_t m = std::min(kBlock, s.Tq - i0);
         const int64_t n = visible(s, i0 + m - 1);  // keys any row of the block can see
+        float* P = pk ? pk : S.data();
         scores(m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kb, ldk, tr ? kt.data() : nullptr, ldt,
-               S.data());
-        // Unnormalised P = exp(S - max); the 1/sum goes on the m x Dv output rows instead of
-        // the m x n probabilities (one pass fewer over S).
+               P);
+        // Unnormalised P = exp(S - max); unless P is kept, the 1/sum goes on the m x Dv output
+        // rows instead of the m x n probabilities (one pass fewer over S).
         for (int64_t i = 0; i < m; ++i) {
-          const SoftmaxPiece p = softmax_piece(S.data() + i * n, visible(s, i0 + i), n);
+          const SoftmaxPiece p = softmax_piece(P + i * n, visible(s, i0 + i), n);
           inv[i] = 1.f / p.sum;
           if (lse) lse[(b * s.H + h) * s.Tq + i0 + i] = p.max + std::log(p.sum);
+          if (pk)
+            for (int64_t j = 0; j < n; ++j) P[i * n + j] *= inv[i];
         }
-        small_gemm(false, m, s.Dv, n, 1.f, S.data(), n, vb, ldv, false, ob + i0 * ldo, ldo);
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < s.Dv; ++j) ob[(i0 + i) * ldo + j] *= inv[i];
+        small_gemm(false, m, s.Dv, n, 1.f, P, n, vb, ldv, false, ob + i0 * ldo, ldo);
+        if (!pk)
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t j = 0; j < s.Dv; ++j) ob[(i0 + i) * ldo + j] *= inv[i];
+        if (pk) pk += m * n;
       }
     }
   });
@@ -108,7 +160,7 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
 
 void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const float* o,
                         const float* lse, const float* q, const float* k, const float* v,
-                        const AttnShape& s, bool set) {
+                        const AttnShape& s, bool set, const float* const* probs) {
   attention_check(s);
   const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.ldv(), ldo = s.H * s.Dv;
   const int64_t group = s.H / s.Hkv;
@@ -119,19 +171,19 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
   // [0, n) and only the keys no query sees are zeroed explicitly.
   const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);
   const bool tr = small_gemm_vectorized() && s.Tq * group >= kTransposeMinRows;
+  const bool trk = tr && !probs;  // kept probabilities: no q k^T, no transposed keys
+  const int64_t per_head = probs ? probs_offset(s, s.Tq) : 0;
   parallel_for(s.B * s.Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> P((size_t)(kBlock * nk)), dP((size_t)(kBlock * nk)),
-        kt(tr ? (size_t)(s.Dk * ldt) : 0), vt(tr ? (size_t)(s.Dv * ldt) : 0);
+    std::vector<float> P(probs ? 0 : (size_t)(kBlock * nk)), dP((size_t)(kBlock * nk)),
+        kt(trk ? (size_t)(s.Dk * ldt) : 0), vt(tr ? (size_t)(s.Dv * ldt) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.Hkv, hk = t % s.Hkv;
       const float* kb = k + b * s.Tk * ldk + hk * s.Dk;
       const float* vb = v + b * s.Tk * ldv + hk * s.hsv();
       float* dkb = dk ? dk + b * s.Tk * ldk + hk * s.Dk : nullptr;
       float* dvb = dv ? dv + b * s.Tk * ldv + hk * s.hsv() : nullptr;
-      if (tr) {
-        transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
-        transpose_rows(vt.data(), ldt, vb, ldv, nk, s.Dv);
-      }
+      if (trk) transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
+      if (tr) transpose_rows(vt.data(), ldt, vb, ldv, nk, s.Dv);
       bool first = set;  // the next dk/dv product overwrites
       if (set)
         for (int64_t j = nk; j < s.Tk; ++j) {
@@ -146,24 +198,29 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
         for (int64_t i0 = last; i0 >= 0; i0 -= kBlock) {
           const int64_t m = std::min(kBlock, s.Tq - i0);
           const int64_t n = visible(s, i0 + m - 1);
-          // P <- scale * q k^T (softmax applied below), dP <- dO v^T
-          scores(m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kb, ldk, tr ? kt.data() : nullptr,
-                 ldt, P.data());
+          // P <- the kept probabilities, or scale * q k^T (softmax applied below); dP <- dO v^T
+          const float* pb = probs ? probs[b] + h * per_head + probs_offset(s, i0) : P.data();
+          if (!probs)
+            scores(m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kb, ldk, trk ? kt.data() : nullptr,
+                   ldt, P.data());
           scores(m, n, s.Dv, 1.f, dob + i0 * ldo, ldo, vb, ldv, tr ? vt.data() : nullptr, ldt,
                  dP.data());
           for (int64_t i = 0; i < m; ++i) {
             float dl = 0.f;
             const float *orow = ob + (i0 + i) * ldo, *dorow = dob + (i0 + i) * ldo;
             for (int64_t d = 0; d < s.Dv; ++d) dl += orow[d] * dorow[d];
-            softmax_back_row(P.data() + i * n, dP.data() + i * n, lb[i0 + i], dl,
-                             visible(s, i0 + i), n);
+            if (probs)
+              softmax_back_kept(pb + i * n, dP.data() + i * n, dl, visible(s, i0 + i), n);
+            else
+              softmax_back_row(P.data() + i * n, dP.data() + i * n, lb[i0 + i], dl,
+                               visible(s, i0 + i), n);
           }
           // dv += P^T dO ; dq += scale * dS k ; dk += scale * dS^T q  (with set: the first
           // product into a row overwrites it)
           const bool acc_kv = !first;
           first = false;
           if (dvb)
-            small_gemm(true, n, s.Dv, m, 1.f, P.data(), n, dob + i0 * ldo, ldo, acc_kv, dvb, ldv);
+            small_gemm(true, n, s.Dv, m, 1.f, pb, n, dob + i0 * ldo, ldo, acc_kv, dvb, ldv);
           if (dq)
             small_gemm(false, m, s.Dk, n, s.scale, dP.data(), n, kb, ldk, !set,
                        dq + b * s.Tq * ldq + h * s.Dk + i0 * ldq, ldq);

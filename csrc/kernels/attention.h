@@ -11,6 +11,9 @@
 // Rows are processed in blocks of queries, so memory is O(block * Tk), not O(Tq * Tk).
 #pragma once
 #include <cstdint>
+#include <vector>
+
+#include "core/memory.h"
 
 namespace dsv3 {
 
@@ -26,14 +29,37 @@ struct AttnShape {
   int64_t hsv() const { return v_head ? v_head : Dv; }
 };
 
+// The kept probabilities of one layer (see attention_forward): one buffer per sequence.
+struct AttnProbs {
+  std::vector<FVec> batch;
+  std::vector<float*> ptr;
+  // Sizes the buffers for s when keep and attention_keep_probs(s) say so, else empties them.
+  void prepare(const AttnShape& s, bool keep);
+  float* const* get() const { return ptr.empty() ? nullptr : ptr.data(); }
+};
+
 void attention_check(const AttnShape& s);  // throws std::invalid_argument on bad shapes
 
+// probs: when given, the forward also keeps the normalised probabilities of every query block
+// (the keys it can see) for the backward, which then skips recomputing q k^T and its exps: one
+// product in five and half the exps of the backward, for ~B*H*Tq*Tk/2 floats of memory.
+// probs[b] holds batch element b's (attention_probs_per_batch(s) floats: one allocation per
+// sequence stays under malloc's mmap threshold, so a training loop reuses warm pages).
+// attention_keep_probs(s) is the policy the layers follow.
 void attention_forward(float* o, float* lse, const float* q, const float* k, const float* v,
-                       const AttnShape& s);
+                       const AttnShape& s, float* const* probs = nullptr);
+int64_t attention_probs_per_batch(const AttnShape& s);
+// True when the probabilities take at most 4096 floats (16 KiB) per query token: H * Tk <=
+// 8192, e.g. 8 heads up to 1024 keys; longer sequences recompute them (memory O(T), not T^2).
+// DSV3_KEEP_ATTN_PROBS=0 in the environment makes it always false.
+bool attention_keep_probs(const AttnShape& s);
+
 // dq += ..., dk += ..., dv += ...   (o and lse from the forward; any gradient may be null).
-// set: dq, dk, dv are overwritten instead (they need not be zeroed first).
+// set: dq, dk, dv are overwritten instead (they need not be zeroed first). probs: what the
+// forward kept, or null to recompute.
 void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const float* o,
                         const float* lse, const float* q, const float* k, const float* v,
-                        const AttnShape& s, bool set = false);
+                        const AttnShape& s, bool set = false,
+                        const float* const* probs = nullptr);
 
 }  // namespace dsv3

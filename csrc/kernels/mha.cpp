@@ -55,7 +55,9 @@ void mha_forward(float* out, MhaActs& a, const float* x, const MhaParams& p, con
   a.o.resize(R * d.H * d.Dv);
   a.lse.resize(B * d.H * T);
   const AttnShape s{B, T, T, d.H, d.Hkv, d.dqk(), d.Dv, 0, d.scale};
-  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(), s);
+  a.probs.prepare(s, a.keep_probs);
+  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(), s,
+                    a.probs.get());
   linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
 }
 
@@ -68,7 +70,7 @@ void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaAct
   linear_backward(d_o.get(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, true);
   const AttnShape s{B, T, T, d.H, d.Hkv, d.dqk(), d.Dv, 0, d.scale};
   attention_backward(dq.get(), dk.get(), dv.get(), d_o.get(), a.o.data(), a.lse.data(),
-                     a.q.data(), a.k.data(), a.v.data(), s, true);
+                     a.q.data(), a.k.data(), a.v.data(), s, true, a.probs.get());
   rope_heads_backward(dq.get(), d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   rope_heads_backward(dk.get(), d.Hkv, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   linear_backward(dx, g.q_proj, dq.get(), x, p.q_proj, R, d.D, d.H * d.dqk());

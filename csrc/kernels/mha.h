@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/memory.h"
+#include "kernels/attention.h"
 #include "kernels/rope.h"
 
 namespace dsv3 {
@@ -37,6 +38,8 @@ struct MhaGrads {
 struct MhaActs {
   int64_t B = 0, T = 0;
   std::vector<int64_t> pos;
+  bool keep_probs = false;  // set by callers that run the backward (see MlaActs)
+  AttnProbs probs;
   FVec q, k, v, o, lse;  // roped q [R,H,Dqk], roped k [R,Hkv,Dqk], v, o, lse
 };
 

@@ -147,8 +147,10 @@ void mla_forward(float* out, MlaActs& a, const float* x, const MlaParams& p, con
   decompress(a.k.data(), a.kv.data(), a.c.data(), d.Dc, kpe.get(), d.Dr, p, d, R);
   a.o.resize(R * d.H * d.Dv);
   a.lse.resize(B * d.H * T);
-  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.k.data(), a.kv.data() + d.Dn,
-                    v_shape(d, B, T, T, 0));
+  const AttnShape s = v_shape(d, B, T, T, 0);
+  a.probs.prepare(s, a.keep_probs);
+  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.k.data(), a.kv.data() + d.Dn, s,
+                    a.probs.get());
   linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
 }
 
@@ -163,7 +165,8 @@ void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaAct
   // dv lands in its place in dkv (the layout of kv); dk_nope is copied there below
   Buf dq = buf(R * Q), dk = buf(R * Q), dkv = buf(R * kv_ld(d));
   attention_backward(dq.get(), dk.get(), dkv.get() + d.Dn, d_o.get(), a.o.data(), a.lse.data(),
-                     a.q.data(), a.k.data(), a.kv.data() + d.Dn, v_shape(d, B, T, T, 0), true);
+                     a.q.data(), a.k.data(), a.kv.data() + d.Dn, v_shape(d, B, T, T, 0), true,
+                     a.probs.get());
   // back through the decompression: d k_nope per head, d k_pe summed over heads (in head
   // order), written as [d c_kv | d k_pe] rows of dkva after the rotation is undone
   Buf dkpe = buf(R * d.Dr), dkva = buf(R * W);

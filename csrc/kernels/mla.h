@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "core/memory.h"
+#include "kernels/attention.h"
 #include "kernels/rope.h"
 
 namespace dsv3 {
@@ -67,6 +68,8 @@ struct MlaActs {
   FVec kv;                   // [R, kv_ld]     kv_b_proj output, rows [H, Dn+Dv] + 16 unused
                              //                floats; v is read from it in place
   FVec o, lse;               // [R, H*Dv]  [B, H, T]
+  bool keep_probs = false;    // set by callers that run the backward: keep the attention
+  AttnProbs probs;            // probabilities (when attention_keep_probs allows)
 };
 
 // out[B,T,D] = MLA(x[B,T,D]) at positions start_pos + t (naive form; saves acts).

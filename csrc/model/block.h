@@ -54,6 +54,8 @@ struct BlockActs {
   std::vector<float> moe_f;      // MoE saved floats (moe_acts_size)
   std::vector<int64_t> moe_i;    // MoE saved ints
   MoeActs moe;                   // views into moe_f / moe_i
+  // before a forward whose backward will run: keep what makes the backward cheaper
+  void keep_for_backward() { mla.keep_probs = mha.keep_probs = true; }
 };
 
 // h_out[R,D] = block(h_in[R,D]) at positions start_pos + t; saves acts for the backward.
