@@ -198,3 +198,42 @@ def test_long_context_split_keys_equal_naive(rng, threads):
     finally:
         dsv3.set_num_threads(n0)
     assert_close(f"split-key decode, {threads} threads", outs[0], outs[1], "fp32_reduce")
+
+
+KEEP_SCRIPT = r"""
+import numpy as np, dsv3
+from dsv3 import ops
+from ref import random_attention_params
+out = {}
+for name, kw in (("mla", {}), ("gqa", dict(attention_type="gqa", num_key_value_heads=2))):
+    cfg = dsv3.Config.tiny().replace(**kw)
+    rng = np.random.default_rng(5)
+    P = random_attention_params(cfg, rng)
+    x = rng.standard_normal((2, 70, cfg.hidden_size)).astype(np.float32)
+    d = rng.standard_normal(x.shape).astype(np.float32)
+    dx, g = ops.attention_layer_backward(d, x, P, cfg)
+    out[name + "_dx"] = dx
+    for k, v in g.items():
+        out[name + "_" + k] = v
+np.savez(OUT, **out)
+"""
+
+
+def test_kept_probabilities_equal_recomputed(tmp_path):
+    """The layer backward from the attention probabilities kept by the forward equals the one
+    that recomputes them (DSV3_KEEP_ATTN_PROBS=0), to fp32 rounding."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = {}
+    for tag, env in (("kept", {}), ("recomputed", {"DSV3_KEEP_ATTN_PROBS": "0"})):
+        path = tmp_path / f"{tag}.npz"
+        e = dict(os.environ, **env)
+        e["PYTHONPATH"] = os.pathsep.join([here, e.get("PYTHONPATH", "")])
+        subprocess.run([sys.executable, "-c", f"OUT = {str(path)!r}\n" + KEEP_SCRIPT], env=e,
+                       check=True)
+        res[tag] = dict(np.load(path))
+    for key, x in res["recomputed"].items():
+        # gradients are sums of O(100) products of O(1) values: fp32 rounding ~1e-6 relative
+        np.testing.assert_allclose(res["kept"][key], x, rtol=1e-4, atol=1e-5, err_msg=key)
