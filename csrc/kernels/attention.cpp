@@ -30,14 +30,33 @@ inline int64_t padded_ld(int64_t n) { return (n + 15) / 16 * 16 + 16; }
 // reads the keys as they are.
 constexpr int64_t kTransposeMinRows = 16;
 
-// C[m, n] = alpha * A[m, D] B[n, D]^T for B = a head's keys or values: from the transposed copy
-// bt (row stride ldt) when there is one, else by sgemm on B itself (row stride ldb).
-inline void scores(int64_t m, int64_t n, int64_t D, float alpha, const float* a, int64_t lda,
-                   const float* b, int64_t ldb, const float* bt, int64_t ldt, float* c) {
-  if (bt)
-    small_gemm(false, m, n, D, alpha, a, lda, bt, ldt, false, c, n);
-  else
-    sgemm(false, true, m, n, D, alpha, a, lda, b, ldb, 0.f, c, n);
+// One head's keys (or values) as product operands: `own` dims at row stride ld_own, then
+// `shared` dims (MLA's k_pe) at row stride ld_shared.
+struct Keys {
+  const float* own;
+  int64_t ld_own, d_own;
+  const float* shared = nullptr;
+  int64_t ld_shared = 0, d_shared = 0;
+};
+
+// C[m, n] = alpha * A[m, D] keys^T: from the transposed copy bt (row stride ldt) when there is
+// one, else by sgemm on the keys themselves.
+inline void scores(int64_t m, int64_t n, float alpha, const float* a, int64_t lda,
+                   const Keys& k, const float* bt, int64_t ldt, float* c) {
+  if (bt) {
+    small_gemm(false, m, n, k.d_own + k.d_shared, alpha, a, lda, bt, ldt, false, c, n);
+    return;
+  }
+  sgemm(false, true, m, n, k.d_own, alpha, a, lda, k.own, k.ld_own, 0.f, c, n);
+  if (k.d_shared)
+    sgemm(false, true, m, n, k.d_shared, alpha, a + k.d_own, lda, k.shared, k.ld_shared, 1.f, c,
+          n);
+}
+
+// kt [D, ldt] <- the keys' first nk rows, transposed.
+inline void transpose_keys(float* kt, int64_t ldt, const Keys& k, int64_t nk) {
+  transpose_rows(kt, ldt, k.own, k.ld_own, nk, k.d_own);
+  if (k.d_shared) transpose_rows(kt + k.d_own * ldt, ldt, k.shared, k.ld_shared, nk, k.d_shared);
 }
 
 // Visible keys for query row i: [0, n).
@@ -112,12 +131,19 @@ void attention_check(const AttnShape& s) {
   DSV3_CHECK(std::isfinite(s.scale), "[attention] scale must be finite, got ", s.scale);
   DSV3_CHECK(s.hsv() >= s.Dv && s.ldv() >= (s.Hkv - 1) * s.hsv() + s.Dv,
              "[attention] v strides (row ", s.ldv(), ", head ", s.hsv(), ") overlap its heads");
+  const int64_t own = s.Dk - s.k_shared;
+  DSV3_CHECK(s.k_shared >= 0 && own >= 1 && s.hsk() >= own &&
+                 s.ldk() >= (s.Hkv - 1) * s.hsk() + own && s.ldkr() >= s.k_shared,
+             "[attention] k split (shared ", s.k_shared, " of ", s.Dk, " dims, row ", s.ldk(),
+             ", head ", s.hsk(), ") is inconsistent");
 }
 
 void attention_forward(float* o, float* lse, const float* q, const float* k, const float* v,
-                       const AttnShape& s, float* const* probs) {
+                       const AttnShape& s, float* const* probs, const float* kr) {
   attention_check(s);
-  const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.ldv(), ldo = s.H * s.Dv;
+  DSV3_CHECK(!s.k_shared || kr, "[attention] split keys need the shared part");
+  const int64_t ldq = s.H * s.Dk, ldk = s.ldk(), ldv = s.ldv(), ldo = s.H * s.Dv;
+  const int64_t ks = s.k_shared, ldr = s.ldkr();
   const int64_t group = s.H / s.Hkv;
   const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);  // keys any query sees
   const bool tr = small_gemm_vectorized() && s.Tq >= kTransposeMinRows;
@@ -128,17 +154,17 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.H, h = t % s.H, hk = h / group;
       const float* qb = q + b * s.Tq * ldq + h * s.Dk;
-      const float* kb = k + b * s.Tk * ldk + hk * s.Dk;
+      const Keys kb{k + b * s.Tk * ldk + hk * s.hsk(), ldk, s.Dk - ks,
+                    ks ? kr + b * s.Tk * ldr : nullptr, ldr, ks};
       const float* vb = v + b * s.Tk * ldv + hk * s.hsv();
       float* ob = o + b * s.Tq * ldo + h * s.Dv;
       float* pk = probs ? probs[b] + h * per_head : nullptr;  // this head's kept blocks
-      if (tr) transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
+      if (tr) transpose_keys(kt.data(), ldt, kb, nk);
       for (int64_t i0 = 0; i0 < s.Tq; i0 += kBlock) {
         const int64_t m = std::min(kBlock, s.Tq - i0);
         const int64_t n = visible(s, i0 + m - 1);  // keys any row of the block can see
         float* P = pk ? pk : S.data();
-        scores(m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kb, ldk, tr ? kt.data() : nullptr, ldt,
-               P);
+        scores(m, n, s.scale, qb + i0 * ldq, ldq, kb, tr ? kt.data() : nullptr, ldt, P);
         // Unnormalised P = exp(S - max); unless P is kept, the 1/sum goes on the m x Dv output
         // rows instead of the m x n probabilities (one pass fewer over S).
         for (int64_t i = 0; i < m; ++i) {
@@ -160,9 +186,12 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
 
 void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const float* o,
                         const float* lse, const float* q, const float* k, const float* v,
-                        const AttnShape& s, bool set, const float* const* probs) {
+                        const AttnShape& s, bool set, const float* const* probs,
+                        const float* kr, float* dkr) {
   attention_check(s);
-  const int64_t ldq = s.H * s.Dk, ldk = s.Hkv * s.Dk, ldv = s.ldv(), ldo = s.H * s.Dv;
+  DSV3_CHECK(!s.k_shared || kr, "[attention] split keys need the shared part");
+  const int64_t ldq = s.H * s.Dk, ldk = s.ldk(), ldv = s.ldv(), ldo = s.H * s.Dv;
+  const int64_t ks = s.k_shared, ko = s.Dk - ks, ldr = s.ldkr();
   const int64_t group = s.H / s.Hkv;
   const int64_t last = (s.Tq - 1) / kBlock * kBlock;  // first row of the last query block
   // One task per (batch, kv head): the heads of a group accumulate into the same dk/dv rows,
@@ -178,33 +207,36 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
         kt(trk ? (size_t)(s.Dk * ldt) : 0), vt(tr ? (size_t)(s.Dv * ldt) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.Hkv, hk = t % s.Hkv;
-      const float* kb = k + b * s.Tk * ldk + hk * s.Dk;
-      const float* vb = v + b * s.Tk * ldv + hk * s.hsv();
-      float* dkb = dk ? dk + b * s.Tk * ldk + hk * s.Dk : nullptr;
+      const Keys kb{k + b * s.Tk * ldk + hk * s.hsk(), ldk, ko,
+                    ks ? kr + b * s.Tk * ldr : nullptr, ldr, ks};
+      const Keys vk{v + b * s.Tk * ldv + hk * s.hsv(), ldv, s.Dv};
+      float* dkb = dk ? dk + b * s.Tk * ldk + hk * s.hsk() : nullptr;
       float* dvb = dv ? dv + b * s.Tk * ldv + hk * s.hsv() : nullptr;
-      if (trk) transpose_rows(kt.data(), ldt, kb, ldk, nk, s.Dk);
-      if (tr) transpose_rows(vt.data(), ldt, vb, ldv, nk, s.Dv);
+      float* dkrb = ks && dkr ? dkr + b * s.Tk * s.H * ks : nullptr;  // [Tk, H, ks]
+      if (trk) transpose_keys(kt.data(), ldt, kb, nk);
+      if (tr) transpose_keys(vt.data(), ldt, vk, nk);
       bool first = set;  // the next dk/dv product overwrites
       if (set)
         for (int64_t j = nk; j < s.Tk; ++j) {
-          if (dkb) std::fill_n(dkb + j * ldk, s.Dk, 0.f);
+          if (dkb) std::fill_n(dkb + j * ldk, ko, 0.f);
           if (dvb) std::fill_n(dvb + j * ldv, s.Dv, 0.f);
+          if (dkrb) std::fill_n(dkrb + (j * s.H + hk * group) * ks, group * ks, 0.f);
         }
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const float* qb = q + b * s.Tq * ldq + h * s.Dk;
         const float* ob = o + b * s.Tq * ldo + h * s.Dv;
         const float* dob = d_o + b * s.Tq * ldo + h * s.Dv;
         const float* lb = lse + (b * s.H + h) * s.Tq;
+        bool first_r = set;  // this head's dkr slots: the next product overwrites
         for (int64_t i0 = last; i0 >= 0; i0 -= kBlock) {
           const int64_t m = std::min(kBlock, s.Tq - i0);
           const int64_t n = visible(s, i0 + m - 1);
           // P <- the kept probabilities, or scale * q k^T (softmax applied below); dP <- dO v^T
           const float* pb = probs ? probs[b] + h * per_head + probs_offset(s, i0) : P.data();
           if (!probs)
-            scores(m, n, s.Dk, s.scale, qb + i0 * ldq, ldq, kb, ldk, trk ? kt.data() : nullptr,
-                   ldt, P.data());
-          scores(m, n, s.Dv, 1.f, dob + i0 * ldo, ldo, vb, ldv, tr ? vt.data() : nullptr, ldt,
-                 dP.data());
+            scores(m, n, s.scale, qb + i0 * ldq, ldq, kb, trk ? kt.data() : nullptr, ldt,
+                   P.data());
+          scores(m, n, 1.f, dob + i0 * ldo, ldo, vk, tr ? vt.data() : nullptr, ldt, dP.data());
           for (int64_t i = 0; i < m; ++i) {
             float dl = 0.f;
             const float *orow = ob + (i0 + i) * ldo, *dorow = dob + (i0 + i) * ldo;
@@ -221,12 +253,21 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
           first = false;
           if (dvb)
             small_gemm(true, n, s.Dv, m, 1.f, pb, n, dob + i0 * ldo, ldo, acc_kv, dvb, ldv);
-          if (dq)
-            small_gemm(false, m, s.Dk, n, s.scale, dP.data(), n, kb, ldk, !set,
-                       dq + b * s.Tq * ldq + h * s.Dk + i0 * ldq, ldq);
+          if (dq) {
+            float* dqb = dq + b * s.Tq * ldq + h * s.Dk + i0 * ldq;
+            small_gemm(false, m, ko, n, s.scale, dP.data(), n, kb.own, ldk, !set, dqb, ldq);
+            if (ks)
+              small_gemm(false, m, ks, n, s.scale, dP.data(), n, kb.shared, ldr, !set, dqb + ko,
+                         ldq);
+          }
           if (dkb)
-            small_gemm(true, n, s.Dk, m, s.scale, dP.data(), n, qb + i0 * ldq, ldq, acc_kv, dkb,
+            small_gemm(true, n, ko, m, s.scale, dP.data(), n, qb + i0 * ldq, ldq, acc_kv, dkb,
                        ldk);
+          if (dkrb) {
+            small_gemm(true, n, ks, m, s.scale, dP.data(), n, qb + i0 * ldq + ko, ldq, !first_r,
+                       dkrb + h * ks, s.H * ks);
+            first_r = false;
+          }
         }
       }
     }

@@ -27,6 +27,14 @@ struct AttnShape {
   int64_t v_row = 0, v_head = 0;
   int64_t ldv() const { return v_row ? v_row : Hkv * Dv; }
   int64_t hsv() const { return v_head ? v_head : Dv; }
+  // Keys may be split the same way: the first Dk - k_shared dims of each head come from k
+  // (row stride k_row, head stride k_head; 0: contiguous), the last k_shared dims from one
+  // array kr [B, Tk] (row stride kr_row; 0: k_shared) that every head shares: MLA's k_nope
+  // read in place from the kv_b_proj output and its single roped k_pe.
+  int64_t k_row = 0, k_head = 0, k_shared = 0, kr_row = 0;
+  int64_t ldk() const { return k_row ? k_row : Hkv * (Dk - k_shared); }
+  int64_t hsk() const { return k_head ? k_head : Dk - k_shared; }
+  int64_t ldkr() const { return kr_row ? kr_row : k_shared; }
 };
 
 // The kept probabilities of one layer (see attention_forward): one buffer per sequence.
@@ -46,8 +54,10 @@ void attention_check(const AttnShape& s);  // throws std::invalid_argument on ba
 // probs[b] holds batch element b's (attention_probs_per_batch(s) floats: one allocation per
 // sequence stays under malloc's mmap threshold, so a training loop reuses warm pages).
 // attention_keep_probs(s) is the policy the layers follow.
+// kr: the shared key dims when s.k_shared > 0.
 void attention_forward(float* o, float* lse, const float* q, const float* k, const float* v,
-                       const AttnShape& s, float* const* probs = nullptr);
+                       const AttnShape& s, float* const* probs = nullptr,
+                       const float* kr = nullptr);
 int64_t attention_probs_per_batch(const AttnShape& s);
 // True when the probabilities take at most 4096 floats (16 KiB) per query token: H * Tk <=
 // 8192, e.g. 8 heads up to 1024 keys; longer sequences recompute them (memory O(T), not T^2).
@@ -56,10 +66,13 @@ bool attention_keep_probs(const AttnShape& s);
 
 // dq += ..., dk += ..., dv += ...   (o and lse from the forward; any gradient may be null).
 // set: dq, dk, dv are overwritten instead (they need not be zeroed first). probs: what the
-// forward kept, or null to recompute.
+// forward kept, or null to recompute. With split keys, dk has k's layout (its own dims) and
+// dkr [B, Tk, H, k_shared] gets each query head's gradient of the shared dims (the caller sums
+// over heads).
 void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const float* o,
                         const float* lse, const float* q, const float* k, const float* v,
                         const AttnShape& s, bool set = false,
-                        const float* const* probs = nullptr);
+                        const float* const* probs = nullptr, const float* kr = nullptr,
+                        float* dkr = nullptr);
 
 }  // namespace dsv3

@@ -75,10 +75,10 @@ void project_latent(float* ckv, float* c_rstd, float* c, float* kpe, const float
 // of one head's v are not a multiple of 4 KiB apart (they would share a few L1 sets).
 int64_t kv_ld(const MlaDims& d) { return d.H * (d.Dn + d.Dv) + 16; }
 
-// kv [L, kv_ld] = kv_b_proj(c) (c with row stride ldc; v is read from kv in place, see
-// v_shape) and k [L, H, Dn+Dr] = [k_nope_h | k_pe] (kpe with row stride ldp).
-void decompress(float* k, float* kv, const float* c, int64_t ldc, const float* kpe, int64_t ldp,
-                const MlaParams& p, const MlaDims& d, int64_t L) {
+// kv [L, kv_ld] = kv_b_proj(c) (c with row stride ldc): per head [k_nope | v], both read in
+// place by the attention (see kv_shape).
+void decompress(float* kv, const float* c, int64_t ldc, const MlaParams& p, const MlaDims& d,
+                int64_t L) {
   const int64_t KV = d.H * (d.Dn + d.Dv), ld = kv_ld(d);
   if (gemm_precision() != GemmPrecision::fp32) {  // bf16/fp8 training: kv_b_proj is a linear
     Buf cc = buf(L * d.Dc), out = buf(L * KV);
@@ -90,14 +90,6 @@ void decompress(float* k, float* kv, const float* c, int64_t ldc, const float* k
   } else {
     sgemm(false, true, L, KV, d.Dc, 1.f, c, ldc, p.kv_b_proj, d.Dc, 0.f, kv, ld);
   }
-  parallel_for(L, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t h = 0; h < d.H; ++h) {
-        float* kd = k + (r * d.H + h) * d.dqk();
-        std::memcpy(kd, kv + r * ld + h * (d.Dn + d.Dv), sizeof(float) * d.Dn);
-        std::memcpy(kd + d.Dn, kpe + r * ldp, sizeof(float) * d.Dr);
-      }
-  });
 }
 
 // dc = dkv kv_b_proj (overwritten), d kv_b_proj += dkv^T c; dkv rows kv_ld apart.
@@ -115,11 +107,15 @@ void decompress_backward(float* dc, float* g_kv_b, const float* dkv, const float
   if (g_kv_b) sgemm(true, false, KV, d.Dc, R, 1.f, dkv, ld, c, d.Dc, 1.f, g_kv_b, d.Dc);
 }
 
-// The attention shape over decompressed keys, v (and dv) strided inside kv.
-AttnShape v_shape(const MlaDims& d, int64_t B, int64_t Tq, int64_t Tk, int64_t start_pos) {
+// The attention shape over the decompressed latents: k_nope and v (and their gradients)
+// strided inside kv, k_pe one shared array (row stride kpe_row).
+AttnShape kv_shape(const MlaDims& d, int64_t B, int64_t Tq, int64_t Tk, int64_t start_pos,
+                   int64_t kpe_row) {
   AttnShape s{B, Tq, Tk, d.H, d.H, d.dqk(), d.Dv, start_pos, d.scale};
-  s.v_row = kv_ld(d);
-  s.v_head = d.Dn + d.Dv;
+  s.v_row = s.k_row = kv_ld(d);
+  s.v_head = s.k_head = d.Dn + d.Dv;
+  s.k_shared = d.Dr;
+  s.kr_row = kpe_row;
   return s;
 }
 
@@ -140,17 +136,17 @@ void mla_forward(float* out, MlaActs& a, const float* x, const MlaParams& p, con
   a.ckv.resize(R * d.Dc);
   a.c_rstd.resize(R);
   a.c.resize(R * d.Dc);
-  Buf kpe = buf(R * d.Dr);
-  project_latent(a.ckv.data(), a.c_rstd.data(), a.c.data(), kpe.get(), x, p, d, a.pos.data(), R);
-  a.k.resize(R * d.H * d.dqk());
+  a.kpe.resize(R * d.Dr);
+  project_latent(a.ckv.data(), a.c_rstd.data(), a.c.data(), a.kpe.data(), x, p, d, a.pos.data(),
+                 R);
   a.kv.resize(R * kv_ld(d));
-  decompress(a.k.data(), a.kv.data(), a.c.data(), d.Dc, kpe.get(), d.Dr, p, d, R);
+  decompress(a.kv.data(), a.c.data(), d.Dc, p, d, R);
   a.o.resize(R * d.H * d.Dv);
   a.lse.resize(B * d.H * T);
-  const AttnShape s = v_shape(d, B, T, T, 0);
+  const AttnShape s = kv_shape(d, B, T, T, 0, d.Dr);
   a.probs.prepare(s, a.keep_probs);
-  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.k.data(), a.kv.data() + d.Dn, s,
-                    a.probs.get());
+  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.kv.data(), a.kv.data() + d.Dn, s,
+                    a.probs.get(), a.kpe.data());
   linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
 }
 
@@ -162,23 +158,21 @@ void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaAct
   DSV3_ASSERT(R > 0 && (int64_t)a.o.size() == R * d.H * d.Dv, "mla_backward without forward");
   Buf d_o = buf(R * d.H * d.Dv);
   linear_backward(d_o.get(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, true);
-  // dv lands in its place in dkv (the layout of kv); dk_nope is copied there below
-  Buf dq = buf(R * Q), dk = buf(R * Q), dkv = buf(R * kv_ld(d));
-  attention_backward(dq.get(), dk.get(), dkv.get() + d.Dn, d_o.get(), a.o.data(), a.lse.data(),
-                     a.q.data(), a.k.data(), a.kv.data() + d.Dn, v_shape(d, B, T, T, 0), true,
-                     a.probs.get());
-  // back through the decompression: d k_nope per head, d k_pe summed over heads (in head
-  // order), written as [d c_kv | d k_pe] rows of dkva after the rotation is undone
+  // dk_nope and dv land in their places in dkv (the layout of kv); each head's d k_pe in dkr
+  Buf dq = buf(R * Q), dkv = buf(R * kv_ld(d)), dkr = buf(R * d.H * d.Dr);
+  attention_backward(dq.get(), dkv.get(), dkv.get() + d.Dn, d_o.get(), a.o.data(), a.lse.data(),
+                     a.q.data(), a.kv.data(), a.kv.data() + d.Dn, kv_shape(d, B, T, T, 0, d.Dr),
+                     true, a.probs.get(), a.kpe.data(), dkr.get());
+  // d k_pe summed over heads (in head order), then written as [d c_kv | d k_pe] rows of dkva
+  // after the rotation is undone
   Buf dkpe = buf(R * d.Dr), dkva = buf(R * W);
-  const int64_t ldkv = kv_ld(d);
   parallel_for(R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       float* sum = dkpe.get() + r * d.Dr;
       std::fill_n(sum, d.Dr, 0.f);
       for (int64_t h = 0; h < d.H; ++h) {
-        const float* dkr = dk.get() + (r * d.H + h) * d.dqk();
-        std::memcpy(dkv.get() + r * ldkv + h * (d.Dn + d.Dv), dkr, sizeof(float) * d.Dn);
-        for (int64_t j = 0; j < d.Dr; ++j) sum[j] += dkr[d.Dn + j];
+        const float* part = dkr.get() + (r * d.H + h) * d.Dr;
+        for (int64_t j = 0; j < d.Dr; ++j) sum[j] += part[j];
       }
       std::fill_n(dkva.get() + r * W + d.Dc, d.Dr, 0.f);
     }
@@ -327,13 +321,12 @@ void mla_decode_naive(float* out, const float* x, const MlaParams& p, const MlaD
                       const LatentCacheView& cache, int64_t B, int64_t S, int64_t start_pos) {
   DecodeStep st = decode_prologue(x, p, d, cache, B, S, start_pos);
   const int64_t W = d.Dc + d.Dr, Q = d.H * d.dqk(), L = start_pos + S;
-  std::vector<float> k((size_t)(L * Q)), kv((size_t)(L * kv_ld(d))),
-      o((size_t)(B * S * d.H * d.Dv));
+  std::vector<float> kv((size_t)(L * kv_ld(d))), o((size_t)(B * S * d.H * d.Dv));
   for (int64_t b = 0; b < B; ++b) {
     const float* cb = cache.data + b * cache.max_len * W;
-    decompress(k.data(), kv.data(), cb, W, cb + d.Dc, W, p, d, L);
-    attention_forward(o.data() + b * S * d.H * d.Dv, nullptr, st.q.data() + b * S * Q, k.data(),
-                      kv.data() + d.Dn, v_shape(d, 1, S, L, start_pos));
+    decompress(kv.data(), cb, W, p, d, L);
+    attention_forward(o.data() + b * S * d.H * d.Dv, nullptr, st.q.data() + b * S * Q, kv.data(),
+                      kv.data() + d.Dn, kv_shape(d, 1, S, L, start_pos, W), nullptr, cb + d.Dc);
   }
   linear_forward(out, o.data(), p.o_proj, B * S, d.H * d.Dv, d.D);
 }

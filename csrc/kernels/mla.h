@@ -64,9 +64,9 @@ struct MlaActs {
   FVec q;                    // [R, H, Dn+Dr]  q_pe already roped
   FVec ckv;                  // [R, Dc]        c_kv before kv_a_layernorm
   FVec c_rstd, c;            // [R] [R, Dc]    normalised latent
-  FVec k;                    // [R, H, Dn+Dr]  [k_nope_h | k_pe]
+  FVec kpe;                  // [R, Dr]        roped k_pe, shared by every head
   FVec kv;                   // [R, kv_ld]     kv_b_proj output, rows [H, Dn+Dv] + 16 unused
-                             //                floats; v is read from it in place
+                             //                floats; k_nope and v are read from it in place
   FVec o, lse;               // [R, H*Dv]  [B, H, T]
   bool keep_probs = false;    // set by callers that run the backward: keep the attention
   AttnProbs probs;            // probabilities (when attention_keep_probs allows)
