@@ -34,7 +34,7 @@ CASES = [  # B, Tq, Tk, H, Hkv, Dk, Dv, start_pos
     (1, 5, 64, 2, 2, 8, 8, 30),        # Tk longer than start_pos + Tq: extra keys masked
     (1, 20, 100, 4, 2, 64, 96, 50),    # the same with transposed keys (Tq >= 16); 6x64 and
                                        # 4x96 tiles of the dK/dV products
-    (2, 70, 70, 2, 2, 192, 128, 0),    # head dims of V3 (qk 192, v 128), two query blocks
+    (2, 70, 70, 2, 2, 192, 128, 0),    # head dims of V3 (qk 192, v 128), several query blocks
 ]
 
 

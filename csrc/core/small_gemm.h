@@ -1,5 +1,5 @@
 // Single-threaded products for the attention core, where a BLAS call costs too much around
-// too little work: every call is one block of one head (one of M, K is a 64-query block, the
+// too little work: every call is one block of one head (one of M, K is a 32-query block, the
 // other up to the key count; N is a head dim or the key count), and OpenBLAS spends a third
 // of such a call packing its operands and zeroing C.
 //
