@@ -116,7 +116,8 @@ bool attention_keep_probs(const AttnShape& s) {
     const char* e = std::getenv("DSV3_KEEP_ATTN_PROBS");
     return !(e && std::string(e) == "0");
   }();
-  return allowed && s.H * s.Tk <= 8192;
+  // and one sequence's buffer under malloc's 32 MiB mmap threshold (see attention.h)
+  return allowed && s.H * s.Tk <= 8192 && attention_probs_per_batch(s) <= (8 << 20);
 }
 
 void attention_check(const AttnShape& s) {

@@ -2,13 +2,15 @@
 //
 // Legend:  B batch   Tq query tokens   Tk key tokens   H query heads   Hkv key/value heads
 //          (H % Hkv == 0; head h reads kv head h / (H / Hkv))   Dk q/k head dim   Dv v head dim
-// Layouts (contiguous; v may be strided, see AttnShape): q[B,Tq,H,Dk]  k[B,Tk,Hkv,Dk]  v[B,Tk,Hkv,Dv]  o[B,Tq,H,Dv]  lse[B,H,Tq]
+// Layouts: q[B,Tq,H,Dk]  k[B,Tk,Hkv,Dk]  v[B,Tk,Hkv,Dv]  o[B,Tq,H,Dv]  lse[B,H,Tq], contiguous
+// unless AttnShape says v or k is strided or split.
 //
 // Query i sits at absolute position start_pos + i and sees keys j <= start_pos + i (and
 // j < Tk): prefill is start_pos = 0, Tk = Tq; cached decoding passes the cache's keys with
 // Tk >= start_pos + Tq. scores = scale * q.k; softmax in fp32; o = softmax @ v.
 // lse[b,h,i] = logsumexp of the masked scores of row i (saved for the backward).
-// Rows are processed in blocks of queries, so memory is O(block * Tk), not O(Tq * Tk).
+// Rows are processed in blocks of queries, so memory is O(block * Tk), not O(Tq * Tk), unless
+// the probabilities are kept for the backward (see attention_forward).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -29,7 +31,7 @@ struct AttnShape {
   int64_t hsv() const { return v_head ? v_head : Dv; }
   // Keys may be split the same way: the first Dk - k_shared dims of each head come from k
   // (row stride k_row, head stride k_head; 0: contiguous), the last k_shared dims from one
-  // array kr [B, Tk] (row stride kr_row; 0: k_shared) that every head shares: MLA's k_nope
+  // array kr [B, Tk, k_shared] (row stride kr_row; 0: k_shared) every head shares: MLA's k_nope
   // read in place from the kv_b_proj output and its single roped k_pe.
   int64_t k_row = 0, k_head = 0, k_shared = 0, kr_row = 0;
   int64_t ldk() const { return k_row ? k_row : Hkv * (Dk - k_shared); }
@@ -37,10 +39,16 @@ struct AttnShape {
   int64_t ldkr() const { return kr_row ? kr_row : k_shared; }
 };
 
-// The kept probabilities of one layer (see attention_forward): one buffer per sequence.
+// The kept probabilities of one layer (see attention_forward): one buffer per sequence. Not
+// copyable (ptr points into batch); moves keep the buffers.
 struct AttnProbs {
   std::vector<FVec> batch;
   std::vector<float*> ptr;
+  AttnProbs() = default;
+  AttnProbs(AttnProbs&&) = default;
+  AttnProbs& operator=(AttnProbs&&) = default;
+  AttnProbs(const AttnProbs&) = delete;
+  AttnProbs& operator=(const AttnProbs&) = delete;
   // Sizes the buffers for s when keep and attention_keep_probs(s) say so, else empties them.
   void prepare(const AttnShape& s, bool keep);
   float* const* get() const { return ptr.empty() ? nullptr : ptr.data(); }
@@ -49,19 +57,18 @@ struct AttnProbs {
 void attention_check(const AttnShape& s);  // throws std::invalid_argument on bad shapes
 
 // probs: when given, the forward also keeps the normalised probabilities of every query block
-// (the keys it can see) for the backward, which then skips recomputing q k^T and its exps: one
-// product in five and half the exps of the backward, for ~B*H*Tq*Tk/2 floats of memory.
-// probs[b] holds batch element b's (attention_probs_per_batch(s) floats: one allocation per
-// sequence stays under malloc's mmap threshold, so a training loop reuses warm pages).
+// (the keys it can see) for the backward, which then skips recomputing q k^T and all of the
+// backward's exps, for about H * (Tk/2 + 16) floats per query token. probs[b] holds batch
+// element b's (attention_probs_per_batch(s) floats: one allocation per sequence, kept under
+// malloc's mmap threshold by the policy, so a training loop reuses warm pages).
 // attention_keep_probs(s) is the policy the layers follow.
-// kr: the shared key dims when s.k_shared > 0.
 void attention_forward(float* o, float* lse, const float* q, const float* k, const float* v,
                        const AttnShape& s, float* const* probs = nullptr,
                        const float* kr = nullptr);
 int64_t attention_probs_per_batch(const AttnShape& s);
-// True when the probabilities take at most 4096 floats (16 KiB) per query token: H * Tk <=
-// 8192, e.g. 8 heads up to 1024 keys; longer sequences recompute them (memory O(T), not T^2).
-// DSV3_KEEP_ATTN_PROBS=0 in the environment makes it always false.
+// True when H * Tk <= 8192 (e.g. 8 heads up to 1024 keys: ~16 KiB per query token) and one
+// sequence's probabilities fit in 32 MiB; otherwise they are recomputed (memory O(T), not
+// O(T^2)). DSV3_KEEP_ATTN_PROBS=0 in the environment makes it always false.
 bool attention_keep_probs(const AttnShape& s);
 
 // dq += ..., dk += ..., dv += ...   (o and lse from the forward; any gradient may be null).

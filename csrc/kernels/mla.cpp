@@ -16,7 +16,7 @@
 namespace dsv3 {
 
 void mla_check_dims(const MlaDims& d) {
-  DSV3_CHECK(d.D >= 1 && d.H >= 1 && d.Dq >= 0 && d.Dc >= 1 && d.Dn >= 0 && d.Dr >= 2 &&
+  DSV3_CHECK(d.D >= 1 && d.H >= 1 && d.Dq >= 0 && d.Dc >= 1 && d.Dn >= 1 && d.Dr >= 2 &&
                  d.Dv >= 1,
              "[mla] invalid dims (D=", d.D, ", H=", d.H, ", Dq=", d.Dq, ", Dc=", d.Dc, ", Dn=",
              d.Dn, ", Dr=", d.Dr, ", Dv=", d.Dv, ")");

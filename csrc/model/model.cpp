@@ -280,7 +280,7 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
   std::vector<BlockActs> acts((size_t)Lm);
   embedding_forward(H[0].data(), input.data(), P("model.embed_tokens.weight"), R, V, D);
   for (int64_t l = 0; l < Lm; ++l) {
-    acts[l].keep_for_backward();
+    if (grads) acts[l].keep_for_backward();
     block_forward(H[l + 1].data(), acts[l], H[l].data(), block_params(l), dims_, B, T, 0);
   }
   std::vector<float> hn((size_t)(R * D)), rstd_f((size_t)R), logits((size_t)(R * V)),
@@ -326,7 +326,7 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
     m.hprime.resize(Rk * D);
     linear_forward(m.hprime.data(), m.cat.data(), P(p + "eh_proj.weight"), Rk, 2 * D, D);
     m.hk.resize(Rk * D);
-    m.block.keep_for_backward();
+    if (grads) m.block.keep_for_backward();
     block_forward(m.hk.data(), m.block, m.hprime.data(), block_params(Lm + k - 1), dims_, B, m.L, 0);
     m.sn.resize(Rk * D);
     m.rstd_s.resize(Rk);
