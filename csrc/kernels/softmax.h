@@ -2,6 +2,7 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "core/mathfn.h"
 #include "core/simd.h"
@@ -21,11 +22,18 @@ DSV3_SIMD_CLONES inline SoftmaxPiece softmax_piece(float* row, int64_t n, int64_
     return {-INFINITY, 0.f};
   }
   constexpr int L = 16;
-  float mx[L], acc[L];
+  // the max in 16 lanes of a GCC vector (the array form of this loop stays scalar), with the
+  // same NaN rule as the scalar loop: a NaN never wins a comparison
+  typedef float f32x16 __attribute__((vector_size(4 * L)));
+  f32x16 mx;
+  float acc[L];
   for (int l = 0; l < L; ++l) mx[l] = -INFINITY, acc[l] = 0.f;
   int64_t j = 0;
-  for (; j + L <= n; j += L)
-    for (int l = 0; l < L; ++l) mx[l] = row[j + l] > mx[l] ? row[j + l] : mx[l];
+  for (; j + L <= n; j += L) {
+    f32x16 r;
+    std::memcpy(&r, row + j, sizeof r);
+    mx = r > mx ? r : mx;
+  }
   float m = -INFINITY;
   for (int l = 0; l < L; ++l) m = mx[l] > m ? mx[l] : m;
   for (int64_t t = j; t < n; ++t) m = row[t] > m ? row[t] : m;
