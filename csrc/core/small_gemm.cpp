@@ -130,23 +130,56 @@ void small_gemm_avx512(bool trans_a, int64_t M, int64_t N, int64_t K, float alph
   }
 }
 
-// 16 rows of src at a time: column k of those rows is one gather, stored as 16 floats of dst.
+// GCC 12's intrinsics headers trip -Wmaybe-uninitialized on the shuffles below (their
+// _mm512_undefined_ps); nothing here reads an uninitialised value.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// 16 x 16 blocks transposed in registers (unpack, then shuffles within and across 128-bit
+// lanes): c[j] <- column j of the rows r[0..16).
+__attribute__((target("avx512f"))) inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + j], 128-bit lane k: rows 4i..4i+3 of column 4k + j
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88);
+    const __m512 b = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512 d = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
+    r[j] = _mm512_shuffle_f32x4(a, c, 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(a, c, 0xDD);
+    r[4 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
+    r[12 + j] = _mm512_shuffle_f32x4(b, d, 0xDD);
+  }
+}
+
 __attribute__((target("avx512f"))) void transpose_rows_avx512(float* dst, int64_t ldd,
                                                               const float* src, int64_t lds,
                                                               int64_t n, int64_t K) {
-  const __m512i idx = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32((int)lds));
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int64_t w = std::min<int64_t>(16, n - j0);
-    const __mmask16 m = (__mmask16)(w == 16 ? 0xFFFF : (1u << w) - 1);
-    const float* s0 = src + j0 * lds;
-    for (int64_t k = 0; k < K; ++k) {
-      const __m512 x = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, s0 + k, 4);
-      _mm512_mask_storeu_ps(dst + k * ldd + j0, m, x);
+    const __mmask16 wm = (__mmask16)(w == 16 ? 0xFFFF : (1u << w) - 1);
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int64_t h = std::min<int64_t>(16, K - k0);
+      const __mmask16 hm = (__mmask16)(h == 16 ? 0xFFFF : (1u << h) - 1);
+      __m512 r[16];
+      for (int64_t i = 0; i < 16; ++i)
+        r[i] = i < w ? _mm512_maskz_loadu_ps(hm, src + (j0 + i) * lds + k0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t c = 0; c < h; ++c) _mm512_mask_storeu_ps(dst + (k0 + c) * ldd + j0, wm, r[c]);
     }
   }
 }
+
+#pragma GCC diagnostic pop
 
 bool detect() {
   const char* env = std::getenv("DSV3_SMALL_GEMM");  // "0": always use sgemm (tests, A/B)
@@ -181,8 +214,7 @@ void small_gemm(bool trans_a, int64_t M, int64_t N, int64_t K, float alpha, cons
 void transpose_rows(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t n,
                     int64_t K) {
 #if DSV3_SMALL_GEMM_AVX512
-  if (small_gemm_vectorized() && 15 * lds < (int64_t)1 << 31)
-    return transpose_rows_avx512(dst, ldd, src, lds, n, K);
+  if (small_gemm_vectorized()) return transpose_rows_avx512(dst, ldd, src, lds, n, K);
 #endif
   constexpr int64_t J = 16;  // rows of src per pass: each dst write is J contiguous floats
   for (int64_t j0 = 0; j0 < n; j0 += J) {

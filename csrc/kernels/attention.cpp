@@ -76,6 +76,19 @@ DSV3_SIMD_CLONES void softmax_back_row(float* p, float* dp, float lse, float del
 }
 
 // dp[j] <- p[j] * (dp[j] - delta) from kept probabilities (0 beyond the visible n).
+// sum_d a[d] b[d] in 16 lanes (lane l takes d = l, l + 16, ...; fixed order), so it vectorizes.
+DSV3_SIMD_CLONES float dot_lanes(const float* a, const float* b, int64_t n) {
+  constexpr int L = 16;
+  float acc[L] = {};
+  int64_t d = 0;
+  for (; d + L <= n; d += L)
+    for (int l = 0; l < L; ++l) acc[l] += a[d + l] * b[d + l];
+  float sum = 0.f;
+  for (int l = 0; l < L; ++l) sum += acc[l];
+  for (; d < n; ++d) sum += a[d] * b[d];
+  return sum;
+}
+
 DSV3_SIMD_CLONES void softmax_back_kept(const float* p, float* dp, float delta, int64_t n,
                                         int64_t width) {
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
@@ -240,9 +253,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
                    P.data());
           scores(m, n, 1.f, dob + i0 * ldo, ldo, vk, tr ? vt.data() : nullptr, ldt, dP.data());
           for (int64_t i = 0; i < m; ++i) {
-            float dl = 0.f;
-            const float *orow = ob + (i0 + i) * ldo, *dorow = dob + (i0 + i) * ldo;
-            for (int64_t d = 0; d < s.Dv; ++d) dl += orow[d] * dorow[d];
+            const float dl = dot_lanes(ob + (i0 + i) * ldo, dob + (i0 + i) * ldo, s.Dv);
             if (probs)
               softmax_back_kept(pb + i * n, dP.data() + i * n, dl, visible(s, i0 + i), n);
             else
