@@ -89,16 +89,18 @@ DSV3_SIMD_CLONES float dot_lanes(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
-DSV3_SIMD_CLONES void softmax_back_kept(const float* p, float* dp, float delta, int64_t n,
-                                        int64_t width) {
-  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
+// dp[j] <- (p[j] * inv) * (dp[j] - delta) from kept unnormalised exps p (0 beyond n).
+DSV3_SIMD_CLONES void softmax_back_kept(const float* p, float inv, float* dp, float delta,
+                                        int64_t n, int64_t width) {
+  for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * inv * (dp[j] - delta);
   for (int64_t j = n; j < width; ++j) dp[j] = 0.f;
 }
 
-// Kept probabilities of one head: the query blocks one after another, each m x n (the keys
-// its last row sees). Offset of the block starting at row i0, and the total per head.
+// Kept probabilities of one head: 1/sum of every query row (Tq floats), then the unnormalised
+// exps of the query blocks one after another, each m x n (the keys its last row sees).
+// Offset of the block starting at row i0, and (i0 = Tq) the total per head.
 int64_t probs_offset(const AttnShape& s, int64_t i0) {
-  int64_t off = 0;
+  int64_t off = s.Tq;
   for (int64_t r = 0; r < i0; r += kBlock) {
     const int64_t m = std::min(kBlock, s.Tq - r);
     off += m * visible(s, r + m - 1);
@@ -173,26 +175,25 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
                     ks ? kr + b * s.Tk * ldr : nullptr, ldr, ks};
       const float* vb = v + b * s.Tk * ldv + hk * s.hsv();
       float* ob = o + b * s.Tq * ldo + h * s.Dv;
-      float* pk = probs ? probs[b] + h * per_head : nullptr;  // this head's kept blocks
+      float* pinv = probs ? probs[b] + h * per_head : nullptr;  // this head's kept 1/sums
+      float* pk = probs ? pinv + s.Tq : nullptr;                // and blocks
       if (tr) transpose_keys(kt.data(), ldt, kb, nk);
       for (int64_t i0 = 0; i0 < s.Tq; i0 += kBlock) {
         const int64_t m = std::min(kBlock, s.Tq - i0);
         const int64_t n = visible(s, i0 + m - 1);  // keys any row of the block can see
         float* P = pk ? pk : S.data();
         scores(m, n, s.scale, qb + i0 * ldq, ldq, kb, tr ? kt.data() : nullptr, ldt, P);
-        // Unnormalised P = exp(S - max); unless P is kept, the 1/sum goes on the m x Dv output
+        // Unnormalised P = exp(S - max) (what is kept); the 1/sum goes on the m x Dv output
         // rows instead of the m x n probabilities (one pass fewer over S).
         for (int64_t i = 0; i < m; ++i) {
           const SoftmaxPiece p = softmax_piece(P + i * n, visible(s, i0 + i), n);
           inv[i] = 1.f / p.sum;
           if (lse) lse[(b * s.H + h) * s.Tq + i0 + i] = p.max + std::log(p.sum);
-          if (pk)
-            for (int64_t j = 0; j < n; ++j) P[i * n + j] *= inv[i];
+          if (pinv) pinv[i0 + i] = inv[i];
         }
         small_gemm(false, m, s.Dv, n, 1.f, P, n, vb, ldv, false, ob + i0 * ldo, ldo);
-        if (!pk)
-          for (int64_t i = 0; i < m; ++i)
-            for (int64_t j = 0; j < s.Dv; ++j) ob[(i0 + i) * ldo + j] *= inv[i];
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < s.Dv; ++j) ob[(i0 + i) * ldo + j] *= inv[i];
         if (pk) pk += m * n;
       }
     }
@@ -219,6 +220,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
   const int64_t per_head = probs ? probs_offset(s, s.Tq) : 0;
   parallel_for(s.B * s.Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> P(probs ? 0 : (size_t)(kBlock * nk)), dP((size_t)(kBlock * nk)),
+        dOs(probs ? (size_t)(kBlock * s.Dv) : 0),
         kt(trk ? (size_t)(s.Dk * ldt) : 0), vt(tr ? (size_t)(s.Dv * ldt) : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / s.Hkv, hk = t % s.Hkv;
@@ -247,7 +249,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
           const int64_t m = std::min(kBlock, s.Tq - i0);
           const int64_t n = visible(s, i0 + m - 1);
           // P <- the kept probabilities, or scale * q k^T (softmax applied below); dP <- dO v^T
-          const float* pb = probs ? probs[b] + h * per_head + probs_offset(s, i0) : P.data();
+          const float* pinv = probs ? probs[b] + h * per_head : nullptr;
+          const float* pb = probs ? pinv + probs_offset(s, i0) : P.data();
           if (!probs)
             scores(m, n, s.scale, qb + i0 * ldq, ldq, kb, trk ? kt.data() : nullptr, ldt,
                    P.data());
@@ -255,7 +258,8 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
           for (int64_t i = 0; i < m; ++i) {
             const float dl = dot_lanes(ob + (i0 + i) * ldo, dob + (i0 + i) * ldo, s.Dv);
             if (probs)
-              softmax_back_kept(pb + i * n, dP.data() + i * n, dl, visible(s, i0 + i), n);
+              softmax_back_kept(pb + i * n, pinv[i0 + i], dP.data() + i * n, dl,
+                                visible(s, i0 + i), n);
             else
               softmax_back_row(P.data() + i * n, dP.data() + i * n, lb[i0 + i], dl,
                                visible(s, i0 + i), n);
@@ -264,8 +268,14 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
           // product into a row overwrites it)
           const bool acc_kv = !first;
           first = false;
-          if (dvb)
+          if (dvb && probs) {  // P^T dO = P_unnormalised^T (dO rows times their 1/sum)
+            for (int64_t i = 0; i < m; ++i)
+              for (int64_t d = 0; d < s.Dv; ++d)
+                dOs[i * s.Dv + d] = dob[(i0 + i) * ldo + d] * pinv[i0 + i];
+            small_gemm(true, n, s.Dv, m, 1.f, pb, n, dOs.data(), s.Dv, acc_kv, dvb, ldv);
+          } else if (dvb) {
             small_gemm(true, n, s.Dv, m, 1.f, pb, n, dob + i0 * ldo, ldo, acc_kv, dvb, ldv);
+          }
           if (dq) {
             float* dqb = dq + b * s.Tq * ldq + h * s.Dk + i0 * ldq;
             small_gemm(false, m, ko, n, s.scale, dP.data(), n, kb.own, ldk, !set, dqb, ldq);

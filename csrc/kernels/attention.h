@@ -56,9 +56,10 @@ struct AttnProbs {
 
 void attention_check(const AttnShape& s);  // throws std::invalid_argument on bad shapes
 
-// probs: when given, the forward also keeps the normalised probabilities of every query block
-// (the keys it can see) for the backward, which then skips recomputing q k^T and all of the
-// backward's exps, for about H * (Tk/2 + 16) floats per query token. probs[b] holds batch
+// probs: when given, the forward also keeps the probabilities of every query block (the keys
+// it can see; unnormalised exps and each row's 1/sum) for the backward, which then skips
+// recomputing q k^T and all of the backward's exps, for about H * (Tk/2 + 17) floats per query
+// token. probs[b] holds batch
 // element b's (attention_probs_per_batch(s) floats: one allocation per sequence, kept under
 // malloc's mmap threshold by the policy, so a training loop reuses warm pages).
 // attention_keep_probs(s) is the policy the layers follow.
