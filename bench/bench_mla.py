@@ -14,7 +14,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from common import machine_line, memory_bandwidth, print_table, set_threads, sgemm_peak, timeit  # noqa: E402
+from common import (machine_line, memory_bandwidth, print_table, set_threads, sgemm_peak,  # noqa: E402
+                    timeit, timeit_paired)
 from ref import random_attention_params, t_mha, t_mla  # noqa: E402
 
 import dsv3  # noqa: E402
@@ -43,20 +44,21 @@ def train_form(rng, B, T):
         xt = torch.from_numpy(x.copy()).requires_grad_()
         dt = torch.from_numpy(d)
         f = t_mla if cfg.attention_type == "mla" else t_mha
-        # Both sides get 3 warm-up calls (PyTorch's first calls of a shape run 1.3-2.5x slower
-        # while its allocator and thread pool settle) and the median of >= 9 timed calls.
-        reps = dict(min_time=1.0, min_reps=9, warmup=3)
-        t_fwd = timeit(lambda: ops.attention_layer(x, P, cfg), **reps)
-        t_fb = timeit(lambda: ops.attention_layer_backward(d, x, P, cfg), **reps)  # + a forward
+        def torch_fwd():
+            with torch.no_grad():
+                f(torch, xt, Pt, cfg, fast=True)
 
         def torch_fb():
             for v in list(Pt.values()) + [xt]:
                 v.grad = None
             f(torch, xt, Pt, cfg, fast=True).backward(dt)
 
-        with torch.no_grad():
-            tt_fwd = timeit(lambda: f(torch, xt, Pt, cfg, fast=True), **reps)
-        tt_fb = timeit(torch_fb, **reps)
+        # dsv3 and PyTorch calls alternate (this VM's speed drifts by several percent between
+        # minutes), after 3 warm-up calls each (PyTorch's first calls of a shape run 1.3-2.5x
+        # slower while its allocator settles); medians of 11 calls.
+        t_fwd, tt_fwd = timeit_paired(lambda: ops.attention_layer(x, P, cfg), torch_fwd, 11)
+        t_fb, tt_fb = timeit_paired(lambda: ops.attention_layer_backward(d, x, P, cfg),  # + fwd
+                                    torch_fb, 11)
         ntok = B * T
         rows.append([name, f"{ntok / t_fwd:,.0f}", f"{ntok / tt_fwd:,.0f}", f"{tt_fwd / t_fwd:.2f}x",
                      f"{ntok / t_fb:,.0f}", f"{ntok / tt_fb:,.0f}", f"{tt_fb / t_fb:.2f}x"])

@@ -25,6 +25,23 @@ def timeit(fn: Callable[[], object], min_time: float = 0.3, min_reps: int = 3,
     return statistics.median(times)
 
 
+def timeit_paired(a: Callable[[], object], b: Callable[[], object], reps: int = 9,
+                  warmup: int = 3) -> tuple:
+    """Median seconds per call of a and of b, timed alternately (a, b, a, b, ...) after
+    ``warmup`` calls of each, so drift in the machine's speed (a shared VM) hits both alike."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta: List[float] = []
+    tb: List[float] = []
+    for _ in range(reps):
+        for fn, out in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def set_threads(n: int) -> None:
     import dsv3
     dsv3.set_num_threads(n)
