@@ -98,7 +98,7 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
   XArg g = x_arg(dout_h, cfg, op, "d_out");
   check_same_shape(a.x, g.x, op, "x", "d_out");
   LayerWeights w(params, cfg, op);
-  F32 dx = zeros(shape_of(a.x));
+  F32 dx = empty(shape_of(a.x));  // overwritten (set_dx)
   py::dict grads;
   // one zeroed gradient array per weight, same names and shapes
   std::map<std::string, F32> garr;
@@ -123,7 +123,7 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
     MlaActs acts;
     acts.keep_probs = true;
     mla_forward(out.get(), acts, px, w.mla, d, a.B, a.T, start_pos);
-    mla_backward(pdx, gr, pg, acts, px, w.mla, d);
+    mla_backward(pdx, gr, pg, acts, px, w.mla, d, /*set_dx=*/true);
   } else {
     MhaDims d = mha_dims(cfg);
     MhaGrads gr{gp("q_proj.weight"), gp("k_proj.weight"), gp("v_proj.weight"),
@@ -132,7 +132,7 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
     MhaActs acts;
     acts.keep_probs = true;
     mha_forward(out.get(), acts, px, w.mha, d, a.B, a.T, start_pos);
-    mha_backward(pdx, gr, pg, acts, px, w.mha, d);
+    mha_backward(pdx, gr, pg, acts, px, w.mha, d, /*set_dx=*/true);
   }
   for (auto& kv : garr) grads[py::str(kv.first)] = kv.second;
   return py::make_tuple(dx, grads);

@@ -62,7 +62,7 @@ void mha_forward(float* out, MhaActs& a, const float* x, const MhaParams& p, con
 }
 
 void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaActs& a,
-                  const float* x, const MhaParams& p, const MhaDims& d) {
+                  const float* x, const MhaParams& p, const MhaDims& d, bool set_dx) {
   const int64_t B = a.B, T = a.T, R = B * T;
   DSV3_ASSERT(R > 0 && (int64_t)a.o.size() == R * d.H * d.Dv, "mha_backward without forward");
   // fresh gradient buffers, overwritten (not accumulated into) by the first product
@@ -73,7 +73,7 @@ void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaAct
                      a.q.data(), a.k.data(), a.v.data(), s, true, a.probs.get());
   rope_heads_backward(dq.get(), d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   rope_heads_backward(dk.get(), d.Hkv, d.Dn, d.Dr, a.pos.data(), R, d.rope);
-  linear_backward(dx, g.q_proj, dq.get(), x, p.q_proj, R, d.D, d.H * d.dqk());
+  linear_backward(dx, g.q_proj, dq.get(), x, p.q_proj, R, d.D, d.H * d.dqk(), set_dx);
   linear_backward(dx, g.k_proj, dk.get(), x, p.k_proj, R, d.D, d.Hkv * d.dqk());
   linear_backward(dx, g.v_proj, dv.get(), x, p.v_proj, R, d.D, d.Hkv * d.Dv);
 }

@@ -46,8 +46,9 @@ struct MhaActs {
 void mha_check_dims(const MhaDims& d);
 void mha_forward(float* out, MhaActs& acts, const float* x, const MhaParams& p, const MhaDims& d,
                  int64_t B, int64_t T, int64_t start_pos);
+// dx += ..., grads += ...   (set_dx: dx = ...)
 void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaActs& acts,
-                  const float* x, const MhaParams& p, const MhaDims& d);
+                  const float* x, const MhaParams& p, const MhaDims& d, bool set_dx = false);
 
 // One layer's cache: per sequence max_len*cache_width floats, keys [max_len, Hkv, Dn+Dr] then
 // values [max_len, Hkv, Dv].

@@ -153,7 +153,7 @@ void mla_forward(float* out, MlaActs& a, const float* x, const MlaParams& p, con
 // The gradient buffers below are fresh: each is overwritten by the first product written
 // into it (set), or zeroed where it is summed into (dkpe, the d k_pe columns of dkva).
 void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaActs& a,
-                  const float* x, const MlaParams& p, const MlaDims& d) {
+                  const float* x, const MlaParams& p, const MlaDims& d, bool set_dx) {
   const int64_t B = a.B, T = a.T, R = B * T, Q = d.H * d.dqk(), W = d.Dc + d.Dr;
   DSV3_ASSERT(R > 0 && (int64_t)a.o.size() == R * d.H * d.Dv, "mla_backward without forward");
   Buf d_o = buf(R * d.H * d.Dv);
@@ -184,7 +184,8 @@ void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaAct
   for (int64_t r = 0; r < R; ++r)
     std::memcpy(dkva.get() + r * W, dckv.get() + r * d.Dc, sizeof(float) * d.Dc);
   rope_backward(dkva.get() + d.Dc, W, 0, dkpe.get(), d.Dr, 0, a.pos.data(), R, 1, d.rope);
-  linear_backward(dx, g.kv_a_proj_with_mqa, dkva.get(), x, p.kv_a_proj_with_mqa, R, d.D, W);
+  linear_backward(dx, g.kv_a_proj_with_mqa, dkva.get(), x, p.kv_a_proj_with_mqa, R, d.D, W,
+                  set_dx);  // the first product into dx
   // back through the query path: un-rotate the q_pe gradient in place
   rope_heads_backward(dq.get(), d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   if (d.Dq > 0) {

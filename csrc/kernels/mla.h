@@ -75,9 +75,9 @@ struct MlaActs {
 // out[B,T,D] = MLA(x[B,T,D]) at positions start_pos + t (naive form; saves acts).
 void mla_forward(float* out, MlaActs& acts, const float* x, const MlaParams& p,
                  const MlaDims& d, int64_t B, int64_t T, int64_t start_pos);
-// dx += ..., grads += ...   (acts from mla_forward on the same x)
+// dx += ..., grads += ...   (acts from mla_forward on the same x; set_dx: dx = ...)
 void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaActs& acts,
-                  const float* x, const MlaParams& p, const MlaDims& d);
+                  const float* x, const MlaParams& p, const MlaDims& d, bool set_dx = false);
 
 // Latent cache of one layer: [B, max_len, Dc+Dr] rows = [c | k_pe], fp32.
 struct LatentCacheView {

@@ -96,11 +96,12 @@ void block_backward(float* dh_in, const BlockGrads& g, const float* dh_out,
   rmsnorm_backward(dh_mid.data(), g.post_attention_layernorm, d_ln.data(), a.rstd2.data(),
                    a.h_mid.data(), p.post_attention_layernorm, R, D);
   // attention branch: dh_in += dh_mid + d(rmsnorm1 input)
-  std::fill(d_ln.begin(), d_ln.end(), 0.f);
   if (d.mla)
-    mla_backward(d_ln.data(), g.mla, dh_mid.data(), a.mla, a.ln1.data(), p.mla, d.mla_dims);
+    mla_backward(d_ln.data(), g.mla, dh_mid.data(), a.mla, a.ln1.data(), p.mla, d.mla_dims,
+                 /*set_dx=*/true);
   else
-    mha_backward(d_ln.data(), g.mha, dh_mid.data(), a.mha, a.ln1.data(), p.mha, d.mha_dims);
+    mha_backward(d_ln.data(), g.mha, dh_mid.data(), a.mha, a.ln1.data(), p.mha, d.mha_dims,
+                 /*set_dx=*/true);
   acc_into(dh_in, dh_mid.data(), R * D);
   rmsnorm_backward(dh_in, g.input_layernorm, d_ln.data(), a.rstd1.data(), h_in,
                    p.input_layernorm, R, D);
