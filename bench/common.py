@@ -27,15 +27,17 @@ def timeit(fn: Callable[[], object], min_time: float = 0.3, min_reps: int = 3,
 
 def timeit_paired(a: Callable[[], object], b: Callable[[], object], reps: int = 9,
                   warmup: int = 3) -> tuple:
-    """Median seconds per call of a and of b, timed alternately (a, b, a, b, ...) after
-    ``warmup`` calls of each, so drift in the machine's speed (a shared VM) hits both alike."""
+    """Median seconds per call of a and of b, timed alternately (a, b, b, a, a, b, ...: each
+    goes first equally often) after ``warmup`` calls of each, so drift in the machine's speed
+    (a shared VM) hits both alike."""
     for _ in range(warmup):
         a()
         b()
     ta: List[float] = []
     tb: List[float] = []
-    for _ in range(reps):
-        for fn, out in ((a, ta), (b, tb)):
+    for i in range(reps):
+        order = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
+        for fn, out in order:
             t0 = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t0)

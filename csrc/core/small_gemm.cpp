@@ -132,8 +132,10 @@ void small_gemm_avx512(bool trans_a, int64_t M, int64_t N, int64_t K, float alph
 
 // GCC 12's intrinsics headers trip -Wmaybe-uninitialized on the shuffles below (their
 // _mm512_undefined_ps); nothing here reads an uninitialised value.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 // 16 x 16 blocks transposed in registers (unpack, then shuffles within and across 128-bit
 // lanes): c[j] <- column j of the rows r[0..16).
@@ -179,7 +181,9 @@ __attribute__((target("avx512f"))) void transpose_rows_avx512(float* dst, int64_
   }
 }
 
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic pop
+#endif
 
 bool detect() {
   const char* env = std::getenv("DSV3_SMALL_GEMM");  // "0": always use sgemm (tests, A/B)

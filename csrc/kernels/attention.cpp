@@ -75,7 +75,6 @@ DSV3_SIMD_CLONES void softmax_back_row(float* p, float* dp, float lse, float del
   for (int64_t j = n; j < width; ++j) p[j] = dp[j] = 0.f;
 }
 
-// dp[j] <- p[j] * (dp[j] - delta) from kept probabilities (0 beyond the visible n).
 // sum_d a[d] b[d] in 16 lanes (lane l takes d = l, l + 16, ...; fixed order), so it vectorizes.
 DSV3_SIMD_CLONES float dot_lanes(const float* a, const float* b, int64_t n) {
   constexpr int L = 16;

@@ -252,13 +252,18 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
                     sizeof(float) * d.Dr);
     }
   });
-  // One product per (sequence, block of query rows) against the cache; rows are (s, h). When
-  // that leaves threads idle (decoding one sequence) and the context is long, the keys are
-  // split into one chunk per thread as well and the softmax pieces merged afterwards.
+  // One product per (sequence, block of query rows, chunk of keys) against the cache; rows are
+  // (s, h); the softmax pieces of the chunks are merged afterwards in chunk order. Chunks hold
+  // at most kChunkKeys cached rows (e.g. 320 KiB at 640 B/row), so a chunk is still in L2 when
+  // the context product reads it again after the scores product: the cache comes from memory
+  // once, not twice. Shorter contexts are split only to give idle threads work (decoding one
+  // sequence).
   constexpr int64_t kRows = 64;
   const int64_t M = S * d.H, blocks = (M + kRows - 1) / kRows;
   const int64_t nt = num_threads();
-  const int64_t parts = (B * blocks < nt && L >= 512) ? std::min<int64_t>(nt, L / 256) : 1;
+  constexpr int64_t kChunkKeys = 512;
+  int64_t parts = (B * blocks < nt && L >= 512) ? std::min<int64_t>(nt, L / 256) : 1;
+  parts = std::max(parts, (L + kChunkKeys - 1) / kChunkKeys);
   const int64_t chunk = (L + parts - 1) / parts;
   std::vector<float> ctx((size_t)(R * d.H * d.Dc));  // [R, H, Dc] latent context
   std::vector<float> pctx(parts > 1 ? (size_t)(parts * R * d.H * d.Dc) : 0);

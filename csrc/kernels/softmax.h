@@ -32,7 +32,13 @@ DSV3_SIMD_CLONES inline SoftmaxPiece softmax_piece(float* row, int64_t n, int64_
   for (; j + L <= n; j += L) {
     f32x16 r;
     std::memcpy(&r, row + j, sizeof r);
+#if defined(__clang__)  // no ?: on these vector types in older Clang: select by bit masks
+    typedef int i32x16 __attribute__((vector_size(4 * L)));
+    const i32x16 gt = r > mx;
+    mx = (f32x16)(((i32x16)r & gt) | ((i32x16)mx & ~gt));
+#else
     mx = r > mx ? r : mx;
+#endif
   }
   float m = -INFINITY;
   for (int l = 0; l < L; ++l) m = mx[l] > m ? mx[l] : m;
