@@ -30,6 +30,7 @@ CASES = [  # B, Tq, Tk, H, Hkv, Dk, Dv, start_pos
     (1, 33, 33, 4, 2, 8, 8, 0),        # GQA
     (2, 129, 129, 2, 1, 12, 20, 0),    # MQA-like, more than two query blocks
     (1, 1, 200, 4, 4, 16, 8, 199),     # one decode step against a long cache
+    (2, 1, 90, 8, 2, 24, 16, 60),      # a GQA decode step (a group's heads in one product)
     (2, 7, 50, 2, 2, 8, 8, 43),        # chunked prefill / speculative verify
     (1, 5, 64, 2, 2, 8, 8, 30),        # Tk longer than start_pos + Tq: extra keys masked
     (1, 20, 100, 4, 2, 64, 96, 50),    # the same with transposed keys (Tq >= 16); 6x64 and

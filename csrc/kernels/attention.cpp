@@ -161,6 +161,31 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
   const int64_t ldq = s.H * s.Dk, ldk = s.ldk(), ldv = s.ldv(), ldo = s.H * s.Dv;
   const int64_t ks = s.k_shared, ldr = s.ldkr();
   const int64_t group = s.H / s.Hkv;
+  if (s.Tq == 1 && group > 1 && !probs && s.B * s.Hkv >= num_threads()) {
+    // One decoded token of GQA: the group's query heads are the rows of one product, so each
+    // kv head's keys and values are read once per token, not once per query head.
+    const int64_t n = visible(s, 0);
+    parallel_for(s.B * s.Hkv, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> S((size_t)(group * n)), inv((size_t)group);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / s.Hkv, hk = t % s.Hkv, h0 = hk * group;
+        const Keys kb{k + b * s.Tk * ldk + hk * s.hsk(), ldk, s.Dk - ks,
+                      ks ? kr + b * s.Tk * ldr : nullptr, ldr, ks};
+        float* og = o + b * ldo + h0 * s.Dv;  // the group's rows, Dv apart
+        scores(group, n, s.scale, q + b * ldq + h0 * s.Dk, s.Dk, kb, nullptr, 0, S.data());
+        for (int64_t i = 0; i < group; ++i) {
+          const SoftmaxPiece p = softmax_piece(S.data() + i * n, n, n);
+          inv[i] = 1.f / p.sum;
+          if (lse) lse[b * s.H + h0 + i] = p.max + std::log(p.sum);
+        }
+        small_gemm(false, group, s.Dv, n, 1.f, S.data(), n, v + b * s.Tk * ldv + hk * s.hsv(),
+                   ldv, false, og, s.Dv);
+        for (int64_t i = 0; i < group; ++i)
+          for (int64_t j = 0; j < s.Dv; ++j) og[i * s.Dv + j] *= inv[i];
+      }
+    });
+    return;
+  }
   const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);  // keys any query sees
   const bool tr = small_gemm_vectorized() && s.Tq >= kTransposeMinRows;
   const int64_t per_head = probs ? probs_offset(s, s.Tq) : 0;
