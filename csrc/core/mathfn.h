@@ -60,4 +60,19 @@ inline float exp_f32(float x) {
 
 inline float sigmoid_f32(float x) { return 1.f / (1.f + exp_f32(-x)); }
 
+// sum_i a[i] b[i] with partial sums in 16 lanes (lane l takes i = l, l + 16, ...; then the lanes
+// in order, then the tail): a fixed order, so it vectorizes without reassociation flags and
+// rounds the same in every SIMD clone. Inline it into a DSV3_SIMD_CLONES function.
+inline float dot_lanes(const float* a, const float* b, int64_t n) {
+  constexpr int L = 16;
+  float acc[L] = {0};
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int l = 0; l < L; ++l) acc[l] += a[i + l] * b[i + l];
+  float sum = 0.f;
+  for (int l = 0; l < L; ++l) sum += acc[l];
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
 }  // namespace dsv3

@@ -28,6 +28,13 @@ namespace dsv3 {
 using Buf = std::unique_ptr<float[]>;
 inline Buf buf(int64_t n) { return Buf(new float[(size_t)std::max<int64_t>(n, 1)]); }
 
+// dst[r, 0:cols] = src[r, 0:cols] for r < rows: a block of rows between buffers whose rows
+// are ldd and lds floats apart (packing a strided slice dense, or the reverse).
+inline void copy_rows(float* dst, int64_t ldd, const float* src, int64_t lds, int64_t rows,
+                      int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(src + r * lds, cols, dst + r * ldd);
+}
+
 // A std::vector whose resize() leaves new elements uninitialised (default-initialised), for
 // saved activations that the forward writes before anything reads them: a value-initialising resize would zero
 // them on one thread first (55 MB per MLA layer call at hidden 512, T 4096).

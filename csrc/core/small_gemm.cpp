@@ -70,18 +70,11 @@ __attribute__((target("avx512f"))) void tile(int64_t K, const float* A, int64_t 
 using TileFn = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*,
                         int64_t, float, bool, __mmask16);
 
-template <int MR>
-constexpr TileFn tile_for(int nv) {
-  return nv == 1 ? tile<MR, 1> : tile<MR, 2>;
-}
-static_assert(kNV == 2, "tile_for lists NV = 1, 2");
-
-TileFn tile_fn(int mr, int nv) {
+TileFn tile_fn(int mr, int nv) {  // mr in 1..kMR rows, nv in 1..kNV vectors
   static const TileFn table[kMR][kNV] = {
-      {tile_for<1>(1), tile_for<1>(2)}, {tile_for<2>(1), tile_for<2>(2)},
-      {tile_for<3>(1), tile_for<3>(2)}, {tile_for<4>(1), tile_for<4>(2)},
-      {tile_for<5>(1), tile_for<5>(2)}, {tile_for<6>(1), tile_for<6>(2)},
-      {tile_for<7>(1), tile_for<7>(2)}, {tile_for<8>(1), tile_for<8>(2)}};
+      {tile<1, 1>, tile<1, 2>}, {tile<2, 1>, tile<2, 2>}, {tile<3, 1>, tile<3, 2>},
+      {tile<4, 1>, tile<4, 2>}, {tile<5, 1>, tile<5, 2>}, {tile<6, 1>, tile<6, 2>},
+      {tile<7, 1>, tile<7, 2>}, {tile<8, 1>, tile<8, 2>}};
   return table[mr - 1][nv - 1];
 }
 

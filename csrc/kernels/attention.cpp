@@ -65,9 +65,11 @@ inline int64_t visible(const AttnShape& s, int64_t i) {
   return std::min(s.Tk, s.start_pos + i + 1);
 }
 
-// P = exp(S - lse) for visible entries, 0 elsewhere; then dS = P * (dP - delta).
-DSV3_SIMD_CLONES void softmax_back_row(float* p, float* dp, float lse, float delta, int64_t n,
-                                       int64_t width) {
+// A dS row of the backward, in place in dp: dS = P * (dP - delta), delta = o . dO of the row.
+// Here P = exp(S - lse) is formed in p from the scores (0 beyond the visible n) ...
+DSV3_SIMD_CLONES void softmax_back_row(float* p, float* dp, float lse, const float* o,
+                                       const float* d_o, int64_t Dv, int64_t n, int64_t width) {
+  const float delta = dot_lanes(o, d_o, Dv);
   for (int64_t j = 0; j < n; ++j) {
     p[j] = exp_f32(p[j] - lse);
     dp[j] = p[j] * (dp[j] - delta);
@@ -75,32 +77,40 @@ DSV3_SIMD_CLONES void softmax_back_row(float* p, float* dp, float lse, float del
   for (int64_t j = n; j < width; ++j) p[j] = dp[j] = 0.f;
 }
 
-// sum_d a[d] b[d] in 16 lanes (lane l takes d = l, l + 16, ...; fixed order), so it vectorizes.
-DSV3_SIMD_CLONES float dot_lanes(const float* a, const float* b, int64_t n) {
-  constexpr int L = 16;
-  float acc[L] = {};
-  int64_t d = 0;
-  for (; d + L <= n; d += L)
-    for (int l = 0; l < L; ++l) acc[l] += a[d + l] * b[d + l];
-  float sum = 0.f;
-  for (int l = 0; l < L; ++l) sum += acc[l];
-  for (; d < n; ++d) sum += a[d] * b[d];
-  return sum;
-}
-
-// dp[j] <- (p[j] * inv) * (dp[j] - delta) from kept unnormalised exps p (0 beyond n).
-DSV3_SIMD_CLONES void softmax_back_kept(const float* p, float inv, float* dp, float delta,
-                                        int64_t n, int64_t width) {
+// ... and here P = p * inv from the kept unnormalised exps p.
+DSV3_SIMD_CLONES void softmax_back_kept(const float* p, float inv, float* dp, const float* o,
+                                        const float* d_o, int64_t Dv, int64_t n, int64_t width) {
+  const float delta = dot_lanes(o, d_o, Dv);
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * inv * (dp[j] - delta);
   for (int64_t j = n; j < width; ++j) dp[j] = 0.f;
 }
 
+// One block of m query rows (row stride ldq) against the first n keys: P = exp(scale q k^T -
+// row max) in P (m x n: scratch, or the kept probabilities), o rows (stride ldo) = P v / sum.
+// Row i sees min(n, vis0 + i * vis_step) keys; row i's 1/sum goes to inv[i], its log-sum-exp
+// to lse[i] (when lse is given).
+void attend_block(const AttnShape& s, int64_t m, int64_t n, int64_t vis0, int64_t vis_step,
+                  const float* q, int64_t ldq, const Keys& kb, const float* kt, int64_t ldt,
+                  const float* v, int64_t ldv, float* o, int64_t ldo, float* P, float* inv,
+                  float* lse) {
+  scores(m, n, s.scale, q, ldq, kb, kt, ldt, P);
+  for (int64_t i = 0; i < m; ++i) {
+    const SoftmaxPiece p = softmax_piece(P + i * n, std::min(n, vis0 + i * vis_step), n);
+    inv[i] = 1.f / p.sum;
+    if (lse) lse[i] = p.max + std::log(p.sum);
+  }
+  // the 1/sum goes on the m x Dv output rows instead of the m x n probabilities
+  small_gemm(false, m, s.Dv, n, 1.f, P, n, v, ldv, false, o, ldo);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < s.Dv; ++j) o[i * ldo + j] *= inv[i];
+}
+
 // Kept probabilities of one head: 1/sum of every query row (Tq floats), then the unnormalised
-// exps of the query blocks one after another, each m x n (the keys its last row sees).
-// Offset of the block starting at row i0, and (i0 = Tq) the total per head.
-int64_t probs_offset(const AttnShape& s, int64_t i0) {
+// exps of the query blocks one after another, each m x n (the keys its last row sees). The
+// forward walks the blocks first to last, the backward last to first. Floats per head:
+int64_t probs_per_head(const AttnShape& s) {
   int64_t off = s.Tq;
-  for (int64_t r = 0; r < i0; r += kBlock) {
+  for (int64_t r = 0; r < s.Tq; r += kBlock) {
     const int64_t m = std::min(kBlock, s.Tq - r);
     off += m * visible(s, r + m - 1);
   }
@@ -109,7 +119,7 @@ int64_t probs_offset(const AttnShape& s, int64_t i0) {
 
 }  // namespace
 
-int64_t attention_probs_per_batch(const AttnShape& s) { return s.H * probs_offset(s, s.Tq); }
+int64_t attention_probs_per_batch(const AttnShape& s) { return s.H * probs_per_head(s); }
 
 void AttnProbs::prepare(const AttnShape& s, bool keep) {
   if (!keep || !attention_keep_probs(s)) {
@@ -171,24 +181,17 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
         const int64_t b = t / s.Hkv, hk = t % s.Hkv, h0 = hk * group;
         const Keys kb{k + b * s.Tk * ldk + hk * s.hsk(), ldk, s.Dk - ks,
                       ks ? kr + b * s.Tk * ldr : nullptr, ldr, ks};
-        float* og = o + b * ldo + h0 * s.Dv;  // the group's rows, Dv apart
-        scores(group, n, s.scale, q + b * ldq + h0 * s.Dk, s.Dk, kb, nullptr, 0, S.data());
-        for (int64_t i = 0; i < group; ++i) {
-          const SoftmaxPiece p = softmax_piece(S.data() + i * n, n, n);
-          inv[i] = 1.f / p.sum;
-          if (lse) lse[b * s.H + h0 + i] = p.max + std::log(p.sum);
-        }
-        small_gemm(false, group, s.Dv, n, 1.f, S.data(), n, v + b * s.Tk * ldv + hk * s.hsv(),
-                   ldv, false, og, s.Dv);
-        for (int64_t i = 0; i < group; ++i)
-          for (int64_t j = 0; j < s.Dv; ++j) og[i * s.Dv + j] *= inv[i];
+        // the group's rows: Dk apart in q, Dv apart in o, consecutive in lse
+        attend_block(s, group, n, n, 0, q + b * ldq + h0 * s.Dk, s.Dk, kb, nullptr, 0,
+                     v + b * s.Tk * ldv + hk * s.hsv(), ldv, o + b * ldo + h0 * s.Dv, s.Dv,
+                     S.data(), inv.data(), lse ? lse + b * s.H + h0 : nullptr);
       }
     });
     return;
   }
   const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);  // keys any query sees
   const bool tr = small_gemm_vectorized() && s.Tq >= kTransposeMinRows;
-  const int64_t per_head = probs ? probs_offset(s, s.Tq) : 0;
+  const int64_t per_head = probs ? probs_per_head(s) : 0;
   parallel_for(s.B * s.H, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> S(probs ? 0 : (size_t)(kBlock * nk)), inv(kBlock),
         kt(tr ? (size_t)(s.Dk * ldt) : 0);
@@ -205,19 +208,11 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
       for (int64_t i0 = 0; i0 < s.Tq; i0 += kBlock) {
         const int64_t m = std::min(kBlock, s.Tq - i0);
         const int64_t n = visible(s, i0 + m - 1);  // keys any row of the block can see
-        float* P = pk ? pk : S.data();
-        scores(m, n, s.scale, qb + i0 * ldq, ldq, kb, tr ? kt.data() : nullptr, ldt, P);
-        // Unnormalised P = exp(S - max) (what is kept); the 1/sum goes on the m x Dv output
-        // rows instead of the m x n probabilities (one pass fewer over S).
-        for (int64_t i = 0; i < m; ++i) {
-          const SoftmaxPiece p = softmax_piece(P + i * n, visible(s, i0 + i), n);
-          inv[i] = 1.f / p.sum;
-          if (lse) lse[(b * s.H + h) * s.Tq + i0 + i] = p.max + std::log(p.sum);
-          if (pinv) pinv[i0 + i] = inv[i];
-        }
-        small_gemm(false, m, s.Dv, n, 1.f, P, n, vb, ldv, false, ob + i0 * ldo, ldo);
-        for (int64_t i = 0; i < m; ++i)
-          for (int64_t j = 0; j < s.Dv; ++j) ob[(i0 + i) * ldo + j] *= inv[i];
+        float* P = pk ? pk : S.data();  // the kept unnormalised exps, or scratch
+        attend_block(s, m, n, s.start_pos + i0 + 1, 1, qb + i0 * ldq, ldq, kb,
+                     tr ? kt.data() : nullptr, ldt, vb, ldv, ob + i0 * ldo, ldo, P, inv.data(),
+                     lse ? lse + (b * s.H + h) * s.Tq + i0 : nullptr);
+        if (pinv) std::copy_n(inv.data(), m, pinv + i0);
         if (pk) pk += m * n;
       }
     }
@@ -241,7 +236,7 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
   const int64_t nk = visible(s, s.Tq - 1), ldt = padded_ld(nk);
   const bool tr = small_gemm_vectorized() && s.Tq * group >= kTransposeMinRows;
   const bool trk = tr && !probs;  // kept probabilities: no q k^T, no transposed keys
-  const int64_t per_head = probs ? probs_offset(s, s.Tq) : 0;
+  const int64_t per_head = probs ? probs_per_head(s) : 0;
   parallel_for(s.B * s.Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> P(probs ? 0 : (size_t)(kBlock * nk)), dP((size_t)(kBlock * nk)),
         dOs(probs ? (size_t)(kBlock * s.Dv) : 0),
@@ -269,24 +264,26 @@ void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const
         const float* dob = d_o + b * s.Tq * ldo + h * s.Dv;
         const float* lb = lse + (b * s.H + h) * s.Tq;
         bool first_r = set;  // this head's dkr slots: the next product overwrites
+        const float* pinv = probs ? probs[b] + h * per_head : nullptr;  // kept 1/sums
+        int64_t kept_end = per_head;  // the kept blocks end here; walked back block by block
         for (int64_t i0 = last; i0 >= 0; i0 -= kBlock) {
           const int64_t m = std::min(kBlock, s.Tq - i0);
           const int64_t n = visible(s, i0 + m - 1);
+          kept_end -= m * n;
           // P <- the kept probabilities, or scale * q k^T (softmax applied below); dP <- dO v^T
-          const float* pinv = probs ? probs[b] + h * per_head : nullptr;
-          const float* pb = probs ? pinv + probs_offset(s, i0) : P.data();
+          const float* pb = probs ? pinv + kept_end : P.data();
           if (!probs)
             scores(m, n, s.scale, qb + i0 * ldq, ldq, kb, trk ? kt.data() : nullptr, ldt,
                    P.data());
           scores(m, n, 1.f, dob + i0 * ldo, ldo, vk, tr ? vt.data() : nullptr, ldt, dP.data());
           for (int64_t i = 0; i < m; ++i) {
-            const float dl = dot_lanes(ob + (i0 + i) * ldo, dob + (i0 + i) * ldo, s.Dv);
+            const float *orow = ob + (i0 + i) * ldo, *dorow = dob + (i0 + i) * ldo;
             if (probs)
-              softmax_back_kept(pb + i * n, pinv[i0 + i], dP.data() + i * n, dl,
+              softmax_back_kept(pb + i * n, pinv[i0 + i], dP.data() + i * n, orow, dorow, s.Dv,
                                 visible(s, i0 + i), n);
             else
-              softmax_back_row(P.data() + i * n, dP.data() + i * n, lb[i0 + i], dl,
-                               visible(s, i0 + i), n);
+              softmax_back_row(P.data() + i * n, dP.data() + i * n, lb[i0 + i], orow, dorow,
+                               s.Dv, visible(s, i0 + i), n);
           }
           // dv += P^T dO ; dq += scale * dS k ; dk += scale * dS^T q  (with set: the first
           // product into a row overwrites it)

@@ -65,8 +65,7 @@ void project_latent(float* ckv, float* c_rstd, float* c, float* kpe, const float
   const int64_t W = d.Dc + d.Dr;
   Buf kva = buf(R * W);
   linear_forward(kva.get(), x, p.kv_a_proj_with_mqa, R, d.D, W);
-  for (int64_t r = 0; r < R; ++r)
-    std::memcpy(ckv + r * d.Dc, kva.get() + r * W, sizeof(float) * d.Dc);
+  copy_rows(ckv, d.Dc, kva.get(), W, R, d.Dc);
   rmsnorm_forward(c, c_rstd, ckv, p.kv_a_layernorm, R, d.Dc, d.eps);
   rope_forward(kpe, d.Dr, 0, kva.get() + d.Dc, W, 0, pos, R, 1, d.rope);
 }
@@ -82,11 +81,9 @@ void decompress(float* kv, const float* c, int64_t ldc, const MlaParams& p, cons
   const int64_t KV = d.H * (d.Dn + d.Dv), ld = kv_ld(d);
   if (gemm_precision() != GemmPrecision::fp32) {  // bf16/fp8 training: kv_b_proj is a linear
     Buf cc = buf(L * d.Dc), out = buf(L * KV);
-    for (int64_t r = 0; r < L; ++r)
-      std::memcpy(cc.get() + r * d.Dc, c + r * ldc, sizeof(float) * d.Dc);
+    copy_rows(cc.get(), d.Dc, c, ldc, L, d.Dc);
     linear_forward(out.get(), cc.get(), p.kv_b_proj, L, d.Dc, KV);
-    for (int64_t r = 0; r < L; ++r)
-      std::memcpy(kv + r * ld, out.get() + r * KV, sizeof(float) * KV);
+    copy_rows(kv, ld, out.get(), KV, L, KV);
   } else {
     sgemm(false, true, L, KV, d.Dc, 1.f, c, ldc, p.kv_b_proj, d.Dc, 0.f, kv, ld);
   }
@@ -98,8 +95,7 @@ void decompress_backward(float* dc, float* g_kv_b, const float* dkv, const float
   const int64_t KV = d.H * (d.Dn + d.Dv), ld = kv_ld(d);
   if (gemm_precision() != GemmPrecision::fp32) {
     Buf dense = buf(R * KV);
-    for (int64_t r = 0; r < R; ++r)
-      std::memcpy(dense.get() + r * KV, dkv + r * ld, sizeof(float) * KV);
+    copy_rows(dense.get(), KV, dkv, ld, R, KV);
     linear_backward(dc, g_kv_b, dense.get(), c, p.kv_b_proj, R, d.Dc, KV, true);
     return;
   }
@@ -181,8 +177,7 @@ void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaAct
   decompress_backward(dc.get(), g.kv_b_proj, dkv.get(), a.c.data(), p, d, R);
   rmsnorm_backward(dckv.get(), g.kv_a_layernorm, dc.get(), a.c_rstd.data(), a.ckv.data(),
                    p.kv_a_layernorm, R, d.Dc, true);
-  for (int64_t r = 0; r < R; ++r)
-    std::memcpy(dkva.get() + r * W, dckv.get() + r * d.Dc, sizeof(float) * d.Dc);
+  copy_rows(dkva.get(), W, dckv.get(), d.Dc, R, d.Dc);
   rope_backward(dkva.get() + d.Dc, W, 0, dkpe.get(), d.Dr, 0, a.pos.data(), R, 1, d.rope);
   linear_backward(dx, g.kv_a_proj_with_mqa, dkva.get(), x, p.kv_a_proj_with_mqa, R, d.D, W,
                   set_dx);  // the first product into dx

@@ -84,22 +84,14 @@ DSV3_SIMD_CLONES float swiglu_backward_row(float* __restrict__ h, float* __restr
                                            float* __restrict__ du, const float* __restrict__ a,
                                            const float* __restrict__ g,
                                            const float* __restrict__ u, float w, int64_t W) {
-  constexpr int kLanes = 16;
-  float acc[kLanes] = {0};
-  int64_t j = 0;
-  for (; j < W; ++j) {
+  for (int64_t j = 0; j < W; ++j) {
     const float s = sigmoid_f32(g[j]), silu = g[j] * s;
     h[j] = silu * u[j];
     const float dh = w * a[j];
     dg[j] = dh * u[j] * (s * (1.f + g[j] * (1.f - s)));
     du[j] = dh * silu;
   }
-  for (j = 0; j + kLanes <= W; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * h[j + l];
-  float sum = 0.f;
-  for (int l = 0; l < kLanes; ++l) sum += acc[l];
-  for (; j < W; ++j) sum += a[j] * h[j];
-  return sum;
+  return dot_lanes(a, h, W);
 }
 
 }  // namespace

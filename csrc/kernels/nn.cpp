@@ -26,18 +26,12 @@ DSV3_SIMD_CLONES void rmsnorm_rows(float* y, float* rstd, const float* x, const 
                                    int64_t r0, int64_t r1, int64_t D, float eps) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * D;
-    float acc[kLanes] = {0};
-    int64_t j = 0;
-    for (; j + kLanes <= D; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) acc[l] += xr[j + l] * xr[j + l];
-    float ss = 0.f;
-    for (int l = 0; l < kLanes; ++l) ss += acc[l];
-    for (; j < D; ++j) ss += xr[j] * xr[j];
+    const float ss = dot_lanes(xr, xr, D);
     const float rs = 1.f / std::sqrt(ss / (float)D + eps);
     if (rstd) rstd[r] = rs;
     if (!y) continue;  // rstd only (the backward of the Python op recomputes it)
     float* yr = y + r * D;
-    for (j = 0; j < D; ++j) yr[j] = w[j] * (xr[j] * rs);
+    for (int64_t j = 0; j < D; ++j) yr[j] = w[j] * (xr[j] * rs);
   }
 }
 

@@ -48,37 +48,37 @@ RopeTable rope_table(const RopeParams& p) {
 
 namespace {
 
-// cos/sin (times attn_factor, sin times sign) of every row's angles, [R, P] each. Rows share
-// positions (every sequence of a batch has the same ones), so the angles are formed once per
-// distinct position when the positions span no more values than there are rows.
-void rope_angles(std::vector<float>& c, std::vector<float>& s, const int64_t* pos, int64_t R,
-                 const RopeTable& t, double sign) {
+// cos/sin (times attn_factor, sin times sign) of the rows' angles, [n, P] each, and the
+// table row of input row r. Rows share positions (every sequence of a batch has the same
+// ones), so when the positions span no more values than there are rows the table has one row
+// per position in [lo, hi]; otherwise one per input row.
+struct RopeAngles {
+  std::vector<float> c, s;
+  int64_t lo = 0;
+  bool by_position = false;
+  int64_t row(const int64_t* pos, int64_t r) const { return by_position ? pos[r] - lo : r; }
+};
+
+RopeAngles rope_angles(const int64_t* pos, int64_t R, const RopeTable& t, double sign) {
   const int64_t P = (int64_t)t.inv_freq.size();
   const auto [lo, hi] = std::minmax_element(pos, pos + R);
-  const bool by_position = *hi - *lo < R;
-  const int64_t n = by_position ? *hi - *lo + 1 : R;
-  std::vector<float> cu((size_t)(n * P)), su((size_t)(n * P));
+  RopeAngles a;
+  a.lo = *lo;
+  a.by_position = *hi - *lo < R;
+  const int64_t n = a.by_position ? *hi - *lo + 1 : R;
+  a.c.resize((size_t)(n * P));
+  a.s.resize((size_t)(n * P));
   parallel_for(n, std::max<int64_t>(1, 256 / P), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const double p = by_position ? (double)(*lo + r) : (double)pos[r];
+      const double p = a.by_position ? (double)(a.lo + r) : (double)pos[r];
       for (int64_t i = 0; i < P; ++i) {
-        const double a = p * t.inv_freq[i];
-        cu[r * P + i] = (float)(std::cos(a) * t.attn_factor);
-        su[r * P + i] = (float)(sign * std::sin(a) * t.attn_factor);
+        const double ang = p * t.inv_freq[i];
+        a.c[r * P + i] = (float)(std::cos(ang) * t.attn_factor);
+        a.s[r * P + i] = (float)(sign * std::sin(ang) * t.attn_factor);
       }
     }
   });
-  if (!by_position) {
-    c = std::move(cu);
-    s = std::move(su);
-    return;
-  }
-  c.resize((size_t)(R * P));
-  s.resize((size_t)(R * P));
-  for (int64_t r = 0; r < R; ++r) {
-    std::copy_n(cu.data() + (pos[r] - *lo) * P, P, c.data() + r * P);
-    std::copy_n(su.data() + (pos[r] - *lo) * P, P, s.data() + r * P);
-  }
+  return a;
 }
 
 void rope_apply(float* y, int64_t y_row, int64_t y_head, const float* x, int64_t x_row,
@@ -86,11 +86,11 @@ void rope_apply(float* y, int64_t y_row, int64_t y_head, const float* x, int64_t
                 double sign, bool accumulate) {
   if (R <= 0) return;
   const int64_t P = (int64_t)t.inv_freq.size();
-  std::vector<float> cs, sn;
-  rope_angles(cs, sn, pos, R, t, sign);
+  const RopeAngles ang = rope_angles(pos, R, t, sign);
   parallel_for(R, std::max<int64_t>(1, 4096 / (H * P + 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const float *c = cs.data() + r * P, *s = sn.data() + r * P;
+      const int64_t tr = ang.row(pos, r);
+      const float *c = ang.c.data() + tr * P, *s = ang.s.data() + tr * P;
       for (int64_t h = 0; h < H; ++h) {
         const float* xr = x + r * x_row + h * x_head;
         float* yr = y + r * y_row + h * y_head;
