@@ -25,18 +25,13 @@ Timings are the best of several runs; on a shared machine they are indicative.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from typing import Callable, List, Optional
 
 import numpy as np
 
-try:
-    import dsv3
-except ImportError:  # run from a source checkout without PYTHONPATH
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-    import dsv3
+import dsv3
 from dsv3 import fp8
 
 

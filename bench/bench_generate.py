@@ -20,10 +20,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import dsv3  # noqa: E402
 from common import machine_line, memory_bandwidth, print_table, set_threads, timeit  # noqa: E402
-from torch_model import TorchModel  # noqa: E402
+from dsv3.reference.torch_model import TorchModel  # noqa: E402
 
 
 def large_config() -> dsv3.Config:
@@ -36,7 +35,7 @@ def large_config() -> dsv3.Config:
 
 
 class TorchDecoder:
-    """Cached decoding around bench/torch_model.TorchModel: per layer a preallocated
+    """Cached decoding around dsv3.reference.torch_model.TorchModel: per layer a preallocated
     (B, H, max_len, Dn+Dr) key and (B, H, max_len, Dv) value cache, as HF's DeepSeek code keeps."""
 
     def __init__(self, tm: TorchModel, max_len: int):

@@ -13,10 +13,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from common import (machine_line, memory_bandwidth, print_table, set_threads, sgemm_peak,  # noqa: E402
                     timeit, timeit_paired)
-from ref import random_attention_params, t_mha, t_mla  # noqa: E402
+from dsv3.reference.nn import random_attention_params, t_mha, t_mla  # noqa: E402
 
 import dsv3  # noqa: E402
 from dsv3 import ops  # noqa: E402

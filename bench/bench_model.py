@@ -1,5 +1,5 @@
 """Whole model: forward+backward tokens/s of Config.small() vs the same model in PyTorch eager
-(bench/torch_model.py), and model FLOPs utilisation against the measured sgemm peak.
+(dsv3.reference.torch_model), and model FLOPs utilisation against the measured sgemm peak.
 
     python bench/bench_model.py [--threads N] [--batch 8] [--seq 256]
 """
@@ -37,7 +37,7 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=256)
     a = p.parse_args(argv)
     import torch
-    from torch_model import TorchModel
+    from dsv3.reference.torch_model import TorchModel
     set_threads(a.threads)
     print(machine_line())
     peak = sgemm_peak()

@@ -1,5 +1,5 @@
 """MoE layer forward+backward: dsv3 vs the FLOPs of the activated experts at the measured
-sgemm rate, and vs the same layer in PyTorch (bench/torch_moe.py) on the same threads.
+sgemm rate, and vs the same layer in PyTorch (dsv3.reference.torch_moe) on the same threads.
 
     PYTHONPATH=python python bench/bench_moe.py [--tokens 4096] [--threads 2] [--repeat 5]
 
@@ -121,7 +121,7 @@ def main(argv=None):
     }
     if not args.no_torch:
         import torch
-        from torch_moe import TorchMoE
+        from dsv3.reference.torch_moe import TorchMoE
         torch.set_num_threads(nt)
         layer = TorchMoE(params, cfg)
         xt = torch.tensor(x)

@@ -1,5 +1,5 @@
 """Training step: tokens/s of a full step (forward, backward, clipping, AdamW, bias update) of
-Config.small() in fp32 / bf16 / fp8 vs the PyTorch eager model (bench/torch_model.py) with
+Config.small() in fp32 / bf16 / fp8 vs the PyTorch eager model (dsv3.reference.torch_model) with
 torch.optim.AdamW on the same threads; fp8 emulation overhead vs fp32; peak RSS per mode.
 
 Each mode runs in its own child process so its peak RSS is its own.
@@ -43,7 +43,7 @@ def run_mode(mode: str, a) -> dict:
         step = lambda b: t.step(b)["loss"]  # noqa: E731
     else:
         import torch
-        from torch_model import TorchModel
+        from dsv3.reference.torch_model import TorchModel
         tm = TorchModel(cfg, model.state_dict())
         params = [(n, p) for n, p in tm.p.items() if p.requires_grad]
         opt = torch.optim.AdamW(

@@ -42,11 +42,7 @@ def tiny_config() -> dsv3.Config:
 @pytest.fixture
 def v3_config_path() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
-    for cand in (os.path.join(here, "..", "..", "shared", "data", "deepseek_v3_config.json"),
-                 os.path.join(here, "data", "deepseek_v3_config.json")):
-        if os.path.exists(cand):
-            return cand
-    pytest.fail("deepseek_v3_config.json not found (../shared/data or tests/data)")
+    return os.path.join(here, "data", "deepseek_v3_config.json")
 
 
 def randn(rng: np.random.Generator, *shape: int, scale: float = 1.0) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 
 import dsv3
 from conftest import SIZES_ODD, fd_check, get_torch, noncontig
-from moe_ref import moe_cfg, ref_balance_loss
+from dsv3.reference.moe import moe_cfg, ref_balance_loss
 
 
 def random_routing(rng, B, T, E, K, softmax=False):

@@ -1,6 +1,6 @@
 """FP8 / low-precision formats (SPEC §2.6): exhaustive codes, round-to-nearest-even at every
 midpoint, saturation, specials, and agreement with PyTorch 2.13's casts. All expected values
-come from tests/fp8_ref.py (the format definitions) or from PyTorch, never from dsv3."""
+come from dsv3.reference.fp8 (the format definitions) or from PyTorch, never from dsv3."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import get_torch, noncontig, readonly
 from dsv3 import fp8
-from fp8_ref import FORMATS, cast_ref, decode_table, encode_ref, fmt_max
+from dsv3.reference.fp8 import FORMATS, cast_ref, decode_table, encode_ref, fmt_max
 
 BYTE_FORMATS = ("e4m3", "e5m2")
 

@@ -4,7 +4,7 @@ Tolerances. fp32 accumulation mode is checked against the float64 value of the c
 formula with the rigorous bound of any fp32 summation order: |C - ref| <= gamma_{K+2} * S,
 gamma_n = n u / (1 - n u), u = 2^-24, S = sum_k |a sa b sb| (K products, plus the rounding of
 a*sa and b*sb). Limited accumulation is deterministic, so it is compared BIT-EXACTLY with an
-integer implementation of s <- trunc_k(s + p) and the fp32 promotion (tests/fp8_ref.py)."""
+integer implementation of s <- trunc_k(s + p) and the fp32 promotion (dsv3.reference.fp8)."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +13,7 @@ import pytest
 import dsv3
 from conftest import noncontig, readonly
 from dsv3 import fp8
-from fp8_ref import decode_table, gemm_limited_ref, gemm_ref, quantize_ref
+from dsv3.reference.fp8 import decode_table, gemm_limited_ref, gemm_ref, quantize_ref
 
 U = 2.0 ** -24
 TILE, BLOCK = (1, 128), (128, 128)

@@ -1,5 +1,5 @@
 """Fine-grained quantization (SPEC §2.6): codes and scales bit-equal to the reference of
-tests/fp8_ref.py, round-trip error bounds, zero-padded edges, power-of-two scales, the amax
+dsv3.reference.fp8, round-trip error bounds, zero-padded edges, power-of-two scales, the amax
 floor, non-finite input, and the argument contract."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import noncontig, readonly
 from dsv3 import fp8
-from fp8_ref import FORMATS, decode_table, dequantize_ref, encode_ref, fmt_max, quantize_ref
+from dsv3.reference.fp8 import FORMATS, decode_table, dequantize_ref, encode_ref, fmt_max, quantize_ref
 
 CASES = [  # (shape, block)
     ((1, 1), (1, 128)), ((31, 33), (1, 128)), ((127, 129), (1, 128)), ((3, 300), (1, 128)),

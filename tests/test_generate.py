@@ -7,8 +7,8 @@ import pytest
 import dsv3
 from conftest import assert_close, get_torch
 from gen_helpers import PERIOD, train_tiny
-from ref import t_rmsnorm
-from ref_model import t_block
+from dsv3.reference.nn import t_rmsnorm
+from dsv3.reference.model import t_block
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import dsv3
 from dsv3 import ops
 from conftest import assert_close, fd_check, get_torch, randn
-from ref import random_attention_params, t_mha, t_mla
+from dsv3.reference.nn import random_attention_params, t_mha, t_mla
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}
@@ -112,7 +112,7 @@ def test_latent_cache_holds_normalised_latent_and_roped_kpe(rng):
     P = random_attention_params(cfg, rng)
     x = randn(rng, 1, 9, cfg.hidden_size)
     _, cache = run_decode(cfg, P, x, [4, 5])
-    from ref import t_rmsnorm, t_rope
+    from dsv3.reference.nn import t_rmsnorm, t_rope
     Dc = cfg.kv_lora_rank
     kva = torch.tensor(x.astype(np.float64)) @ torch.tensor(P["kv_a_proj_with_mqa.weight"].astype(np.float64)).T
     c = t_rmsnorm(torch, kva[..., :Dc], torch.tensor(P["kv_a_layernorm.weight"].astype(np.float64)),
@@ -203,7 +203,7 @@ def test_long_context_split_keys_equal_naive(rng, threads):
 KEEP_SCRIPT = r"""
 import numpy as np, dsv3
 from dsv3 import ops
-from ref import random_attention_params
+from dsv3.reference.nn import random_attention_params
 out = {}
 for name, kw in (("mla", {}), ("gqa", dict(attention_type="gqa", num_key_value_heads=2))):
     cfg = dsv3.Config.tiny().replace(**kw)

@@ -6,7 +6,7 @@ import pytest
 import dsv3
 from conftest import assert_close, fd_check, get_torch
 from hf_shapes import hf_shapes
-from ref_model import t_model
+from dsv3.reference.model import t_model
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8}

@@ -1,4 +1,4 @@
-"""dsv3.ops.moe_gate vs the float64 reference of SPEC §2.3 (tests/moe_ref.py).
+"""dsv3.ops.moe_gate vs the float64 reference of SPEC §2.3 (dsv3.reference.moe).
 
 Tolerances: indices must be identical. Weights within 1e-6 absolute + 1e-6 relative: the
 C++ computes s in fp32 (expf with < 2 ulp error, one division), then one division by the sum
@@ -18,7 +18,7 @@ import pytest
 
 import dsv3
 from conftest import SIZES_ODD, noncontig, readonly
-from moe_ref import decision_margins, grouped, moe_cfg, ref_gate
+from dsv3.reference.moe import decision_margins, grouped, moe_cfg, ref_gate
 
 W_RTOL, W_ATOL = 1e-6, 1e-6
 

@@ -1,6 +1,6 @@
 """The MoE layer (dsv3.ops.moe_forward / moe_backward) vs float64 references.
 
-- Forward vs a dense float64 reference that runs every expert on every token (moe_ref.py).
+- Forward vs a dense float64 reference that runs every expert on every token (dsv3.reference.moe).
   Tolerance TOL["fp32"] scaled to the output: rtol 1e-5, atol 1e-5 * max|y| -- three chained
   fp32 GEMMs over D, F <= 64 terms plus the weighted sum of K+1 expert outputs.
 - Every gradient vs PyTorch float64 autograd with the routing fixed to the kernel's (checked
@@ -20,7 +20,7 @@ import pytest
 
 import dsv3
 from conftest import SIZES_ODD, fd_check, get_torch, noncontig, readonly
-from moe_ref import decision_margins, moe_cfg, ref_gate, ref_moe_forward, torch_moe_grads
+from dsv3.reference.moe import decision_margins, moe_cfg, ref_gate, ref_moe_forward, torch_moe_grads
 
 LAYERS = {
     "v3": dict(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,

@@ -6,7 +6,7 @@ import pytest
 
 from dsv3 import Config, ops
 from conftest import assert_close, fd_check, noncontig, randn
-from ref import ref_inv_freq
+from dsv3.reference.nn import ref_inv_freq
 
 V3_YARN = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"}

@@ -1,7 +1,5 @@
-"""bench/torch_model.py (the benchmark peer) computes the same model: its float32 losses and
+"""dsv3.reference.torch_model (the benchmark peer) computes the same model: its float32 losses and
 gradients agree with dsv3 (so the benchmarks compare equal work)."""
-import os
-import sys
 
 import numpy as np
 import pytest
@@ -9,7 +7,6 @@ import pytest
 import dsv3
 from conftest import assert_close, get_torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench"))
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(attention_type="gqa", num_key_value_heads=2,
@@ -18,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def test_torch_peer_matches(kw):
     get_torch()
     import torch
-    from torch_model import TorchModel
+    from dsv3.reference.torch_model import TorchModel
     cfg = dsv3.Config.tiny().replace(**kw)
     m = dsv3.Model(cfg, seed=2)
     tm = TorchModel(cfg, m.state_dict())

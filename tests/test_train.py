@@ -1,4 +1,4 @@
-"""dsv3.Trainer: ten steps vs an independent float64 reference (tests/ref_model.py + an AdamW
+"""dsv3.Trainer: ten steps vs an independent float64 reference (dsv3.reference.model + an AdamW
 written here), precision modes, balancing modes, exact resume, atomic saves, bad input, CLI."""
 import math
 import os
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import dsv3
-import ref_model
+from dsv3.reference import model as ref_model
 from conftest import get_torch
 
 

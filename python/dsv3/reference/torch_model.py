@@ -6,16 +6,12 @@ their tokens, SwiGLU, MTP modules. Parameters are the dsv3 state dict (Hugging F
 """
 from __future__ import annotations
 
-import math
-import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from ref import ref_inv_freq  # noqa: E402  (the YaRN frequencies, float64)
+from .nn import ref_inv_freq  # the YaRN frequencies, float64
 
 
 class TorchModel(torch.nn.Module):

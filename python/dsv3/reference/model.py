@@ -1,11 +1,11 @@
 """A float64 PyTorch reference of the whole DeepSeek-V3 model (SPEC §2.1-2.5), written from the
 formulas and independent of the C++: embedding, blocks (MLA or MHA/GQA, dense SwiGLU or MoE),
 final norm, head, MTP modules, and the losses. Routing is decided in float64 by the same rules
-as moe_ref.ref_gate (selection is piecewise constant; autograd flows through the weights)."""
+as moe.ref_gate (selection is piecewise constant; autograd flows through the weights)."""
 import numpy as np
 
-from moe_ref import ref_selection_scores, t_seq_balance
-from ref import t_mha, t_mla, t_rmsnorm
+from .moe import ref_selection_scores, t_seq_balance
+from .nn import t_mha, t_mla, t_rmsnorm
 
 
 def is_moe(cfg, i):
