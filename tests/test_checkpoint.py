@@ -25,7 +25,7 @@ def test_float32_round_trip_identical(tmp_path, model):
     files = sorted(os.listdir(tmp_path / "ck"))
     assert files == ["config.json", "model.safetensors"]
     back = dsv3.Model.from_pretrained(tmp_path / "ck")
-    want = dict(model.config.to_dict(), quantization_config=None, torch_dtype="float32")
+    want = dict(model.config.to_dict(), quantization_config=None, dtype="float32")
     assert back.config.to_dict() == want
     t = tokens(model.config)
     assert np.array_equal(back.forward(t), model.forward(t))

@@ -7,6 +7,15 @@ with a float32 ``<name>_scale_inv`` per 128x128 block (``w = q * scale_inv``), e
 in float32, as in the released checkpoint. ``load(dir)`` reads any of these, and DeepSeek-V3's own files (the copies of the
 embedding and head that its MTP layer carries are accepted and ignored: dsv3 shares them).
 
+Hugging Face fidelity: ``config.json`` always carries ``model_type`` / ``architectures`` and one
+storage-dtype key, so ``transformers.AutoModelForCausalLM`` opens what dsv3 writes. With
+``rope_interleave: false`` the q/k rope rows in the files hold halves ``(x_i, x_{i+d/2})``;
+they are permuted to dsv3's adjacent pairs when loading and back when saving (q_pe and k_pe
+get the same permutation, so every score is unchanged). ``quantization_config.scale_fmt:
+"ue8m0"`` (DeepSeek-V3.1) means power-of-two weight scales: checked when loading, produced when
+saving FP8. A config declaring MTP layers whose tensors are all absent (transformers saves
+none) loads with MTP disabled and a warning, unless ``strict=True``.
+
 Crash safety: everything is written into a fresh temporary directory next to the target,
 fsync'ed, then swapped in with one atomic rename (``renameat2(RENAME_EXCHANGE)`` on Linux
 when the target exists). An interrupted save leaves the previous checkpoint intact under the
@@ -19,10 +28,12 @@ import ctypes.util
 import json
 import os
 import shutil
-from typing import Dict, Tuple
+import warnings
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from . import hf_keys
 from . import safetensors_io as st
 from .config import Config
 
@@ -42,8 +53,10 @@ def is_fp8_linear(name: str, shape: Tuple[int, ...]) -> bool:
     return ".self_attn." in name or ".mlp." in name
 
 
-def encode_state(state: Dict[str, np.ndarray], dtype: str) -> Dict[str, Tuple[str, np.ndarray]]:
-    """{name: float32} -> {stored name: (safetensors dtype, stored array)}."""
+def encode_state(state: Dict[str, np.ndarray], dtype: str,
+                 pow2_scale: bool = False) -> Dict[str, Tuple[str, np.ndarray]]:
+    """{name: float32} -> {stored name: (safetensors dtype, stored array)}; ``pow2_scale``:
+    FP8 block scales rounded up to powers of two (UE8M0)."""
     if dtype not in DTYPES:
         raise ValueError(f"[save_pretrained] dtype must be one of {DTYPES}, got {dtype!r}")
     out: Dict[str, Tuple[str, np.ndarray]] = {}
@@ -56,15 +69,20 @@ def encode_state(state: Dict[str, np.ndarray], dtype: str) -> Dict[str, Tuple[st
             out[name] = ("BF16", st.bf16_bits(w))
         else:
             from . import fp8
-            codes, scales = fp8.quantize(w, "e4m3", block=FP8_BLOCK)
+            codes, scales = fp8.quantize(w, "e4m3", block=FP8_BLOCK, pow2_scale=pow2_scale)
             out[name] = ("F8_E4M3", codes)
             out[name + "_scale_inv"] = ("F32", scales)
     return out
 
 
-def decode_tensors(tensors: Dict[str, st.Tensor], directory: str) -> Dict[str, np.ndarray]:
-    """Stored tensors -> {name: float32}, dequantizing FP8 weights with their scale_inv."""
+def decode_tensors(tensors: Dict[str, st.Tensor], directory: str,
+                   block: Tuple[int, int] = FP8_BLOCK,
+                   pow2_scale: bool = False) -> Dict[str, np.ndarray]:
+    """Stored tensors -> {name: float32}, dequantizing FP8 weights with their scale_inv per
+    ``block`` (the config's weight_block_size); ``pow2_scale``: every scale must be a power of
+    two (quantization_config.scale_fmt "ue8m0")."""
     from . import fp8
+    block = tuple(block)
     out: Dict[str, np.ndarray] = {}
     for name, t in tensors.items():
         if name.endswith("_scale_inv"):
@@ -78,18 +96,56 @@ def decode_tensors(tensors: Dict[str, st.Tensor], directory: str) -> Dict[str, n
                                  f"'{sname}'")
             codes = np.ascontiguousarray(t.data)
             scales = tensors[sname].to_float32()
-            want = tuple(-(-d // b) for d, b in zip(codes.shape, FP8_BLOCK))
+            want = tuple(-(-d // b) for d, b in zip(codes.shape, block))
             if codes.ndim != 2 or scales.shape != want:
                 raise ValueError(f"[from_pretrained] {directory}: '{sname}' has shape "
-                                 f"{scales.shape}, expected {want} for 128x128 blocks of "
-                                 f"'{name}' {codes.shape}")
+                                 f"{scales.shape}, expected {want} for {block[0]}x{block[1]} "
+                                 f"blocks of '{name}' {codes.shape}")
+            if pow2_scale and not np.all(np.frexp(scales)[0] == 0.5):
+                raise ValueError(f"[from_pretrained] {directory}: '{sname}' holds scales that "
+                                 "are not powers of two, but quantization_config.scale_fmt is "
+                                 "'ue8m0'")
             fmt = "e4m3" if t.dtype == "F8_E4M3" else "e5m2"
-            out[name] = fp8.dequantize(codes, scales, FP8_BLOCK, fmt=fmt)
+            out[name] = fp8.dequantize(codes, scales, block, fmt=fmt)
         elif t.dtype in ("F32", "F16", "BF16", "F64"):
             out[name] = t.to_float32()
         else:
             raise ValueError(f"[from_pretrained] {directory}: tensor '{name}' has dtype "
                              f"{t.dtype}, expected a float type")
+    return out
+
+
+def rope_rows(cfg: Config) -> Dict[str, np.ndarray]:
+    """{tensor name suffix: row indices of its rope part, (n_heads, d)}: the q_pe rows of every
+    head of q_b_proj / q_proj, the k_pe rows of kv_a_proj_with_mqa (MLA) or of every kv head
+    of k_proj (mha / gqa baselines)."""
+    dqk, dn, dr = cfg.qk_head_dim, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    heads = lambda n: np.arange(n)[:, None] * dqk + dn + np.arange(dr)[None, :]
+    q = "q_b_proj" if cfg.uses_q_lora and cfg.attention_type == "mla" else "q_proj"
+    rows = {f"self_attn.{q}.weight": heads(cfg.num_attention_heads)}
+    if cfg.attention_type == "mla":
+        rows["self_attn.kv_a_proj_with_mqa.weight"] = cfg.kv_lora_rank + np.arange(dr)[None, :]
+    else:
+        rows["self_attn.k_proj.weight"] = heads(cfg.kv_heads)
+    return rows
+
+
+def permute_rope(state: Dict[str, np.ndarray], cfg: Config, to_pairs: bool) -> Dict[str, np.ndarray]:
+    """Reorder the rope rows of every layer between halves ``(x_i, x_{i+d/2})`` (a
+    ``rope_interleave: false`` checkpoint) and dsv3's adjacent pairs ``(x_2i, x_2i+1)``.
+    ``to_pairs``: halves -> pairs (loading), else pairs -> halves (saving). Returns a new dict;
+    the arrays it changes are copies."""
+    d = cfg.qk_rope_head_dim
+    perm = np.arange(d).reshape(2, d // 2).T.ravel()  # pairs[k] = halves[perm[k]]
+    if not to_pairs:
+        perm = np.argsort(perm)
+    out = dict(state)
+    for suffix, rows in rope_rows(cfg).items():
+        for name, w in state.items():
+            if name.endswith("." + suffix):
+                w = w.copy()
+                w[rows.ravel()] = state[name][rows[:, perm].ravel()]
+                out[name] = w
     return out
 
 
@@ -160,19 +216,36 @@ def remove_stale_temps(parent: str, prefix: str) -> None:
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
+def checkpoint_config(config: Config, dtype: str, rope_format: str = "both") -> Dict:
+    """The config.json dict of a checkpoint of ``dtype``: the quantization_config of its FP8
+    layout (keeping the model's scale_fmt) or none, and one dtype key."""
+    cfg = config.to_dict(rope_format)
+    qc = config.quantization_config or {}
+    cfg.pop("quantization_config", None)
+    if dtype == "fp8":
+        cfg["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3",
+                                      "quant_method": "fp8",
+                                      "weight_block_size": list(FP8_BLOCK)}
+        if qc.get("scale_fmt") is not None:
+            cfg["quantization_config"]["scale_fmt"] = qc["scale_fmt"]
+    hf_keys.write_dtype(cfg, "float32" if dtype == "float32" else "bfloat16", rope_format)
+    return cfg
+
+
 def save(model, directory: str, dtype: str = "float32",
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES, rope_format: str = "both") -> None:
     directory = os.fspath(directory)
     if dtype not in DTYPES:
         raise ValueError(f"[save_pretrained] dtype must be one of {DTYPES}, got {dtype!r}")
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ValueError(f"[save_pretrained] {directory} exists and is not a directory")
-    tensors = encode_state(model.state_dict(), dtype)
-    cfg = model.config.to_dict()
-    cfg["quantization_config"] = ({"activation_scheme": "dynamic", "fmt": "e4m3",
-                                   "quant_method": "fp8", "weight_block_size": list(FP8_BLOCK)}
-                                  if dtype == "fp8" else None)
-    cfg["torch_dtype"] = "float32" if dtype == "float32" else "bfloat16"
+    config = model.config
+    cfg = checkpoint_config(config, dtype, rope_format)
+    state = model.state_dict()
+    if not config.rope_interleave:
+        state = permute_rope(state, config, to_pairs=False)
+    pow2 = cfg.get("quantization_config", {}).get("scale_fmt") == "ue8m0"
+    tensors = encode_state(state, dtype, pow2_scale=pow2)
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(os.path.abspath(directory))
@@ -194,12 +267,33 @@ def save(model, directory: str, dtype: str = "float32",
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load(directory: str, model_cls):
+def _without_absent_mtp(cfg: Config, names, directory: str, strict: bool) -> Config:
+    """The config to build: MTP disabled (with a warning) when the config declares MTP layers
+    and the files hold none of their tensors (transformers saves none); ``strict`` keeps it,
+    so loading then fails naming the missing keys."""
+    L, k = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    prefixes = tuple(f"model.layers.{i}." for i in range(L, L + k))
+    if strict or not k or any(n.startswith(prefixes) for n in names):
+        return cfg
+    warnings.warn(f"[from_pretrained] {directory}: config.json declares "
+                  f"num_nextn_predict_layers={k} but the checkpoint holds no MTP weights "
+                  f"(model.layers.{L}.*): loaded the main model with MTP disabled "
+                  "(strict=True raises instead)", UserWarning, stacklevel=3)
+    return cfg.replace(num_nextn_predict_layers=0)
+
+
+def load(directory: str, model_cls, strict: bool = False):
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"[from_pretrained] {directory} is not a directory")
     cfg = Config.from_json(os.path.join(directory, "config.json"))
-    tensors = decode_tensors(st.read_dir(directory), directory)
+    qc = cfg.quantization_config or {}
+    stored = st.read_dir(directory)
+    cfg = _without_absent_mtp(cfg, stored, directory, strict)
+    tensors = decode_tensors(stored, directory, tuple(qc.get("weight_block_size", FP8_BLOCK)),
+                             pow2_scale=qc.get("scale_fmt") == "ue8m0")
+    if not cfg.rope_interleave:
+        tensors = permute_rope(tensors, cfg, to_pairs=True)
     model = model_cls(cfg, seed=0)
     names = set(model.parameter_shapes())
     # DeepSeek-V3's MTP layer stores copies of the shared embedding and head: not separate here

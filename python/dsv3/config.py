@@ -1,8 +1,9 @@
 """Model configuration: Hugging Face ``DeepseekV3Config`` field names and meanings (SPEC §1).
 
-A real DeepSeek-V3 ``config.json`` loads unchanged (``Config.from_json``); keys dsv3 does not
-use are kept in ``extra`` and written back by ``to_dict`` / ``to_json``. Every invalid value or
-combination raises ``ValueError`` naming the field.
+A real DeepSeek-V3 ``config.json`` loads unchanged (``Config.from_json``), in transformers 4.x
+keys or 5.x ``rope_parameters`` (see :mod:`dsv3.hf_keys`); keys that do not change the math are
+kept in ``extra`` and written back by ``to_dict`` / ``to_json``; keys that would change it are
+interpreted or refused. Every invalid value or combination raises ``ValueError`` naming the field.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
+
+from . import hf_keys
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
                 "float8": 1, "fp8": 1, "e4m3": 1}
@@ -56,6 +59,9 @@ class Config:
     eos_token_id: Optional[Union[int, List[int]]] = 1
     initializer_range: float = 0.02
     quantization_config: Optional[Dict[str, Any]] = None
+    # True: a checkpoint's q/k rope rows hold adjacent pairs (DeepSeek's layout, computed
+    # as is); False: halves (x_i, x_{i+d/2}), permuted to pairs when loading and back when saving
+    rope_interleave: bool = True
     # --- dsv3 additions ---
     attention_type: str = "mla"           # "mla" | "mha" | "gqa" (baselines for comparison)
     mtp_loss_weight: float = 0.3          # lambda of the MTP loss
@@ -74,8 +80,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "Config":
+        """From a config.json dict: transformers 4.x or 5.x keys (both may be present; when
+        they disagree, ValueError naming both)."""
         if not isinstance(d, dict):
             raise TypeError(f"[Config.from_dict] expected a dict, got {type(d).__name__}")
+        d = hf_keys.read(d)
         names = set(cls.field_names())
         known = {k: copy.deepcopy(v) for k, v in d.items() if k in names}
         extra = {k: copy.deepcopy(v) for k, v in d.items() if k not in names and k != "extra"}
@@ -98,15 +107,22 @@ class Config:
             raise ValueError(f"[Config.from_json] {path} must hold a JSON object")
         return cls.from_dict(d)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def _canonical_dict(self) -> Dict[str, Any]:
         d = {name: copy.deepcopy(getattr(self, name)) for name in self.field_names()}
         for k, v in self.extra.items():
             d.setdefault(k, copy.deepcopy(v))
         return d
 
-    def to_json(self, path: Union[str, os.PathLike, None] = None, indent: int = 2) -> str:
+    def to_dict(self, rope_format: str = "both") -> Dict[str, Any]:
+        """config.json keys, with ``model_type`` / ``architectures`` and the rope settings as
+        transformers 4.x keys (``rope_theta``, ``rope_scaling``; ``rope_format="v4"``), 5.x
+        ``rope_parameters`` ("v5"), or both, consistent ("both", the default)."""
+        return hf_keys.write(self._canonical_dict(), rope_format)
+
+    def to_json(self, path: Union[str, os.PathLike, None] = None, indent: int = 2,
+                rope_format: str = "both") -> str:
         """The JSON text; written atomically to ``path`` (a file or directory) when given."""
-        text = json.dumps(self.to_dict(), indent=indent, sort_keys=True) + "\n"
+        text = json.dumps(self.to_dict(rope_format), indent=indent, sort_keys=True) + "\n"
         if path is not None:
             path = os.fspath(path)
             if os.path.isdir(path):
@@ -121,7 +137,7 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (validated)."""
-        d = self.to_dict()
+        d = self._canonical_dict()
         d.update(changes)
         return Config.from_dict(d)
 
@@ -136,8 +152,7 @@ class Config:
                           "type": "yarn"},
             quantization_config={"activation_scheme": "dynamic", "fmt": "e4m3",
                                  "quant_method": "fp8", "weight_block_size": [128, 128]},
-            extra={"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-                   "attention_bias": False, "attention_dropout": 0.0, "ep_size": 1,
+            extra={"attention_bias": False, "attention_dropout": 0.0, "ep_size": 1,
                    "hidden_act": "silu", "torch_dtype": "bfloat16", "use_cache": True},
         )
 
@@ -156,8 +171,7 @@ class Config:
             rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
                           "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
                           "type": "yarn"},
-            extra={"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
-                   "hidden_act": "silu"},
+            extra={"hidden_act": "silu"},
         )
 
     @classmethod
@@ -374,7 +388,7 @@ class Config:
             real(name, 0.0, strict=False)
         if self.rope_theta <= 1:
             fail("rope_theta", "must be > 1")
-        for name in ("norm_topk_prob", "tie_word_embeddings"):
+        for name in ("norm_topk_prob", "tie_word_embeddings", "rope_interleave"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
         if self.qk_rope_head_dim % 2:
@@ -406,6 +420,13 @@ class Config:
         if self.extra.get("attention_bias", False):
             raise ValueError("[Config] attention_bias: DeepSeek-V3 has no attention biases; "
                              "true is not supported")
+        if self.attention_type == "mla" and self.num_key_value_heads != self.num_attention_heads:
+            fail("num_key_value_heads", "MLA gives every head its own key and value: must equal "
+                 f"num_attention_heads ({self.num_attention_heads}) with attention_type 'mla'")
+        model_type = self.extra.get("model_type") or hf_keys.derived_model_type(
+            self.topk_method, self.scoring_func)
+        if not self.rope_interleave and model_type == "deepseek_v2":
+            fail("rope_interleave", "DeepseekV2 checkpoints always hold adjacent rope pairs")
 
     def _validate_moe(self, fail, integer) -> None:
         if not self.n_routed_experts:
@@ -472,6 +493,9 @@ class Config:
             fail("quantization_config", "weight_block_size must be two positive integers")
         if q.get("activation_scheme", "dynamic") != "dynamic":
             fail("quantization_config", "activation_scheme must be 'dynamic'")
+        if q.get("scale_fmt") not in (None, "ue8m0"):
+            fail("quantization_config", "scale_fmt must be null (float32 scales) or 'ue8m0' "
+                 "(powers of two, DeepSeek-V3.1)")
 
     def __repr__(self) -> str:
         return (f"Config(layers={self.num_hidden_layers}, hidden={self.hidden_size}, "

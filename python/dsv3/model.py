@@ -78,20 +78,29 @@ class Model:
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory, dtype: str = "float32",
-                        max_shard_bytes: int = 4 << 30) -> None:
+                        max_shard_bytes: int = 4 << 30, rope_format: str = "both") -> None:
         """Write ``config.json`` + ``model.safetensors`` (sharded with
         ``model.safetensors.index.json`` above ``max_shard_bytes``) in ``dtype`` "float32",
         "bfloat16" or "fp8" (DeepSeek-V3's layout: E4M3 linear weights with a
-        ``weight_scale_inv`` per 128x128 block). Atomic: see :mod:`dsv3.checkpoint`."""
+        ``weight_scale_inv`` per 128x128 block; power-of-two scales when the config's
+        quantization_config has ``scale_fmt: "ue8m0"``). The config carries ``model_type``,
+        ``architectures`` and the rope settings as transformers 4.x keys, 5.x
+        ``rope_parameters``, or both (``rope_format`` "v4", "v5", "both"), so
+        ``transformers.AutoModelForCausalLM.from_pretrained`` opens it. Atomic: see
+        :mod:`dsv3.checkpoint`."""
         from . import checkpoint
-        checkpoint.save(self, directory, dtype, max_shard_bytes)
+        checkpoint.save(self, directory, dtype, max_shard_bytes, rope_format)
 
     @classmethod
-    def from_pretrained(cls, directory) -> "Model":
-        """Load a checkpoint written by :meth:`save_pretrained` or in DeepSeek-V3's format
-        (float32 / bfloat16 / E4M3 + weight_scale_inv, single file or sharded)."""
+    def from_pretrained(cls, directory, strict: bool = False) -> "Model":
+        """Load a checkpoint written by :meth:`save_pretrained`, by transformers
+        (``DeepseekV3ForCausalLM`` / ``DeepseekV2ForCausalLM``, 4.x or 5.x config keys) or in
+        DeepSeek-V3's format (float32 / bfloat16 / E4M3 + weight_scale_inv, single file or
+        sharded). A config that declares MTP layers the files do not hold loads the main model
+        with MTP disabled and a ``UserWarning``; ``strict=True`` raises ``KeyError`` instead.
+        Every other missing or unexpected tensor raises either way."""
         from . import checkpoint
-        return checkpoint.load(directory, cls)
+        return checkpoint.load(directory, cls, strict=strict)
 
     # ------------------------------------------------------------------ compute
     def new_cache(self, batch: int = 1, max_len: int = 1024) -> KVCache:

@@ -1,0 +1,199 @@
+"""dsv3 against transformers' own DeepseekV3 / DeepseekV2 models (issue 17), both directions:
+checkpoints transformers writes load in dsv3 with the same logits (full, cached, greedy), and
+everything dsv3 writes opens with AutoConfig / AutoModelForCausalLM with the same logits and
+reads back into dsv3 bit-identically. Tiny random models built from configs; nothing is
+downloaded."""
+import json
+
+import numpy as np
+import pytest
+
+import dsv3
+from hf_helpers import (hf_greedy, hf_logits, load_hf, random_model, save_hf, torch,
+                        transformers, v2_config, v3_config)
+
+TOKENS = np.array([3, 17, 5, 60, 22, 9, 41, 8, 33, 1, 57, 12], np.int64)
+LOGIT_TOL = 1e-4
+
+HF_CASES = {
+    "v3-yarn": lambda: v3_config(),
+    "v3-halves-noqlora": lambda: v3_config(rope_interleave=False, q_lora_rank=None),
+    "v3-no-yarn-theta": lambda: v3_config(rope_parameters={"rope_type": "default",
+                                                           "rope_theta": 50000.0}),
+    "v3-one-group": lambda: v3_config(n_group=1, topk_group=1),
+    "v2-greedy": lambda: v2_config(),
+    "v2-group-limited": lambda: v2_config(topk_method="group_limited_greedy", n_group=4,
+                                          topk_group=2, q_lora_rank=None),
+}
+
+
+def _load_dsv3(directory, config):
+    if getattr(config, "num_nextn_predict_layers", 0):
+        # transformers defaults num_nextn_predict_layers to 1 but saves no MTP weights
+        with pytest.warns(UserWarning, match="MTP disabled"):
+            return dsv3.Model.from_pretrained(directory)
+    return dsv3.Model.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_transformers_checkpoint_loads_with_same_logits(tmp_path, case):
+    config = HF_CASES[case]()
+    ref = random_model(config)
+    save_hf(ref, tmp_path / "hf")
+    m = _load_dsv3(tmp_path / "hf", config)
+    assert m.config.num_nextn_predict_layers == 0
+    want = hf_logits(ref, TOKENS)
+    got = m.forward(TOKENS)
+    assert np.abs(got - want).max() < LOGIT_TOL, case
+    # cached decoding: a 5-token prefill then one token at a time (absorbed MLA)
+    cache = m.new_cache(batch=1, max_len=32)
+    rows = [m.forward(TOKENS[None, :5], cache=cache, start_pos=0)[0]]
+    rows += [m.forward(TOKENS[None, i:i + 1], cache=cache, start_pos=i)[0]
+             for i in range(5, len(TOKENS))]
+    assert np.abs(np.concatenate(rows) - want).max() < LOGIT_TOL, case
+    # greedy generation, token for token
+    n = 10
+    assert m.generate(TOKENS[:4], max_new_tokens=n).tokens.tolist() == \
+        hf_greedy(ref, TOKENS[:4], n), case
+
+
+def test_strict_load_refuses_missing_mtp(tmp_path):
+    save_hf(random_model(v3_config()), tmp_path / "hf")
+    with pytest.raises(KeyError, match="missing keys"):
+        dsv3.Model.from_pretrained(tmp_path / "hf", strict=True)
+
+
+def test_rope_interleave_false_is_a_permutation(tmp_path):
+    """The halves layout loads into dsv3's pairs and saves back to the same bytes."""
+    ref = random_model(v3_config(rope_interleave=False))
+    save_hf(ref, tmp_path / "hf")
+    m = _load_dsv3(tmp_path / "hf", ref.config)
+    m.save_pretrained(tmp_path / "again")
+    again = load_hf(tmp_path / "again")
+    assert again.config.rope_interleave is False
+    theirs = ref.state_dict()
+    for k, v in again.state_dict().items():
+        if k in theirs:
+            assert torch.equal(v, theirs[k]), k
+
+
+def _dsv3_model(**changes):
+    cfg = dsv3.Config.tiny().replace(
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        **changes)
+    m = dsv3.Model(cfg, seed=3)
+    rng = np.random.default_rng(3)
+    sd = {k: (v + rng.standard_normal(v.shape).astype(np.float32) *
+              (0.05 if "bias" in k else 0.2)).astype(np.float32)
+          for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)
+    return m
+
+
+DSV3_CASES = {
+    "v3": {},
+    "v3-halves": {"rope_interleave": False},
+    "v2-softmax": {"topk_method": "group_limited_greedy", "scoring_func": "softmax",
+                   "norm_topk_prob": False, "routed_scaling_factor": 1.0},
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", sorted(DSV3_CASES))
+def test_dsv3_checkpoint_opens_with_automodel(tmp_path, case, dtype):
+    m = _dsv3_model(**DSV3_CASES[case])
+    m.save_pretrained(tmp_path / "ck", dtype=dtype)
+    written = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert written["dtype"] == dtype and "torch_dtype" not in written
+    auto = transformers.AutoConfig.from_pretrained(str(tmp_path / "ck"))
+    want_type = "deepseek_v2" if case.startswith("v2") else "deepseek_v3"
+    assert auto.model_type == want_type
+    assert auto.architectures == [{"deepseek_v2": "DeepseekV2ForCausalLM",
+                                   "deepseek_v3": "DeepseekV3ForCausalLM"}[want_type]]
+    hf = load_hf(tmp_path / "ck")
+    back = dsv3.Model.from_pretrained(tmp_path / "ck")
+    assert np.abs(back.forward(TOKENS) - hf_logits(hf, TOKENS)).max() < LOGIT_TOL
+    if dtype == "float32":  # bit-identical round trip
+        sd, sd2 = m.state_dict(), back.state_dict()
+        assert all(np.array_equal(sd[k], sd2[k]) for k in sd)
+    # transformers' own re-save reads back into dsv3 with the same logits
+    save_hf(hf, tmp_path / "resaved")
+    again = _load_dsv3(tmp_path / "resaved", hf.config)
+    assert np.abs(again.forward(TOKENS) - back.forward(TOKENS)).max() < LOGIT_TOL
+
+
+def _fp8_reference(directory, block=128):
+    """The float32 weights an FP8 checkpoint means (SPEC §2.6: w = q * scale_inv per 128x128
+    block, partial blocks at the edges), decoded with torch, independently of dsv3."""
+    from safetensors.torch import load_file
+    raw = load_file(str(directory / "model.safetensors"))
+    out = {}
+    for k, v in raw.items():
+        if k.endswith("_scale_inv"):
+            continue
+        if v.dtype == torch.float8_e4m3fn:
+            s = raw[k + "_scale_inv"].float()
+            s = s.repeat_interleave(block, 0).repeat_interleave(block, 1)
+            out[k] = v.float() * s[:v.shape[0], :v.shape[1]]
+        else:
+            out[k] = v.float()
+    return out
+
+
+@pytest.mark.parametrize("hidden", [48, 136])
+def test_fp8_checkpoint_opens_with_automodel(tmp_path, hidden):
+    """hidden 48: every weight is one partial 128x128 block. hidden 136: blocks of 128 + 8
+    columns, where transformers 5.23's dequantizer is wrong (it infers the block as
+    dim // grid = 68 instead of the config's 128); there the transformers model is given the
+    correctly dequantized weights instead of copying its mistake."""
+    m = _dsv3_model(hidden_size=hidden)
+    m.save_pretrained(tmp_path / "f8", dtype="fp8")
+    assert transformers.AutoConfig.from_pretrained(
+        str(tmp_path / "f8")).quantization_config["weight_block_size"] == [128, 128]
+    ref = _fp8_reference(tmp_path / "f8")
+    back = dsv3.Model.from_pretrained(tmp_path / "f8")
+    sd = back.state_dict()
+    for k, v in ref.items():
+        if k in sd:
+            assert np.array_equal(sd[k], v.numpy()), k
+    hf = load_hf(tmp_path / "f8")  # transformers dequantizes FP8 to bf16 on a CPU
+    theirs = hf.state_dict()
+    name = "model.layers.0.self_attn.q_a_proj.weight"
+    ok = torch.equal(theirs[name], ref[name].bfloat16().float())
+    assert ok == (hidden == 48), "transformers' FP8 dequantizer changed: revisit this test"
+    # a transformers model holding exactly the checkpoint's weights: same logits
+    from safetensors.torch import save_file
+    (tmp_path / "exact").mkdir()
+    save_file(ref, str(tmp_path / "exact" / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "f8" / "config.json").read_text())
+    del cfg["quantization_config"]
+    cfg["dtype"] = "float32"  # else transformers rounds the weights to bf16 on loading
+    (tmp_path / "exact" / "config.json").write_text(json.dumps(cfg))
+    want = hf_logits(load_hf(tmp_path / "exact"), TOKENS)
+    assert np.abs(back.forward(TOKENS) - want).max() < LOGIT_TOL
+    m2 = dsv3.Model.from_pretrained(tmp_path / "f8")
+    m2.save_pretrained(tmp_path / "f8b", dtype="fp8")  # requantizing dequantized weights
+    again = dsv3.Model.from_pretrained(tmp_path / "f8b")
+    assert all(np.array_equal(v, again.state_dict()[k]) for k, v in sd.items())
+
+
+def test_ue8m0_scales(tmp_path):
+    qc = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+          "weight_block_size": [128, 128], "scale_fmt": "ue8m0"}
+    m = _dsv3_model(quantization_config=qc)
+    m.save_pretrained(tmp_path / "f8", dtype="fp8")
+    cfg = json.loads((tmp_path / "f8" / "config.json").read_text())
+    assert cfg["quantization_config"]["scale_fmt"] == "ue8m0"
+    from safetensors.torch import load_file, save_file
+    raw = load_file(str(tmp_path / "f8" / "model.safetensors"))
+    scales = [v.numpy() for k, v in raw.items() if k.endswith("_scale_inv")]
+    assert scales and all(np.all(np.frexp(s)[0] == 0.5) for s in scales)
+    ref = _fp8_reference(tmp_path / "f8")
+    sd = dsv3.Model.from_pretrained(tmp_path / "f8").state_dict()
+    assert all(np.array_equal(sd[k], v.numpy()) for k, v in ref.items() if k in sd)
+    name = next(k for k in raw if k.endswith("_scale_inv"))
+    raw[name] = raw[name] * 1.5  # no longer powers of two
+    save_file(raw, str(tmp_path / "f8" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="not powers of two"):
+        dsv3.Model.from_pretrained(tmp_path / "f8")
