@@ -1,6 +1,6 @@
 """dsv3: the DeepSeek-V3 architecture as a C++ engine for CPU research.
 
-Public surface (SPEC §3): ``Config``, ``Model``, ``Trainer``, ``TrainConfig``, ``data``,
+Public surface (SPEC §3): ``Config``, ``Model``, ``Tokenizer``, ``Trainer``, ``TrainConfig``, ``data``,
 ``ops``, ``fp8``, ``build_info``, ``get_num_threads``,
 ``set_num_threads``. The compiled core lives in the private ``dsv3._core``.
 """
@@ -16,11 +16,13 @@ from .ops import KVCache
 from .model import Model
 from .generate import GenerationOutput
 from . import data
+from .tokenizer import Tokenizer
 from .train import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "KVCache", "Model", "GenerationOutput", "Trainer", "TrainConfig", "data",
+__all__ = ["Config", "KVCache", "Model", "GenerationOutput", "Tokenizer", "Trainer",
+           "TrainConfig", "data",
            "ops", "fp8", "build_info", "get_num_threads",
            "set_num_threads", "__version__"]
 

@@ -79,20 +79,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return module.main(args.options)
 
 
-def _encode_text(text: str, cfg: Config) -> List[int]:
-    """Byte-level prompt: BOS (when the vocabulary has one) then the UTF-8 bytes. Needs a
-    byte vocabulary (vocab_size >= 256), as Config.small() has."""
-    if cfg.vocab_size < 256:
+def _tokenizer(directory: str, cfg: Config):
+    """The checkpoint's tokenizer.json (Hugging Face, through the tokenizers package), else
+    the byte tokenizer, which needs a byte vocabulary (vocab_size >= 256, as Config.small())."""
+    from .tokenizer import Tokenizer
+    try:
+        tok = Tokenizer.from_pretrained(directory, bos_token_id=cfg.bos_token_id)
+    except (ImportError, ValueError) as e:
+        raise SystemExit(f"dsv3: {e}")
+    if tok.kind == "byte" and cfg.vocab_size < 256:
         raise SystemExit(f"dsv3: this checkpoint's vocabulary ({cfg.vocab_size}) is not a byte "
-                         "vocabulary; give --prompt-ids instead")
-    from .data import ByteTokenizer
-    bos = [cfg.bos_token_id] if cfg.bos_token_id is not None else []
-    return bos + ByteTokenizer().encode(text).tolist()
-
-
-def _decode_text(ids) -> str:
-    from .data import ByteTokenizer
-    return ByteTokenizer().decode(ids)
+                         "vocabulary and it has no tokenizer.json; give --prompt-ids instead")
+    return tok
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -102,27 +100,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise SystemExit(f"dsv3: checkpoint directory {args.checkpoint!r} not found")
     model = Model.from_pretrained(args.checkpoint)
     cfg = model.config
+    tok = None
     if args.prompt_ids is not None:
         prompt = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
     else:
-        prompt = _encode_text(args.prompt, cfg)
+        tok = _tokenizer(args.checkpoint, cfg)
+        prompt = tok.encode(args.prompt).tolist()
     eos = cfg.eos_token_id if args.eos_token_id is None else args.eos_token_id
     eos = None if eos is not None and eos < 0 else eos
-    byte_vocab = cfg.vocab_size >= 256 and args.prompt_ids is None
     try:
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   speculative=args.speculative, eos_token_id=eos,
                   num_draft_tokens=args.num_draft_tokens)
-        def show(_, new):
-            sys.stdout.buffer.write(bytes(t for t in new if t < 256))
-            sys.stdout.flush()
-        out = model.generate(np.array(prompt, np.int64),
-                             callback=show if args.stream and byte_vocab else None, **kw)
-        if args.stream and byte_vocab:
+        from .tokenizer import TextStream
+        stream = TextStream(tok, sys.stdout) if args.stream and tok is not None else None
+        out = model.generate(np.array(prompt, np.int64), callback=stream, **kw)
+        if stream is not None:
             print()
         else:
-            print(_decode_text(out.tokens) if byte_vocab else " ".join(map(str, out.tokens)))
+            print(tok.decode(out.tokens) if tok is not None else " ".join(map(str, out.tokens)))
     except (ValueError, IndexError, TypeError) as e:
         raise SystemExit(f"dsv3: {e}")
     if args.stats:
@@ -205,9 +202,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("suite", help="suite name: bench/bench_<suite>.py")
     p.add_argument("options", nargs=argparse.REMAINDER, help="passed to the suite")
     p.set_defaults(func=cmd_bench)
-    p = sub.add_parser("generate", help="generate text from a checkpoint (byte vocabulary)")
+    p = sub.add_parser("generate", help="generate text from a checkpoint (its tokenizer.json, "
+                                        "else the byte vocabulary)")
     p.add_argument("checkpoint", help="a checkpoint directory (save_pretrained)")
-    p.add_argument("--prompt", default="", help="prompt text (UTF-8 bytes after BOS)")
+    p.add_argument("--prompt", default="", help="prompt text (encoded with the checkpoint's "
+                                                "tokenizer.json, else as UTF-8 bytes after BOS)")
     p.add_argument("--prompt-ids", default=None, help="prompt as token ids '1,2,3' instead")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
