@@ -11,12 +11,13 @@ from . import build_info
 from .config import Config
 
 _PRESETS = {"tiny": Config.tiny, "small": Config.small, "deepseek_v3": Config.deepseek_v3,
-            "v3": Config.deepseek_v3, "deepseek_v2_lite": Config.deepseek_v2_lite}
+            "v3": Config.deepseek_v3, "deepseek_v2_lite": Config.deepseek_v2_lite,
+            "deepseek_v2": Config.deepseek_v2, "deepseek_v3_1": Config.deepseek_v3_1,
+            "moonlight_16b_a3b": Config.moonlight_16b_a3b, "kimi_k2": Config.kimi_k2}
 
 
 def load_config(spec: str) -> Config:
-    """A preset name (tiny, small, deepseek_v3, deepseek_v2_lite), a config.json, or a
-    checkpoint directory holding one."""
+    """A preset name (see _PRESETS), a config.json, or a checkpoint directory holding one."""
     if spec in _PRESETS:
         return _PRESETS[spec]()
     if os.path.exists(spec):
@@ -173,7 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("path", nargs="?", default=None,
                    help="a config.json or checkpoint directory (overrides --config)")
     p.add_argument("--config", default="deepseek_v3",
-                   help="preset (tiny, small, deepseek_v3, deepseek_v2_lite) or a path "
+                   help=f"preset ({', '.join(sorted(_PRESETS))}) or a path "
                         "(default: deepseek_v3)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(func=cmd_info)

@@ -175,6 +175,52 @@ class Config:
         )
 
     @classmethod
+    def deepseek_v2(cls) -> "Config":
+        """DeepSeek-V2 (236B total, 21B active): softmax gate with group_limited_greedy
+        (8 groups, 3 chosen), 160 routed experts top-6, query compression."""
+        return cls.deepseek_v2_lite().replace(
+            hidden_size=5120, intermediate_size=12288, moe_intermediate_size=1536,
+            num_hidden_layers=60, num_attention_heads=128, num_key_value_heads=128,
+            q_lora_rank=1536, n_routed_experts=160, n_group=8, topk_group=3,
+            topk_method="group_limited_greedy", routed_scaling_factor=16.0)
+
+    @classmethod
+    def deepseek_v3_1(cls) -> "Config":
+        """DeepSeek-V3.1: V3's dimensions; FP8 weights with power-of-two (UE8M0) scales."""
+        c = cls.deepseek_v3()
+        return c.replace(quantization_config=dict(c.quantization_config, scale_fmt="ue8m0"))
+
+    @classmethod
+    def moonlight_16b_a3b(cls) -> "Config":
+        """Moonshot's Moonlight-16B-A3B: the DeepseekV3 architecture with one expert group,
+        64 experts top-6, no query compression, rope_theta 50000, no YaRN, no MTP."""
+        return cls(
+            vocab_size=163840, hidden_size=2048, intermediate_size=11264,
+            moe_intermediate_size=1408, num_hidden_layers=27, num_nextn_predict_layers=0,
+            num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+            n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6, n_group=1,
+            topk_group=1, routed_scaling_factor=2.446, first_k_dense_replace=1,
+            max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=50000.0,
+            bos_token_id=163584, eos_token_id=163586,
+            extra={"hidden_act": "silu", "ep_size": 1, "use_cache": True})
+
+    @classmethod
+    def kimi_k2(cls) -> "Config":
+        """Moonshot's Kimi-K2 (1T total, 32B active; model_type kimi_k2, architecture
+        DeepseekV3ForCausalLM): 384 experts top-8 in one group, 64 heads, rope_theta 50000
+        with YaRN x32, first layer dense, no MTP, FP8 weights."""
+        return cls.deepseek_v3().replace(
+            vocab_size=163840, num_nextn_predict_layers=0, num_attention_heads=64,
+            num_key_value_heads=64, n_routed_experts=384, n_group=1, topk_group=1,
+            routed_scaling_factor=2.827, first_k_dense_replace=1,
+            max_position_embeddings=131072, rope_theta=50000.0, bos_token_id=163584,
+            eos_token_id=163585,
+            rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                          "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0,
+                          "mscale_all_dim": 1.0},
+            extra=dict(cls.deepseek_v3().extra, model_type="kimi_k2"))
+
+    @classmethod
     def small(cls) -> "Config":
         """The demo model (~9M parameters): byte vocabulary, 4 layers (1 dense + 3 MoE with
         16 routed experts in 4 groups, top-4), MLA, one MTP module. Trains on 2 CPU cores."""

@@ -187,6 +187,9 @@ def _architecture_name(model_type: str) -> str:
 def read(d: Dict[str, Any]) -> Dict[str, Any]:
     """A config.json dict (4.x or 5.x keys) -> a dict of dsv3's canonical keys."""
     d = copy.deepcopy(d)
+    for k in ("model_type", "architectures"):
+        if k in d and d[k] is None:  # transformers' to_dict() of a config built in memory
+            del d[k]
     _check_architecture(d)
     if d.get("model_type") == "deepseek_v2" or d.get("architectures") == [_ARCHITECTURES[1]]:
         for k, v in _V2_DEFAULTS.items():

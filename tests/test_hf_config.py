@@ -1,0 +1,132 @@
+"""Config files in transformers 4.x and 5.x keys (issue 17): both read and written, never a
+math-changing key kept and ignored, the DeepSeek family's configs, unknown architectures
+refused."""
+import json
+
+import pytest
+
+from dsv3 import Config
+from hf_helpers import quiet, transformers
+
+PRESETS = ["deepseek_v2", "deepseek_v2_lite", "deepseek_v3", "deepseek_v3_1",
+           "moonlight_16b_a3b", "kimi_k2"]
+
+
+def _through_transformers(d, tmp_path):
+    """config.json -> transformers' config class -> its own save_pretrained -> dict."""
+    (tmp_path / "in").mkdir(exist_ok=True)
+    (tmp_path / "in" / "config.json").write_text(json.dumps(d))
+    with quiet():
+        if d.get("model_type") == "kimi_k2":  # transformers maps it only with remote code
+            c = transformers.DeepseekV3Config.from_pretrained(str(tmp_path / "in"))
+        else:
+            c = transformers.AutoConfig.from_pretrained(str(tmp_path / "in"))
+        c.save_pretrained(str(tmp_path / "out"))
+    return json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def _math(c):
+    d = c.to_dict()
+    for k in ("dtype", "torch_dtype", "transformers_version", "use_cache", "pad_token_id",
+              "output_router_logits", "pretraining_tp", "attention_bias", "attention_dropout",
+              "mlp_bias", "model_type"):  # all validated; model_type: kimi_k2 is re-saved by
+        # DeepseekV3Config as deepseek_v3, the same architecture
+        d.pop(k, None)
+    return d
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("rope_format", ["both", "v4", "v5"])
+def test_presets_survive_a_transformers_resave(tmp_path, name, rope_format):
+    c = getattr(Config, name)()
+    resaved = _through_transformers(c.to_dict(rope_format), tmp_path)
+    assert "rope_parameters" in resaved  # transformers 5 writes its own format
+    back = Config.from_dict(resaved)
+    assert _math(back) == _math(c)
+    assert back.softmax_scale == c.softmax_scale
+
+
+def test_published_v3_config_resaved_by_transformers(tmp_path, v3_config_path):
+    """The issue's silent failure: V3's config.json re-saved by transformers 5 (rope
+    settings only in rope_parameters) loaded with theta 10000 and no YaRN (scale 0.0722)."""
+    with open(v3_config_path) as f:
+        published = json.load(f)
+    back = Config.from_dict(_through_transformers(published, tmp_path))
+    assert round(back.softmax_scale, 4) == 0.1352
+    assert _math(back) == _math(Config.deepseek_v3())
+
+
+def test_formats_agree_and_conflicts_name_both():
+    c = Config.tiny().replace(rope_theta=50000.0, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
+    v4, v5 = c.to_dict("v4"), c.to_dict("v5")
+    assert "rope_parameters" not in v4 and "rope_scaling" not in v5 and "rope_theta" not in v5
+    assert v5["rope_parameters"]["rope_type"] == "yarn"
+    assert v5["rope_parameters"]["rope_theta"] == 50000.0
+    assert Config.from_dict(v4) == Config.from_dict(v5) == Config.from_dict(c.to_dict()) == c
+    bad = dict(c.to_dict(), rope_theta=10000.0)
+    with pytest.raises(ValueError, match="rope_theta.*rope_parameters.rope_theta"):
+        Config.from_dict(bad)
+    bad = dict(c.to_dict(), rope_scaling=None)  # dsv3's old bug: null beside a yarn dict
+    with pytest.raises(ValueError, match="rope_scaling.*rope_parameters.*disagree"):
+        Config.from_dict(bad)
+
+
+def test_transformers_v2_defaults():
+    """A DeepseekV2Config written by transformers has no scoring_func (softmax) and n_group
+    None; DeepseekV3Config's have no topk_method / scoring_func (sigmoid, noaux_tc)."""
+    with quiet():
+        d2 = transformers.DeepseekV2Config(num_experts_per_tok=6).to_dict()
+        d3 = transformers.DeepseekV3Config().to_dict()
+    c2, c3 = Config.from_dict(d2), Config.from_dict(d3)
+    assert (c2.scoring_func, c2.topk_method, c2.n_group, c2.num_nextn_predict_layers) == \
+        ("softmax", "greedy", 1, 0)
+    assert c2.to_dict()["model_type"] == "deepseek_v2"
+    assert (c3.scoring_func, c3.topk_method) == ("sigmoid", "noaux_tc")
+    assert c3.to_dict()["architectures"] == ["DeepseekV3ForCausalLM"]
+
+
+def test_aliases():
+    d = Config.tiny().to_dict()
+    d.pop("num_nextn_predict_layers")
+    assert Config.from_dict(dict(d, num_mtp_layers=0)).num_nextn_predict_layers == 0
+    with pytest.raises(ValueError, match="num_nextn_predict_layers.*num_mtp_layers"):
+        Config.from_dict(dict(d, num_mtp_layers=0, num_nextn_predict_layers=1))
+
+
+V32 = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"}
+
+
+@pytest.mark.parametrize("changes, match", [
+    (V32, "model_type.*sparse attention"),
+    ({"architectures": ["DeepseekV32ForCausalLM"]}, "architectures.*V3.2"),
+    ({"index_topk": 2048, "index_n_heads": 64}, "index_"),
+    ({"model_type": "llama"}, "model_type"),
+    ({"attention_dropout": 0.1}, "attention_dropout"),
+    ({"mlp_bias": True}, "mlp_bias"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"num_key_value_heads": 2}, "num_key_value_heads.*MLA"),
+    ({"rope_interleave": "yes"}, "rope_interleave"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling.*yarn"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "mscale": 0.707}}, "mscale"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "attention_factor": 1.2}},
+     "attention_factor"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "truncate": False}}, "truncate"),
+    ({"rope_scaling": {"type": "yarn"}}, "factor"),
+    ({"quantization_config": {"quant_method": "fp8", "scale_fmt": "e5m2"}}, "scale_fmt"),
+    ({"model_type": "deepseek_v2", "topk_method": "greedy", "scoring_func": "softmax",
+      "rope_interleave": False}, "rope_interleave"),
+])
+def test_refused_keys_name_themselves(changes, match):
+    d = Config.tiny().to_dict("v4")
+    d.update(changes)
+    with pytest.raises(ValueError, match=match):
+        Config.from_dict(d)
+
+
+def test_yarn_original_max_position_follows_transformers():
+    d = Config.tiny().to_dict("v4")
+    d["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    c = Config.from_dict(d)
+    assert c.rope_scaling["original_max_position_embeddings"] == d["max_position_embeddings"]
