@@ -57,6 +57,16 @@ def test_transformers_checkpoint_loads_with_same_logits(tmp_path, case):
         hf_greedy(ref, TOKENS[:4], n), case
 
 
+def test_transformers_bfloat16_checkpoint(tmp_path):
+    ref = random_model(v3_config()).to(torch.bfloat16)
+    save_hf(ref, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    m = _load_dsv3(tmp_path / "hf", ref.config)
+    # reloaded, not ref.float(): .to(bfloat16) also rounded ref's rope inv_freq buffer
+    want = hf_logits(load_hf(tmp_path / "hf"), TOKENS)
+    assert np.abs(m.forward(TOKENS) - want).max() < LOGIT_TOL
+
+
 def test_strict_load_refuses_missing_mtp(tmp_path):
     save_hf(random_model(v3_config()), tmp_path / "hf")
     with pytest.raises(KeyError, match="missing keys"):
@@ -94,6 +104,7 @@ def _dsv3_model(**changes):
 DSV3_CASES = {
     "v3": {},
     "v3-halves": {"rope_interleave": False},
+    "v3-noqlora-halves": {"q_lora_rank": 0, "rope_interleave": False},
     "v2-softmax": {"topk_method": "group_limited_greedy", "scoring_func": "softmax",
                    "norm_topk_prob": False, "routed_scaling_factor": 1.0},
 }
