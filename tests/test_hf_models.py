@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import dsv3
-from hf_helpers import (hf_greedy, hf_logits, load_hf, random_model, save_hf, torch,
+from hf_helpers import (hf_greedy, hf_logits, load_hf, quiet, random_model, save_hf, torch,
                         transformers, v2_config, v3_config)
 
 TOKENS = np.array([3, 17, 5, 60, 22, 9, 41, 8, 33, 1, 57, 12], np.int64)
@@ -210,3 +210,26 @@ def test_ue8m0_scales(tmp_path):
     save_file(raw, str(tmp_path / "f8" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not powers of two"):
         dsv3.Model.from_pretrained(tmp_path / "f8")
+
+
+def test_mtp_module_matches_transformers(tmp_path):
+    """transformers' MtpModel (generate(use_mtp=True)) on a dsv3 checkpoint: the same
+    draft logits. It looks for MTP weights only at model.layers.61 (DeepSeek-V3's depth), so
+    the main model has 61 layers here (dense, to keep the test fast; the MTP block is MoE)."""
+    from transformers.modeling_layers import MtpModel
+    m = _dsv3_model(num_hidden_layers=61, first_k_dense_replace=61)
+    m.save_pretrained(tmp_path / "ck")
+    hf = load_hf(tmp_path / "ck")
+    with quiet():
+        mtp = MtpModel.from_pretrained(hf).float().eval()
+    t = TOKENS[None, :8]
+    with torch.no_grad():
+        h = hf.model(torch.as_tensor(t)).last_hidden_state
+        # transformers places the MTP rows at the drafted token's position (dsv3 at the main
+        # row's): a uniform shift, which RoPE's relative scores do not see
+        pos = torch.arange(1, t.shape[1])[None]
+        hk = mtp.forward_layer(0, h[:, :-1], pos, None, input_ids=torch.as_tensor(t[:, 1:]))
+        want = mtp._project_to_logits(hk).numpy()
+    _, hidden = m.forward_with_hidden(t, m.new_cache(1, 16), 0)
+    got, _ = m.mtp_forward(hidden[:, :-1], t[:, 1:], m.new_mtp_cache(1, 16), 0, 1)
+    assert np.abs(got - want).max() < LOGIT_TOL
