@@ -130,3 +130,23 @@ def test_yarn_original_max_position_follows_transformers():
     d["rope_scaling"] = {"type": "yarn", "factor": 4.0}
     c = Config.from_dict(d)
     assert c.rope_scaling["original_max_position_embeddings"] == d["max_position_embeddings"]
+
+
+@pytest.mark.parametrize("cls", ["DeepseekV3Config", "DeepseekV2Config"])
+def test_every_transformers_key_is_audited(cls):
+    """Each key transformers writes is a dsv3 field, an alias, derived, validated (CHECKED) or
+    known not to change the math (INERT): a new key in a later transformers fails here."""
+    from dsv3 import hf_keys
+    with quiet():
+        keys = set(getattr(transformers, cls)().to_dict())
+    known = set(Config.field_names()) | set(hf_keys._ALIASES) | set(hf_keys._DERIVED) | \
+        set(hf_keys.CHECKED) | set(hf_keys.INERT)
+    assert keys <= known, sorted(keys - known)
+
+
+def test_published_v3_keys_are_audited(v3_config_path):
+    from dsv3 import hf_keys
+    with open(v3_config_path) as f:
+        keys = set(json.load(f))
+    known = set(Config.field_names()) | set(hf_keys.CHECKED) | set(hf_keys.INERT)
+    assert keys <= known, sorted(keys - known)

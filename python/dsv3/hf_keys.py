@@ -43,6 +43,18 @@ _V2_DEFAULTS = {
     "num_experts_per_tok": None, "moe_intermediate_size": 1407, "scoring_func": "softmax",
     "num_nextn_predict_layers": 0,
 }
+# The audit of every key of transformers' DeepseekV3Config / DeepseekV2Config (and of
+# DeepSeek's own config.json) that is not a dsv3 field, an alias or derived: CHECKED keys change
+# the math, so their values are validated in read() (only DeepSeek's are accepted) and kept;
+# INERT keys do not change what the model computes (caching, output options, parallelism,
+# training-code settings dsv3 does not read, metadata) and are kept and written back.
+CHECKED = ("attention_bias", "attention_dropout", "mlp_bias", "hidden_act", "model_type",
+           "architectures", "rope_parameters")
+INERT = ("use_cache", "pad_token_id", "ep_size", "pretraining_tp", "output_router_logits",
+         "aux_loss_alpha", "seq_aux", "auto_map", "dtype", "torch_dtype",
+         "transformers_version", "_name_or_path", "id2label", "label2id", "problem_type",
+         "return_dict", "output_attentions", "output_hidden_states", "is_encoder_decoder",
+         "chunk_size_feed_forward")
 _YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
               "mscale_all_dim")
 
