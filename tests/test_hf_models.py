@@ -233,3 +233,21 @@ def test_mtp_module_matches_transformers(tmp_path):
     _, hidden = m.forward_with_hidden(t, m.new_cache(1, 16), 0)
     got, _ = m.mtp_forward(hidden[:, :-1], t[:, 1:], m.new_mtp_cache(1, 16), 0, 1)
     assert np.abs(got - want).max() < LOGIT_TOL
+
+
+@pytest.mark.parametrize("att", [{}, {"q_lora_rank": None}, {"attention_type": "gqa",
+                                                             "num_key_value_heads": 2}])
+def test_halves_layout_round_trip(tmp_path, att):
+    """rope_interleave false: the files hold permuted rope rows, the model reloads identically
+    (every attention kind, MTP layer included)."""
+    m = _dsv3_model(rope_interleave=False, **att)
+    m.save_pretrained(tmp_path / "ck")
+    from safetensors.torch import load_file
+    stored = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    name = ("model.layers.2.self_attn." + ("k_proj" if att.get("attention_type") else
+                                           "kv_a_proj_with_mqa") + ".weight")
+    sd = m.state_dict()
+    assert not np.array_equal(stored[name].numpy(), sd[name])  # MTP layer permuted too
+    back = dsv3.Model.from_pretrained(tmp_path / "ck")
+    assert all(np.array_equal(v, back.state_dict()[k]) for k, v in sd.items())
+    assert np.array_equal(back.forward(TOKENS), m.forward(TOKENS))
