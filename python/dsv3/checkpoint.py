@@ -278,7 +278,7 @@ def _without_absent_mtp(cfg: Config, names, directory: str, strict: bool) -> Con
     warnings.warn(f"[from_pretrained] {directory}: config.json declares "
                   f"num_nextn_predict_layers={k} but the checkpoint holds no MTP weights "
                   f"(model.layers.{L}.*): loaded the main model with MTP disabled "
-                  "(strict=True raises instead)", UserWarning, stacklevel=3)
+                  "(strict=True raises instead)", UserWarning, stacklevel=4)
     return cfg.replace(num_nextn_predict_layers=0)
 
 
