@@ -83,3 +83,15 @@ def test_corrupt_tokenizer_json(checkpoint):
     (checkpoint[1] / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json"):
         dsv3.Tokenizer.from_pretrained(checkpoint[1])
+
+
+def test_text_stream_waits_for_complete_characters():
+    import io
+    from dsv3.tokenizer import TextStream
+    out = io.StringIO()
+    stream = TextStream(dsv3.Tokenizer.byte(), out)
+    seen = []
+    for ids in ([104], [195], [169], [33]):  # "h", then "é" in two bytes, then "!"
+        stream(0, ids)
+        seen.append(out.getvalue())
+    assert seen == ["h", "h", "hé", "hé!"]
