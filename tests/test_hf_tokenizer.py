@@ -95,3 +95,57 @@ def test_text_stream_waits_for_complete_characters():
         stream(0, ids)
         seen.append(out.getvalue())
     assert seen == ["h", "h", "hé", "hé!"]
+
+
+def test_text_stream_finish_writes_the_rest():
+    """Review K3: a trailing incomplete UTF-8 sequence is written at the end (the streamed
+    text equals decode of all the tokens), and text a decoder revised is not lost."""
+    import io
+    from dsv3.tokenizer import TextStream
+    tok = dsv3.Tokenizer.byte()
+    out = io.StringIO()
+    stream = TextStream(tok, out)
+    stream(0, [104])
+    stream(0, [195])  # the first byte of "é", never completed
+    stream.finish()
+    assert out.getvalue() == tok.decode([104, 195]) == "h\ufffd"
+
+    class Revising:  # a decoder that is not prefix-stable
+        def decode(self, ids):
+            return {1: "a", 2: "b c"}[len(ids)]
+    out = io.StringIO()
+    stream = TextStream(Revising(), out)
+    stream(0, [5])
+    stream(0, [6])
+    stream.finish()
+    assert out.getvalue().endswith("b c")
+
+
+def test_cli_stream_ends_with_partial_character(tmp_path):
+    """The CLI's --stream prints what the non-streamed output prints."""
+    m = dsv3.Model(dsv3.Config.small().replace(num_hidden_layers=1), seed=0)
+    m.save_pretrained(tmp_path / "ck")
+    base = [sys.executable, "-m", "dsv3", "generate", str(tmp_path / "ck"), "--prompt", "h",
+            "--max-new-tokens", "12", "--no-stats"]
+    outs = [subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+            for extra in ([], ["--stream"])]
+    assert all(r.returncode == 0 for r in outs), outs
+    assert outs[0].stdout == outs[1].stdout
+
+
+def test_mistyped_directory_is_an_error(tmp_path):
+    """Review K1: not the byte tokenizer for a directory that is not there."""
+    with pytest.raises(FileNotFoundError, match="directory"):
+        dsv3.Tokenizer.from_pretrained(tmp_path / "no-such-dir")
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda t: t.encode(5), "text must be a str"),
+    (lambda t: t.encode(b"abc"), "text must be a str"),
+    (lambda t: t.decode("abc"), "ids must be integer"),
+    (lambda t: t.decode([1.5, 2.0]), "ids must be integer"),
+])
+def test_wrong_types_name_the_argument(call, match):
+    """Review K2: encode(5) gave five zero bytes, decode("abc") an unrelated error."""
+    with pytest.raises(TypeError, match=match):
+        call(dsv3.Tokenizer.byte())

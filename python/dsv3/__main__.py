@@ -118,6 +118,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stream = TextStream(tok, sys.stdout) if args.stream and tok is not None else None
         out = model.generate(np.array(prompt, np.int64), callback=stream, **kw)
         if stream is not None:
+            stream.finish()
             print()
         else:
             print(tok.decode(out.tokens) if tok is not None else " ".join(map(str, out.tokens)))

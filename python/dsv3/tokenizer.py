@@ -37,6 +37,9 @@ class Tokenizer:
         """The checkpoint's ``tokenizer.json`` (needs ``pip install tokenizers``), else the
         byte tokenizer with ``bos_token_id`` (default: config.json's)."""
         directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"[Tokenizer.from_pretrained] directory {directory!r} is "
+                                    "not a directory")
         cfg = _read_json(os.path.join(directory, "config.json"))
         if bos_token_id is None:
             bos_token_id = cfg.get("bos_token_id")
@@ -68,6 +71,8 @@ class Tokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         """int64 ids of a prompt (1-D), BOS first when the tokenizer adds one."""
+        if not isinstance(text, str):
+            raise TypeError(f"[Tokenizer.encode] text must be a str, got {type(text).__name__}")
         if self.kind == "byte":
             ids = self._backend.encode(text).tolist()
         else:
@@ -78,8 +83,16 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """The text of ``ids``; special tokens dropped."""
-        ids = [int(t) for t in np.asarray(list(ids) if not isinstance(ids, np.ndarray)
-                                          else ids).ravel()]
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"[Tokenizer.decode] ids must be integer token ids, got "
+                            f"{type(ids).__name__}")
+        arr = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids)
+        if arr.size and (arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer)):
+            raise TypeError(f"[Tokenizer.decode] ids must be integer token ids, got dtype "
+                            f"{arr.dtype}")
+        ids = [int(t) for t in arr.ravel()]
+        if any(t < 0 for t in ids):
+            raise ValueError(f"[Tokenizer.decode] ids must be >= 0, got {min(ids)}")
         if self.kind == "byte":
             return self._backend.decode([t for t in ids if t < 256])
         return self._backend.decode(ids, skip_special_tokens=True)
@@ -101,7 +114,10 @@ def _read_json(path: str) -> dict:
 
 class TextStream:
     """Prints the text of tokens as they come: decodes everything so far and writes the new
-    suffix (a multi-token character appears once it is complete)."""
+    suffix (a multi-token character appears once it is complete). ``finish()`` writes what is
+    still held back, so the streamed text equals ``decode`` of all the tokens; when the
+    decoder revised text already written (not prefix-stable), it writes a newline and the
+    whole text instead."""
 
     def __init__(self, tokenizer: Tokenizer, out):
         self._tok, self._out, self._ids, self._shown = tokenizer, out, [], ""
@@ -111,7 +127,17 @@ class TextStream:
         text = self._tok.decode(self._ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
             return
-        if text.startswith(self._shown):
+        self._write(text)
+
+    def _write(self, text: str) -> None:
+        if text.startswith(self._shown):  # else: held back until it extends again
             self._out.write(text[len(self._shown):])
             self._out.flush()
-        self._shown = text
+            self._shown = text
+
+    def finish(self) -> None:
+        text = self._tok.decode(self._ids)
+        if not text.startswith(self._shown):
+            self._shown = ""
+            self._out.write("\n")
+        self._write(text)
