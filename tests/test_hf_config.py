@@ -17,10 +17,7 @@ def _through_transformers(d, tmp_path):
     (tmp_path / "in").mkdir(exist_ok=True)
     (tmp_path / "in" / "config.json").write_text(json.dumps(d))
     with quiet():
-        if d.get("model_type") == "kimi_k2":  # transformers maps it only with remote code
-            c = transformers.DeepseekV3Config.from_pretrained(str(tmp_path / "in"))
-        else:
-            c = transformers.AutoConfig.from_pretrained(str(tmp_path / "in"))
+        c = transformers.AutoConfig.from_pretrained(str(tmp_path / "in"))
         c.save_pretrained(str(tmp_path / "out"))
     return json.loads((tmp_path / "out" / "config.json").read_text())
 
@@ -29,8 +26,7 @@ def _math(c):
     d = c.to_dict()
     for k in ("dtype", "torch_dtype", "transformers_version", "use_cache", "pad_token_id",
               "output_router_logits", "pretraining_tp", "attention_bias", "attention_dropout",
-              "mlp_bias", "model_type"):  # all validated; model_type: kimi_k2 is re-saved by
-        # DeepseekV3Config as deepseek_v3, the same architecture
+              "mlp_bias"):  # all validated
         d.pop(k, None)
     return d
 
@@ -117,6 +113,23 @@ V32 = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"
     ({"quantization_config": {"quant_method": "fp8", "scale_fmt": "e5m2"}}, "scale_fmt"),
     ({"model_type": "deepseek_v2", "topk_method": "greedy", "scoring_func": "softmax",
       "rope_interleave": False}, "rope_interleave"),
+    # transformers' rope machinery reads these top-level keys too (review W1)
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"rope_type": "yarn"}, "rope_type"),
+    ({"attention_factor": 1.2}, "attention_factor"),
+    # review T3
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}},
+     "rope_scaling.*partial_rotary_factor"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "low_freq_factor": 1.0}},
+     "unknown yarn parameter 'low_freq_factor'"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+      "original_max_position_embeddings": 128}, "original_max_position_embeddings.*128.*64"),
+    ({"rope_scaling": None, "rope_parameters": {"full_attention": {"rope_type": "default"}}},
+     "rope_parameters.*per-layer"),
+    ({"rope_scaling": {"type": "yarn", "rope_type": "linear", "factor": 4.0}},
+     "type 'yarn' and rope_type 'linear' disagree"),
+    ({"rope_scaling": None, "rope_parameters": "yarn"}, "rope_parameters.*must be a dict"),
+    ({"architectures": "DeepseekV3ForCausalLM"}, "architectures.*list"),
 ])
 def test_refused_keys_name_themselves(changes, match):
     d = Config.tiny().to_dict("v4")
@@ -150,3 +163,54 @@ def test_published_v3_keys_are_audited(v3_config_path):
         keys = set(json.load(f))
     known = set(Config.field_names()) | set(hf_keys.CHECKED) | set(hf_keys.INERT)
     assert keys <= known, sorted(keys - known)
+
+
+@pytest.mark.parametrize("extra", [
+    {"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e4, "factor": 4}},
+    {"rope_scaling": {"type": "yarn", "factor": 4.0}}, {"rope_theta": 5e4},
+    {"partial_rotary_factor": 0.5}, {"num_mtp_layers": 1}, {"num_experts": 4},
+    {"head_dim": 8}, {"mlp_bias": True}, {"attention_bias": True}, {"hidden_act": "gelu"},
+    {"attention_dropout": 0.1}, {"model_type": "llama"}, {"index_topk": 2048}])
+def test_extra_is_audited_too(extra):
+    """Review W2: Config(extra=...) and a config dict's "extra" go through the same audit as
+    the keys of a config.json (a rope or alias key there would be kept and ignored)."""
+    (key,) = extra
+    with pytest.raises(ValueError, match=key):
+        Config.tiny().replace(extra=extra)
+    with pytest.raises(ValueError, match=key):
+        Config.from_dict(dict(Config.tiny().to_dict(), extra=extra))
+
+
+def test_yarn_without_original_max_beside_filled_rope_parameters():
+    """Review R1: transformers fills rope_parameters' original_max_position_embeddings with
+    max_position_embeddings when the 4.x rope_scaling has none: the same setting."""
+    d = Config.tiny().to_dict("v4")
+    d["rope_scaling"] = {"type": "yarn", "factor": 4.0}
+    d["rope_parameters"] = {"rope_type": "yarn", "rope_theta": d["rope_theta"], "factor": 4.0,
+                            "original_max_position_embeddings": d["max_position_embeddings"]}
+    c = Config.from_dict(d)
+    assert c.rope_scaling["original_max_position_embeddings"] == d["max_position_embeddings"]
+
+
+def test_kimi_k2_is_written_as_deepseek_v3(tmp_path):
+    """Review R2: AutoConfig maps kimi_k2 only with remote code; it is the DeepseekV3
+    architecture, so dsv3 reads and writes it as deepseek_v3."""
+    c = Config.kimi_k2()
+    assert c.to_dict()["model_type"] == "deepseek_v3"
+    c.to_json(tmp_path)
+    with quiet():
+        assert transformers.AutoConfig.from_pretrained(str(tmp_path)).model_type == \
+            "deepseek_v3"
+    assert Config.from_dict(dict(c.to_dict(), model_type="kimi_k2")) == c
+
+
+def test_null_num_key_value_heads_means_num_attention_heads():
+    """Review R3: transformers reads num_key_value_heads null as num_attention_heads."""
+    d = dict(Config.tiny().to_dict(), num_key_value_heads=None)
+    assert Config.from_dict(d).num_key_value_heads == d["num_attention_heads"]
+
+
+def test_no_q_lora_round_trips():
+    """Review R4: q_lora_rank 0 and None are one setting (written as null)."""
+    c = Config.tiny().replace(q_lora_rank=0)
+    assert c.q_lora_rank is None and Config.from_dict(c.to_dict()) == c

@@ -241,6 +241,12 @@ def save(model, directory: str, dtype: str = "float32",
         raise ValueError(f"[save_pretrained] {directory} exists and is not a directory")
     config = model.config
     cfg = checkpoint_config(config, dtype, rope_format)
+    why = hf_keys.transformers_mismatch(config.to_canonical_dict())
+    if why is not None:
+        warnings.warn(f"[save_pretrained] {directory}: written without model_type / "
+                      f"architectures, so transformers' AutoModel refuses it instead of "
+                      f"opening a different model ({why}); dsv3 reads it back as is",
+                      UserWarning, stacklevel=3)
     state = model.state_dict()
     if not config.rope_interleave:
         state = permute_rope(state, config, to_pairs=False)

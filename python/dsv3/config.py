@@ -107,7 +107,8 @@ class Config:
             raise ValueError(f"[Config.from_json] {path} must hold a JSON object")
         return cls.from_dict(d)
 
-    def _canonical_dict(self) -> Dict[str, Any]:
+    def to_canonical_dict(self) -> Dict[str, Any]:
+        """The fields and ``extra`` in one dict (dsv3's names, before ``hf_keys.write``)."""
         d = {name: copy.deepcopy(getattr(self, name)) for name in self.field_names()}
         for k, v in self.extra.items():
             d.setdefault(k, copy.deepcopy(v))
@@ -117,7 +118,7 @@ class Config:
         """config.json keys, with ``model_type`` / ``architectures`` and the rope settings as
         transformers 4.x keys (``rope_theta``, ``rope_scaling``; ``rope_format="v4"``), 5.x
         ``rope_parameters`` ("v5"), or both, consistent ("both", the default)."""
-        return hf_keys.write(self._canonical_dict(), rope_format)
+        return hf_keys.write(self.to_canonical_dict(), rope_format)
 
     def to_json(self, path: Union[str, os.PathLike, None] = None, indent: int = 2,
                 rope_format: str = "both") -> str:
@@ -137,7 +138,7 @@ class Config:
 
     def replace(self, **changes: Any) -> "Config":
         """A copy with some fields changed (validated)."""
-        d = self._canonical_dict()
+        d = self.to_canonical_dict()
         d.update(changes)
         return Config.from_dict(d)
 
@@ -207,8 +208,9 @@ class Config:
     @classmethod
     def kimi_k2(cls) -> "Config":
         """Moonshot's Kimi-K2 (1T total, 32B active; model_type kimi_k2, architecture
-        DeepseekV3ForCausalLM): 384 experts top-8 in one group, 64 heads, rope_theta 50000
-        with YaRN x32, first layer dense, no MTP, FP8 weights."""
+        DeepseekV3ForCausalLM, so read and saved as deepseek_v3): 384 experts top-8 in one
+        group, 64 heads, rope_theta 50000 with YaRN x32, first layer dense, no MTP, FP8
+        weights."""
         return cls.deepseek_v3().replace(
             vocab_size=163840, num_nextn_predict_layers=0, num_attention_heads=64,
             num_key_value_heads=64, n_routed_experts=384, n_group=1, topk_group=1,
@@ -218,7 +220,7 @@ class Config:
             rope_scaling={"type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
                           "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0,
                           "mscale_all_dim": 1.0},
-            extra=dict(cls.deepseek_v3().extra, model_type="kimi_k2"))
+        )
 
     @classmethod
     def small(cls) -> "Config":
@@ -427,6 +429,8 @@ class Config:
                      "kv_lora_rank"):
             integer(name, 0)
         integer("q_lora_rank", 0, optional=True)
+        if self.q_lora_rank == 0:
+            self.q_lora_rank = None  # one spelling of "no query compression" (transformers')
         integer("n_routed_experts", 0, optional=True)
         for name in ("rms_norm_eps", "rope_theta", "initializer_range", "routed_scaling_factor"):
             real(name, 0.0, strict=True)
@@ -460,12 +464,9 @@ class Config:
         self._validate_moe(fail, integer)
         self._validate_rope_scaling(fail)
         self._validate_quantization(fail)
-        act = self.extra.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"[Config] hidden_act: only 'silu' (SwiGLU) is supported, got {act!r}")
-        if self.extra.get("attention_bias", False):
-            raise ValueError("[Config] attention_bias: DeepSeek-V3 has no attention biases; "
-                             "true is not supported")
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"[Config] extra: must be a dict, got {self.extra!r}")
+        hf_keys.check_extra(self.extra, set(self.field_names()))
         if self.attention_type == "mla" and self.num_key_value_heads != self.num_attention_heads:
             fail("num_key_value_heads", "MLA gives every head its own key and value: must equal "
                  f"num_attention_heads ({self.num_attention_heads}) with attention_type 'mla'")

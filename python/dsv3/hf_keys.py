@@ -10,8 +10,9 @@ a ``ValueError`` naming it; it is never kept and ignored. Keys that do not chang
 (``use_cache``, ``pad_token_id``, ``ep_size``, ``dtype``, ...) are kept and written back.
 
 Writing gives the rope settings in both formats by default (``rope_format="both"``: 4.x readers
-use the top-level keys, 5.x readers find the same values in ``rope_parameters``), and always
-``model_type`` / ``architectures``.
+use the top-level keys, 5.x readers find the same values in ``rope_parameters``), and
+``model_type`` / ``architectures`` whenever transformers' model of that name computes the same
+model (``transformers_mismatch``).
 """
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from typing import Any, Dict, Optional
 
 ROPE_FORMATS = ("both", "v4", "v5")
 # model_type -> architecture dsv3 computes. kimi_k2 is Moonshot's name for the DeepseekV3
-# architecture (its config.json declares DeepseekV3ForCausalLM).
+# architecture (its config.json declares DeepseekV3ForCausalLM): read as deepseek_v3, which
+# AutoConfig opens without remote code, and written back as deepseek_v3.
 _MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "kimi_k2")
+_MODEL_TYPE_ALIASES = {"kimi_k2": "deepseek_v3"}
 _ARCHITECTURES = ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM")
 # Keys of architectures dsv3 does not implement (DeepSeek-V3.2's lightning indexer for its
 # sparse attention): refused even without a model_type.
@@ -55,6 +58,11 @@ INERT = ("use_cache", "pad_token_id", "ep_size", "pretraining_tp", "output_route
          "transformers_version", "_name_or_path", "id2label", "label2id", "problem_type",
          "return_dict", "output_attentions", "output_hidden_states", "is_encoder_decoder",
          "chunk_size_feed_forward")
+# Top-level keys transformers' rope machinery reads besides rope_theta / rope_scaling /
+# rope_parameters (standardize_rope_params moves them into rope_parameters): refused unless
+# their value is the one dsv3 computes.
+ROPE_KEYS = ("partial_rotary_factor", "rope_type", "attention_factor",
+             "original_max_position_embeddings")
 _YARN_KEYS = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
               "mscale_all_dim")
 
@@ -110,8 +118,8 @@ def _canonical_yarn(rs: Dict[str, Any], where: str) -> Dict[str, Any]:
                   "derives it from mscale / mscale_all_dim")
         if k == "truncate" and v is not True:
             _fail(where, "truncate=false (an untruncated YaRN ramp) is not supported")
-        if k == "partial_rotary_factor" and v not in (None, 1, 1.0):
-            _fail(where, "partial_rotary_factor must be 1 (qk_rope_head_dim is the rotary dim)")
+        if k == "partial_rotary_factor":
+            _check_partial_rotary(v, where)
         if k in ("attention_factor", "truncate", "partial_rotary_factor"):
             continue
         if k not in _YARN_KEYS:
@@ -121,6 +129,12 @@ def _canonical_yarn(rs: Dict[str, Any], where: str) -> Dict[str, Any]:
         _fail(where, "yarn needs a factor")
     _check_mscale(out, where)
     return out
+
+
+def _check_partial_rotary(v: Any, where: str) -> None:
+    if v not in (None, 1, 1.0) or isinstance(v, bool):
+        _fail(where, f"partial_rotary_factor must be 1 (qk_rope_head_dim is the rotary dim), "
+              f"got {v!r}")
 
 
 def _check_mscale(rs: Dict[str, Any], where: str) -> None:
@@ -149,18 +163,20 @@ def _resolve_rope(d: Dict[str, Any]) -> None:
     """rope_parameters (5.x) and/or rope_theta + rope_scaling (4.x) -> rope_theta,
     rope_scaling (canonical yarn dict or None)."""
     rp = d.pop("rope_parameters", None)
+    top = d.pop("original_max_position_embeddings", None)
     scaling4 = d.get("rope_scaling")
     if scaling4 is not None:
         if not isinstance(scaling4, dict):
             _fail("rope_scaling", f"must be null or a dict, got {scaling4!r}")
-        scaling4 = _canonical_yarn(scaling4, "rope_scaling")
+        scaling4 = _fill_original_max(_canonical_yarn(scaling4, "rope_scaling"), top, d)
     if rp is not None:
         if not isinstance(rp, dict):
             _fail("rope_parameters", f"must be a dict, got {rp!r}")
         if any(isinstance(v, dict) for v in rp.values()):
             _fail("rope_parameters", "per-layer-type rope parameters are not supported")
         kind = rp.get("rope_type", rp.get("type", "default"))
-        scaling5 = None if kind == "default" else _canonical_yarn(rp, "rope_parameters")
+        scaling5 = None if kind == "default" else _fill_original_max(
+            _canonical_yarn(rp, "rope_parameters"), top, d)
         theta5 = rp.get("rope_theta")
         if "rope_theta" in d and theta5 is not None and d["rope_theta"] != theta5:
             _fail("rope_theta", f"rope_theta={d['rope_theta']!r} and "
@@ -171,17 +187,19 @@ def _resolve_rope(d: Dict[str, Any]) -> None:
         if theta5 is not None:
             d["rope_theta"] = theta5
         scaling4 = scaling5
-    if scaling4 is not None and scaling4.get("original_max_position_embeddings") is None:
-        top = d.get("original_max_position_embeddings")
-        # transformers' rule: a top-level key, else max_position_embeddings
-        scaling4["original_max_position_embeddings"] = (
-            top if top is not None else d.get("max_position_embeddings", 4096))
-    top = d.pop("original_max_position_embeddings", None)
-    if top is not None and scaling4 is not None \
-            and scaling4["original_max_position_embeddings"] != top:
-        _fail("original_max_position_embeddings", f"top-level {top!r} and the yarn "
-              f"parameters' {scaling4['original_max_position_embeddings']!r} disagree")
     d["rope_scaling"] = scaling4
+
+
+def _fill_original_max(rs: Dict[str, Any], top: Any, d: Dict[str, Any]) -> Dict[str, Any]:
+    """transformers' rule for an absent yarn original_max_position_embeddings: the top-level
+    key, else max_position_embeddings; a top-level key that disagrees is refused."""
+    if rs.get("original_max_position_embeddings") is None:
+        rs["original_max_position_embeddings"] = (
+            top if top is not None else d.get("max_position_embeddings", 4096))
+    elif top is not None and rs["original_max_position_embeddings"] != top:
+        _fail("original_max_position_embeddings", f"top-level {top!r} and the yarn "
+              f"parameters' {rs['original_max_position_embeddings']!r} disagree")
+    return rs
 
 
 def derived_model_type(topk_method: str, scoring_func: str) -> str:
@@ -196,13 +214,45 @@ def _architecture_name(model_type: str) -> str:
     return "DeepseekV2ForCausalLM" if model_type == "deepseek_v2" else "DeepseekV3ForCausalLM"
 
 
+def _check_values(d: Dict[str, Any]) -> None:
+    """The CHECKED keys (and architecture keys): only the values dsv3 computes."""
+    _check_architecture(d)
+    for k, bad, why in (("mlp_bias", True, "the MLPs have no biases"),
+                        ("attention_bias", True, "the attention projections have no biases")):
+        if d.get(k, False) is bad:
+            _fail(k, f"true is not supported ({why})")
+    drop = d.get("attention_dropout", 0.0)
+    if drop not in (None, 0, 0.0):
+        _fail("attention_dropout", f"dsv3 has no dropout; must be 0, got {drop!r}")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        _fail("hidden_act", f"only 'silu' (SwiGLU) is supported, got {act!r}")
+
+
+def check_extra(extra: Dict[str, Any], fields) -> None:
+    """``Config.extra`` (kept and written back as is): refuse what ``read`` would have mapped
+    or consumed there (a field, an alias, a derived or rope key would be shadowed or ignored)
+    and validate the CHECKED keys, as for a config.json."""
+    consumed = set(_ALIASES) | set(_DERIVED) | set(ROPE_KEYS) | {
+        "rope_parameters", "rope_scaling", "rope_theta", "extra"}
+    for k in extra:
+        if k in fields:
+            _fail(k, "is a Config field: set it as one, not in extra (extra would be shadowed)")
+        if k in consumed:
+            _fail(k, "changes the math but would be ignored in extra: give it in a config "
+                  "dict to Config.from_dict, or set the Config field it maps to")
+    _check_values(extra)
+
+
 def read(d: Dict[str, Any]) -> Dict[str, Any]:
     """A config.json dict (4.x or 5.x keys) -> a dict of dsv3's canonical keys."""
     d = copy.deepcopy(d)
     for k in ("model_type", "architectures"):
         if k in d and d[k] is None:  # transformers' to_dict() of a config built in memory
             del d[k]
-    _check_architecture(d)
+    _check_values(d)
+    if d.get("model_type") in _MODEL_TYPE_ALIASES:
+        d["model_type"] = _MODEL_TYPE_ALIASES[d["model_type"]]
     if d.get("model_type") == "deepseek_v2" or d.get("architectures") == [_ARCHITECTURES[1]]:
         for k, v in _V2_DEFAULTS.items():
             d.setdefault(k, v)
@@ -212,13 +262,14 @@ def read(d: Dict[str, Any]) -> Dict[str, Any]:
     for k in ("n_group", "topk_group"):
         if k in d and d[k] is None:  # DeepseekV2Config: None = no grouping
             d[k] = 1
-    for k, bad, why in (("mlp_bias", True, "the MLPs have no biases"),
-                        ("attention_bias", True, "the attention projections have no biases")):
-        if d.get(k, False) is bad:
-            _fail(k, f"true is not supported ({why})")
-    drop = d.get("attention_dropout", 0.0)
-    if drop not in (None, 0, 0.0):
-        _fail("attention_dropout", f"dsv3 has no dropout; must be 0, got {drop!r}")
+    if "num_key_value_heads" in d and d["num_key_value_heads"] is None:
+        d["num_key_value_heads"] = d.get("num_attention_heads")  # transformers' rule
+    _check_partial_rotary(d.pop("partial_rotary_factor", None), "partial_rotary_factor")
+    for k in ("rope_type", "attention_factor"):
+        if d.get(k) is not None:
+            _fail(k, f"a top-level {k} is not supported (give the rope settings in "
+                  "rope_parameters or rope_scaling)")
+        d.pop(k, None)
     _resolve_rope(d)
     mt = d.get("model_type")
     derived = derived_model_type(d.get("topk_method", "noaux_tc"), d.get("scoring_func",
@@ -231,15 +282,46 @@ def read(d: Dict[str, Any]) -> Dict[str, Any]:
     return d
 
 
+def transformers_mismatch(d: Dict[str, Any]) -> Optional[str]:
+    """Why transformers' model for this canonical dict's ``model_type`` (given, or derived
+    from the gate) would compute something else, or None when it computes the same."""
+    mt = d.get("model_type") or derived_model_type(d["topk_method"], d["scoring_func"])
+    mt = _MODEL_TYPE_ALIASES.get(mt, mt)
+    gate = (d["scoring_func"], d["topk_method"])
+    if d.get("attention_type", "mla") != "mla":
+        return (f"attention_type {d['attention_type']!r}: transformers has no DeepSeek "
+                "architecture with MHA/GQA attention (it would load MLA weights at random)")
+    if d.get("moe_layer_freq", 1) != 1:
+        return "moe_layer_freq > 1: transformers makes every layer after the dense ones MoE"
+    if not d.get("n_routed_experts"):
+        return None  # dense: no gate
+    if mt == "deepseek_v3" and gate != ("sigmoid", "noaux_tc"):
+        return f"gate {gate}: transformers' DeepseekV3 computes sigmoid + noaux_tc only"
+    if mt == "deepseek_v2":
+        if gate[0] != "softmax" or gate[1] not in ("greedy", "group_limited_greedy"):
+            return f"gate {gate}: transformers' DeepseekV2 computes softmax greedy gates only"
+        if d.get("norm_topk_prob"):
+            return ("norm_topk_prob true: transformers' DeepseekV2 router never normalises "
+                    "the top-k weights")
+    return None
+
+
 def write(d: Dict[str, Any], rope_format: str = "both") -> Dict[str, Any]:
-    """dsv3's canonical dict -> config.json keys (``rope_format``: "both", "v4" or "v5")."""
+    """dsv3's canonical dict -> config.json keys (``rope_format``: "both", "v4" or "v5").
+    ``model_type`` / ``architectures`` only when transformers' model of that name computes
+    the same (``transformers_mismatch``): else none, so AutoModel refuses the checkpoint
+    rather than opening a different model."""
     if rope_format not in ROPE_FORMATS:
         raise ValueError(f"[Config.to_dict] rope_format must be one of {ROPE_FORMATS}, got "
                          f"{rope_format!r}")
     d = copy.deepcopy(d)
-    mt = d.get("model_type") or derived_model_type(d["topk_method"], d["scoring_func"])
-    d["model_type"] = mt
-    d.setdefault("architectures", [_architecture_name(mt)])
+    if transformers_mismatch(d) is not None:
+        d.pop("model_type", None)
+        d.pop("architectures", None)
+    else:
+        mt = d.get("model_type") or derived_model_type(d["topk_method"], d["scoring_func"])
+        d["model_type"] = _MODEL_TYPE_ALIASES.get(mt, mt)
+        d.setdefault("architectures", [_architecture_name(d["model_type"])])
     if not d.get("q_lora_rank"):
         d["q_lora_rank"] = None  # transformers: None (not 0) means a single q_proj
     theta, rs = d.pop("rope_theta"), d.pop("rope_scaling")
