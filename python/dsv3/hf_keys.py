@@ -133,8 +133,8 @@ def _canonical_yarn(rs: Dict[str, Any], where: str) -> Dict[str, Any]:
 
 def _check_partial_rotary(v: Any, where: str) -> None:
     if v not in (None, 1, 1.0) or isinstance(v, bool):
-        _fail(where, f"partial_rotary_factor must be 1 (qk_rope_head_dim is the rotary dim), "
-              f"got {v!r}")
+        name = "" if where == "partial_rotary_factor" else "partial_rotary_factor "
+        _fail(where, f"{name}must be 1 (qk_rope_head_dim is the rotary dim), got {v!r}")
 
 
 def _check_mscale(rs: Dict[str, Any], where: str) -> None:
