@@ -120,6 +120,21 @@ void route_token(int64_t* idx, float* w, const float* s, const float* bias, cons
 
 }  // namespace
 
+TopkMethod topk_method_from(const std::string& s, const char* op) {
+  if (s == "noaux_tc") return TopkMethod::noaux_tc;
+  if (s == "greedy") return TopkMethod::greedy;
+  DSV3_CHECK(s == "group_limited_greedy", "[", op, "] topk_method must be 'noaux_tc', 'greedy' ",
+             "or 'group_limited_greedy', got '", s, "'");
+  return TopkMethod::group_limited_greedy;
+}
+
+ScoringFunc scoring_func_from(const std::string& s, const char* op) {
+  if (s == "sigmoid") return ScoringFunc::sigmoid;
+  DSV3_CHECK(s == "softmax", "[", op, "] scoring_func must be 'sigmoid' or 'softmax', got '", s,
+             "'");
+  return ScoringFunc::softmax;
+}
+
 void moe_config_check(const MoeConfig& c, const char* op) {
   const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, G = c.n_group;
   DSV3_CHECK(E >= 1, "[", op, "] n_routed_experts must be >= 1, got ", E);

@@ -16,6 +16,7 @@
 // The selection is piecewise constant, so the backward flows through w = s[idx] only.
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace dsv3 {
 
@@ -23,6 +24,10 @@ namespace dsv3 {
 // plain top-k (V2); group_limited_greedy = groups scored by their max (V2).
 enum class TopkMethod { noaux_tc, greedy, group_limited_greedy };
 enum class ScoringFunc { sigmoid, softmax };
+// The config strings -> enums, the one mapping; unknown values throw std::invalid_argument
+// ("[op] topk_method must be ...").
+TopkMethod topk_method_from(const std::string& s, const char* op);
+ScoringFunc scoring_func_from(const std::string& s, const char* op);
 
 struct MoeConfig {
   int64_t n_routed_experts = 0;     // E

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/bf16.h"
 #include "core/check.h"
 #include "core/parallel.h"
 
@@ -46,19 +47,6 @@ inline void update(float& w, float g, float m, float v, const Coeffs& c, int mod
 
 }  // namespace
 
-uint16_t bf16_encode(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-float bf16_decode(uint16_t b) {
-  const uint32_t u = (uint32_t)b << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
 
 void adamw_update(float* w, const float* g, float* m, float* v, int64_t n, const AdamWParams& p,
                   const uint8_t* mode) {

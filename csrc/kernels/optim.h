@@ -35,8 +35,4 @@ double sum_squares(const float* g, int64_t n);
 // x[n] *= s
 void scale_inplace(float* x, int64_t n, float s);
 
-// fp32 <-> bf16 bits (round-to-nearest-even; NaN stays NaN)
-uint16_t bf16_encode(float x);
-float bf16_decode(uint16_t b);
-
 }  // namespace dsv3

@@ -22,10 +22,8 @@ BlockDims block_dims(const ModelConfig& c) {
     m.num_experts_per_tok = c.K;
     m.n_group = c.n_group;
     m.topk_group = c.topk_group;
-    m.topk_method = c.topk_method == "noaux_tc" ? TopkMethod::noaux_tc
-                    : c.topk_method == "greedy" ? TopkMethod::greedy
-                                                : TopkMethod::group_limited_greedy;
-    m.scoring_func = c.scoring_func == "sigmoid" ? ScoringFunc::sigmoid : ScoringFunc::softmax;
+    m.topk_method = topk_method_from(c.topk_method, "Model");
+    m.scoring_func = scoring_func_from(c.scoring_func, "Model");
     m.norm_topk_prob = c.norm_topk_prob;
     m.routed_scaling_factor = c.routed_scaling_factor;
     m.hidden_size = c.D;

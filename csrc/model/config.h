@@ -40,7 +40,6 @@ struct ModelConfig {
   bool is_moe_layer(int64_t i) const {
     return E > 0 && i >= first_k_dense && i % moe_layer_freq == 0;
   }
-  bool has_bias() const { return topk_method == "noaux_tc"; }
   int64_t blocks() const { return layers + mtp; }  // main layers then MTP blocks
 };
 

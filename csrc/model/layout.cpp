@@ -5,6 +5,7 @@
 #include "core/check.h"
 #include "core/parallel.h"
 #include "core/rng.h"
+#include "model/block.h"
 
 namespace dsv3 {
 
@@ -29,12 +30,40 @@ const ParamEntry& ParamLayout::at(const std::string& name) const {
   return entries[it->second];
 }
 
+std::string hf::layer(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
+
 namespace {
+
+constexpr const char* kSwiGlu[3] = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"};
+
+void swiglu_specs(std::vector<ParamSpec>& out, const std::string& p, int64_t D, int64_t W,
+                  int64_t expert = -1) {
+  out.push_back({p + kSwiGlu[0], {W, D}, ParamEntry::Normal, true, expert});
+  out.push_back({p + kSwiGlu[1], {W, D}, ParamEntry::Normal, true, expert});
+  out.push_back({p + kSwiGlu[2], {D, W}, ParamEntry::Normal, true, expert});
+}
+std::string expert_prefix(int64_t j) { return "experts." + std::to_string(j) + "."; }
+
+template <class S, class At>
+S swiglu_views(const At& at, const std::string& p) {
+  return S{at(p + kSwiGlu[0]), at(p + kSwiGlu[1]), at(p + kSwiGlu[2])};
+}
+template <class S, class At>
+S mla_views(const At& at) {
+  return S{at("q_a_proj.weight"), at("q_a_layernorm.weight"), at("q_b_proj.weight"),
+           at("q_proj.weight"), at("kv_a_proj_with_mqa.weight"), at("kv_a_layernorm.weight"),
+           at("kv_b_proj.weight"), at("o_proj.weight")};
+}
+template <class S, class At>
+S mha_views(const At& at) {
+  return S{at("q_proj.weight"), at("k_proj.weight"), at("v_proj.weight"), at("o_proj.weight")};
+}
 
 struct Builder {
   ParamLayout L;
   void add(const std::string& name, std::vector<int64_t> shape,
-           ParamEntry::Init init = ParamEntry::Normal, bool trainable = true) {
+           ParamEntry::Init init = ParamEntry::Normal, bool trainable = true, int64_t block = -1,
+           int64_t expert = -1) {
     ParamEntry e;
     e.name = name;
     e.shape = std::move(shape);
@@ -44,69 +73,209 @@ struct Builder {
     e.init = init;
     e.decay = e.shape.size() == 2;
     e.trainable = trainable;
+    e.block = block;
+    e.expert = expert;
     L.index[name] = L.entries.size();
     L.entries.push_back(e);
     L.total += (e.size + 15) / 16 * 16;  // 64-byte aligned entries
   }
-  void swiglu(const std::string& p, int64_t D, int64_t W) {
-    add(p + "gate_proj.weight", {W, D});
-    add(p + "up_proj.weight", {W, D});
-    add(p + "down_proj.weight", {D, W});
+  void add(const std::string& prefix, const std::vector<ParamSpec>& specs, int64_t block) {
+    for (const ParamSpec& s : specs)
+      add(prefix + s.name, s.shape, s.init, s.trainable, block, s.expert);
   }
-  void block(const ModelConfig& c, int64_t i) {
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    const int64_t D = c.D, H = c.H, dqk = c.Dn + c.Dr;
-    add(p + "input_layernorm.weight", {D}, ParamEntry::Ones);
-    const std::string a = p + "self_attn.";
-    if (c.attention == "mla") {
-      if (c.Dq > 0) {
-        add(a + "q_a_proj.weight", {c.Dq, D});
-        add(a + "q_a_layernorm.weight", {c.Dq}, ParamEntry::Ones);
-        add(a + "q_b_proj.weight", {H * dqk, c.Dq});
-      } else {
-        add(a + "q_proj.weight", {H * dqk, D});
-      }
-      add(a + "kv_a_proj_with_mqa.weight", {c.Dc + c.Dr, D});
-      add(a + "kv_a_layernorm.weight", {c.Dc}, ParamEntry::Ones);
-      add(a + "kv_b_proj.weight", {H * (c.Dn + c.Dv), c.Dc});
-    } else {
-      add(a + "q_proj.weight", {H * dqk, D});
-      add(a + "k_proj.weight", {c.Hkv * dqk, D});
-      add(a + "v_proj.weight", {c.Hkv * c.Dv, D});
-    }
-    add(a + "o_proj.weight", {D, H * c.Dv});
-    add(p + "post_attention_layernorm.weight", {D}, ParamEntry::Ones);
-    const std::string m = p + "mlp.";
-    if (!c.is_moe_layer(i)) {
-      swiglu(m, D, c.inter);
-      return;
-    }
-    add(m + "gate.weight", {c.E, D});
-    if (c.has_bias()) add(m + "gate.e_score_correction_bias", {c.E}, ParamEntry::Zeros, false);
-    for (int64_t j = 0; j < c.E; ++j) swiglu(m + "experts." + std::to_string(j) + ".", D, c.moe_inter);
-    if (c.n_shared > 0) swiglu(m + "shared_experts.", D, c.n_shared * c.moe_inter);
+  // block i with an MoE or a dense ffn
+  void block(const ModelConfig& c, const BlockDims& d, int64_t i, bool moe) {
+    const std::string p = hf::layer(i);
+    add(p + "input_layernorm.weight", {c.D}, ParamEntry::Ones, true, i);
+    add(p + "self_attn.", d.mla ? mla_param_specs(d.mla_dims) : mha_param_specs(d.mha_dims), i);
+    add(p + "post_attention_layernorm.weight", {c.D}, ParamEntry::Ones, true, i);
+    std::vector<ParamSpec> ffn;
+    if (moe)
+      ffn = moe_param_specs(d.moe);
+    else
+      swiglu_specs(ffn, "", c.D, c.inter);
+    add(p + "mlp.", ffn, i);
+  }
+  void mtp_own(const ModelConfig& c, int64_t i) {
+    const std::string p = hf::layer(i);
+    add(p + "enorm.weight", {c.D}, ParamEntry::Ones, true, i);
+    add(p + "hnorm.weight", {c.D}, ParamEntry::Ones, true, i);
+    add(p + "eh_proj.weight", {c.D, 2 * c.D}, ParamEntry::Normal, true, i);
+  }
+  void mtp_head(const ModelConfig& c, int64_t i) {
+    add(hf::layer(i) + "shared_head.norm.weight", {c.D}, ParamEntry::Ones, true, i);
+  }
+  int64_t count(bool active_only, int64_t K) const {
+    int64_t n = 0;
+    for (const ParamEntry& e : L.entries) n += active_only && e.expert >= K ? 0 : e.size;
+    return n;
   }
 };
 
 }  // namespace
 
+std::vector<ParamSpec> mla_param_specs(const MlaDims& d) {
+  const int64_t dqk = d.Dn + d.Dr;
+  std::vector<ParamSpec> s;
+  if (d.Dq > 0) {
+    s.push_back({"q_a_proj.weight", {d.Dq, d.D}});
+    s.push_back({"q_a_layernorm.weight", {d.Dq}, ParamEntry::Ones});
+    s.push_back({"q_b_proj.weight", {d.H * dqk, d.Dq}});
+  } else {
+    s.push_back({"q_proj.weight", {d.H * dqk, d.D}});
+  }
+  s.push_back({"kv_a_proj_with_mqa.weight", {d.Dc + d.Dr, d.D}});
+  s.push_back({"kv_a_layernorm.weight", {d.Dc}, ParamEntry::Ones});
+  s.push_back({"kv_b_proj.weight", {d.H * (d.Dn + d.Dv), d.Dc}});
+  s.push_back({"o_proj.weight", {d.D, d.H * d.Dv}});
+  return s;
+}
+
+std::vector<ParamSpec> mha_param_specs(const MhaDims& d) {
+  const int64_t dqk = d.Dn + d.Dr;
+  return {{"q_proj.weight", {d.H * dqk, d.D}},
+          {"k_proj.weight", {d.Hkv * dqk, d.D}},
+          {"v_proj.weight", {d.Hkv * d.Dv, d.D}},
+          {"o_proj.weight", {d.D, d.H * d.Dv}}};
+}
+
+std::vector<ParamSpec> moe_param_specs(const MoeConfig& c) {
+  const int64_t E = c.n_routed_experts, D = c.hidden_size;
+  std::vector<ParamSpec> s;
+  s.push_back({"gate.weight", {E, D}});
+  if (c.has_bias())
+    s.push_back({"gate.e_score_correction_bias", {E}, ParamEntry::Zeros, /*trainable=*/false});
+  for (int64_t j = 0; j < E; ++j) swiglu_specs(s, expert_prefix(j), D, c.moe_intermediate_size, j);
+  if (c.shared_width() > 0) swiglu_specs(s, "shared_experts.", D, c.shared_width());
+  return s;
+}
+
+MlaParams mla_params(const ParamLookup& at) { return mla_views<MlaParams>(at); }
+MlaGrads mla_grads(const GradLookup& at) { return mla_views<MlaGrads>(at); }
+MhaParams mha_params(const ParamLookup& at) { return mha_views<MhaParams>(at); }
+MhaGrads mha_grads(const GradLookup& at) { return mha_views<MhaGrads>(at); }
+
+MoeParams moe_params(const ParamLookup& at, int64_t E) {
+  MoeParams p;
+  p.gate_weight = at("gate.weight");
+  p.gate_e_score_correction_bias = at("gate.e_score_correction_bias");
+  for (int64_t j = 0; j < E; ++j) p.experts.push_back(swiglu_views<SwiGluParams>(at, expert_prefix(j)));
+  p.shared_experts = swiglu_views<SwiGluParams>(at, "shared_experts.");
+  return p;
+}
+MoeGrads moe_grads(const GradLookup& at, int64_t E) {
+  MoeGrads g;
+  g.gate_weight = at("gate.weight");
+  for (int64_t j = 0; j < E; ++j) g.experts.push_back(swiglu_views<SwiGluGrads>(at, expert_prefix(j)));
+  g.shared_experts = swiglu_views<SwiGluGrads>(at, "shared_experts.");
+  return g;
+}
+
+namespace {
+
+// at(relative name) over the slab entries under prefix (null when absent)
+template <class T>
+std::function<T*(const std::string&)> slab_lookup(const ParamLayout& L, T* slab,
+                                                  const std::string& prefix) {
+  return [&L, slab, prefix](const std::string& n) -> T* {
+    auto it = L.index.find(prefix + n);
+    return it == L.index.end() ? nullptr : slab + L.entries[it->second].offset;
+  };
+}
+
+template <class S, class T, class Attn, class Moe, class Mlp>
+S block_views(const ParamLayout& L, T* slab, const ModelConfig& c, int64_t i, Attn attn, Moe moe,
+              Mlp mlp) {
+  const std::string p = hf::layer(i);
+  const auto at = slab_lookup(L, slab, p);
+  S s;
+  s.input_layernorm = at("input_layernorm.weight");
+  s.post_attention_layernorm = at("post_attention_layernorm.weight");
+  attn(s, slab_lookup(L, slab, p + "self_attn."));
+  const auto m = slab_lookup(L, slab, p + "mlp.");
+  if (c.is_moe_layer(i))
+    s.experts = moe(m, c.E);
+  else
+    s.mlp = mlp(m);
+  return s;
+}
+
+}  // namespace
+
+BlockParams block_params(const ParamLayout& L, const float* slab, const ModelConfig& c,
+                         int64_t i) {
+  BlockParams b = block_views<BlockParams>(
+      L, slab, c, i,
+      [&](BlockParams& s, const ParamLookup& at) {
+        if (c.attention == "mla") s.mla = mla_params(at);
+        else s.mha = mha_params(at);
+      },
+      moe_params, [](const ParamLookup& at) { return swiglu_views<SwiGluParams>(at, ""); });
+  b.moe = c.is_moe_layer(i);
+  return b;
+}
+
+BlockGrads block_grads(const ParamLayout& L, float* grads, const ModelConfig& c, int64_t i) {
+  return block_views<BlockGrads>(
+      L, grads, c, i,
+      [&](BlockGrads& s, const GradLookup& at) {
+        s.mla = mla_grads(at);
+        s.mha = mha_grads(at);
+      },
+      moe_grads, [](const GradLookup& at) { return swiglu_views<SwiGluGrads>(at, ""); });
+}
+
+MtpParams mtp_params(const ParamLayout& L, const float* slab, const ModelConfig& c, int64_t k) {
+  const int64_t i = c.layers + k - 1;
+  const std::string p = hf::layer(i);
+  return MtpParams{L.ptr(slab, hf::embed_tokens), L.ptr(slab, p + "enorm.weight"),
+                   L.ptr(slab, p + "hnorm.weight"), L.ptr(slab, p + "eh_proj.weight"),
+                   L.ptr(slab, p + "shared_head.norm.weight"), block_params(L, slab, c, i)};
+}
+
+MtpGrads mtp_grads(const ParamLayout& L, float* grads, const ModelConfig& c, int64_t k) {
+  const int64_t i = c.layers + k - 1;
+  const std::string p = hf::layer(i);
+  return MtpGrads{L.ptr(grads, hf::embed_tokens), L.ptr(grads, p + "enorm.weight"),
+                  L.ptr(grads, p + "hnorm.weight"), L.ptr(grads, p + "eh_proj.weight"),
+                  L.ptr(grads, p + "shared_head.norm.weight"), block_grads(L, grads, c, i)};
+}
+
 ParamLayout build_layout(const ModelConfig& c) {
   model_config_check(c);
+  const BlockDims d = block_dims(c);
   Builder b;
-  b.add("model.embed_tokens.weight", {c.V, c.D});
-  for (int64_t i = 0; i < c.layers; ++i) b.block(c, i);
+  b.add(hf::embed_tokens, {c.V, c.D});
+  for (int64_t i = 0; i < c.layers; ++i) b.block(c, d, i, c.is_moe_layer(i));
   for (int64_t k = 0; k < c.mtp; ++k) {
     const int64_t i = c.layers + k;
-    const std::string p = "model.layers." + std::to_string(i) + ".";
-    b.add(p + "enorm.weight", {c.D}, ParamEntry::Ones);
-    b.add(p + "hnorm.weight", {c.D}, ParamEntry::Ones);
-    b.add(p + "eh_proj.weight", {c.D, 2 * c.D});
-    b.block(c, i);
-    b.add(p + "shared_head.norm.weight", {c.D}, ParamEntry::Ones);
+    b.mtp_own(c, i);
+    b.block(c, d, i, c.is_moe_layer(i));
+    b.mtp_head(c, i);
   }
-  b.add("model.norm.weight", {c.D}, ParamEntry::Ones);
-  if (!c.tie_embeddings) b.add("lm_head.weight", {c.V, c.D});
+  b.add(hf::norm, {c.D}, ParamEntry::Ones);
+  if (!c.tie_embeddings) b.add(hf::lm_head, {c.V, c.D});
   return b.L;
+}
+
+ParamCounts param_counts(const ModelConfig& c) {
+  const BlockDims d = block_dims(c);
+  ParamCounts n;
+  n.embed = c.V * c.D;
+  n.norm = c.D;
+  n.head = c.tie_embeddings ? 0 : c.V * c.D;
+  Builder dense, moe, mtp;
+  dense.block(c, d, 0, false);
+  n.dense_block = dense.count(false, 0);
+  if (c.E > 0) {
+    moe.block(c, d, 0, true);
+    n.moe_block = moe.count(false, 0);
+    n.moe_block_active = moe.count(true, c.K);
+  }
+  mtp.mtp_own(c, 0);
+  mtp.mtp_head(c, 0);
+  n.mtp_own = mtp.count(false, 0);
+  return n;
 }
 
 void init_params(float* slab, const ParamLayout& layout, uint64_t seed, float init_range) {

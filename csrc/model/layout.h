@@ -13,13 +13,19 @@
 //   MTP module k at i = num_hidden_layers + k: enorm, hnorm [D], eh_proj [D, 2D],
 //   shared_head.norm [D], and a full block as above (its embedding and head are the main ones)
 //   model.norm.weight [D];  lm_head.weight [V, D] (absent when tied)
+//
+// This file is the one source of those names: the builders below make the layout, the views of
+// each module's weights (model.cpp), the per-layer weight lists of the Python layer ops
+// (bindings) and the parameter counts of dsv3.Config.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <unordered_map>
 #include <vector>
 
 #include "model/config.h"
+#include "model/mtp.h"
 
 namespace dsv3 {
 
@@ -31,6 +37,8 @@ struct ParamEntry {
   Init init = Normal;
   bool decay = false;      // AdamW weight decay applies (matrices)
   bool trainable = true;   // false for e_score_correction_bias (moved by the balancer)
+  int64_t block = -1;      // block index (main layers then MTP), -1 outside the blocks
+  int64_t expert = -1;     // routed expert index inside an MoE block, else -1
 };
 
 struct ParamLayout {
@@ -47,6 +55,54 @@ struct ParamLayout {
 };
 
 ParamLayout build_layout(const ModelConfig& c);
+
+// Names outside the blocks, and the prefix of block i ("model.layers.{i}.").
+namespace hf {
+constexpr const char* embed_tokens = "model.embed_tokens.weight";
+constexpr const char* norm = "model.norm.weight";
+constexpr const char* lm_head = "lm_head.weight";
+std::string layer(int64_t i);
+}  // namespace hf
+
+// One weight of a module: its name relative to the module, shape, initial value.
+struct ParamSpec {
+  std::string name;
+  std::vector<int64_t> shape;
+  ParamEntry::Init init = ParamEntry::Normal;
+  bool trainable = true;
+  int64_t expert = -1;
+};
+std::vector<ParamSpec> mla_param_specs(const MlaDims& d);    // relative to "self_attn."
+std::vector<ParamSpec> mha_param_specs(const MhaDims& d);    // relative to "self_attn."
+std::vector<ParamSpec> moe_param_specs(const MoeConfig& c);  // relative to "mlp."
+
+// Views of one module's weights (or gradients) by relative name: at(name) is the pointer, or
+// null when the module has no such weight.
+using ParamLookup = std::function<const float*(const std::string&)>;
+using GradLookup = std::function<float*(const std::string&)>;
+MlaParams mla_params(const ParamLookup& at);
+MlaGrads mla_grads(const GradLookup& at);
+MhaParams mha_params(const ParamLookup& at);
+MhaGrads mha_grads(const GradLookup& at);
+MoeParams moe_params(const ParamLookup& at, int64_t n_routed_experts);
+MoeGrads moe_grads(const GradLookup& at, int64_t n_routed_experts);
+
+// Views of block i / MTP module k (1-based) of a slab with this layout.
+BlockParams block_params(const ParamLayout& L, const float* slab, const ModelConfig& c,
+                         int64_t i);
+BlockGrads block_grads(const ParamLayout& L, float* grads, const ModelConfig& c, int64_t i);
+MtpParams mtp_params(const ParamLayout& L, const float* slab, const ModelConfig& c, int64_t k);
+MtpGrads mtp_grads(const ParamLayout& L, float* grads, const ModelConfig& c, int64_t k);
+
+// Parameter counts by kind of piece, from the builders above (dsv3.Config.num_parameters
+// composes them in closed form, for any depth).
+struct ParamCounts {
+  int64_t embed = 0, norm = 0, head = 0;  // head: 0 when tied
+  int64_t dense_block = 0, moe_block = 0;
+  int64_t moe_block_active = 0;  // counting num_experts_per_tok routed experts
+  int64_t mtp_own = 0;           // enorm, hnorm, eh_proj, shared_head.norm of one MTP module
+};
+ParamCounts param_counts(const ModelConfig& c);
 
 // Normal(0, init_range) for matrices, ones for norms, zeros for biases; entry e draws from
 // its own counter stream (hash of its name), so the values depend only on (seed, name).

@@ -24,6 +24,7 @@
 #include "model/block.h"
 #include "model/config.h"
 #include "model/layout.h"
+#include "model/mtp.h"
 
 namespace dsv3 {
 
@@ -92,8 +93,21 @@ class Model {
   void check_cache(const KvCache& cache, int64_t layers, int64_t B, const char* op) const;
   BlockParams block_params(int64_t i) const;
   BlockGrads block_grads(int64_t i, float* g) const;
+  MtpParams mtp_params(int64_t k) const;  // module k (1-based)
+  MtpGrads mtp_grads(int64_t k, float* g) const;
   void check_tokens(const int64_t* tokens, int64_t n, const char* op) const;
+  const char* head_name() const;  // lm_head.weight, or the embedding when tied
   const float* head() const;
+  const float* embed() const;
+  const float* final_norm() const;
+
+  // The loss (loss.cpp): a forward driver keeping what the mirroring backward driver reads.
+  struct LossState;
+  LossParts loss_forward(LossState& st, const int64_t* tokens, int64_t B, int64_t N,
+                         double alpha, double mtp_weight, bool keep);
+  void loss_backward(float* grads, const LossState& st);
+  std::vector<float> balance_grad(const LossState& st, const BlockActs& a, int64_t T) const;
 };
+
 
 }  // namespace dsv3
