@@ -53,6 +53,24 @@ def test_small_gemm_matches_float64(M, N, K, trans_a, accumulate):
     assert np.all(np.abs(got - want) <= tol), np.max(np.abs(got - want) / tol)
 
 
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("trans_a", [False, True])
+def test_naive_reference_matches_float64_and_small_gemm(M, N, K, trans_a):
+    # core/blas.h's sgemm_naive, the reference kept beside the fast product: within the same
+    # bound of float64, and the fast product within twice that bound of it
+    rng = np.random.default_rng(M * 1000 + N * 10 + K + 1)
+    a = rng.standard_normal((K, M) if trans_a else (M, K)).astype(np.float32)
+    b = rng.standard_normal((K, N)).astype(np.float32)
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    a64 = (a.T if trans_a else a).astype(np.float64)
+    want = 0.37 * (a64 @ b.astype(np.float64)) + c0
+    tol = 0.37 * bound(a64, b.astype(np.float64), K) + np.abs(c0) * 2.0 ** -23
+    naive = small_gemm(a, b, trans_a, 0.37, c0, naive=True)
+    fast = small_gemm(a, b, trans_a, 0.37, c0)
+    assert np.all(np.abs(naive - want) <= tol), np.max(np.abs(naive - want) / tol)
+    assert np.all(np.abs(fast - naive) <= 2 * tol), np.max(np.abs(fast - naive) / tol)
+
+
 def test_small_gemm_leaves_c_argument_alone_and_checks_shapes():
     a = np.ones((4, 3), np.float32)
     b = np.ones((3, 5), np.float32)

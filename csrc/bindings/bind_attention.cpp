@@ -5,6 +5,7 @@
 #include "kernels/kv_cache.h"
 #include "kernels/mha.h"
 #include "kernels/mla.h"
+#include "model/layout.h"
 
 namespace dsv3 {
 
@@ -16,40 +17,35 @@ namespace {
 
 bool is_mla(const py::object& cfg) { return cfg_get<std::string>(cfg, "attention_type") == "mla"; }
 
-// Weights of one attention layer, by Hugging Face name relative to "self_attn.".
+// Weights of one attention layer, by Hugging Face name relative to "self_attn." (the names
+// and shapes of layout.h's mla_param_specs / mha_param_specs), and the layer's dims.
 struct LayerWeights {
   ParamDict dict;
+  bool mla_layer;
+  MlaDims mla_d{};
+  MhaDims mha_d{};
+  std::vector<ParamSpec> specs;
   MlaParams mla;
   MhaParams mha;
   LayerWeights(const py::handle& params, const py::object& cfg, const char* op)
-      : dict(params, op) {
-    const py::ssize_t D = cfg_get<int64_t>(cfg, "hidden_size");
-    const py::ssize_t H = cfg_get<int64_t>(cfg, "num_attention_heads");
-    const py::ssize_t Dn = cfg_get<int64_t>(cfg, "qk_nope_head_dim");
-    const py::ssize_t Dr = cfg_get<int64_t>(cfg, "qk_rope_head_dim");
-    const py::ssize_t Dv = cfg_get<int64_t>(cfg, "v_head_dim");
-    if (is_mla(cfg)) {
-      py::object qlo = cfg.attr("q_lora_rank");
-      const py::ssize_t Dq = qlo.is_none() ? 0 : qlo.cast<py::ssize_t>();
-      const py::ssize_t Dc = cfg_get<int64_t>(cfg, "kv_lora_rank");
-      if (Dq > 0) {
-        mla.q_a_proj = dict.get("q_a_proj.weight", {Dq, D});
-        mla.q_a_layernorm = dict.get("q_a_layernorm.weight", {Dq});
-        mla.q_b_proj = dict.get("q_b_proj.weight", {H * (Dn + Dr), Dq});
-      } else {
-        mla.q_proj = dict.get("q_proj.weight", {H * (Dn + Dr), D});
-      }
-      mla.kv_a_proj_with_mqa = dict.get("kv_a_proj_with_mqa.weight", {Dc + Dr, D});
-      mla.kv_a_layernorm = dict.get("kv_a_layernorm.weight", {Dc});
-      mla.kv_b_proj = dict.get("kv_b_proj.weight", {H * (Dn + Dv), Dc});
-      mla.o_proj = dict.get("o_proj.weight", {D, H * Dv});
+      : dict(params, op), mla_layer(is_mla(cfg)) {
+    if (mla_layer) {
+      mla_d = mla_dims(cfg);
+      specs = mla_param_specs(mla_d);
     } else {
-      const py::ssize_t Hkv = cfg_get<int64_t>(cfg, "kv_heads");
-      mha.q_proj = dict.get("q_proj.weight", {H * (Dn + Dr), D});
-      mha.k_proj = dict.get("k_proj.weight", {Hkv * (Dn + Dr), D});
-      mha.v_proj = dict.get("v_proj.weight", {Hkv * Dv, D});
-      mha.o_proj = dict.get("o_proj.weight", {D, H * Dv});
+      mha_d = mha_dims(cfg);
+      specs = mha_param_specs(mha_d);
     }
+    std::map<std::string, const float*> ptr;
+    for (const ParamSpec& s : specs) ptr[s.name] = dict.get(s.name, Shape(s.shape.begin(), s.shape.end()));
+    const auto at = [&](const std::string& n) -> const float* {
+      auto it = ptr.find(n);
+      return it == ptr.end() ? nullptr : it->second;
+    };
+    if (mla_layer)
+      mla = mla_params(at);
+    else
+      mha = mha_params(at);
   }
 };
 
@@ -77,13 +73,13 @@ F32 layer_forward(py::handle x_h, py::handle params, py::object cfg, int64_t sta
   F32 out = empty(shape_of(a.x));
   float* po = out.mutable_data();
   const float* px = a.x.data();
-  if (is_mla(cfg)) {
-    MlaDims d = mla_dims(cfg);
+  if (w.mla_layer) {
+    const MlaDims& d = w.mla_d;
     py::gil_scoped_release nogil;
     MlaActs acts;
     mla_forward(po, acts, px, w.mla, d, a.B, a.T, start_pos);
   } else {
-    MhaDims d = mha_dims(cfg);
+    const MhaDims& d = w.mha_d;
     py::gil_scoped_release nogil;
     MhaActs acts;
     mha_forward(po, acts, px, w.mha, d, a.B, a.T, start_pos);
@@ -102,32 +98,25 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
   py::dict grads;
   // one zeroed gradient array per weight, same names and shapes
   std::map<std::string, F32> garr;
-  for (auto item : py::reinterpret_borrow<py::dict>(params)) {
-    const std::string name = py::str(item.first);
-    F32 src = f32(item.second, op, ("params['" + name + "']").c_str());
-    garr.emplace(name, zeros(shape_of(src)));
-  }
-  auto gp = [&](const char* name) -> float* {
+  for (const ParamSpec& s : w.specs) garr.emplace(s.name, zeros(Shape(s.shape.begin(), s.shape.end())));
+  auto gp = [&](const std::string& name) -> float* {
     auto it = garr.find(name);
     return it == garr.end() ? nullptr : it->second.mutable_data();
   };
   Buf out = buf(a.B * a.T * a.D);  // the forward's output, not returned
   float* pdx = dx.mutable_data();
   const float *px = a.x.data(), *pg = g.x.data();
-  if (is_mla(cfg)) {
-    MlaDims d = mla_dims(cfg);
-    MlaGrads gr{gp("q_a_proj.weight"), gp("q_a_layernorm.weight"), gp("q_b_proj.weight"),
-                gp("q_proj.weight"), gp("kv_a_proj_with_mqa.weight"),
-                gp("kv_a_layernorm.weight"), gp("kv_b_proj.weight"), gp("o_proj.weight")};
+  if (w.mla_layer) {
+    const MlaDims& d = w.mla_d;
+    const MlaGrads gr = mla_grads(gp);
     py::gil_scoped_release nogil;
     MlaActs acts;
     acts.keep_probs = true;
     mla_forward(out.get(), acts, px, w.mla, d, a.B, a.T, start_pos);
     mla_backward(pdx, gr, pg, acts, px, w.mla, d, /*set_dx=*/true);
   } else {
-    MhaDims d = mha_dims(cfg);
-    MhaGrads gr{gp("q_proj.weight"), gp("k_proj.weight"), gp("v_proj.weight"),
-                gp("o_proj.weight")};
+    const MhaDims& d = w.mha_d;
+    const MhaGrads gr = mha_grads(gp);
     py::gil_scoped_release nogil;
     MhaActs acts;
     acts.keep_probs = true;
@@ -158,16 +147,22 @@ F32 layer_decode(py::handle x_h, py::handle params, py::object cfg, KvCache& cac
   DSV3_CHECK(a.B == cache.batch, "[", op, "] x has batch ", a.B, " but the cache was made for ",
              cache.batch);
   BusyGuard cguard(cache.busy, true, "KVCache");
-  cache.check_step(layer, start_pos, a.T);
+  if (w.mla_layer) {
+    DSV3_CHECK(cache.kind == "latent", "[", op, "] an MLA layer needs a latent cache");
+    DSV3_CHECK(cache.width == w.mla_d.Dc + w.mla_d.Dr, "[", op, "] cache width ", cache.width,
+               " != kv_lora_rank + qk_rope_head_dim = ", w.mla_d.Dc + w.mla_d.Dr);
+  } else {
+    DSV3_CHECK(cache.kind == "kv", "[", op, "] an MHA/GQA layer needs a kv cache");
+    DSV3_CHECK(cache.width == w.mha_d.cache_width(), "[", op, "] cache width ", cache.width,
+               " does not match the config (", w.mha_d.cache_width(), ")");
+  }
+  cache.begin_write(layer, layer + 1, start_pos, a.T);
   F32 out = empty(shape_of(a.x));
   float* po = out.mutable_data();
   const float* px = a.x.data();
   float* base = cache.layer(layer);
-  if (is_mla(cfg)) {
-    DSV3_CHECK(cache.kind == "latent", "[", op, "] an MLA layer needs a latent cache");
-    MlaDims d = mla_dims(cfg);
-    DSV3_CHECK(cache.width == d.Dc + d.Dr, "[", op, "] cache width ", cache.width,
-               " != kv_lora_rank + qk_rope_head_dim = ", d.Dc + d.Dr);
+  if (w.mla_layer) {
+    const MlaDims& d = w.mla_d;
     py::gil_scoped_release nogil;
     const LatentCacheView v{base, cache.max_len};
     if (absorbed)
@@ -175,14 +170,11 @@ F32 layer_decode(py::handle x_h, py::handle params, py::object cfg, KvCache& cac
     else
       mla_decode_naive(po, px, w.mla, d, v, a.B, a.T, start_pos);
   } else {
-    DSV3_CHECK(cache.kind == "kv", "[", op, "] an MHA/GQA layer needs a kv cache");
-    MhaDims d = mha_dims(cfg);
-    DSV3_CHECK(cache.width == d.cache_width(), "[", op, "] cache width ", cache.width,
-               " does not match the config (", d.cache_width(), ")");
+    const MhaDims& d = w.mha_d;
     py::gil_scoped_release nogil;
     mha_decode(po, px, w.mha, d, KvCacheView{base, cache.max_len}, a.B, a.T, start_pos);
   }
-  cache.length[layer] = start_pos + a.T;
+  cache.end_write(layer, layer + 1, start_pos, a.T);
   return out;
 }
 

@@ -14,51 +14,6 @@ using py::arg;
 
 namespace {
 
-ModelConfig model_config(const py::object& cfg) {
-  ModelConfig c;
-  auto I = [&](const char* n) { return cfg_get<int64_t>(cfg, n); };
-  auto opt = [&](const char* n) {
-    py::object v = cfg.attr(n);
-    return v.is_none() ? int64_t(0) : v.cast<int64_t>();
-  };
-  c.V = I("vocab_size");
-  c.D = I("hidden_size");
-  c.inter = I("intermediate_size");
-  c.layers = I("num_hidden_layers");
-  c.mtp = I("num_nextn_predict_layers");
-  c.H = I("num_attention_heads");
-  c.Hkv = I("kv_heads");
-  c.Dq = opt("q_lora_rank");
-  c.Dc = I("kv_lora_rank");
-  c.Dn = I("qk_nope_head_dim");
-  c.Dr = I("qk_rope_head_dim");
-  c.Dv = I("v_head_dim");
-  c.E = opt("n_routed_experts");
-  if (c.E > 0) {
-    c.moe_inter = I("moe_intermediate_size");
-    c.n_shared = I("n_shared_experts");
-    c.K = I("num_experts_per_tok");
-    c.n_group = I("n_group");
-    c.topk_group = I("topk_group");
-    c.topk_method = cfg_get<std::string>(cfg, "topk_method");
-    c.scoring_func = cfg_get<std::string>(cfg, "scoring_func");
-    c.norm_topk_prob = cfg_get<bool>(cfg, "norm_topk_prob");
-    c.routed_scaling_factor = cfg_get<float>(cfg, "routed_scaling_factor");
-  }
-  c.first_k_dense = I("first_k_dense_replace");
-  c.moe_layer_freq = I("moe_layer_freq");
-  c.eps = cfg_get<float>(cfg, "rms_norm_eps");
-  c.rope = rope_params(c.Dr, cfg_get<double>(cfg, "rope_theta"), cfg.attr("rope_scaling"));
-  c.softmax_scale = cfg_get<float>(cfg, "softmax_scale");
-  c.tie_embeddings = cfg_get<bool>(cfg, "tie_word_embeddings");
-  c.init_range = cfg_get<float>(cfg, "initializer_range");
-  c.attention = cfg_get<std::string>(cfg, "attention_type");
-  c.mtp_loss_weight = cfg_get<float>(cfg, "mtp_loss_weight");
-  c.bias_update_speed = cfg_get<float>(cfg, "bias_update_speed");
-  c.seq_aux_loss_alpha = cfg_get<float>(cfg, "seq_aux_loss_alpha");
-  return c;
-}
-
 struct Tokens {
   I64 arr;
   int64_t B, T;
@@ -90,6 +45,18 @@ py::dict named_copy(const ParamLayout& L, const float* slab, bool trainable_only
 }  // namespace
 
 void bind_model(py::module_& m) {
+  m.def("param_counts", [](py::object cfg) {
+    const ParamCounts n = param_counts(model_config(cfg));
+    py::dict d;
+    d["embed"] = n.embed;
+    d["norm"] = n.norm;
+    d["head"] = n.head;
+    d["dense_block"] = n.dense_block;
+    d["moe_block"] = n.moe_block;
+    d["moe_block_active"] = n.moe_block_active;
+    d["mtp_own"] = n.mtp_own;
+    return d;
+  }, arg("cfg"));
   py::class_<Model, std::shared_ptr<Model>>(m, "Model")
       .def(py::init([](py::object cfg, uint64_t seed) {
              ModelConfig c = model_config(cfg);

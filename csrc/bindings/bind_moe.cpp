@@ -10,6 +10,8 @@
 #include "kernels/balance.h"
 #include "kernels/moe.h"
 #include "kernels/moe_gate.h"
+#include "kernels/moe_layer.h"
+#include "model/layout.h"
 
 namespace dsv3 {
 
@@ -33,20 +35,8 @@ MoeConfig moe_config_from(py::handle cfg, int64_t D, const char* op) {
   c.num_experts_per_tok = cfg_attr<int64_t>(cfg, "num_experts_per_tok", op);
   c.n_group = cfg_attr<int64_t>(cfg, "n_group", op);
   c.topk_group = cfg_attr<int64_t>(cfg, "topk_group", op);
-  const auto method = cfg_attr<std::string>(cfg, "topk_method", op);
-  if (method == "noaux_tc")
-    c.topk_method = TopkMethod::noaux_tc;
-  else if (method == "greedy")
-    c.topk_method = TopkMethod::greedy;
-  else if (method == "group_limited_greedy")
-    c.topk_method = TopkMethod::group_limited_greedy;
-  else
-    DSV3_CHECK(false, "[", op, "] topk_method must be 'noaux_tc', 'greedy' or ",
-               "'group_limited_greedy', got '", method, "'");
-  const auto scoring = cfg_attr<std::string>(cfg, "scoring_func", op);
-  DSV3_CHECK(scoring == "sigmoid" || scoring == "softmax", "[", op,
-             "] scoring_func must be 'sigmoid' or 'softmax', got '", scoring, "'");
-  c.scoring_func = scoring == "sigmoid" ? ScoringFunc::sigmoid : ScoringFunc::softmax;
+  c.topk_method = topk_method_from(cfg_attr<std::string>(cfg, "topk_method", op), op);
+  c.scoring_func = scoring_func_from(cfg_attr<std::string>(cfg, "scoring_func", op), op);
   c.norm_topk_prob = cfg_attr<bool>(cfg, "norm_topk_prob", op);
   c.routed_scaling_factor = cfg_attr<float>(cfg, "routed_scaling_factor", op);
   c.hidden_size = D;
@@ -76,39 +66,26 @@ Shape with_last(const py::array& a, py::ssize_t d) {
   return s;
 }
 
-// The layer's parameters from a dict keyed by Hugging Face names relative to the layer.
-// `keep` holds the (possibly converted) arrays alive while the views are in use.
+// The layer's parameters from a dict keyed by Hugging Face names relative to the layer
+// ("mlp.": the names and shapes of layout.h's moe_param_specs). `keep` holds the (possibly
+// converted) arrays alive while the views are in use.
 struct LayerParams {
   MoeParams p;
-  std::vector<F32> keep;
-  std::vector<std::pair<std::string, Shape>> names;  // every expected key, in layout order
+  std::map<std::string, F32> keep;
+  std::vector<ParamSpec> specs;  // every expected key, in layout order
 };
 
 LayerParams layer_params(py::handle params_h, const MoeConfig& c, const char* op) {
   DSV3_CHECK(py::isinstance<py::dict>(params_h), "[", op, "] params must be a dict of ",
              "float32 arrays keyed by Hugging Face names relative to the layer");
   auto params = py::reinterpret_borrow<py::dict>(params_h);
-  const auto E = (py::ssize_t)c.n_routed_experts, D = (py::ssize_t)c.hidden_size;
-  const auto F = (py::ssize_t)c.moe_intermediate_size, S = (py::ssize_t)c.shared_width();
   LayerParams lp;
-  lp.names.push_back({"gate.weight", {E, D}});
-  if (c.has_bias()) lp.names.push_back({"gate.e_score_correction_bias", {E}});
-  for (py::ssize_t j = 0; j < E; ++j) {
-    const std::string pre = "experts." + std::to_string(j) + ".";
-    lp.names.push_back({pre + "gate_proj.weight", {F, D}});
-    lp.names.push_back({pre + "up_proj.weight", {F, D}});
-    lp.names.push_back({pre + "down_proj.weight", {D, F}});
-  }
-  if (S > 0) {
-    lp.names.push_back({"shared_experts.gate_proj.weight", {S, D}});
-    lp.names.push_back({"shared_experts.up_proj.weight", {S, D}});
-    lp.names.push_back({"shared_experts.down_proj.weight", {D, S}});
-  }
+  lp.specs = moe_param_specs(c);
   std::set<std::string> expected;
   std::string missing, unexpected;
-  for (const auto& [name, shape] : lp.names) {
-    expected.insert(name);
-    if (!params.contains(name)) missing += (missing.empty() ? "" : ", ") + name;
+  for (const ParamSpec& s : lp.specs) {
+    expected.insert(s.name);
+    if (!params.contains(s.name)) missing += (missing.empty() ? "" : ", ") + s.name;
   }
   for (const auto& item : params) {
     const std::string key = py::str(item.first);
@@ -117,24 +94,15 @@ LayerParams layer_params(py::handle params_h, const MoeConfig& c, const char* op
   DSV3_CHECK(missing.empty() && unexpected.empty(), "[", op, "] params do not match the config",
              missing.empty() ? "" : "; missing: ", missing,
              unexpected.empty() ? "" : "; unexpected: ", unexpected);
-  std::map<std::string, const float*> ptr;
-  for (const auto& [name, shape] : lp.names) {
-    F32 a = f32(params[name.c_str()], op, name.c_str());
-    check_shape(a, shape, op, name);
-    ptr[name] = a.data();
-    lp.keep.push_back(std::move(a));
+  for (const ParamSpec& s : lp.specs) {
+    F32 a = f32(params[s.name.c_str()], op, s.name.c_str());
+    check_shape(a, Shape(s.shape.begin(), s.shape.end()), op, s.name);
+    lp.keep.emplace(s.name, std::move(a));
   }
-  lp.p.gate_weight = ptr["gate.weight"];
-  if (c.has_bias()) lp.p.gate_e_score_correction_bias = ptr["gate.e_score_correction_bias"];
-  for (py::ssize_t j = 0; j < E; ++j) {
-    const std::string pre = "experts." + std::to_string(j) + ".";
-    lp.p.experts.push_back({ptr[pre + "gate_proj.weight"], ptr[pre + "up_proj.weight"],
-                            ptr[pre + "down_proj.weight"]});
-  }
-  if (S > 0)
-    lp.p.shared_experts = {ptr["shared_experts.gate_proj.weight"],
-                           ptr["shared_experts.up_proj.weight"],
-                           ptr["shared_experts.down_proj.weight"]};
+  lp.p = moe_params([&](const std::string& n) -> const float* {
+    auto it = lp.keep.find(n);
+    return it == lp.keep.end() ? nullptr : it->second.data();
+  }, c.n_routed_experts);
   return lp;
 }
 
@@ -169,25 +137,11 @@ py::tuple moe_gate_py(py::handle x_h, py::handle w_h, py::handle b_h, py::handle
 }
 
 // ---- layer ----------------------------------------------------------------------------------
-// Saved activations and scratch of the layer calls, kept per Python thread between calls:
-// at the sizes researchers use (thousands of tokens) they are tens of MB, and fresh buffers
-// would be page-faulted in (and zeroed by the kernel) on every call.
-struct LayerScratch {
-  std::vector<float> f;
-  std::vector<int64_t> i;
-  MoeWorkspace ws;
-};
-LayerScratch& layer_scratch() {
-  static thread_local LayerScratch s;
-  return s;
-}
-
 struct LayerRun {
   MoeConfig c;
   LayerParams lp;
   F32 x;
   int64_t B, T;  // sequences, tokens per sequence
-  MoeActs acts;
 };
 
 void layer_setup(LayerRun& r, py::handle x_h, py::handle params, py::handle cfg, const char* op) {
@@ -200,17 +154,6 @@ void layer_setup(LayerRun& r, py::handle x_h, py::handle params, py::handle cfg,
   r.T = r.x.shape(r.x.ndim() - 2);
 }
 
-// Runs the forward into y (whose buffer the caller owns); GIL must be released by the caller.
-void layer_forward(LayerRun& r, float* y) {
-  const int64_t R = r.B * r.T;
-  MoeActsSize sz = moe_acts_size(r.c, R);
-  LayerScratch& sc = layer_scratch();
-  if ((int64_t)sc.f.size() < sz.floats) sc.f.resize((size_t)sz.floats);
-  if ((int64_t)sc.i.size() < sz.ints) sc.i.resize((size_t)sz.ints);
-  r.acts = moe_acts_view(sc.f.data(), sc.i.data(), r.c, R);
-  moe_forward(y, r.acts, r.x.data(), r.lp.p, r.c, R, &sc.ws);
-}
-
 void check_alpha(double alpha, const char* op) {
   DSV3_CHECK(std::isfinite(alpha) && alpha >= 0, "[", op,
              "] balance_alpha must be finite and >= 0, got ", alpha);
@@ -218,7 +161,6 @@ void check_alpha(double alpha, const char* op) {
 
 py::tuple moe_forward_py(py::handle x_h, py::handle params, py::handle cfg, double alpha) {
   const char* op = "moe_forward";
-  check_alpha(alpha, op);
   LayerRun r;
   layer_setup(r, x_h, params, cfg, op);
   const int64_t E = r.c.n_routed_experts, K = r.c.num_experts_per_tok, R = r.B * r.T;
@@ -228,14 +170,12 @@ py::tuple moe_forward_py(py::handle x_h, py::handle params, py::handle cfg, doub
   double bal = 0.0, maxvio = 0.0;
   {
     py::gil_scoped_release nogil;
-    layer_forward(r, y.mutable_data());
-    std::copy(r.acts.topk_idx, r.acts.topk_idx + R * K, idx.mutable_data());
-    std::copy(r.acts.topk_weight, r.acts.topk_weight + R * K, tw.mutable_data());
-    std::copy(r.acts.scores, r.acts.scores + R * E, scores.mutable_data());
-    expert_load(load.mutable_data(), r.acts.topk_idx, R, K, E);
+    const MoeActs a = moe_layer_forward(y.mutable_data(), &bal, r.x.data(), r.lp.p, r.c, r.B, r.T, alpha);
+    std::copy(a.topk_idx, a.topk_idx + R * K, idx.mutable_data());
+    std::copy(a.topk_weight, a.topk_weight + R * K, tw.mutable_data());
+    std::copy(a.scores, a.scores + R * E, scores.mutable_data());
+    expert_load(load.mutable_data(), a.topk_idx, R, K, E);
     maxvio = max_violation(load.data(), E);
-    if (alpha > 0 && R > 0)
-      bal = seq_balance_loss_forward(r.acts.scores, r.acts.topk_idx, r.B, r.T, E, K, alpha);
   }
   py::dict aux;
   aux["topk_idx"] = idx;
@@ -250,47 +190,29 @@ py::tuple moe_forward_py(py::handle x_h, py::handle params, py::handle cfg, doub
 py::tuple moe_backward_py(py::handle dy_h, py::handle x_h, py::handle params, py::handle cfg,
                           double alpha) {
   const char* op = "moe_backward";
-  check_alpha(alpha, op);
   LayerRun r;
   layer_setup(r, x_h, params, cfg, op);
   F32 dy = f32(dy_h, op, "dy");
   check_same_shape(r.x, dy, op, "x", "dy");
-  const int64_t E = r.c.n_routed_experts, K = r.c.num_experts_per_tok, R = r.B * r.T;
+  const int64_t E = r.c.n_routed_experts;
   F32 dx = zeros(shape_of(r.x));
   py::dict out;
   std::map<std::string, float*> ptr;
-  for (const auto& [name, shape] : r.lp.names) {
-    if (name == "gate.e_score_correction_bias") continue;  // moved by update_expert_bias only
-    F32 z = zeros(shape);
-    ptr[name] = z.mutable_data();
-    out[name.c_str()] = z;
+  for (const ParamSpec& s : r.lp.specs) {
+    if (!s.trainable) continue;  // the correction bias: moved by update_expert_bias only
+    F32 z = zeros(Shape(s.shape.begin(), s.shape.end()));
+    ptr[s.name] = z.mutable_data();
+    out[s.name.c_str()] = z;
   }
-  auto grad_ptr = [&](const std::string& name) { return ptr.at(name); };
-  MoeGrads g;
-  g.gate_weight = grad_ptr("gate.weight");
-  for (int64_t j = 0; j < E; ++j) {
-    const std::string pre = "experts." + std::to_string(j) + ".";
-    g.experts.push_back({grad_ptr(pre + "gate_proj.weight"), grad_ptr(pre + "up_proj.weight"),
-                         grad_ptr(pre + "down_proj.weight")});
-  }
-  if (r.c.shared_width() > 0)
-    g.shared_experts = {grad_ptr("shared_experts.gate_proj.weight"),
-                        grad_ptr("shared_experts.up_proj.weight"),
-                        grad_ptr("shared_experts.down_proj.weight")};
+  const MoeGrads g = moe_grads([&](const std::string& n) -> float* {
+    auto it = ptr.find(n);
+    return it == ptr.end() ? nullptr : it->second;
+  }, E);
   float* pdx = dx.mutable_data();
   const float* pdy = dy.data();
   {
     py::gil_scoped_release nogil;
-    std::vector<float> y((size_t)(R * r.c.hidden_size));
-    layer_forward(r, y.data());
-    std::vector<float> d_scores;
-    if (alpha > 0 && R > 0) {
-      d_scores.assign((size_t)(R * E), 0.f);
-      seq_balance_loss_backward(d_scores.data(), 1.0, r.acts.scores, r.acts.topk_idx, r.B, r.T,
-                                E, K, alpha);
-    }
-    moe_backward(pdx, g, pdy, d_scores.empty() ? nullptr : d_scores.data(), r.acts, r.x.data(),
-                 r.lp.p, r.c, R, &layer_scratch().ws);
+    moe_layer_backward(pdx, g, pdy, r.x.data(), r.lp.p, r.c, r.B, r.T, alpha);
   }
   return py::make_tuple(dx, out);
 }
@@ -360,6 +282,12 @@ F32 update_bias_py(py::handle b_h, py::handle load_h, double gamma) {
 }  // namespace
 
 void bind_moe(py::module_& m) {
+  m.def("moe_param_specs", [](py::handle cfg, int64_t D) {
+    py::list out;
+    for (const ParamSpec& s : moe_param_specs(moe_config_from(cfg, D, "moe_param_shapes")))
+      out.append(py::make_tuple(s.name, py::tuple(py::cast(s.shape))));
+    return out;
+  }, arg("cfg"), arg("hidden_size"));
   m.def("moe_gate", &moe_gate_py, arg("x"), arg("weight"), arg("bias"), arg("cfg"));
   m.def("moe_forward", &moe_forward_py, arg("x"), arg("params"), arg("cfg"),
         arg("balance_alpha"));

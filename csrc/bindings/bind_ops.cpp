@@ -5,6 +5,8 @@
 
 #include "bindings/arrays.h"
 #include "bindings/convert.h"
+#include "core/bf16.h"
+#include "core/blas.h"
 #include "core/small_gemm.h"
 #include "kernels/attention.h"
 #include "kernels/nn.h"
@@ -109,18 +111,17 @@ py::tuple linear_bwd(py::handle dy_h, py::handle x_h, py::handle w_h) {
   return py::make_tuple(dx, dw);
 }
 
-// ---- rmsnorm --------------------------------------------------------------------------------
-void check_rmsnorm(const F32& x, const F32& w, float eps, const char* op) {
+// ---- rmsnorm (the kernel checks eps) --------------------------------------------------------
+void check_rmsnorm(const F32& x, const F32& w, const char* op) {
   DSV3_CHECK(w.ndim() == 1, "[", op, "] weight must be 1-D, got shape ", shape_str(shape_of(w)));
   DSV3_CHECK(w.shape(0) >= 1, "[", op, "] weight must not be empty");
   check_last(x, w.shape(0), op, "x", "weight.shape[0]");
-  DSV3_CHECK(eps >= 0 && std::isfinite(eps), "[", op, "] eps must be finite and >= 0, got ", eps);
 }
 
 F32 rmsnorm(py::handle x_h, py::handle w_h, float eps) {
   auto x = f32(x_h, "rmsnorm", "x");
   auto w = f32(w_h, "rmsnorm", "weight");
-  check_rmsnorm(x, w, eps, "rmsnorm");
+  check_rmsnorm(x, w, "rmsnorm");
   const int64_t R = rows(x), D = w.shape(0);
   F32 y = empty(shape_of(x));
   float* py_ = y.mutable_data();
@@ -134,7 +135,7 @@ py::tuple rmsnorm_bwd(py::handle dy_h, py::handle x_h, py::handle w_h, float eps
   auto dy = f32(dy_h, "rmsnorm_backward", "dy");
   auto x = f32(x_h, "rmsnorm_backward", "x");
   auto w = f32(w_h, "rmsnorm_backward", "weight");
-  check_rmsnorm(x, w, eps, "rmsnorm_backward");
+  check_rmsnorm(x, w, "rmsnorm_backward");
   check_same_shape(x, dy, "rmsnorm_backward", "x", "dy");
   const int64_t R = rows(x), D = w.shape(0);
   F32 dx = empty(shape_of(x)), dw = zeros(shape_of(w));
@@ -176,7 +177,9 @@ F32 exp_py(py::handle x_h) {  // _exp_f32: the engine's expf, for tests/test_mat
 
 // _small_gemm: the attention core's product (core/small_gemm.h), for tests/test_small_gemm.py.
 // a [M,K] (or [K,M] with trans_a), b [K,N]; c [M,N] is accumulated into when given.
-F32 small_gemm_py(py::handle a_h, py::handle b_h, bool trans_a, float alpha, py::object c_h) {
+// naive: the same product by core/blas.h's sgemm_naive, the reference kept beside it.
+F32 small_gemm_py(py::handle a_h, py::handle b_h, bool trans_a, float alpha, py::object c_h,
+                  bool naive) {
   const char* op = "_small_gemm";
   auto a = f32(a_h, op, "a");
   auto b = f32(b_h, op, "b");
@@ -195,7 +198,10 @@ F32 small_gemm_py(py::handle a_h, py::handle b_h, bool trans_a, float alpha, py:
   const float *pa = a.data(), *pb = b.data();
   float* pc = c.mutable_data();
   py::gil_scoped_release nogil;
-  small_gemm(trans_a, M, N, K, alpha, pa, a.shape(1), pb, N, acc, pc, N);
+  if (naive)
+    sgemm_naive(trans_a, false, M, N, K, alpha, pa, a.shape(1), pb, N, acc ? 1.f : 0.f, pc, N);
+  else
+    small_gemm(trans_a, M, N, K, alpha, pa, a.shape(1), pb, N, acc, pc, N);
   return c;
 }
 
@@ -314,7 +320,7 @@ py::tuple attention_py(py::handle q_h, py::handle k_h, py::handle v_h, double sc
   const float *pq = a.q.data(), *pk = a.k.data(), *pv = a.v.data();
   {
     py::gil_scoped_release nogil;
-    attention_forward(po, pl, pq, pk, pv, a.s);
+    attention_forward(po, pl, {pq, pk, pv}, a.s);
   }
   return py::make_tuple(o, lse);
 }
@@ -340,7 +346,7 @@ py::tuple attention_bwd(py::handle do_h, py::handle q_h, py::handle k_h, py::han
               *pk = a.k.data(), *pv = a.v.data();
   {
     py::gil_scoped_release nogil;
-    attention_backward(pdq, pdk, pdv, pdo, po, pl, pq, pk, pv, a.s, /*set=*/true);
+    attention_backward({pdq, pdk, pdv, nullptr, /*set=*/true}, pdo, {po, pl}, {pq, pk, pv}, a.s);
   }
   return py::make_tuple(dq, dk, dv);
 }
@@ -407,9 +413,23 @@ F32 cross_entropy_bwd(py::handle l_h, py::handle t_h, py::handle lse_h, int64_t 
   return d;
 }
 
+// float32 -> bf16 bit patterns (core/bf16.h), any shape
+py::array_t<uint16_t> bf16_bits_py(py::handle x_h) {
+  F32 x = f32(x_h, "bf16_bits", "x");
+  py::array_t<uint16_t> out(shape_of(x));
+  const float* px = x.data();
+  uint16_t* po = out.mutable_data();
+  const int64_t n = x.size();
+  py::gil_scoped_release nogil;
+  for (int64_t i = 0; i < n; ++i) po[i] = bf16_encode(px[i]);
+  return out;
+}
+
 }  // namespace
 
 void bind_ops(py::module_& m) {
+  m.def("yarn_mscale", &yarn_mscale, arg("scale"), arg("mscale"));
+  m.def("bf16_bits", &bf16_bits_py, arg("x"));
   m.def("embedding", &embedding, arg("ids"), arg("weight"));
   m.def("embedding_backward", &embedding_bwd, arg("d_out"), arg("ids"), arg("num_embeddings"));
   m.def("linear", &linear, arg("x"), arg("weight"));
@@ -430,7 +450,7 @@ void bind_ops(py::module_& m) {
         arg("out"), arg("lse"), arg("scale"), arg("start_pos"));
   m.def("_exp_f32", &exp_py, arg("x"));
   m.def("_small_gemm", &small_gemm_py, arg("a"), arg("b"), arg("trans_a") = false,
-        arg("alpha") = 1.f, arg("c") = py::none());
+        arg("alpha") = 1.f, arg("c") = py::none(), arg("naive") = false);
   m.def("_transpose_rows", &transpose_rows_py, arg("src"), arg("K"));
   m.def("cross_entropy", &cross_entropy_py, arg("logits"), arg("targets"), arg("ignore_index"));
   m.def("cross_entropy_backward", &cross_entropy_bwd, arg("logits"), arg("targets"), arg("lse"),

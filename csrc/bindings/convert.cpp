@@ -27,6 +27,48 @@ RopeParams rope_params(int64_t dim, double theta, const py::object& scaling) {
   return p;
 }
 
+ModelConfig model_config(const py::object& cfg) {
+  ModelConfig c;
+  auto I = [&](const char* n) { return cfg_get<int64_t>(cfg, n); };
+  auto opt = [&](const char* n) {
+    py::object v = cfg.attr(n);
+    return v.is_none() ? int64_t(0) : v.cast<int64_t>();
+  };
+  c.V = I("vocab_size");
+  c.D = I("hidden_size");
+  c.inter = I("intermediate_size");
+  c.layers = I("num_hidden_layers");
+  c.mtp = I("num_nextn_predict_layers");
+  c.H = I("num_attention_heads");
+  c.Hkv = I("kv_heads");
+  c.Dq = opt("q_lora_rank");
+  c.Dc = I("kv_lora_rank");
+  c.Dn = I("qk_nope_head_dim");
+  c.Dr = I("qk_rope_head_dim");
+  c.Dv = I("v_head_dim");
+  c.E = opt("n_routed_experts");
+  if (c.E > 0) {
+    c.moe_inter = I("moe_intermediate_size");
+    c.n_shared = I("n_shared_experts");
+    c.K = I("num_experts_per_tok");
+    c.n_group = I("n_group");
+    c.topk_group = I("topk_group");
+    c.topk_method = cfg_get<std::string>(cfg, "topk_method");
+    c.scoring_func = cfg_get<std::string>(cfg, "scoring_func");
+    c.norm_topk_prob = cfg_get<bool>(cfg, "norm_topk_prob");
+    c.routed_scaling_factor = cfg_get<float>(cfg, "routed_scaling_factor");
+  }
+  c.first_k_dense = I("first_k_dense_replace");
+  c.moe_layer_freq = I("moe_layer_freq");
+  c.eps = cfg_get<float>(cfg, "rms_norm_eps");
+  c.rope = rope_params(c.Dr, cfg_get<double>(cfg, "rope_theta"), cfg.attr("rope_scaling"));
+  c.softmax_scale = cfg_get<float>(cfg, "softmax_scale");
+  c.tie_embeddings = cfg_get<bool>(cfg, "tie_word_embeddings");
+  c.init_range = cfg_get<float>(cfg, "initializer_range");
+  c.attention = cfg_get<std::string>(cfg, "attention_type");
+  return c;
+}
+
 namespace {
 RopeTable cfg_rope(const py::object& cfg) {
   return rope_table(rope_params(cfg_get<int64_t>(cfg, "qk_rope_head_dim"),

@@ -8,6 +8,7 @@
 #include "kernels/mha.h"
 #include "kernels/mla.h"
 #include "kernels/rope.h"
+#include "model/config.h"
 
 namespace dsv3::py_glue {
 
@@ -20,6 +21,8 @@ T cfg_get(const py::object& cfg, const char* name) {
   return cfg.attr(name).cast<T>();
 }
 
+// The engine's ModelConfig of a dsv3.Config.
+ModelConfig model_config(const py::object& cfg);
 MlaDims mla_dims(const py::object& cfg);
 MhaDims mha_dims(const py::object& cfg);
 

@@ -2,6 +2,8 @@
 // surface is python/dsv3/__init__.py.
 #include <pybind11/pybind11.h>
 
+#include "core/check.h"
+
 namespace dsv3 {
 void bind_info(pybind11::module_& m);
 void bind_fp8(pybind11::module_& m);
@@ -14,6 +16,9 @@ void bind_train(pybind11::module_& m);
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "dsv3 C++ engine (private; use the dsv3 package)";
+  // registered first: pybind11 tries the most recently registered translators first, and
+  // NonFiniteError is a std::invalid_argument (-> ValueError) as well
+  pybind11::register_exception<dsv3::NonFiniteError>(m, "NonFiniteError", PyExc_ValueError);
   dsv3::bind_info(m);
   dsv3::bind_ops(m);
   dsv3::bind_attention(m);

@@ -11,8 +11,9 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
            const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
            int64_t ldc);
 
-// Straightforward triple loop with fp32 accumulation in k order; kept beside the fast one
-// for tests and for sizes where a BLAS call costs more than the work.
+// Straightforward triple loop with fp32 accumulation in k order: the naive reference kept
+// beside the fast products (tests/test_small_gemm.py checks it against float64 and the
+// attention core's small_gemm against it, through _core._small_gemm(naive=True)).
 void sgemm_naive(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
                  const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
                  int64_t ldc);

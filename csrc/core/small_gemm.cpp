@@ -1,5 +1,7 @@
 #include "core/small_gemm.h"
 
+#include "core/env.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -179,8 +181,7 @@ __attribute__((target("avx512f"))) void transpose_rows_avx512(float* dst, int64_
 #endif
 
 bool detect() {
-  const char* env = std::getenv("DSV3_SMALL_GEMM");  // "0": always use sgemm (tests, A/B)
-  if (env && std::strcmp(env, "0") == 0) return false;
+  if (!env_settings().small_gemm) return false;  // DSV3_SMALL_GEMM=0: always sgemm
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f");
 }

@@ -8,6 +8,7 @@
 
 #include "core/blas.h"
 #include "core/check.h"
+#include "core/env.h"
 #include "core/mathfn.h"
 #include "core/parallel.h"
 #include "core/simd.h"
@@ -136,10 +137,7 @@ void AttnProbs::prepare(const AttnShape& s, bool keep) {
 }
 
 bool attention_keep_probs(const AttnShape& s) {
-  static const bool allowed = [] {  // DSV3_KEEP_ATTN_PROBS=0: always recompute (tests, A/B)
-    const char* e = std::getenv("DSV3_KEEP_ATTN_PROBS");
-    return !(e && std::string(e) == "0");
-  }();
+  const bool allowed = env_settings().keep_attn_probs;  // DSV3_KEEP_ATTN_PROBS=0: recompute
   // and one sequence's buffer under malloc's 32 MiB mmap threshold (see attention.h)
   return allowed && s.H * s.Tk <= 8192 && attention_probs_per_batch(s) <= (8 << 20);
 }
@@ -164,8 +162,9 @@ void attention_check(const AttnShape& s) {
              ", head ", s.hsk(), ") is inconsistent");
 }
 
-void attention_forward(float* o, float* lse, const float* q, const float* k, const float* v,
-                       const AttnShape& s, float* const* probs, const float* kr) {
+void attention_forward(float* o, float* lse, const AttnInputs& in, const AttnShape& s,
+                       float* const* probs) {
+  const float *q = in.q, *k = in.k, *v = in.v, *kr = in.kr;
   attention_check(s);
   DSV3_CHECK(!s.k_shared || kr, "[attention] split keys need the shared part");
   const int64_t ldq = s.H * s.Dk, ldk = s.ldk(), ldv = s.ldv(), ldo = s.H * s.Dv;
@@ -219,10 +218,13 @@ void attention_forward(float* o, float* lse, const float* q, const float* k, con
   });
 }
 
-void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const float* o,
-                        const float* lse, const float* q, const float* k, const float* v,
-                        const AttnShape& s, bool set, const float* const* probs,
-                        const float* kr, float* dkr) {
+void attention_backward(const AttnGrads& g, const float* d_o, const AttnSaved& saved,
+                        const AttnInputs& in, const AttnShape& s) {
+  float *dq = g.dq, *dk = g.dk, *dv = g.dv, *dkr = g.dkr;
+  const bool set = g.set;
+  const float *o = saved.o, *lse = saved.lse;
+  const float* const* probs = saved.probs;
+  const float *q = in.q, *k = in.k, *v = in.v, *kr = in.kr;
   attention_check(s);
   DSV3_CHECK(!s.k_shared || kr, "[attention] split keys need the shared part");
   const int64_t ldq = s.H * s.Dk, ldk = s.ldk(), ldv = s.ldv(), ldo = s.H * s.Dv;

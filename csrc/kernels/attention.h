@@ -56,31 +56,48 @@ struct AttnProbs {
 
 void attention_check(const AttnShape& s);  // throws std::invalid_argument on bad shapes
 
-// probs: when given, the forward also keeps the probabilities of every query block (the keys
-// it can see; unnormalised exps and each row's 1/sum) for the backward, which then skips
-// recomputing q k^T and all of the backward's exps, for about H * (Tk/2 + 17) floats per query
-// token. probs[b] holds batch
-// element b's (attention_probs_per_batch(s) floats: one allocation per sequence, kept under
-// malloc's mmap threshold by the policy, so a training loop reuses warm pages).
-// attention_keep_probs(s) is the policy the layers follow.
-void attention_forward(float* o, float* lse, const float* q, const float* k, const float* v,
-                       const AttnShape& s, float* const* probs = nullptr,
-                       const float* kr = nullptr);
+// The inputs of a call: q, k, v in the layouts above and, with split keys, the shared key
+// part kr [B, Tk, k_shared].
+struct AttnInputs {
+  const float* q = nullptr;
+  const float* k = nullptr;
+  const float* v = nullptr;
+  const float* kr = nullptr;
+};
+
+// o[B,Tq,H,Dv] and lse[B,H,Tq] (lse may be null). probs: when given, the forward also keeps
+// the probabilities of every query block (the keys it can see; unnormalised exps and each
+// row's 1/sum) for the backward, which then skips recomputing q k^T and all of the backward's
+// exps, for about H * (Tk/2 + 17) floats per query token. probs[b] holds batch element b's
+// (attention_probs_per_batch(s) floats: one allocation per sequence, kept under malloc's mmap
+// threshold by the policy, so a training loop reuses warm pages). attention_keep_probs(s) is
+// the policy the layers follow.
+void attention_forward(float* o, float* lse, const AttnInputs& in, const AttnShape& s,
+                       float* const* probs = nullptr);
 int64_t attention_probs_per_batch(const AttnShape& s);
 // True when H * Tk <= 8192 (e.g. 8 heads up to 1024 keys: ~16 KiB per query token) and one
 // sequence's probabilities fit in 32 MiB; otherwise they are recomputed (memory O(T), not
-// O(T^2)). DSV3_KEEP_ATTN_PROBS=0 in the environment makes it always false.
+// O(T^2)). DSV3_KEEP_ATTN_PROBS=0 in the environment (core/env.h) makes it always false.
 bool attention_keep_probs(const AttnShape& s);
 
-// dq += ..., dk += ..., dv += ...   (o and lse from the forward; any gradient may be null).
-// set: dq, dk, dv are overwritten instead (they need not be zeroed first). probs: what the
-// forward kept, or null to recompute. With split keys, dk has k's layout (its own dims) and
-// dkr [B, Tk, H, k_shared] gets each query head's gradient of the shared dims (the caller sums
+// What the forward saved: its o and lse, and the kept probabilities (or null: recompute).
+struct AttnSaved {
+  const float* o = nullptr;
+  const float* lse = nullptr;
+  const float* const* probs = nullptr;
+};
+// The gradients (any may be null). Accumulated into, or overwritten when set (then they need
+// not be zeroed first). With split keys, dk has k's layout (its own dims) and dkr
+// [B, Tk, H, k_shared] gets each query head's gradient of the shared dims (the caller sums
 // over heads).
-void attention_backward(float* dq, float* dk, float* dv, const float* d_o, const float* o,
-                        const float* lse, const float* q, const float* k, const float* v,
-                        const AttnShape& s, bool set = false,
-                        const float* const* probs = nullptr, const float* kr = nullptr,
-                        float* dkr = nullptr);
+struct AttnGrads {
+  float* dq = nullptr;
+  float* dk = nullptr;
+  float* dv = nullptr;
+  float* dkr = nullptr;
+  bool set = false;
+};
+void attention_backward(const AttnGrads& g, const float* d_o, const AttnSaved& saved,
+                        const AttnInputs& in, const AttnShape& s);
 
 }  // namespace dsv3

@@ -53,6 +53,17 @@ struct KvCache {
     DSV3_CHECK(start_pos + S <= max_len, "[KVCache] start_pos (", start_pos, ") + tokens (", S,
                ") exceeds the cache capacity max_len = ", max_len);
   }
+  // A write of S rows at start_pos into layers [l0, l1): begin_write checks every layer, then
+  // forgets their rows from start_pos on; end_write (after every layer succeeded) records the
+  // new length. A failure in between (e.g. non-finite activations) leaves a consistent,
+  // shorter cache instead of stale rows.
+  void begin_write(int64_t l0, int64_t l1, int64_t start_pos, int64_t S) {
+    for (int64_t l = l0; l < l1; ++l) check_step(l, start_pos, S);
+    for (int64_t l = l0; l < l1; ++l) length[l] = length[l] < start_pos ? length[l] : start_pos;
+  }
+  void end_write(int64_t l0, int64_t l1, int64_t start_pos, int64_t S) {
+    for (int64_t l = l0; l < l1; ++l) length[l] = start_pos + S;
+  }
 };
 
 }  // namespace dsv3

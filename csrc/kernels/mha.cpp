@@ -56,7 +56,7 @@ void mha_forward(float* out, MhaActs& a, const float* x, const MhaParams& p, con
   a.lse.resize(B * d.H * T);
   const AttnShape s{B, T, T, d.H, d.Hkv, d.dqk(), d.Dv, 0, d.scale};
   a.probs.prepare(s, a.keep_probs);
-  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(), s,
+  attention_forward(a.o.data(), a.lse.data(), {a.q.data(), a.k.data(), a.v.data()}, s,
                     a.probs.get());
   linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
 }
@@ -69,8 +69,9 @@ void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaAct
   Buf d_o = buf(a.o.size()), dq = buf(a.q.size()), dk = buf(a.k.size()), dv = buf(a.v.size());
   linear_backward(d_o.get(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, true);
   const AttnShape s{B, T, T, d.H, d.Hkv, d.dqk(), d.Dv, 0, d.scale};
-  attention_backward(dq.get(), dk.get(), dv.get(), d_o.get(), a.o.data(), a.lse.data(),
-                     a.q.data(), a.k.data(), a.v.data(), s, true, a.probs.get());
+  attention_backward({dq.get(), dk.get(), dv.get(), nullptr, /*set=*/true}, d_o.get(),
+                     {a.o.data(), a.lse.data(), a.probs.get()},
+                     {a.q.data(), a.k.data(), a.v.data()}, s);
   rope_heads_backward(dq.get(), d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   rope_heads_backward(dk.get(), d.Hkv, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   linear_backward(dx, g.q_proj, dq.get(), x, p.q_proj, R, d.D, d.H * d.dqk(), set_dx);
@@ -96,8 +97,8 @@ void mha_decode(float* out, const float* x, const MhaParams& p, const MhaDims& d
     std::memcpy(kc + start_pos * K, k.data() + b * S * K, sizeof(float) * S * K);
     std::memcpy(vc + start_pos * V, v.data() + b * S * V, sizeof(float) * S * V);
     const AttnShape s{1, S, L, d.H, d.Hkv, d.dqk(), d.Dv, start_pos, d.scale};
-    attention_forward(o.data() + b * S * d.H * d.Dv, nullptr, q.data() + b * S * d.H * d.dqk(),
-                      kc, vc, s);
+    attention_forward(o.data() + b * S * d.H * d.Dv, nullptr,
+                      {q.data() + b * S * d.H * d.dqk(), kc, vc}, s);
   }
   linear_forward(out, o.data(), p.o_proj, R, d.H * d.Dv, d.D);
 }

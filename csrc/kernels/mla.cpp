@@ -141,8 +141,8 @@ void mla_forward(float* out, MlaActs& a, const float* x, const MlaParams& p, con
   a.lse.resize(B * d.H * T);
   const AttnShape s = kv_shape(d, B, T, T, 0, d.Dr);
   a.probs.prepare(s, a.keep_probs);
-  attention_forward(a.o.data(), a.lse.data(), a.q.data(), a.kv.data(), a.kv.data() + d.Dn, s,
-                    a.probs.get(), a.kpe.data());
+  attention_forward(a.o.data(), a.lse.data(),
+                    {a.q.data(), a.kv.data(), a.kv.data() + d.Dn, a.kpe.data()}, s, a.probs.get());
   linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
 }
 
@@ -156,9 +156,10 @@ void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaAct
   linear_backward(d_o.get(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, true);
   // dk_nope and dv land in their places in dkv (the layout of kv); each head's d k_pe in dkr
   Buf dq = buf(R * Q), dkv = buf(R * kv_ld(d)), dkr = buf(R * d.H * d.Dr);
-  attention_backward(dq.get(), dkv.get(), dkv.get() + d.Dn, d_o.get(), a.o.data(), a.lse.data(),
-                     a.q.data(), a.kv.data(), a.kv.data() + d.Dn, kv_shape(d, B, T, T, 0, d.Dr),
-                     true, a.probs.get(), a.kpe.data(), dkr.get());
+  attention_backward({dq.get(), dkv.get(), dkv.get() + d.Dn, dkr.get(), /*set=*/true},
+                     d_o.get(), {a.o.data(), a.lse.data(), a.probs.get()},
+                     {a.q.data(), a.kv.data(), a.kv.data() + d.Dn, a.kpe.data()},
+                     kv_shape(d, B, T, T, 0, d.Dr));
   // d k_pe summed over heads (in head order), then written as [d c_kv | d k_pe] rows of dkva
   // after the rotation is undone
   Buf dkpe = buf(R * d.Dr), dkva = buf(R * W);
@@ -326,8 +327,9 @@ void mla_decode_naive(float* out, const float* x, const MlaParams& p, const MlaD
   for (int64_t b = 0; b < B; ++b) {
     const float* cb = cache.data + b * cache.max_len * W;
     decompress(kv.data(), cb, W, p, d, L);
-    attention_forward(o.data() + b * S * d.H * d.Dv, nullptr, st.q.data() + b * S * Q, kv.data(),
-                      kv.data() + d.Dn, kv_shape(d, 1, S, L, start_pos, W), nullptr, cb + d.Dc);
+    attention_forward(o.data() + b * S * d.H * d.Dv, nullptr,
+                      {st.q.data() + b * S * Q, kv.data(), kv.data() + d.Dn, cb + d.Dc},
+                      kv_shape(d, 1, S, L, start_pos, W));
   }
   linear_forward(out, o.data(), p.o_proj, B * S, d.H * d.Dv, d.D);
 }

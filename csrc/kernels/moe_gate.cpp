@@ -160,7 +160,7 @@ void moe_config_check(const MoeConfig& c, const char* op) {
 
 void check_finite(const float* a, int64_t n, const char* op, const char* name) {
   const int64_t i = first_nonfinite_block(a, n);
-  DSV3_CHECK(i == n, "[", op, "] ", name, " must be finite, found ", a[i < n ? i : 0],
+  DSV3_FINITE_CHECK(i == n, "[", op, "] ", name, " must be finite, found ", a[i < n ? i : 0],
              " at flat index ", i);
 }
 

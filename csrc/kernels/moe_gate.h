@@ -51,7 +51,7 @@ struct MoeConfig {
 // dividing E, Gk > G, K more than the kept groups hold, noaux_tc groups of one expert, ...
 void moe_config_check(const MoeConfig& c, const char* op);
 
-// Throws std::invalid_argument naming `name` when a[0..n) holds a NaN or an infinity.
+// Throws NonFiniteError (core/check.h) naming `name` when a[0..n) holds a NaN or an infinity.
 void check_finite(const float* a, int64_t n, const char* op, const char* name);
 
 // topk_idx[T,K] (int64), topk_weight[T,K] and scores[T,E] = s (unbiased, saved for the

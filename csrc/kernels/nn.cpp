@@ -153,12 +153,17 @@ void linear_backward(float* dx, float* dw, const float* dy, const float* x, cons
 
 void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, int64_t R, int64_t D,
                      float eps) {
+  DSV3_CHECK(R >= 0 && D >= 1, "[rmsnorm] needs rows >= 0 and a feature dim >= 1, got R=", R,
+             ", D=", D);
+  DSV3_CHECK(eps >= 0 && std::isfinite(eps), "[rmsnorm] eps must be finite and >= 0, got ", eps);
   parallel_for(R, row_grain(D),
                [&](int64_t r0, int64_t r1) { rmsnorm_rows(y, rstd, x, w, r0, r1, D, eps); });
 }
 
 void rmsnorm_backward(float* dx, float* dw, const float* dy, const float* rstd, const float* x,
                       const float* w, int64_t R, int64_t D, bool set_dx) {
+  DSV3_CHECK(R >= 0 && D >= 1, "[rmsnorm_backward] needs rows >= 0 and a feature dim >= 1, got R=",
+             R, ", D=", D);
   const auto rows = [&](float* part, int64_t r0, int64_t r1) {
     if (set_dx)
       rmsnorm_back_rows<true>(dx, part, dy, rstd, x, w, r0, r1, D);

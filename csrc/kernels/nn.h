@@ -27,6 +27,7 @@ void linear_backward(float* dx, float* dw, const float* dy, const float* x, cons
 
 // y = w * x / sqrt(mean(x^2) + eps), in fp32; rstd[R] = 1/sqrt(mean(x^2)+eps) is saved
 //                                         x[R,D]  w[D]  y[R,D]  rstd[R] (either may be null)
+// D >= 1 and eps finite and >= 0, else std::invalid_argument ("[rmsnorm] ...").
 void rmsnorm_forward(float* y, float* rstd, const float* x, const float* w, int64_t R, int64_t D,
                      float eps);
 // dx += rstd*(w*dy) - rstd^3/D * x * sum(w*dy*x) ;  dw += sum_r dy*x*rstd   (set_dx: dx =)

@@ -35,7 +35,6 @@ struct ModelConfig {
   bool tie_embeddings = false;
   float init_range = 0.02f; // initializer_range
   std::string attention = "mla";  // attention_type
-  float mtp_loss_weight = 0.3f, bias_update_speed = 0.001f, seq_aux_loss_alpha = 1e-4f;
 
   bool is_moe_layer(int64_t i) const {
     return E > 0 && i >= first_k_dense && i % moe_layer_freq == 0;

@@ -117,8 +117,8 @@ LossParts Model::loss_forward(LossState& st, const int64_t* tokens, int64_t B, i
   out.main = head_loss_forward(st.main, st.hn.data(), head(), R, D, V) / (double)R;
   // MTP modules: module k has T-k+1 rows per sequence, of which T-k have a target; a module
   // without any target left does not run (nor do the deeper ones)
-  const int64_t Dm = cfg_.mtp;
-  st.mtp_run = mtp_weight > 0 ? std::max<int64_t>(0, std::min(Dm, T - 1)) : 0;
+  const int64_t M = cfg_.mtp;
+  st.mtp_run = mtp_weight > 0 ? std::max<int64_t>(0, std::min(M, T - 1)) : 0;
   st.mtp.resize((size_t)st.mtp_run);
   st.mtp_head.resize((size_t)st.mtp_run);
   for (int64_t k = 1; k <= st.mtp_run; ++k) {
@@ -133,7 +133,7 @@ LossParts Model::loss_forward(LossState& st, const int64_t* tokens, int64_t B, i
       for (int64_t i = 0; i < L; ++i)
         h.targets[b * L + i] = i + k + 1 < N ? tokens[b * N + i + k + 1] : -1;
     const double s = head_loss_forward(h, m.out.data(), head(), B * L, D, V);
-    out.mtp += mtp_weight / (double)Dm * s / (double)R;
+    out.mtp += mtp_weight / (double)M * s / (double)R;
     if (cfg_.is_moe_layer(Lm + k - 1)) st.moes.push_back({&m.block, L});
   }
   // balance statistics and loss over every MoE block that ran
@@ -166,7 +166,7 @@ std::vector<float> Model::balance_grad(const LossState& st, const BlockActs& a,
 
 void Model::loss_backward(float* g, const LossState& st) {
   const int64_t B = st.B, T = st.T, R = B * T, D = cfg_.D, V = cfg_.V, Lm = cfg_.layers;
-  const int64_t Dm = cfg_.mtp;
+  const int64_t M = cfg_.mtp;
   float* g_head = layout_.ptr(g, head_name());
   std::vector<float> dhn((size_t)(R * D), 0.f);  // dL/dh^0
   // MTP modules, deepest first: module k's h_prev gradient feeds module k-1 (or h^0)
@@ -175,7 +175,7 @@ void Model::loss_backward(float* g, const LossState& st) {
     const MtpActs& m = st.mtp[k - 1];
     const int64_t Rk = B * m.L, ld_prev = k == 1 ? T : st.mtp[k - 2].L;
     std::vector<float> dout((size_t)(Rk * D), 0.f), dprev;
-    head_loss_backward(dout.data(), g_head, st.mtp_weight / (double)Dm / (double)R,
+    head_loss_backward(dout.data(), g_head, st.mtp_weight / (double)M / (double)R,
                        st.mtp_head[k - 1], m.out.data(), head(), Rk, D, V);
     const std::vector<float> ds =
         cfg_.is_moe_layer(Lm + k - 1) ? balance_grad(st, m.block, m.L) : std::vector<float>();

@@ -125,18 +125,14 @@ void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, 
   DSV3_CHECK(B >= 1 && S >= 1, "[", op, "] tokens must hold at least one token");
   check_tokens(tokens, B * S, op);
   check_cache(cache, cfg_.layers, B, op);
-  for (int64_t l = 0; l < cfg_.layers; ++l) cache.check_step(l, start_pos, S);
-  // Rows from start_pos on are about to be rewritten layer by layer: until every layer has
-  // succeeded the cache only vouches for the tokens before start_pos, so a failure midway
-  // (e.g. non-finite activations) leaves a consistent, shorter cache instead of stale rows.
-  for (int64_t l = 0; l < cfg_.layers; ++l) cache.length[l] = std::min(cache.length[l], start_pos);
+  cache.begin_write(0, cfg_.layers, start_pos, S);
   const int64_t R = B * S, D = cfg_.D;
   std::vector<float> h((size_t)(R * D)), hn((size_t)(R * D));
   embedding_forward(h.data(), tokens, embed(), R,
                     cfg_.V, D);
   DecodeScratch s;
   for (int64_t l = 0; l < cfg_.layers; ++l) block_decode(h.data(), l, cache, l, B, S, start_pos, s);
-  for (int64_t l = 0; l < cfg_.layers; ++l) cache.length[l] = start_pos + S;  // all succeeded
+  cache.end_write(0, cfg_.layers, start_pos, S);
   rmsnorm_forward(hn.data(), nullptr, h.data(), final_norm(), R, D,
                   cfg_.eps);
   if (hidden) std::memcpy(hidden, hn.data(), sizeof(float) * R * D);
@@ -153,8 +149,7 @@ void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_
   DSV3_CHECK(B >= 1 && S >= 1, "[", op, "] tokens must hold at least one token");
   check_tokens(tokens, B * S, op);
   check_cache(cache, cfg_.mtp, B, op);
-  cache.check_step(k - 1, start_pos, S);
-  cache.length[k - 1] = std::min(cache.length[k - 1], start_pos);  // see forward_cached
+  cache.begin_write(k - 1, k, start_pos, S);
   const int64_t R = B * S, D = cfg_.D, V = cfg_.V;
   const MtpParams p = mtp_params(k);
   MtpInputActs in;
@@ -162,7 +157,7 @@ void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_
   mtp_input_forward(h.data(), in, h_prev, S, tokens, S, p, V, D, cfg_.eps, B, S);
   DecodeScratch s;
   block_decode(h.data(), cfg_.layers + k - 1, cache, k - 1, B, S, start_pos, s);
-  cache.length[k - 1] = start_pos + S;
+  cache.end_write(k - 1, k, start_pos, S);
   if (hidden_out) std::memcpy(hidden_out, h.data(), sizeof(float) * R * D);
   rmsnorm_forward(sn.data(), nullptr, h.data(), p.shared_head_norm, R, D, cfg_.eps);
   linear_forward(logits, sn.data(), head(), R, D, V);

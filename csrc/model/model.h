@@ -2,14 +2,15 @@
 // lm_head, and num_nextn_predict_layers MTP modules, over one parameter slab (layout.h).
 //
 // Legend:  B sequences   N tokens per sequence   T = N-1 predicted positions   R = B*T
-//          D hidden   V vocabulary   L_k = T-k+1 positions fed to MTP module k
+//          D hidden   V vocabulary   M MTP depth (num_nextn_predict_layers)
+//          L_k = T-k+1 positions fed to MTP module k
 //
 // Loss of a batch tokens[B,N] (SPEC §2.5):
 //   main  = mean over the B*T positions of -log p(t_{i+1} | t_<=i)
-//   MTP module k (k = 1..D): h'_i = eh_proj([enorm(Emb(t_{i+k})) | hnorm(h^{k-1}_i)]),
+//   MTP module k (k = 1..M, mtp.h): h'_i = eh_proj([enorm(Emb(t_{i+k})) | hnorm(h^{k-1}_i)]),
 //     h^k = Block_k(h'), logits = head(shared_head.norm(h^k)) predict t_{i+k+1};
 //     h^0 = the main model's final hidden state after model.norm; embedding and head shared.
-//     L_k = (1/(B*T)) sum over the B*(T-k) valid positions;  mtp = (lambda / D) sum_k L_k
+//     L_k = (1/(B*T)) sum over the B*(T-k) valid positions;  mtp = (lambda / M) sum_k L_k
 //   balance (when alpha > 0) = mean over MoE blocks (main and MTP) of the sequence-wise
 //     balance loss (balance.h), each averaged over the B sequences
 //   loss = main + mtp + balance
@@ -49,7 +50,7 @@ class Model {
   // receives the final hidden state after model.norm (the MTP module's h^0).
   void forward_cached(float* logits, float* hidden, const int64_t* tokens, int64_t B, int64_t S,
                       KvCache& cache, int64_t start_pos);
-  // Loss of tokens[B,N]; with grads (slab layout, ACCUMULATED) also the backward.
+  // Loss of tokens[B,N]; with grads (slab layout, ACCUMULATED) also the backward (loss.cpp).
   // alpha: weight of the sequence-wise balance loss (0 disables it).
   LossParts loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
                  double mtp_weight);

@@ -273,13 +273,12 @@ class Config:
     def softmax_scale(self) -> float:
         """``(qk_nope + qk_rope)^-0.5``, times ``m^2`` with YaRN, m = yarn_mscale(factor,
         mscale_all_dim) (SPEC §2.2). The absorbed MLA form uses the same scale."""
+        from . import _core
         scale = self.qk_head_dim ** -0.5
         if self.rope_scaling is not None:
             factor = float(self.rope_scaling.get("factor", 1.0))
-            mad = self.rope_scaling.get("mscale_all_dim") or 0.0
-            if mad and factor > 1:
-                m = 0.1 * float(mad) * math.log(factor) + 1.0
-                scale *= m * m
+            m = _core.yarn_mscale(factor, float(self.rope_scaling.get("mscale_all_dim") or 0.0))
+            scale *= m * m
         return scale
 
     def is_moe_layer(self, i: int) -> bool:
@@ -288,32 +287,18 @@ class Config:
                 and i % self.moe_layer_freq == 0)
 
     # ------------------------------------------------------------------ counts
-    def _attention_params(self) -> int:
-        D, H = self.hidden_size, self.num_attention_heads
-        dqk, dv = self.qk_head_dim, self.v_head_dim
-        if self.attention_type == "mla":
-            n = (D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * dqk
-                 if self.uses_q_lora else D * H * dqk)
-            n += D * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
-            n += self.kv_lora_rank * H * (self.qk_nope_head_dim + dv)
-        else:  # q_proj, k_proj, v_proj (no compression), RoPE on the last qk_rope dims
-            n = D * H * dqk + D * self.kv_heads * (dqk + dv)
-        return n + H * dv * D  # o_proj
-
-    def _ffn_params(self, layer: int, active: bool) -> int:
-        D = self.hidden_size
-        if not self.is_moe_layer(layer):
-            return 3 * D * self.intermediate_size
-        expert = 3 * D * self.moe_intermediate_size
-        n_routed = self.num_experts_per_tok if active else self.n_routed_experts
-        n = n_routed * expert + self.n_shared_experts * expert
-        n += self.n_routed_experts * D  # gate weight
-        if self.topk_method == "noaux_tc":
-            n += self.n_routed_experts  # e_score_correction_bias
-        return n
+    def _param_counts(self) -> Dict[str, int]:
+        """Parameters per kind of piece (embedding, norm, head, dense block, MoE block (all /
+        activated experts), an MTP module's own weights), from the engine's parameter layout
+        (csrc/model/layout.h), the one source of the model's weights."""
+        from . import _core
+        return _core.param_counts(self)
 
     def _block_params(self, layer: int, active: bool) -> int:
-        return 2 * self.hidden_size + self._attention_params() + self._ffn_params(layer, active)
+        c = self._param_counts()
+        if not self.is_moe_layer(layer):
+            return c["dense_block"]
+        return c["moe_block_active" if active else "moe_block"]
 
     def num_moe_layers(self, start: int, stop: int) -> int:
         """How many of the layers start..stop-1 are MoE (closed form: O(1) for any depth)."""
@@ -335,25 +320,17 @@ class Config:
         head are the main model's and are not counted twice. The embedding and the head are
         included in the activated count.
         """
-        D, V, L = self.hidden_size, self.vocab_size, self.num_hidden_layers
-        moe_id = self.first_k_dense_replace if self.n_routed_experts else None
+        c, L = self._param_counts(), self.num_hidden_layers
+        moe = c["moe_block_active" if active else "moe_block"]
 
         def blocks(start: int, stop: int) -> int:
             n_moe = self.num_moe_layers(start, stop)
-            n_dense = (stop - start) - n_moe
-            per = 2 * D + self._attention_params()
-            total = (stop - start) * per + n_dense * 3 * D * self.intermediate_size
-            if n_moe:
-                layer = max(moe_id, start)
-                while not self.is_moe_layer(layer):
-                    layer += 1
-                total += n_moe * self._ffn_params(layer, active)
-            return total
+            return (stop - start - n_moe) * c["dense_block"] + n_moe * moe
 
-        n = V * D + D + (0 if self.tie_word_embeddings else V * D) + blocks(0, L)
+        n = c["embed"] + c["norm"] + c["head"] + blocks(0, L)
         if mtp and self.num_nextn_predict_layers:
             k = self.num_nextn_predict_layers
-            n += k * (3 * D + 2 * D * D) + blocks(L, L + k)
+            n += k * c["mtp_own"] + blocks(L, L + k)
         return n
 
     def kv_cache_bytes_per_token(self, dtype: str = "bfloat16",

@@ -12,7 +12,6 @@ Backward functions return the gradients of a scalar loss L with respect to the i
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
@@ -80,7 +79,7 @@ def rope_table(dim: int, theta: float = 10000.0, rope_scaling: Optional[dict] = 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """``0.1 * mscale * ln(scale) + 1`` for scale > 1, else 1."""
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+    return _core.yarn_mscale(float(scale), float(mscale))
 
 
 def rope(x: np.ndarray, positions: np.ndarray, theta: float = 10000.0,
@@ -210,20 +209,7 @@ def moe_param_shapes(cfg: Config, hidden_size: Optional[int] = None) -> Dict[str
     (``model.layers.{i}.mlp.``) -> shapes, in layout order. ``hidden_size`` defaults to
     ``cfg.hidden_size``."""
     D = int(cfg.hidden_size if hidden_size is None else hidden_size)
-    E, F = int(cfg.n_routed_experts), int(cfg.moe_intermediate_size)
-    S = int(cfg.n_shared_experts) * F
-    shapes: Dict[str, Tuple[int, ...]] = {"gate.weight": (E, D)}
-    if cfg.topk_method == "noaux_tc":
-        shapes["gate.e_score_correction_bias"] = (E,)
-    for j in range(E):
-        shapes[f"experts.{j}.gate_proj.weight"] = (F, D)
-        shapes[f"experts.{j}.up_proj.weight"] = (F, D)
-        shapes[f"experts.{j}.down_proj.weight"] = (D, F)
-    if S > 0:
-        shapes["shared_experts.gate_proj.weight"] = (S, D)
-        shapes["shared_experts.up_proj.weight"] = (S, D)
-        shapes["shared_experts.down_proj.weight"] = (D, S)
-    return shapes
+    return {name: tuple(shape) for name, shape in _core.moe_param_specs(cfg, D)}
 
 
 def init_moe_params(cfg: Config, seed: int = 0, std: Optional[float] = None,

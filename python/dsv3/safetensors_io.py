@@ -35,13 +35,10 @@ MAX_HEADER = 100 << 20
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-    nan = np.isnan(x)
-    if nan.any():
-        rounded[nan] = ((u[nan] >> 16) | 0x0040).astype(np.uint16)  # quiet NaN, sign kept
-    return rounded
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even; NaN stays NaN (the
+    engine's one rounding, csrc/core/bf16.h)."""
+    from . import _core
+    return _core.bf16_bits(np.asarray(x, dtype=np.float32))
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

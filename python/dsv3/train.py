@@ -177,9 +177,7 @@ class Trainer:
         t0 = time.perf_counter()
         try:
             st = self._t.step(np.ascontiguousarray(arr, dtype=np.int64), self._options(lr))
-        except ValueError as e:  # a kernel's finiteness check (e.g. the MoE input)
-            if "finite" not in str(e):
-                raise
+        except _core.NonFiniteError as e:  # a kernel's finiteness check (e.g. the MoE input)
             raise FloatingPointError(f"[Trainer.step] non-finite values at step {n + 1}: {e}; "
                                      "the update was not applied") from e
         dt = time.perf_counter() - t0
