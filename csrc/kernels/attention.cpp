@@ -218,6 +218,9 @@ void attention_forward(float* o, float* lse, const AttnInputs& in, const AttnSha
   });
 }
 
+// ~100 lines: one parallel task per (batch, kv head) whose per-block body shares its buffers
+// and layout variables (split keys, kept probabilities, transposed panels); split, it would
+// pass a dozen of them between pieces. The hot loop is measured as it stands.
 void attention_backward(const AttnGrads& g, const float* d_o, const AttnSaved& saved,
                         const AttnInputs& in, const AttnShape& s) {
   float *dq = g.dq, *dk = g.dk, *dv = g.dv, *dkr = g.dkr;

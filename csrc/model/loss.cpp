@@ -1,4 +1,4 @@
-// The training loss (SPEC §2.5, formulas in model.h) as a forward driver and a backward driver
+// The training loss (docs/semantics.md §2.5, formulas in model.h) as a forward driver and a backward driver
 // that mirror each other:
 //   forward:   main model (embedding, blocks, norm, head + cross-entropy)
 //              -> MTP modules 1..D (mtp.h, each with the shared head + cross-entropy)
@@ -17,7 +17,7 @@ namespace dsv3 {
 
 namespace {
 
-// lm_head stays fp32 in every training precision (SPEC §2.6).
+// lm_head stays fp32 in every training precision (docs/semantics.md §2.6).
 void head_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O) {
   ScopedGemmPrecision fp32(GemmPrecision::fp32);
   linear_forward(y, x, w, R, K, O);

@@ -25,7 +25,7 @@ void mtp_input_forward(float* h_prime, MtpInputActs& a, const float* h_prev, int
   embedding_forward(a.e.data(), a.tok.data(), p.embed_tokens, R, V, D);
   rmsnorm_forward(a.en.data(), a.rstd_e.data(), a.e.data(), p.enorm, R, D, eps);
   rmsnorm_forward(a.hpn.data(), a.rstd_h.data(), a.h_prev.data(), p.hnorm, R, D, eps);
-  for (int64_t r = 0; r < R; ++r) {  // EMBEDDING FIRST (SPEC §2.5)
+  for (int64_t r = 0; r < R; ++r) {  // EMBEDDING FIRST (docs/semantics.md §2.5)
     std::memcpy(a.cat.data() + r * 2 * D, a.en.data() + r * D, sizeof(float) * D);
     std::memcpy(a.cat.data() + r * 2 * D + D, a.hpn.data() + r * D, sizeof(float) * D);
   }

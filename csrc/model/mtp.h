@@ -1,4 +1,4 @@
-// One Multi-Token Prediction module (SPEC §2.5), the same code for training and drafting:
+// One Multi-Token Prediction module (docs/semantics.md §2.5), the same code for training and drafting:
 //   h'_i   = eh_proj([enorm(Emb(t_i)) | hnorm(h_prev_i)])      EMBEDDING FIRST (the order of
 //            the released weights, the reverse of the paper's notation)
 //   h^k_i  = Block_k(h')                                        a full (MoE) block
