@@ -3,6 +3,7 @@
 
 #include "bindings/arrays.h"
 #include "core/blas.h"
+#include "core/lowp_gemm.h"
 #include "core/memory.h"
 #include "core/parallel.h"
 #include "core/simd.h"
@@ -25,6 +26,10 @@ void bind_info(py::module_& m) {
     d["simd"] = simd_flags();
     d["malloc_tuned"] = malloc_tuned();
     d["attention_gemm"] = small_gemm_vectorized() ? "avx512" : "blas";
+    py::dict lowp;  // the low-precision GEMM tier (core/lowp_gemm.h) and why
+    lowp["tier"] = lowp_tier_name(lowp_tier());
+    lowp["reason"] = lowp_tier_reason();
+    d["lowp"] = lowp;
 #ifdef __OPTIMIZE__
     d["optimized"] = true;
 #else

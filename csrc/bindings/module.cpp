@@ -7,6 +7,7 @@
 namespace dsv3 {
 void bind_info(pybind11::module_& m);
 void bind_fp8(pybind11::module_& m);
+void bind_lowp(pybind11::module_& m);
 void bind_ops(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_moe(pybind11::module_& m);
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_core, m) {
   dsv3::bind_model(m);
   dsv3::bind_train(m);
   dsv3::bind_fp8(m);
+  dsv3::bind_lowp(m);
 }

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/blas.h"
+#include "core/lowp_gemm.h"
 #include "core/check.h"
 #include "core/parallel.h"
 #include "core/simd.h"
@@ -129,6 +130,44 @@ void emulated_gemm(float* C, const Fp8Operand& a, const Fp8Operand& b, int64_t M
   });
 }
 
+// The exact mode on a bf16 tier (lowp_gemm.h): codes decoded to bf16 through a 256-entry table
+// (every E4M3/E5M2 value is a bf16 value), products exact, a fresh fp32 sum per promotion
+// chunk, promoted C += (partial * sa) * sb. Needs an even chunk (bf16 pairs) unless one chunk
+// covers K.
+const uint16_t* bf16_table(Fp8Format fmt) {
+  static const auto make = [](Fp8Format f) {
+    std::vector<uint16_t> t(256);
+    uint8_t codes[256];
+    float vals[256];
+    for (int i = 0; i < 256; ++i) codes[i] = (uint8_t)i;
+    fp8_decode(vals, codes, 256, f);
+    for (int i = 0; i < 256; ++i) t[i] = bf16_bits(vals[i]);
+    return t;
+  };
+  static const std::vector<uint16_t> e4m3 = make(Fp8Format::e4m3), e5m2 = make(Fp8Format::e5m2);
+  return fmt == Fp8Format::e5m2 ? e5m2.data() : e4m3.data();
+}
+
+bool fast_exact(int64_t K, const Fp8GemmOptions& opts) {
+  const int64_t P = opts.promotion_interval == 0 ? K : opts.promotion_interval;
+  return lowp_tier() != LowpTier::fp32 && (P % 2 == 0 || P >= K);
+}
+
+LowpScales lowp_scales(const Fp8Operand& a, const Fp8Operand& b, int64_t K,
+                       const Fp8GemmOptions& opts) {
+  LowpScales s;
+  s.a = a.scales;
+  s.a_rows = a.block.rows;
+  s.a_cols = a.block.cols;
+  s.a_ld = fp8_blocks(K, a.block.cols);
+  s.b = b.scales;
+  s.b_rows = b.block.rows;
+  s.b_cols = b.block.cols;
+  s.b_ld = fp8_blocks(K, b.block.cols);
+  s.P = opts.promotion_interval == 0 ? K : opts.promotion_interval;
+  return s;
+}
+
 void check_operand(const Fp8Operand& o, int64_t rows, int64_t K, const char* name) {
   DSV3_CHECK(fp8_format_info(o.fmt).byte_codes, "[fp8.gemm] ", name, " format must be \"e4m3\" ",
              "or \"e5m2\", got \"", fp8_format_info(o.fmt).name, "\"");
@@ -171,6 +210,22 @@ void fp8_gemm(float* C, const Fp8Operand& a, const Fp8Operand& b, int64_t M, int
   }
   if (opts.accumulator_bits != 0) {
     emulated_gemm(C, a, b, M, N, K, opts, accumulate);
+    return;
+  }
+  if (fast_exact(K, opts)) {
+    Bf16Src sa, sb;
+    sa.codes = a.codes;
+    sa.table = bf16_table(a.fmt);
+    sa.rs = K;
+    sb.codes = b.codes;
+    sb.table = bf16_table(b.fmt);
+    sb.rs = K;
+    std::vector<uint16_t> pa;
+    Bf16PackedB pb;
+    bf16_pack_a(pa, sa, M, K);
+    bf16_pack_b(pb, sb, N, K);
+    const LowpScales s = lowp_scales(a, b, K, opts);
+    bf16_gemm_packed(C, N, pa.data(), M, pb, &s, accumulate);
     return;
   }
   std::vector<float> A((size_t)(M * K)), B((size_t)(N * K));

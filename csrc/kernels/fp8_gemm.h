@@ -10,11 +10,14 @@
 //                                                                products, limited sum)
 //     C[m,n]      += partial[m,n] * sa[m, chunk] * sb[n, chunk]  (fp32, "promotion")
 // where sa/sb are the scales of the blocks holding the interval. The limited sum is:
-//   accumulator_bits = 0 (default): fp32. Computed as one sgemm of the dequantized operands
-//       (a*sa, b*sb in fp32), i.e. with the scales applied before the sum instead of after
-//       each interval; both are fp32 evaluations of the same exact value and differ only by
-//       fp32 rounding (|err| <= gamma_{K+2} * sum_k |a sa b sb|), which is all an fp32
-//       accumulator promises (its summation order is unspecified too).
+//   accumulator_bits = 0 (default): fp32, exact products. On a bf16 tier (core/lowp_gemm.h,
+//       the usual case) exactly the scheme above: codes decoded to bf16 once per packed
+//       operand, a fresh fp32 sum per interval, promoted C += (partial * sa) * sb. On the fp32
+//       tier (or an odd interval shorter than K) one sgemm of the dequantized operands (a*sa,
+//       b*sb in fp32), i.e. with the scales applied before the sum instead of after each
+//       interval. Both are fp32 evaluations of the same exact value and differ only by fp32
+//       rounding (|err| <= gamma_{K+2} * sum_k |a sa b sb|, gamma_n = n u/(1 - n u), u =
+//       2^-24), which is all an fp32 accumulator promises (its summation order is unspecified).
 //   accumulator_bits = k in [1, 24]: after each add the running sum is truncated toward zero
 //       to k significant bits (leading bit included; fp32 keeps 24): s <- trunc_k(s + p),
 //       with s + p taken exactly (TwoSum), so k = 24 is fp32 with round-toward-zero adds.
@@ -23,8 +26,8 @@
 //       operand has a single scale along K (per-tensor scales, block = {rows, K}).
 // Every interval must lie inside one scale chunk of each operand: P divides the operand's
 // block.cols, or K <= block.cols. Deterministic for any thread count (each C element is
-// computed by one thread, in a fixed order) in the emulated mode; the fp32 mode inherits
-// BLAS's determinism for a fixed thread count.
+// computed by one thread, in a fixed order) in the emulated and bf16-tier modes; the fp32-tier
+// mode inherits BLAS's determinism for a fixed thread count.
 #pragma once
 #include <cstdint>
 

@@ -20,7 +20,7 @@ from . import _core
 from .config import Config
 
 __all__ = [
-    "embedding", "embedding_backward", "linear", "linear_backward", "rmsnorm",
+    "embedding", "embedding_backward", "linear", "linear_backward", "bf16_matmul", "rmsnorm",
     "rmsnorm_backward", "swiglu", "swiglu_backward", "rope", "rope_backward", "rope_table",
     "yarn_mscale", "attention", "attention_backward", "cross_entropy",
     "cross_entropy_backward", "KVCache", "attention_layer", "attention_layer_backward",
@@ -48,6 +48,15 @@ def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
 def linear_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(dx, dweight) = (dy @ weight, dy^T @ x) over all leading dims."""
     return _core.linear_backward(dy, x, weight)
+
+
+def bf16_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a @ b`` with both operands rounded to bf16 (round-to-nearest-even), exact products and
+    fp32 accumulation. a: float32 (M, K); b: float32 (K, N) -> float32 (M, N). Any strides
+    (a transposed view is read in place). Runs on the low-precision tier of
+    ``dsv3.build_info()["lowp"]``: on "avx512-bf16" bf16 values below 2^-126 in magnitude
+    (and products below it) count as zero; on "fp32" they are kept (sgemm)."""
+    return _core.bf16_matmul(a, b)
 
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float = 1e-6) -> np.ndarray:

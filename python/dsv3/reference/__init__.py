@@ -9,6 +9,7 @@ Everything here is written from the formulas of docs/semantics.md, not from the 
   sequence-wise balance loss.
 - ``fp8``: the FP8/BF16 formats, block quantization and the block-scaled GEMM, including the
   limited-precision accumulator, on exact integers and float64.
+- ``lowp``: bf16 rounding and the bf16 GEMM (with the error bound's scale), in float64.
 - ``model``: the whole model (blocks, MTP, losses) in float64 PyTorch.
 - ``torch_model`` / ``torch_moe``: the model and the MoE layer in ordinary float32 PyTorch eager
   code: the benchmarks' peer and a second implementation the tests compare against.

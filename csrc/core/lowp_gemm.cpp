@@ -1,0 +1,331 @@
+#include "core/lowp_gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#include "core/blas.h"
+#include "core/parallel.h"
+#include "core/simd.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DSV3_LOWP_X86 1
+#include <immintrin.h>
+#endif
+
+namespace dsv3 {
+
+namespace {
+
+constexpr int64_t kNR = 64;   // columns per packed B panel (4 zmm)
+constexpr int kMR = 6;        // rows per register tile
+constexpr int64_t kMB = 96;   // rows of A per thread task (16 tiles; its A block stays in L2)
+constexpr int64_t kKC = 128;  // unscaled mode: K per pass over a B sub-panel (16 KiB, in L1)
+
+inline int64_t even_up(int64_t k) { return (k + 1) & ~int64_t(1); }
+
+// ---- tier --------------------------------------------------------------------------------------
+
+struct TierInfo {
+  LowpTier tier = LowpTier::fp32;
+  std::string reason;
+};
+
+// DSV3_ISA caps the tier: amx* -> amx-bf16, avx512* -> avx512-bf16, anything naming a lower
+// ISA (avx2, fp32, sse2, baseline, default) -> fp32. An unrecognised value also gives fp32
+// (the safe side), and the reason says so.
+int isa_cap(const char* isa, std::string& note) {
+  if (!isa || !*isa) return 2;
+  const std::string s(isa);
+  note = std::string("DSV3_ISA=") + s;
+  if (s.rfind("amx", 0) == 0) return 2;
+  if (s.rfind("avx512", 0) == 0) return 1;
+  if (s == "avx2" || s == "fp32" || s == "sse2" || s == "baseline" || s == "default") return 0;
+  note += " (not one of amx, avx512, avx2, fp32)";
+  return 0;
+}
+
+TierInfo detect() {
+  TierInfo t;
+  std::string note;
+  const int cap = isa_cap(std::getenv("DSV3_ISA"), note);
+#if DSV3_LOWP_X86
+  __builtin_cpu_init();
+  // __builtin_cpu_supports checks XCR0 too: the OS must save the zmm state.
+  const bool bf16 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  const bool amx = __builtin_cpu_supports("amx-bf16");
+#else
+  const bool bf16 = false, amx = false;
+#endif
+  if (!bf16) {
+    t.reason = "fp32 fallback: the CPU has no AVX512-BF16 (vdpbf16ps)";
+  } else if (cap == 0) {
+    t.reason = "fp32 fallback: forced by " + note;
+  } else {
+    t.tier = LowpTier::avx512_bf16;
+    t.reason = "avx512-bf16: vdpbf16ps register tiles";
+    if (!note.empty()) t.reason += " (" + note + ")";
+    // The AMX seam: once an AMX kernel exists, request XTILEDATA permission here
+    // (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)) and select LowpTier::amx_bf16.
+    if (amx && cap == 2) t.reason += "; the CPU has AMX-BF16 but dsv3 has no AMX kernel yet";
+  }
+  return t;
+}
+
+const TierInfo& tier_info() {
+  static const TierInfo t = detect();
+  return t;
+}
+
+// ---- packing ----------------------------------------------------------------------------------
+
+inline uint16_t fetch(const Bf16Src& s, int64_t i, int64_t k) {
+  const int64_t o = i * s.rs + k * s.cs;
+  return s.f32 ? bf16_bits(s.f32[o]) : s.table[s.codes[o]];
+}
+
+DSV3_SIMD_CLONES void round_contiguous(uint16_t* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits(src[i]);
+}
+
+// dst[0:n] = elements (i, k0 .. k0+n) of s
+void convert_run(uint16_t* dst, const Bf16Src& s, int64_t i, int64_t k0, int64_t n) {
+  const int64_t o = i * s.rs + k0 * s.cs;
+  if (s.f32 && s.cs == 1) return round_contiguous(dst, s.f32 + o, n);
+  if (s.f32)
+    for (int64_t k = 0; k < n; ++k) dst[k] = bf16_bits(s.f32[o + k * s.cs]);
+  else
+    for (int64_t k = 0; k < n; ++k) dst[k] = s.table[s.codes[o + k * s.cs]];
+}
+
+void check_src(const Bf16Src& s) {
+  if (!s.f32 && !(s.codes && s.table))
+    throw std::runtime_error("[lowp_gemm] operand has neither fp32 values nor codes + table");
+}
+
+}  // namespace
+
+LowpTier lowp_tier() { return tier_info().tier; }
+const std::string& lowp_tier_reason() { return tier_info().reason; }
+const char* lowp_tier_name(LowpTier t) {
+  return t == LowpTier::amx_bf16 ? "amx-bf16" : t == LowpTier::avx512_bf16 ? "avx512-bf16" : "fp32";
+}
+
+// Blocks of 16 rows x 64 k: reads are contiguous in either layout of the source (rows when
+// cs = 1, the 16 rows' column when rs = 1), writes sequential per row.
+void bf16_pack_a(std::vector<uint16_t>& out, const Bf16Src& a, int64_t M, int64_t K) {
+  check_src(a);
+  const int64_t Kp = even_up(K);
+  out.resize((size_t)(M * Kp));
+  if (a.cs == 1 || a.rs != 1) {  // rows are runs: convert row by row
+    parallel_for(M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        convert_run(out.data() + m * Kp, a, m, 0, K);
+        if (Kp != K) out[m * Kp + K] = 0;
+      }
+    });
+    return;
+  }
+  constexpr int64_t RB = 16, KB = 64;  // columns are runs (a transposed view)
+  const int64_t rb = (M + RB - 1) / RB, kb = (K + KB - 1) / KB;
+  parallel_for(rb * kb, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t m0 = (t / kb) * RB, k0 = (t % kb) * KB;
+      const int64_t m1 = std::min(M, m0 + RB), k1 = std::min(K, k0 + KB);
+      for (int64_t k = k0; k < k1; ++k)
+        for (int64_t m = m0; m < m1; ++m) out[m * Kp + k] = fetch(a, m, k);
+      if (k1 == K && Kp != K)
+        for (int64_t m = m0; m < m1; ++m) out[m * Kp + K] = 0;
+    }
+  });
+}
+
+void bf16_pack_b(Bf16PackedB& out, const Bf16Src& b, int64_t N, int64_t K) {
+  check_src(b);
+  const int64_t Kp = even_up(K), panels = (N + kNR - 1) / kNR, pairs = Kp / 2;
+  out.N = N;
+  out.K = K;
+  out.data.resize((size_t)(panels * pairs * kNR * 2));
+  constexpr int64_t QB = 32;  // pairs per task
+  const int64_t qb = (pairs + QB - 1) / QB;
+  parallel_for(panels * qb, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t j = t / qb, q0 = (t % qb) * QB, q1 = std::min(pairs, q0 + QB);
+      uint16_t* panel = out.data.data() + j * pairs * kNR * 2;
+      if (b.cs == 1 || b.rs != 1) {  // rows of B are runs: convert a run, scatter its pairs
+        uint16_t run[2 * QB];
+        for (int64_t l = 0; l < kNR; ++l) {
+          const int64_t n = j * kNR + l, k0 = 2 * q0, len = std::min(K, 2 * q1) - k0;
+          if (n < N) convert_run(run, b, n, k0, len);
+          for (int64_t i = n < N ? len : 0; i < 2 * (q1 - q0); ++i) run[i] = 0;
+          for (int64_t q = q0; q < q1; ++q)
+            std::memcpy(panel + (q * kNR + l) * 2, run + 2 * (q - q0), 4);
+        }
+      } else {  // B^T is stored (rs == 1): lanes are contiguous in the source
+        for (int64_t q = q0; q < q1; ++q)
+          for (int64_t h = 0; h < 2; ++h)
+            for (int64_t l = 0; l < kNR; ++l) {
+              const int64_t n = j * kNR + l, k = 2 * q + h;
+              panel[(q * kNR + l) * 2 + h] = n < N && k < K ? fetch(b, n, k) : 0;
+            }
+      }
+    }
+  });
+}
+
+// ---- the avx512-bf16 microkernel ---------------------------------------------------------------
+#if DSV3_LOWP_X86
+namespace {
+
+#define DSV3_UNROLL _Pragma("GCC unroll 16")
+
+// C[0:MR, 0:16*NV] over bf16 pairs [q0, q1): acc = sum a*b (vdpbf16ps), then
+//   Scaled: r = (acc * sa[row]) * sb[col];  unscaled: r = acc
+//   C = r (overwrite) or C + r. The last vector of each row is stored under `mask`.
+template <int MR, int NV, bool Scaled>
+__attribute__((target("avx512f,avx512bf16"))) void tile(const uint16_t* A, int64_t lda,
+                                                        const uint16_t* Bp, int64_t q0,
+                                                        int64_t q1, float* C, int64_t ldc,
+                                                        const float* sa, const float* sb,
+                                                        bool overwrite, __mmask16 mask) {
+  __m512 c[MR][NV];
+  DSV3_UNROLL
+  for (int r = 0; r < MR; ++r)
+    DSV3_UNROLL
+    for (int v = 0; v < NV; ++v) c[r][v] = _mm512_setzero_ps();
+  for (int64_t q = q0; q < q1; ++q) {
+    const uint16_t* bq = Bp + q * kNR * 2;
+    __m512bh b[NV];
+    DSV3_UNROLL
+    for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(bq + 32 * v);
+    DSV3_UNROLL
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, A + r * lda + 2 * q, 4);
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      DSV3_UNROLL
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_dpbf16_ps(c[r][v], a, b[v]);
+    }
+  }
+  DSV3_UNROLL
+  for (int r = 0; r < MR; ++r) {
+    const __m512 s = Scaled ? _mm512_set1_ps(sa[r]) : _mm512_setzero_ps();
+    DSV3_UNROLL
+    for (int v = 0; v < NV; ++v) {
+      float* dst = C + r * ldc + 16 * v;
+      const __mmask16 m = v == NV - 1 ? mask : (__mmask16)0xFFFF;
+      __m512 x = c[r][v];
+      if (Scaled) x = _mm512_mul_ps(_mm512_mul_ps(x, s), _mm512_loadu_ps(sb + 16 * v));
+      if (!overwrite) x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), x);
+      _mm512_mask_storeu_ps(dst, m, x);
+    }
+  }
+}
+
+using TileFn = void (*)(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*,
+                        int64_t, const float*, const float*, bool, __mmask16);
+
+template <bool S>
+TileFn tile_fn(int mr, int nv) {  // mr in 1..kMR, nv in 1..4
+  static const TileFn t[kMR][4] = {
+      {tile<1, 1, S>, tile<1, 2, S>, tile<1, 3, S>, tile<1, 4, S>},
+      {tile<2, 1, S>, tile<2, 2, S>, tile<2, 3, S>, tile<2, 4, S>},
+      {tile<3, 1, S>, tile<3, 2, S>, tile<3, 3, S>, tile<3, 4, S>},
+      {tile<4, 1, S>, tile<4, 2, S>, tile<4, 3, S>, tile<4, 4, S>},
+      {tile<5, 1, S>, tile<5, 2, S>, tile<5, 3, S>, tile<5, 4, S>},
+      {tile<6, 1, S>, tile<6, 2, S>, tile<6, 3, S>, tile<6, 4, S>}};
+  return t[mr - 1][nv - 1];
+}
+
+// One task: rows [i0, i1) x panel j, every K chunk in order (chunk loop outside the row
+// tiles, so the chunk's B sub-panel stays in L1 for all of them).
+void gemm_task(float* C, int64_t ldc, const uint16_t* A, int64_t i0, int64_t i1,
+               const Bf16PackedB& B, int64_t j, const LowpScales* s, bool accumulate) {
+  const int64_t N = B.N, K = B.K, Kp = even_up(K), pairs = Kp / 2;
+  const int64_t n0 = j * kNR, w = std::min(kNR, N - n0);
+  const int nv = (int)((w + 15) / 16);
+  const int tail = (int)(w - 16 * (nv - 1));
+  const __mmask16 mask = (__mmask16)(tail == 16 ? 0xFFFF : (1u << tail) - 1);
+  const uint16_t* panel = B.data.data() + j * pairs * kNR * 2;
+  const int64_t chunk = s ? std::min(s->P, K) : kKC;
+  float sb[kNR], sa[kMR];
+  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+    const int64_t q0 = k0 / 2, q1 = (std::min(K, k0 + chunk) + 1) / 2;
+    if (s)
+      for (int64_t l = 0; l < 16 * nv; ++l) {
+        const int64_t n = std::min(n0 + l, N - 1);
+        sb[l] = s->b[(n / s->b_rows) * s->b_ld + k0 / s->b_cols];
+      }
+    const bool overwrite = k0 == 0 && !accumulate;
+    for (int64_t m = i0; m < i1; m += kMR) {
+      const int mr = (int)std::min<int64_t>(kMR, i1 - m);
+      if (s)
+        for (int r = 0; r < mr; ++r) sa[r] = s->a[((m + r) / s->a_rows) * s->a_ld + k0 / s->a_cols];
+      const TileFn fn = s ? tile_fn<true>(mr, nv) : tile_fn<false>(mr, nv);
+      fn(A + m * Kp, Kp, panel, q0, q1, C + m * ldc + n0, ldc, sa, sb, overwrite, mask);
+    }
+  }
+}
+
+}  // namespace
+#endif
+
+void bf16_gemm_packed(float* C, int64_t ldc, const uint16_t* A, int64_t M, const Bf16PackedB& B,
+                      const LowpScales* scales, bool accumulate) {
+  const int64_t N = B.N, K = B.K;
+  if (M <= 0 || N <= 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m) std::fill(C + m * ldc, C + m * ldc + N, 0.f);
+    return;
+  }
+  if (scales && scales->P < K && scales->P % 2 != 0)
+    throw std::runtime_error("[lowp_gemm] promotion chunk must be even or cover K");
+#if DSV3_LOWP_X86
+  if (lowp_tier() != LowpTier::fp32) {
+    const int64_t mb = (M + kMB - 1) / kMB, panels = (N + kNR - 1) / kNR;
+    // row block outer, panel inner: a thread's consecutive tasks share one A block
+    parallel_for(mb * panels, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t i0 = (t / panels) * kMB;
+        gemm_task(C, ldc, A, i0, std::min(M, i0 + kMB), B, t % panels, scales, accumulate);
+      }
+    });
+    return;
+  }
+#endif
+  throw std::runtime_error("[lowp_gemm] bf16_gemm_packed called on the fp32 tier");
+}
+
+void bf16_gemm(float* C, int64_t ldc, const Bf16Src& a, const Bf16Src& b, int64_t M, int64_t N,
+               int64_t K, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (lowp_tier() != LowpTier::fp32) {
+    std::vector<uint16_t> pa;
+    Bf16PackedB pb;
+    bf16_pack_a(pa, a, M, K);
+    bf16_pack_b(pb, b, N, K);
+    bf16_gemm_packed(C, ldc, pa.data(), M, pb, nullptr, accumulate);
+    return;
+  }
+  // fp32 tier: the operands rounded to bf16 (exactly representable in fp32), then sgemm
+  std::vector<float> fa((size_t)(M * K)), fb((size_t)(N * K));
+  auto widen = [](uint16_t h) {
+    const uint32_t u = (uint32_t)h << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  };
+  parallel_for(M, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t k = 0; k < K; ++k) fa[i * K + k] = widen(fetch(a, i, k));
+  });
+  parallel_for(N, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i)
+      for (int64_t k = 0; k < K; ++k) fb[i * K + k] = widen(fetch(b, i, k));
+  });
+  sgemm(false, true, M, N, K, 1.f, fa.data(), K, fb.data(), K, accumulate ? 1.f : 0.f, C, ldc);
+}
+
+}  // namespace dsv3
