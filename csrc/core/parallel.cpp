@@ -11,6 +11,11 @@
 
 namespace dsv3 {
 
+ThreadState& thread_state() {
+  thread_local ThreadState s;
+  return s;
+}
+
 int num_threads() { return omp_get_max_threads(); }
 
 void set_num_threads(int n) {
@@ -32,8 +37,11 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   }
   std::exception_ptr error;
   std::mutex error_mutex;
+  const ThreadState caller = thread_state();
 #pragma omp parallel num_threads(nt)
   {
+    const ThreadState own = thread_state();
+    thread_state() = caller;
     const int t = omp_get_thread_num(), team = omp_get_num_threads();
     const int64_t chunk = n / team, rem = n % team;
     const int64_t begin = t * chunk + std::min<int64_t>(t, rem);
@@ -44,6 +52,7 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
       std::lock_guard<std::mutex> lock(error_mutex);
       if (!error) error = std::current_exception();
     }
+    thread_state() = own;
   }
   if (error) std::rethrow_exception(error);
 }

@@ -1,19 +1,17 @@
 #include "kernels/precision.h"
 
-#include <atomic>
 #include <cstring>
 #include <vector>
 
 #include "core/blas.h"
 #include "core/check.h"
+#include "core/lowp_gemm.h"
 #include "core/parallel.h"
 #include "kernels/fp8_linear.h"
 
 namespace dsv3 {
 
 namespace {
-
-std::atomic<int> g_precision{0};
 
 inline float bf16_rne(float x) {
   uint32_t u;
@@ -33,10 +31,19 @@ std::vector<float> bf16_copy(const float* x, int64_t n) {
   return out;
 }
 
+// element (i, k) at p[i * rs + k * cs]
+Bf16Src src(const float* p, int64_t rs, int64_t cs) {
+  Bf16Src s;
+  s.f32 = p;
+  s.rs = rs;
+  s.cs = cs;
+  return s;
+}
+
 }  // namespace
 
 GemmPrecision gemm_precision() {
-  return (GemmPrecision)g_precision.load(std::memory_order_relaxed);
+  return (GemmPrecision)thread_state().gemm_precision;
 }
 
 GemmPrecision parse_gemm_precision(const char* s) {
@@ -48,17 +55,19 @@ GemmPrecision parse_gemm_precision(const char* s) {
 }
 
 ScopedGemmPrecision::ScopedGemmPrecision(GemmPrecision p) : prev_(gemm_precision()) {
-  g_precision.store((int)p, std::memory_order_relaxed);
+  thread_state().gemm_precision = (int)p;
 }
-ScopedGemmPrecision::~ScopedGemmPrecision() {
-  g_precision.store((int)prev_, std::memory_order_relaxed);
-}
+ScopedGemmPrecision::~ScopedGemmPrecision() { thread_state().gemm_precision = (int)prev_; }
 
 void lowp_linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K,
                          int64_t O, GemmPrecision p) {
   if (R == 0 || O == 0) return;
   if (p == GemmPrecision::fp8) {
     fp8_linear_forward(y, x, w, R, K, O, Fp8LinearOptions{});
+    return;
+  }
+  if (lowp_tier() != LowpTier::fp32) {  // y = x W^T on the bf16 units (core/lowp_gemm.h)
+    bf16_gemm(y, O, src(x, K, 1), src(w, K, 1), R, O, K, false);
     return;
   }
   std::vector<float> xb = bf16_copy(x, R * K), wb = bf16_copy(w, O * K);
@@ -72,6 +81,11 @@ void lowp_linear_backward(float* dx, float* dw, const float* dy, const float* x,
     return;
   }
   if (R == 0 || K == 0 || O == 0) return;
+  if (lowp_tier() != LowpTier::fp32) {  // both products read their transposed operands in place
+    if (dx) bf16_gemm(dx, K, src(dy, O, 1), src(w, 1, K), R, K, O, true);  // dx += dy W
+    if (dw) bf16_gemm(dw, K, src(dy, 1, O), src(x, 1, K), O, K, R, true);  // dW += dy^T x
+    return;
+  }
   std::vector<float> dyb = bf16_copy(dy, R * O);
   if (dx) {
     std::vector<float> wb = bf16_copy(w, O * K);

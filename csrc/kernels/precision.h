@@ -1,17 +1,19 @@
-// Low-precision GEMMs for training (SPEC §2.6): one process-wide setting, consulted by
+// Low-precision GEMMs for training (SPEC §2.6): one per-thread setting, consulted by
 // linear_forward / linear_backward (nn.h) and by the MoE experts' GEMMs, so every linear layer
 // of the model follows it while the attention core, embedding, lm_head and router gate (which
 // do not go through these functions, or opt out with a ScopedGemmPrecision(fp32)) stay fp32.
 //
-//   fp32  plain sgemm (the default; this path is unchanged and costs one relaxed load)
-//   bf16  both operands rounded to bf16 (round-to-nearest-even), fp32 accumulation
+//   fp32  plain sgemm (the default; this path is unchanged and costs one thread-local load)
+//   bf16  both operands rounded to bf16 (round-to-nearest-even), exact products, fp32
+//         accumulation: vdpbf16ps on the bf16 tier (core/lowp_gemm.h), else rounded
+//         copies given to sgemm
 //   fp8   fp8_linear_forward / fp8_linear_backward: E4M3 operands tiled along each GEMM's
 //         inner dimension (activations and gradients 1x128, weights 128x128), fp32 promotion
 //
-// Why process-wide rather than thread-local: the MoE experts run inside OpenMP loops, whose
-// worker threads would not see a thread-local set by the caller. The training step sets the
-// precision for its duration with ScopedGemmPrecision; a concurrent forward on another thread
-// would see it too (dsv3 documents: do not run inference concurrently with a training step).
+// The setting belongs to the calling thread (core/parallel.h ThreadState) and follows its work
+// into parallel_for's workers (the MoE experts run inside such loops): the training step sets
+// it for its duration with ScopedGemmPrecision, and a forward running concurrently on another
+// thread keeps its own (fp32) precision.
 #pragma once
 #include <cstdint>
 

@@ -237,6 +237,22 @@ class Config:
         )
 
     @classmethod
+    def medium(cls) -> "Config":
+        """A GEMM-dominated model for the low-precision benchmarks (~0.4B parameters): byte
+        vocabulary, hidden 1024, 8 layers (1 dense + 7 MoE with 32 routed experts of width
+        512 in 4 groups, top-4, 1 shared), 16 MLA heads (q_lora 384, kv_lora 256), one MTP
+        module."""
+        return cls(
+            vocab_size=264, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=512,
+            num_hidden_layers=8, num_nextn_predict_layers=1, num_attention_heads=16,
+            num_key_value_heads=16, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64,
+            qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32, n_shared_experts=1,
+            num_experts_per_tok=4, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+            first_k_dense_replace=1, max_position_embeddings=2048, bos_token_id=256,
+            eos_token_id=257,
+        )
+
+    @classmethod
     def tiny(cls) -> "Config":
         """For tests (~100k parameters): every mechanism present at toy sizes."""
         return cls(
