@@ -5,6 +5,10 @@ torch.optim.AdamW on the same threads; fp8 emulation overhead vs fp32; peak RSS 
 Each mode runs in its own child process so its peak RSS is its own.
 
     python bench/bench_train.py [--threads 2] [--batch 8] [--seq 256] [--steps 3]
+                                [--config small|medium]
+
+"torch autocast bf16" runs the PyTorch step under torch.autocast("cpu", dtype=torch.bfloat16)
+(the peer of dsv3's bf16/fp8 modes; Config.medium is the GEMM-dominated preset).
 """
 from __future__ import annotations
 
@@ -24,12 +28,13 @@ from common import machine_line, print_table, set_threads  # noqa: E402
 
 import dsv3  # noqa: E402
 
-MODES = ("dsv3 fp32", "dsv3 bf16", "dsv3 fp8", "dsv3 fp32 + bf16 moments", "torch fp32")
+MODES = ("dsv3 fp32", "dsv3 bf16", "dsv3 fp8", "dsv3 fp32 + bf16 moments", "torch fp32",
+         "torch autocast bf16")
 
 
 def run_mode(mode: str, a) -> dict:
     set_threads(a.threads)
-    cfg = dsv3.Config.small()
+    cfg = getattr(dsv3.Config, a.config)()
     rng = np.random.default_rng(0)
     batches = [rng.integers(0, cfg.vocab_size, size=(a.batch, a.seq + 1))
                for _ in range(a.steps + 1)]
@@ -51,9 +56,12 @@ def run_mode(mode: str, a) -> dict:
              {"params": [p for _, p in params if p.ndim != 2], "weight_decay": 0.0}],
             lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
 
+        autocast = "autocast" in mode
+
         def step(b):
             opt.zero_grad(set_to_none=True)
-            out = tm.loss(torch.from_numpy(b), alpha=cfg.seq_aux_loss_alpha)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = tm.loss(torch.from_numpy(b), alpha=cfg.seq_aux_loss_alpha)
             out["loss"].backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
             opt.step()
@@ -76,6 +84,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode (median)")
+    p.add_argument("--config", default="small", choices=("small", "medium"))
     p.add_argument("--modes", default=",".join(MODES),
                    help="comma-separated subset of: " + ", ".join(MODES))
     p.add_argument("--repeat", type=int, default=1,
@@ -92,7 +101,7 @@ def main(argv=None):
     for mode in [m for _ in range(a.repeat) for m in modes]:
         cmd = [sys.executable, os.path.abspath(__file__), "--mode", mode, "--threads",
                str(a.threads), "--batch", str(a.batch), "--seq", str(a.seq), "--steps",
-               str(a.steps)]
+               str(a.steps), "--config", a.config]
         out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
         if out.returncode:
             print(f"{mode}: failed\n{out.stderr[-2000:]}")
@@ -110,7 +119,7 @@ def main(argv=None):
                      f"{r['tok_s'] / peer['tok_s']:.2f}x" if peer else "-",
                      f"{r['sec'] / base['sec']:.2f}x" if base else "-",
                      f"{r['rss_mb']:.0f}", f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}"))
-    print_table(f"Training step, Config.small(), batch {a.batch} x seq {a.seq}, {a.threads} "
+    print_table(f"Training step, Config.{a.config}(), batch {a.batch} x seq {a.seq}, {a.threads} "
                 f"threads (median of {a.steps} steps after 1 warm-up; best of {a.repeat} runs)",
                 ["mode", "ms/step", "tokens/s", "vs torch", "time vs dsv3 fp32",
                  "peak RSS MB", "loss first -> last"], rows)
