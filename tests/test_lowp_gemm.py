@@ -61,9 +61,9 @@ def test_build_info_names_the_tier():
 
 # ---- bf16 GEMM -----------------------------------------------------------------------------
 
-def sweep():
-    base = (33, 129, 31)  # (M, K, N)
-    cases = {base, (1, 1, 1), (300, 300, 300), (129, 300, 127)}
+def sweep(base, extra):
+    """base, extra, and base with each dimension in turn set to every size of SIZES."""
+    cases = {base, *extra}
     for d in range(3):
         for s in SIZES:
             c = list(base)
@@ -72,7 +72,8 @@ def sweep():
     return sorted(cases)
 
 
-@pytest.mark.parametrize("M, K, N", sweep())
+@pytest.mark.parametrize("M, K, N", sweep((33, 129, 31), [(1, 1, 1), (300, 300, 300),
+                                                                   (129, 300, 127)]))
 def test_bf16_matmul_vs_float64(M, K, N, rng):
     a = randn(rng, M, K) * np.exp2(rng.uniform(-4, 4, (M, 1))).astype(np.float32)
     b = randn(rng, K, N)
@@ -171,18 +172,9 @@ def fp8_case(rng, M, N, K, fmt=("e4m3", "e4m3"), pow2=False):
     return a, sa, b, sb
 
 
-def fp8_sweep():
-    base = (33, 129, 300)  # (M, N, K): K crosses two 128-chunks, N two 128-row blocks
-    cases = {base, (1, 1, 1), (300, 300, 300), (128, 128, 128)}
-    for d in range(3):
-        for s in SIZES:
-            c = list(base)
-            c[d] = s
-            cases.add(tuple(c))
-    return sorted(cases)
-
-
-@pytest.mark.parametrize("M, N, K", fp8_sweep())
+# base: K crosses two 128-chunks, N two 128-row blocks
+@pytest.mark.parametrize("M, N, K", sweep((33, 129, 300), [(1, 1, 1), (300, 300, 300),
+                                                           (128, 128, 128)]))
 def test_fp8_gemm_vs_float64(M, N, K, rng):
     a, sa, b, sb = fp8_case(rng, M, N, K)
     ref, S = gemm_ref(a, sa, (1, 128), b, sb, (128, 128))
