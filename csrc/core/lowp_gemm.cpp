@@ -82,11 +82,11 @@ const TierInfo& tier_info() {
 
 inline uint16_t fetch(const Bf16Src& s, int64_t i, int64_t k) {
   const int64_t o = i * s.rs + k * s.cs;
-  return s.f32 ? bf16_bits(s.f32[o]) : s.table[s.codes[o]];
+  return s.f32 ? bf16_encode(s.f32[o]) : s.table[s.codes[o]];
 }
 
 DSV3_SIMD_CLONES void round_contiguous(uint16_t* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits(src[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_encode(src[i]);
 }
 
 // dst[0:n] = elements (i, k0 .. k0+n) of s
@@ -94,7 +94,7 @@ void convert_run(uint16_t* dst, const Bf16Src& s, int64_t i, int64_t k0, int64_t
   const int64_t o = i * s.rs + k0 * s.cs;
   if (s.f32 && s.cs == 1) return round_contiguous(dst, s.f32 + o, n);
   if (s.f32)
-    for (int64_t k = 0; k < n; ++k) dst[k] = bf16_bits(s.f32[o + k * s.cs]);
+    for (int64_t k = 0; k < n; ++k) dst[k] = bf16_encode(s.f32[o + k * s.cs]);
   else
     for (int64_t k = 0; k < n; ++k) dst[k] = s.table[s.codes[o + k * s.cs]];
 }

@@ -39,6 +39,8 @@
 #include <string>
 #include <vector>
 
+#include "core/bf16.h"
+
 namespace dsv3 {
 
 enum class LowpTier : int { fp32 = 0, avx512_bf16 = 1, amx_bf16 = 2 };
@@ -46,14 +48,6 @@ enum class LowpTier : int { fp32 = 0, avx512_bf16 = 1, amx_bf16 = 2 };
 LowpTier lowp_tier();               // the active tier (detected once; DSV3_ISA honoured)
 const char* lowp_tier_name(LowpTier t);  // "fp32" | "avx512-bf16" | "amx-bf16"
 const std::string& lowp_tier_reason();   // why: e.g. "fp32 fallback: DSV3_ISA=avx2"
-
-// x rounded to bf16, to nearest even; NaN stays a quiet NaN.
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  __builtin_memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u);
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 
 // An operand's elements: (i, k) at p[i * rs + k * cs] (element strides; either layout).
 struct Bf16Src {

@@ -9,6 +9,12 @@
 #include "core/simd.h"
 #include "kernels/fp8_codec.h"
 
+// This file's 64-byte vector helpers are always inlined (see fp8_codec.h): no ABI concern, so
+// GCC's note about passing such vectors is silenced here, not in every includer of the header.
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace dsv3 {
 
 using namespace fp8_detail;
@@ -160,7 +166,7 @@ float block_scale(uint32_t amax, float fmt_max, bool pow2) {
 }
 
 [[noreturn]] void throw_nonfinite(int64_t bi, int64_t bj, Fp8Block b, int64_t R, int64_t C) {
-  throw std::invalid_argument(str_cat(
+  throw NonFiniteError(str_cat(
       "[fp8.quantize] x must be finite: scale block (", bi, ", ", bj, ") (rows ", bi * b.rows,
       "..", std::min(R, (bi + 1) * b.rows) - 1, ", columns ", bj * b.cols, "..",
       std::min(C, (bj + 1) * b.cols) - 1, ") contains NaN or Inf"));

@@ -9,6 +9,12 @@
 // A "code" is the format's bit pattern, sign in bit E+M; for the 8-bit formats it is the byte
 // that is stored.
 #pragma once
+// 64-byte vectors passed by value exist only inside always-inlined code: no ABI concern, so the
+// note GCC prints about their ABI is silenced for this header's definitions only.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 #include <cstdint>
 #include <cstring>
 
@@ -17,8 +23,6 @@
 #if defined(__GNUC__)
 #define DSV3_FP8_INLINE inline __attribute__((always_inline))
 #define DSV3_FP8_VECTOR 1
-// 64-byte vectors passed by value exist only inside always-inlined code: no ABI concern.
-#pragma GCC diagnostic ignored "-Wpsabi"
 #else
 #define DSV3_FP8_INLINE inline
 #define DSV3_FP8_VECTOR 0
@@ -150,3 +154,7 @@ DSV3_FP8_INLINE U cast_bits(U u, bool saturate) {
 }
 
 }  // namespace dsv3::fp8_detail
+
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif

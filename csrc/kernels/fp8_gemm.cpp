@@ -11,6 +11,12 @@
 #include "core/simd.h"
 #include "kernels/fp8_codec.h"
 
+// This file's 64-byte vector helpers are always inlined (see fp8_codec.h): no ABI concern, so
+// GCC's note about passing such vectors is silenced here, not in every includer of the header.
+#if defined(__GNUC__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace dsv3 {
 
 using namespace fp8_detail;
@@ -141,7 +147,7 @@ const uint16_t* bf16_table(Fp8Format fmt) {
     float vals[256];
     for (int i = 0; i < 256; ++i) codes[i] = (uint8_t)i;
     fp8_decode(vals, codes, 256, f);
-    for (int i = 0; i < 256; ++i) t[i] = bf16_bits(vals[i]);
+    for (int i = 0; i < 256; ++i) t[i] = bf16_encode(vals[i]);
     return t;
   };
   static const std::vector<uint16_t> e4m3 = make(Fp8Format::e4m3), e5m2 = make(Fp8Format::e5m2);

@@ -13,15 +13,7 @@ namespace dsv3 {
 
 namespace {
 
-inline float bf16_rne(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return x;  // NaN stays NaN
-  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
-  float y;
-  std::memcpy(&y, &u, 4);
-  return y;
-}
+inline float bf16_rne(float x) { return bf16_decode(bf16_encode(x)); }  // core/bf16.h
 
 std::vector<float> bf16_copy(const float* x, int64_t n) {
   std::vector<float> out((size_t)n);
