@@ -15,12 +15,20 @@ namespace py = pybind11;
 
 void bind_info(py::module_& m) {
   tune_malloc();  // at import: see core/memory.h (DSV3_MALLOC_TUNING=0 opts out)
+  blas_init();    // BLAS on one thread: dsv3's pool splits the products (core/blas.h)
   m.def("build_info", [] {
     py::dict d;
     d["compiler"] = DSV3_COMPILER;
     d["cxx_standard"] = (long)__cplusplus;
     d["blas"] = blas_info();
-    d["blas_library"] = DSV3_BLAS_PATH;
+    d["blas_library"] = DSV3_BLAS_PATH;      // linked at build time
+    d["blas_loaded"] = blas_loaded();        // resolved at run time (LD_LIBRARY_PATH, alternatives)
+    d["blas_variant"] = blas_variant();      // openmp | pthreads | serial
+    d["blas_source"] = blas_source();        // system | pypi
+    d["blas_threads"] = blas_calls();
+    d["threading"] = "dsv3 pool";
+    d["threads_default"] = thread_default_source();
+    d["spin_us"] = spin_us();
     d["openmp"] = (long)_OPENMP;
     d["num_threads"] = num_threads();
     d["simd"] = simd_flags();

@@ -1,12 +1,89 @@
 #include "core/blas.h"
 
 #include <cblas.h>
+#include <dlfcn.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
+#include <algorithm>
 #include <climits>
+#include <cstdlib>
+#include <mutex>
 
 #include "core/check.h"
+#include "core/parallel.h"
+
+// scipy-openblas32 (PyPI) prefixes every symbol with scipy_ so that it never clashes with a
+// system OpenBLAS in the same process; its cblas.h declares the prefixed names.
+#ifdef DSV3_BLAS_SCIPY
+#define DSV3_BLAS(name) scipy_##name
+#else
+#define DSV3_BLAS(name) name
+#endif
 
 namespace dsv3 {
+
+namespace {
+
+constexpr int64_t kSplitWork = 1 << 18;   // M*N*K from which a product is split
+constexpr int64_t kPieceWork = 1 << 17;   // the least M*N*K of one piece
+constexpr int64_t kBlock = 16;            // rows or columns per unit of a split
+
+// Debian's serial build (libopenblas0-serial, SINGLE_THREADED without USE_LOCKING) is not
+// safe to call from two threads at once: its buffer allocator races and results change from
+// run to run (measured: the first training loss differs between runs at 2 threads). With it,
+// calls are serialised; products are still cut into the same pieces, so the results equal the
+// other builds'.
+bool serial_build() {
+  static const bool serial = DSV3_BLAS(openblas_get_parallel)() == 0;
+  return serial;
+}
+
+std::mutex g_serial_mu;
+
+// The OpenMP build re-reads omp_get_max_threads() of the calling thread at every call and
+// threads the call that wide, whatever openblas_set_num_threads said; a pool worker's (or any
+// new thread's) OpenMP ICV is the process default, so without this each piece would start an
+// OpenMP team of its own and oversubscribe the cores (measured: the training step 2x slower
+// than with the pthreads build). Each thread that calls BLAS sets its own ICV to 1 once.
+void one_openmp_thread() {
+#ifdef _OPENMP
+  static const bool openmp = DSV3_BLAS(openblas_get_parallel)() == 2;
+  thread_local bool done = false;
+  if (openmp && !done) {
+    omp_set_num_threads(1);
+    done = true;
+  }
+#endif
+}
+
+void call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+          int64_t ldc) {
+  one_openmp_thread();
+  DSV3_BLAS(cblas_sgemm)(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                         trans_b ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K, alpha, A,
+                         (int)lda, B, (int)ldb, beta, C, (int)ldc);
+}
+
+void call_safely(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+                 int64_t ldc) {
+  if (!serial_build()) return call(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  std::lock_guard<std::mutex> lk(g_serial_mu);
+  call(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+}  // namespace
+
+void blas_init() {
+  static const bool once = [] {
+    DSV3_BLAS(openblas_set_num_threads)(1);
+    return true;
+  }();
+  (void)once;
+}
 
 void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
            const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
@@ -20,9 +97,24 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
       for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == 0.f ? 0.f : beta * C[i * ldc + j];
     return;
   }
-  cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-              trans_b ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K, alpha, A, (int)lda, B,
-              (int)ldb, beta, C, (int)ldc);
+  blas_init();
+  if (in_parallel() || num_threads() <= 1 || M * N * K < kSplitWork) {
+    call_safely(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  const bool rows = M >= N;  // split the longer side of C
+  const int64_t side = rows ? M : N, other = rows ? N : M;
+  const int64_t units = (side + kBlock - 1) / kBlock;
+  const int64_t grain = std::max<int64_t>(1, kPieceWork / (kBlock * other * K));
+  parallel_for(units, grain, [&](int64_t u0, int64_t u1) {
+    const int64_t i0 = u0 * kBlock, i1 = std::min(side, u1 * kBlock);
+    if (rows)
+      call_safely(trans_a, trans_b, i1 - i0, N, K, alpha, trans_a ? A + i0 : A + i0 * lda, lda, B, ldb,
+           beta, C + i0 * ldc, ldc);
+    else
+      call_safely(trans_a, trans_b, M, i1 - i0, K, alpha, A, lda, trans_b ? B + i0 * ldb : B + i0, ldb,
+           beta, C + i0, ldc);
+  });
 }
 
 void sgemm_naive(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
@@ -41,13 +133,36 @@ void sgemm_naive(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
     }
 }
 
-void blas_set_num_threads(int n) { openblas_set_num_threads(n); }
+std::string blas_variant() {
+  const int mode = DSV3_BLAS(openblas_get_parallel)();
+  return mode == 0 ? "serial" : mode == 1 ? "pthreads" : "openmp";
+}
+
+std::string blas_calls() {
+  return serial_build() ? "serialised: the serial build is not thread-safe"
+                        : "1 thread per call; products split across dsv3's pool";
+}
 
 std::string blas_info() {
-  const int mode = openblas_get_parallel();
-  const char* par = mode == 0 ? "sequential" : mode == 1 ? "pthreads" : "openmp";
-  return str_cat("OpenBLAS (", openblas_get_config(), "; threading ", par, ", ",
-                 openblas_get_num_threads(), " threads; core ", openblas_get_corename(), ")");
+  return str_cat("OpenBLAS (", DSV3_BLAS(openblas_get_config)(), "; threading ", blas_variant(),
+                 "; core ", DSV3_BLAS(openblas_get_corename)(), ")");
+}
+
+std::string blas_loaded() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&DSV3_BLAS(cblas_sgemm)), &info) && info.dli_fname) {
+    char real[PATH_MAX];  // through the alternatives' symlinks to the build's own file
+    return realpath(info.dli_fname, real) ? std::string(real) : std::string(info.dli_fname);
+  }
+  return "unknown";
+}
+
+const char* blas_source() {
+#ifdef DSV3_BLAS_SCIPY
+  return "pypi";
+#else
+  return "system";
+#endif
 }
 
 }  // namespace dsv3

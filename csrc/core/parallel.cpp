@@ -1,60 +1,346 @@
 #include "core/parallel.h"
 
-#include <omp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
 #include <exception>
+#include <fstream>
 #include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
 
-#include "core/blas.h"
 #include "core/check.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define DSV3_PAUSE() _mm_pause()
+#else
+#define DSV3_PAUSE() std::this_thread::yield()
+#endif
+
 namespace dsv3 {
+
+namespace {
+
+thread_local bool t_in_region = false;
+
+// Runs fn(b, e) as a chunk: in a region, with the caller's ThreadState (parallel.h) for its
+// duration when the chunk runs on another thread.
+void run_chunk(const std::function<void(int64_t, int64_t)>& fn, int64_t b, int64_t e,
+               const ThreadState& caller) {
+  const ThreadState own = thread_state();
+  thread_state() = caller;
+  t_in_region = true;
+  try {
+    fn(b, e);
+  } catch (...) {
+    t_in_region = false;
+    thread_state() = own;
+    throw;
+  }
+  t_in_region = false;
+  thread_state() = own;
+}
+
+// ---- the default thread count --------------------------------------------------------------
+
+int affinity_cpus() {
+#ifdef __linux__
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1, (int)std::thread::hardware_concurrency());
+}
+
+// The quota (CPUs) in one cgroup directory: v2 "cpu.max" ("max 100000" or "150000 100000") or
+// v1 "cpu.cfs_quota_us" (-1 = none) over "cpu.cfs_period_us"; 0 = none or unreadable.
+double quota_in(const std::string& dir) {
+  std::ifstream v2(dir + "/cpu.max");
+  std::string quota;
+  double period = 0;
+  if (v2 >> quota >> period) return quota != "max" && period > 0 ? std::atof(quota.c_str()) / period : 0;
+  std::ifstream q(dir + "/cpu.cfs_quota_us"), per(dir + "/cpu.cfs_period_us");
+  double us = 0;
+  return q >> us && per >> period && us > 0 && period > 0 ? us / period : 0;
+}
+
+// The tightest CPU quota on the path from this process's cgroup to the root, in CPUs (0 =
+// none): cgroup v2 (the "0::" line, /sys/fs/cgroup or /sys/fs/cgroup/unified) or v1 (the
+// line naming the cpu controller, /sys/fs/cgroup/cpu or cpu,cpuacct).
+double cgroup_quota_cpus() {
+  std::ifstream self("/proc/self/cgroup");
+  std::string line;
+  std::vector<std::pair<std::string, std::string>> places;  // (mount, path)
+  while (std::getline(self, line)) {
+    const size_t a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string ctrl = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+    if (ctrl.empty()) {
+      places.push_back({"/sys/fs/cgroup", path});
+      places.push_back({"/sys/fs/cgroup/unified", path});
+    } else if (("," + ctrl + ",").find(",cpu,") != std::string::npos) {
+      places.push_back({"/sys/fs/cgroup/" + ctrl, path});
+      places.push_back({"/sys/fs/cgroup/cpu", path});
+    }
+  }
+  double best = 0;
+  for (auto& [mount, start] : places)
+    for (std::string path = start;;) {
+      const double cpus = quota_in(mount + (path == "/" ? "" : path));
+      if (cpus > 0 && (best == 0 || cpus < best)) best = cpus;
+      if (path.empty() || path == "/") break;
+      const size_t slash = path.rfind('/');
+      path = slash == 0 || slash == std::string::npos ? "/" : path.substr(0, slash);
+    }
+  return best;
+}
+
+int omp_num_threads_env() {  // first entry of OMP_NUM_THREADS, 0 if unset or not a number
+  const char* s = std::getenv("OMP_NUM_THREADS");
+  if (!s) return 0;
+  char* end = nullptr;
+  const long v = std::strtol(s, &end, 10);
+  return end != s && v >= 1 && v < 4096 ? (int)v : 0;
+}
+
+struct Defaults {
+  int threads;
+  std::string source;
+};
+
+const Defaults& defaults() {
+  static const Defaults d = [] {
+    const int aff = affinity_cpus();
+    const double quota = cgroup_quota_cpus();
+    int n = aff;
+    std::string src = str_cat("affinity ", aff, " CPUs");
+    if (quota > 0) {
+      n = std::min(n, std::max(1, (int)std::ceil(quota - 1e-9)));
+      src += str_cat(", cgroup quota ", quota, " CPUs");
+    }
+    if (const int env = omp_num_threads_env()) {
+      n = env;
+      src += str_cat(", OMP_NUM_THREADS=", env);
+    }
+    return Defaults{n, str_cat(src, " -> ", n)};
+  }();
+  return d;
+}
+
+// ---- the pool ------------------------------------------------------------------------------
+// state packs the region's generation (high 32 bits), its chunk count (16) and the next
+// unclaimed chunk (16): a claim is one compare-and-swap that fails once the region is over or
+// a new one has started, so a late worker can never run a chunk of the wrong region.
+
+constexpr int kMaxChunks = 1 << 15;
+
+uint32_t gen_of(uint64_t s) { return (uint32_t)(s >> 32); }
+int chunks_of(uint64_t s) { return (int)((s >> 16) & 0xffff); }
+int next_of(uint64_t s) { return (int)(s & 0xffff); }
+
+struct Pool {
+  explicit Pool(int threads) {
+    for (int i = 1; i < threads; ++i) workers.emplace_back([this] { work(); });
+  }
+  ~Pool() {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      stop = true;
+    }
+    wake.notify_all();
+    for (auto& t : workers) t.join();
+  }
+
+  void run(int64_t n, int chunks, const std::function<void(int64_t, int64_t)>& f);
+
+ private:
+  void work();
+  void run_chunks(uint32_t gen);
+  void chunk(int c);
+
+  std::vector<std::thread> workers;
+  std::atomic<uint64_t> state{0};
+  std::atomic<int> done{0};
+  std::atomic<int> sleepers{0};
+  std::atomic<bool> caller_sleeps{false};
+  std::mutex mu;  // guards only the sleeps below (and stop)
+  std::condition_variable wake, finished;
+  bool stop = false;
+  // The region's job, written by the caller before it publishes `state`, read after a claim.
+  const std::function<void(int64_t, int64_t)>* fn = nullptr;
+  int64_t n_ = 0;
+  int chunks_ = 0;
+  ThreadState caller_state;
+  std::mutex error_mu;
+  std::exception_ptr error;
+};
+
+std::atomic<int> g_threads{0};  // 0 = not set yet: defaults()
+std::atomic<int> g_spin_us{-1};
+std::mutex g_pool_mu;           // held by the caller of a region (and by resizing)
+Pool* g_pool = nullptr;         // never destroyed at exit: workers may still sleep on it
+
+// The spin budget: spin_us(), or none when the pool has more threads than the CPUs this process
+// may use (a spinning thread would then hold a CPU another of ours needs).
+int budget_us() {
+  static const int cpus = affinity_cpus();
+  return num_threads() > cpus ? 0 : spin_us();
+}
+
+template <class Done>
+bool spin_until(Done&& ok) {  // true if ok() became true within the spin budget
+  const auto budget = std::chrono::microseconds(budget_us());
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0;; ++i) {
+    if (ok()) return true;
+    DSV3_PAUSE();
+    if ((i & 63) == 63 && std::chrono::steady_clock::now() - t0 >= budget) return ok();
+  }
+}
+
+void chunk_bounds(int64_t n, int chunks, int c, int64_t* b, int64_t* e) {
+  const int64_t q = n / chunks, r = n % chunks;
+  *b = c * q + std::min<int64_t>(c, r);
+  *e = *b + q + (c < r ? 1 : 0);
+}
+
+void Pool::chunk(int c) {
+  const int chunks = chunks_;  // the caller may start the next region once this one is done
+  int64_t b, e;
+  chunk_bounds(n_, chunks, c, &b, &e);
+  try {
+    if (b < e) run_chunk(*fn, b, e, caller_state);
+  } catch (...) {
+    std::lock_guard<std::mutex> lk(error_mu);
+    if (!error) error = std::current_exception();
+  }
+  if (done.fetch_add(1) + 1 == chunks && caller_sleeps.load()) {
+    { std::lock_guard<std::mutex> lk(mu); }
+    finished.notify_one();
+  }
+}
+
+void Pool::run_chunks(uint32_t gen) {
+  uint64_t s = state.load();
+  while (gen_of(s) == gen && next_of(s) < chunks_of(s)) {
+    if (state.compare_exchange_weak(s, s + 1)) {
+      chunk(next_of(s));
+      s = state.load();
+    }
+  }
+}
+
+void Pool::work() {
+  uint32_t seen = 0;
+  for (;;) {
+    uint64_t s = state.load();
+    if (!spin_until([&] { return gen_of(s = state.load()) != seen; })) {
+      sleepers.fetch_add(1);
+      std::unique_lock<std::mutex> lk(mu);
+      wake.wait(lk, [&] { return stop || gen_of(s = state.load()) != seen; });
+      sleepers.fetch_sub(1);
+      if (stop) return;
+    }
+    seen = gen_of(s);
+    run_chunks(seen);
+  }
+}
+
+void Pool::run(int64_t n, int chunks, const std::function<void(int64_t, int64_t)>& f) {
+  fn = &f;
+  n_ = n;
+  chunks_ = chunks;
+  caller_state = thread_state();
+  error = nullptr;
+  done.store(0);
+  const uint32_t gen = gen_of(state.load()) + 1;
+  state.store((uint64_t)gen << 32 | (uint64_t)chunks << 16);
+  if (sleepers.load() > 0) {
+    { std::lock_guard<std::mutex> lk(mu); }
+    wake.notify_all();
+  }
+  run_chunks(gen);
+  if (!spin_until([&] { return done.load() == chunks; })) {
+    caller_sleeps.store(true);
+    std::unique_lock<std::mutex> lk(mu);
+    finished.wait(lk, [&] { return done.load() == chunks; });
+    caller_sleeps.store(false);
+  }
+  if (error) std::rethrow_exception(error);
+}
+
+void reset_after_fork() {  // the child has no worker threads: forget the pool (leaked)
+  new (&g_pool_mu) std::mutex();
+  g_pool = nullptr;
+}
+
+}  // namespace
 
 ThreadState& thread_state() {
   thread_local ThreadState s;
   return s;
 }
 
-int num_threads() { return omp_get_max_threads(); }
+int num_threads() {
+  const int n = g_threads.load();
+  return n > 0 ? n : defaults().threads;
+}
 
 void set_num_threads(int n) {
   DSV3_CHECK(n >= 1, "[set_num_threads] n must be >= 1, got ", n);
-  omp_set_num_threads(n);
-  blas_set_num_threads(n);
+  DSV3_CHECK(n <= 4096, "[set_num_threads] n must be <= 4096, got ", n);
+  std::lock_guard<std::mutex> lk(g_pool_mu);
+  if (g_threads.exchange(n) != n && g_pool) {
+    delete g_pool;  // idle: the pool lock is held, so no region is running
+    g_pool = nullptr;
+  }
 }
 
-bool in_parallel() { return omp_in_parallel() != 0; }
+bool in_parallel() { return t_in_region; }
+
+std::string thread_default_source() { return defaults().source; }
+
+int spin_us() {
+  int v = g_spin_us.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* s = std::getenv("DSV3_SPIN_US");
+    v = s ? std::max(0, std::atoi(s)) : 200;
+    g_spin_us.store(v);
+  }
+  return v;
+}
 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
   grain = std::max<int64_t>(grain, 1);
-  int nt = in_parallel() ? 1 : num_threads();
-  nt = (int)std::min<int64_t>(nt, std::max<int64_t>(1, n / grain));
-  if (nt <= 1) {
+  const int nt = in_parallel() ? 1 : num_threads();
+  const int chunks = (int)std::min<int64_t>({nt, std::max<int64_t>(1, n / grain), kMaxChunks});
+  if (chunks <= 1) {
     fn(0, n);
     return;
   }
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  const ThreadState caller = thread_state();
-#pragma omp parallel num_threads(nt)
-  {
-    const ThreadState own = thread_state();
-    thread_state() = caller;
-    const int t = omp_get_thread_num(), team = omp_get_num_threads();
-    const int64_t chunk = n / team, rem = n % team;
-    const int64_t begin = t * chunk + std::min<int64_t>(t, rem);
-    const int64_t end = begin + chunk + (t < rem ? 1 : 0);
-    try {
-      if (begin < end) fn(begin, end);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(error_mutex);
-      if (!error) error = std::current_exception();
+  std::unique_lock<std::mutex> lk(g_pool_mu, std::try_to_lock);
+  if (!lk.owns_lock()) {  // another thread's region holds the pool: same chunks, inline
+    for (int c = 0; c < chunks; ++c) {
+      int64_t b, e;
+      chunk_bounds(n, chunks, c, &b, &e);
+      run_chunk(fn, b, e, thread_state());
     }
-    thread_state() = own;
+    return;
   }
-  if (error) std::rethrow_exception(error);
+  static const bool registered = [] { return pthread_atfork(nullptr, nullptr, reset_after_fork) == 0; }();
+  (void)registered;
+  if (!g_pool) g_pool = new Pool(num_threads());
+  g_pool->run(n, chunks, fn);
 }
 
 }  // namespace dsv3

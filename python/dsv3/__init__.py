@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from . import _core
+from ._blas import load_core
+
+_core = load_core()
 from . import fp8
 from . import ops
 from .config import Config
@@ -28,8 +30,11 @@ __all__ = ["Config", "KVCache", "Model", "GenerationOutput", "Tokenizer", "Train
 
 
 def build_info() -> Dict[str, Any]:
-    """How the engine was built and how it runs: compiler, BLAS (library, threading mode),
-    OpenMP version and thread count, the SIMD level the CPU gives the hot loops."""
+    """How the engine was built and how it runs: compiler; BLAS: ``blas_source`` (system |
+    pypi), ``blas_library`` (linked), ``blas_loaded`` (the file in use), ``blas_variant``
+    (openmp | pthreads | serial) and ``blas_threads`` (how dsv3 calls it); ``num_threads`` and
+    ``threads_default`` (where the default came from), ``spin_us`` (the pool's wait policy);
+    the SIMD level the CPU gives the hot loops."""
     info = dict(_core.build_info())
     info["version"] = __version__
     return info
