@@ -1,10 +1,10 @@
-// The training loss (docs/semantics.md §2.5, formulas in model.h) as a forward driver and a backward driver
-// that mirror each other:
+// The training loss (docs/semantics.md §2.5, formulas in model.h) as a forward driver and a
+// backward driver that mirror each other:
 //   forward:   main model (embedding, blocks, norm, head + cross-entropy)
-//              -> MTP modules 1..D (mtp.h, each with the shared head + cross-entropy)
+//              -> MTP modules 1..M (mtp.h, each with the shared head + cross-entropy)
 //              -> balance statistics and loss over every MoE block that ran
-//   backward:  MTP modules D..1 (each with its share of the balance gradient)
-//              -> main model (head, norm, blocks L-1..0, embedding)
+//   backward:  main head, then MTP modules M..1 (each with its share of the balance gradient)
+//              -> rest of the main model (norm, blocks L-1..0, embedding)
 #include <algorithm>
 
 #include "core/check.h"
@@ -169,6 +169,9 @@ void Model::loss_backward(float* g, const LossState& st) {
   const int64_t M = cfg_.mtp;
   float* g_head = layout_.ptr(g, head_name());
   std::vector<float> dhn((size_t)(R * D), 0.f);  // dL/dh^0
+  // the main head first, then the MTP modules: this order fixes the fp32 sums into g_head
+  // (and the tied embedding) and dhn, so results stay bit-identical across versions
+  head_loss_backward(dhn.data(), g_head, 1.0 / (double)R, st.main, st.hn.data(), head(), R, D, V);
   // MTP modules, deepest first: module k's h_prev gradient feeds module k-1 (or h^0)
   std::vector<float> dnext;  // dL/dh^k from module k+1
   for (int64_t k = st.mtp_run; k >= 1; --k) {
@@ -185,8 +188,7 @@ void Model::loss_backward(float* g, const LossState& st) {
                  mtp_params(k), dims_, V);
     dnext.swap(dprev);
   }
-  // main model, last piece first
-  head_loss_backward(dhn.data(), g_head, 1.0 / (double)R, st.main, st.hn.data(), head(), R, D, V);
+  // main model, last piece first (its head ran first, above)
   std::vector<float> dH((size_t)(R * D), 0.f), dprev((size_t)(R * D));
   rmsnorm_backward(dH.data(), layout_.ptr(g, hf::norm), dhn.data(), st.rstd_f.data(),
                    st.H[Lm].data(), final_norm(), R, D);
@@ -198,8 +200,7 @@ void Model::loss_backward(float* g, const LossState& st) {
                    st.acts[l], st.H[l].data(), block_params(l), dims_);
     dH.swap(dprev);
   }
-  embedding_backward(layout_.ptr(g, hf::embed_tokens), dH.data(), st.input.data(), R,
-                     V, D);
+  embedding_backward(layout_.ptr(g, hf::embed_tokens), dH.data(), st.input.data(), R, V, D);
 }
 
 }  // namespace dsv3
