@@ -1,6 +1,6 @@
-// bfloat16: the top 16 bits of an fp32 (docs/semantics.md §2.6). The one float32 -> bf16 rounding of the
-// engine: round to nearest, ties to even; NaN stays a (quiet) NaN with its sign; values
-// beyond bf16's largest finite round to infinity.
+// bfloat16: the top 16 bits of an fp32 (docs/semantics.md §2.6). The one float32 -> bf16
+// rounding of the engine: round to nearest, ties to even; NaN stays a (quiet) NaN with its
+// sign; values beyond bf16's largest finite round to infinity.
 #pragma once
 #include <cstdint>
 #include <cstring>

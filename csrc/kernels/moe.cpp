@@ -206,6 +206,9 @@ void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
   });
 }
 
+// Over 80 lines: one parallel loop over the experts (the shared expert last) whose body is the
+// backward of one expert's SwiGLU on its gathered rows, then the scatter back to the tokens;
+// split up, each piece would take a dozen of the loop's locals. It is hot code, kept whole.
 void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_scores_extra,
                   const MoeActs& a, const float* x, const MoeParams& p, const MoeConfig& c,
                   int64_t T, MoeWorkspace* ws) {

@@ -30,33 +30,66 @@ const ParamEntry& ParamLayout::at(const std::string& name) const {
   return entries[it->second];
 }
 
+namespace {
+
+// Every relative name, spelled once: the specs and the views below both use these.
+namespace name {
+// block i, relative to "model.layers.{i}."
+constexpr const char* input_layernorm = "input_layernorm.weight";
+constexpr const char* post_attention_layernorm = "post_attention_layernorm.weight";
+constexpr const char* self_attn = "self_attn.";
+constexpr const char* mlp = "mlp.";
+// attention, relative to "self_attn."
+constexpr const char* q_a_proj = "q_a_proj.weight";
+constexpr const char* q_a_layernorm = "q_a_layernorm.weight";
+constexpr const char* q_b_proj = "q_b_proj.weight";
+constexpr const char* q_proj = "q_proj.weight";
+constexpr const char* kv_a_proj_with_mqa = "kv_a_proj_with_mqa.weight";
+constexpr const char* kv_a_layernorm = "kv_a_layernorm.weight";
+constexpr const char* kv_b_proj = "kv_b_proj.weight";
+constexpr const char* k_proj = "k_proj.weight";
+constexpr const char* v_proj = "v_proj.weight";
+constexpr const char* o_proj = "o_proj.weight";
+// feed-forward, relative to "mlp."
+constexpr const char* gate = "gate.weight";
+constexpr const char* gate_bias = "gate.e_score_correction_bias";
+constexpr const char* shared_experts = "shared_experts.";
+constexpr const char* swiglu[3] = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"};
+// an MTP module's own weights, relative to its "model.layers.{i}."
+constexpr const char* enorm = "enorm.weight";
+constexpr const char* hnorm = "hnorm.weight";
+constexpr const char* eh_proj = "eh_proj.weight";
+constexpr const char* shared_head_norm = "shared_head.norm.weight";
+}  // namespace name
+
+}  // namespace
+
 std::string hf::layer(int64_t i) { return "model.layers." + std::to_string(i) + "."; }
+std::string hf::expert_bias(int64_t i) { return layer(i) + name::mlp + name::gate_bias; }
 
 namespace {
 
-constexpr const char* kSwiGlu[3] = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"};
-
 void swiglu_specs(std::vector<ParamSpec>& out, const std::string& p, int64_t D, int64_t W,
                   int64_t expert = -1) {
-  out.push_back({p + kSwiGlu[0], {W, D}, ParamEntry::Normal, true, expert});
-  out.push_back({p + kSwiGlu[1], {W, D}, ParamEntry::Normal, true, expert});
-  out.push_back({p + kSwiGlu[2], {D, W}, ParamEntry::Normal, true, expert});
+  out.push_back({p + name::swiglu[0], {W, D}, ParamEntry::Normal, true, expert});
+  out.push_back({p + name::swiglu[1], {W, D}, ParamEntry::Normal, true, expert});
+  out.push_back({p + name::swiglu[2], {D, W}, ParamEntry::Normal, true, expert});
 }
 std::string expert_prefix(int64_t j) { return "experts." + std::to_string(j) + "."; }
 
 template <class S, class At>
 S swiglu_views(const At& at, const std::string& p) {
-  return S{at(p + kSwiGlu[0]), at(p + kSwiGlu[1]), at(p + kSwiGlu[2])};
+  return S{at(p + name::swiglu[0]), at(p + name::swiglu[1]), at(p + name::swiglu[2])};
 }
 template <class S, class At>
 S mla_views(const At& at) {
-  return S{at("q_a_proj.weight"), at("q_a_layernorm.weight"), at("q_b_proj.weight"),
-           at("q_proj.weight"), at("kv_a_proj_with_mqa.weight"), at("kv_a_layernorm.weight"),
-           at("kv_b_proj.weight"), at("o_proj.weight")};
+  return S{at(name::q_a_proj), at(name::q_a_layernorm), at(name::q_b_proj), at(name::q_proj),
+           at(name::kv_a_proj_with_mqa), at(name::kv_a_layernorm), at(name::kv_b_proj),
+           at(name::o_proj)};
 }
 template <class S, class At>
 S mha_views(const At& at) {
-  return S{at("q_proj.weight"), at("k_proj.weight"), at("v_proj.weight"), at("o_proj.weight")};
+  return S{at(name::q_proj), at(name::k_proj), at(name::v_proj), at(name::o_proj)};
 }
 
 struct Builder {
@@ -86,24 +119,25 @@ struct Builder {
   // block i with an MoE or a dense ffn
   void block(const ModelConfig& c, const BlockDims& d, int64_t i, bool moe) {
     const std::string p = hf::layer(i);
-    add(p + "input_layernorm.weight", {c.D}, ParamEntry::Ones, true, i);
-    add(p + "self_attn.", d.mla ? mla_param_specs(d.mla_dims) : mha_param_specs(d.mha_dims), i);
-    add(p + "post_attention_layernorm.weight", {c.D}, ParamEntry::Ones, true, i);
+    add(p + name::input_layernorm, {c.D}, ParamEntry::Ones, true, i);
+    add(p + name::self_attn, d.mla ? mla_param_specs(d.mla_dims) : mha_param_specs(d.mha_dims),
+        i);
+    add(p + name::post_attention_layernorm, {c.D}, ParamEntry::Ones, true, i);
     std::vector<ParamSpec> ffn;
     if (moe)
       ffn = moe_param_specs(d.moe);
     else
       swiglu_specs(ffn, "", c.D, c.inter);
-    add(p + "mlp.", ffn, i);
+    add(p + name::mlp, ffn, i);
   }
   void mtp_own(const ModelConfig& c, int64_t i) {
     const std::string p = hf::layer(i);
-    add(p + "enorm.weight", {c.D}, ParamEntry::Ones, true, i);
-    add(p + "hnorm.weight", {c.D}, ParamEntry::Ones, true, i);
-    add(p + "eh_proj.weight", {c.D, 2 * c.D}, ParamEntry::Normal, true, i);
+    add(p + name::enorm, {c.D}, ParamEntry::Ones, true, i);
+    add(p + name::hnorm, {c.D}, ParamEntry::Ones, true, i);
+    add(p + name::eh_proj, {c.D, 2 * c.D}, ParamEntry::Normal, true, i);
   }
   void mtp_head(const ModelConfig& c, int64_t i) {
-    add(hf::layer(i) + "shared_head.norm.weight", {c.D}, ParamEntry::Ones, true, i);
+    add(hf::layer(i) + name::shared_head_norm, {c.D}, ParamEntry::Ones, true, i);
   }
   int64_t count(bool active_only, int64_t K) const {
     int64_t n = 0;
@@ -118,35 +152,35 @@ std::vector<ParamSpec> mla_param_specs(const MlaDims& d) {
   const int64_t dqk = d.Dn + d.Dr;
   std::vector<ParamSpec> s;
   if (d.Dq > 0) {
-    s.push_back({"q_a_proj.weight", {d.Dq, d.D}});
-    s.push_back({"q_a_layernorm.weight", {d.Dq}, ParamEntry::Ones});
-    s.push_back({"q_b_proj.weight", {d.H * dqk, d.Dq}});
+    s.push_back({name::q_a_proj, {d.Dq, d.D}});
+    s.push_back({name::q_a_layernorm, {d.Dq}, ParamEntry::Ones});
+    s.push_back({name::q_b_proj, {d.H * dqk, d.Dq}});
   } else {
-    s.push_back({"q_proj.weight", {d.H * dqk, d.D}});
+    s.push_back({name::q_proj, {d.H * dqk, d.D}});
   }
-  s.push_back({"kv_a_proj_with_mqa.weight", {d.Dc + d.Dr, d.D}});
-  s.push_back({"kv_a_layernorm.weight", {d.Dc}, ParamEntry::Ones});
-  s.push_back({"kv_b_proj.weight", {d.H * (d.Dn + d.Dv), d.Dc}});
-  s.push_back({"o_proj.weight", {d.D, d.H * d.Dv}});
+  s.push_back({name::kv_a_proj_with_mqa, {d.Dc + d.Dr, d.D}});
+  s.push_back({name::kv_a_layernorm, {d.Dc}, ParamEntry::Ones});
+  s.push_back({name::kv_b_proj, {d.H * (d.Dn + d.Dv), d.Dc}});
+  s.push_back({name::o_proj, {d.D, d.H * d.Dv}});
   return s;
 }
 
 std::vector<ParamSpec> mha_param_specs(const MhaDims& d) {
   const int64_t dqk = d.Dn + d.Dr;
-  return {{"q_proj.weight", {d.H * dqk, d.D}},
-          {"k_proj.weight", {d.Hkv * dqk, d.D}},
-          {"v_proj.weight", {d.Hkv * d.Dv, d.D}},
-          {"o_proj.weight", {d.D, d.H * d.Dv}}};
+  return {{name::q_proj, {d.H * dqk, d.D}},
+          {name::k_proj, {d.Hkv * dqk, d.D}},
+          {name::v_proj, {d.Hkv * d.Dv, d.D}},
+          {name::o_proj, {d.D, d.H * d.Dv}}};
 }
 
 std::vector<ParamSpec> moe_param_specs(const MoeConfig& c) {
   const int64_t E = c.n_routed_experts, D = c.hidden_size;
   std::vector<ParamSpec> s;
-  s.push_back({"gate.weight", {E, D}});
+  s.push_back({name::gate, {E, D}});
   if (c.has_bias())
-    s.push_back({"gate.e_score_correction_bias", {E}, ParamEntry::Zeros, /*trainable=*/false});
+    s.push_back({name::gate_bias, {E}, ParamEntry::Zeros, /*trainable=*/false});
   for (int64_t j = 0; j < E; ++j) swiglu_specs(s, expert_prefix(j), D, c.moe_intermediate_size, j);
-  if (c.shared_width() > 0) swiglu_specs(s, "shared_experts.", D, c.shared_width());
+  if (c.shared_width() > 0) swiglu_specs(s, name::shared_experts, D, c.shared_width());
   return s;
 }
 
@@ -157,17 +191,19 @@ MhaGrads mha_grads(const GradLookup& at) { return mha_views<MhaGrads>(at); }
 
 MoeParams moe_params(const ParamLookup& at, int64_t E) {
   MoeParams p;
-  p.gate_weight = at("gate.weight");
-  p.gate_e_score_correction_bias = at("gate.e_score_correction_bias");
-  for (int64_t j = 0; j < E; ++j) p.experts.push_back(swiglu_views<SwiGluParams>(at, expert_prefix(j)));
-  p.shared_experts = swiglu_views<SwiGluParams>(at, "shared_experts.");
+  p.gate_weight = at(name::gate);
+  p.gate_e_score_correction_bias = at(name::gate_bias);
+  for (int64_t j = 0; j < E; ++j)
+    p.experts.push_back(swiglu_views<SwiGluParams>(at, expert_prefix(j)));
+  p.shared_experts = swiglu_views<SwiGluParams>(at, name::shared_experts);
   return p;
 }
 MoeGrads moe_grads(const GradLookup& at, int64_t E) {
   MoeGrads g;
-  g.gate_weight = at("gate.weight");
-  for (int64_t j = 0; j < E; ++j) g.experts.push_back(swiglu_views<SwiGluGrads>(at, expert_prefix(j)));
-  g.shared_experts = swiglu_views<SwiGluGrads>(at, "shared_experts.");
+  g.gate_weight = at(name::gate);
+  for (int64_t j = 0; j < E; ++j)
+    g.experts.push_back(swiglu_views<SwiGluGrads>(at, expert_prefix(j)));
+  g.shared_experts = swiglu_views<SwiGluGrads>(at, name::shared_experts);
   return g;
 }
 
@@ -189,10 +225,10 @@ S block_views(const ParamLayout& L, T* slab, const ModelConfig& c, int64_t i, At
   const std::string p = hf::layer(i);
   const auto at = slab_lookup(L, slab, p);
   S s;
-  s.input_layernorm = at("input_layernorm.weight");
-  s.post_attention_layernorm = at("post_attention_layernorm.weight");
-  attn(s, slab_lookup(L, slab, p + "self_attn."));
-  const auto m = slab_lookup(L, slab, p + "mlp.");
+  s.input_layernorm = at(name::input_layernorm);
+  s.post_attention_layernorm = at(name::post_attention_layernorm);
+  attn(s, slab_lookup(L, slab, p + name::self_attn));
+  const auto m = slab_lookup(L, slab, p + name::mlp);
   if (c.is_moe_layer(i))
     s.experts = moe(m, c.E);
   else
@@ -225,20 +261,24 @@ BlockGrads block_grads(const ParamLayout& L, float* grads, const ModelConfig& c,
       moe_grads, [](const GradLookup& at) { return swiglu_views<SwiGluGrads>(at, ""); });
 }
 
-MtpParams mtp_params(const ParamLayout& L, const float* slab, const ModelConfig& c, int64_t k) {
+namespace {
+// MTP module k's views: its own weights (missing ones throw), the main embedding, block i
+template <class S, class T, class Block>
+S mtp_views(const ParamLayout& L, T* slab, const ModelConfig& c, int64_t k, Block block) {
   const int64_t i = c.layers + k - 1;
   const std::string p = hf::layer(i);
-  return MtpParams{L.ptr(slab, hf::embed_tokens), L.ptr(slab, p + "enorm.weight"),
-                   L.ptr(slab, p + "hnorm.weight"), L.ptr(slab, p + "eh_proj.weight"),
-                   L.ptr(slab, p + "shared_head.norm.weight"), block_params(L, slab, c, i)};
+  return S{L.ptr(slab, hf::embed_tokens), L.ptr(slab, p + name::enorm),
+           L.ptr(slab, p + name::hnorm), L.ptr(slab, p + name::eh_proj),
+           L.ptr(slab, p + name::shared_head_norm), block(L, slab, c, i)};
+}
+}  // namespace
+
+MtpParams mtp_params(const ParamLayout& L, const float* slab, const ModelConfig& c, int64_t k) {
+  return mtp_views<MtpParams>(L, slab, c, k, block_params);
 }
 
 MtpGrads mtp_grads(const ParamLayout& L, float* grads, const ModelConfig& c, int64_t k) {
-  const int64_t i = c.layers + k - 1;
-  const std::string p = hf::layer(i);
-  return MtpGrads{L.ptr(grads, hf::embed_tokens), L.ptr(grads, p + "enorm.weight"),
-                  L.ptr(grads, p + "hnorm.weight"), L.ptr(grads, p + "eh_proj.weight"),
-                  L.ptr(grads, p + "shared_head.norm.weight"), block_grads(L, grads, c, i)};
+  return mtp_views<MtpGrads>(L, grads, c, k, block_grads);
 }
 
 ParamLayout build_layout(const ModelConfig& c) {

@@ -62,6 +62,7 @@ constexpr const char* embed_tokens = "model.embed_tokens.weight";
 constexpr const char* norm = "model.norm.weight";
 constexpr const char* lm_head = "lm_head.weight";
 std::string layer(int64_t i);
+std::string expert_bias(int64_t i);  // block i's gate.e_score_correction_bias
 }  // namespace hf
 
 // One weight of a module: its name relative to the module, shape, initial value.

@@ -27,8 +27,12 @@ BlockParams Model::block_params(int64_t i) const {
 BlockGrads Model::block_grads(int64_t i, float* g) const {
   return dsv3::block_grads(layout_, g, cfg_, i);
 }
-MtpParams Model::mtp_params(int64_t k) const { return dsv3::mtp_params(layout_, w_.data(), cfg_, k); }
-MtpGrads Model::mtp_grads(int64_t k, float* g) const { return dsv3::mtp_grads(layout_, g, cfg_, k); }
+MtpParams Model::mtp_params(int64_t k) const {
+  return dsv3::mtp_params(layout_, w_.data(), cfg_, k);
+}
+MtpGrads Model::mtp_grads(int64_t k, float* g) const {
+  return dsv3::mtp_grads(layout_, g, cfg_, k);
+}
 
 void Model::check_tokens(const int64_t* tokens, int64_t n, const char* op) const {
   for (int64_t i = 0; i < n; ++i)
@@ -46,7 +50,7 @@ std::vector<float*> Model::expert_biases() {
   std::vector<float*> out;
   for (int64_t i = 0; i < cfg_.blocks(); ++i)
     if (cfg_.is_moe_layer(i)) {
-      const std::string n = hf::layer(i) + "mlp.gate.e_score_correction_bias";
+      const std::string n = hf::expert_bias(i);
       out.push_back(layout_.has(n) ? layout_.ptr(w_.data(), n) : nullptr);
     }
   return out;
@@ -57,8 +61,7 @@ void Model::forward(float* logits, const int64_t* tokens, int64_t B, int64_t T) 
   check_tokens(tokens, B * T, "Model.forward");
   const int64_t R = B * T, D = cfg_.D;
   std::vector<float> h((size_t)(R * D)), h2((size_t)(R * D));
-  embedding_forward(h.data(), tokens, embed(), R,
-                    cfg_.V, D);
+  embedding_forward(h.data(), tokens, embed(), R, cfg_.V, D);
   BlockActs acts;
   for (int64_t l = 0; l < cfg_.layers; ++l) {
     block_forward(h2.data(), acts, h.data(), block_params(l), dims_, B, T, 0);
@@ -91,13 +94,12 @@ void Model::check_cache(const KvCache& cache, int64_t layers, int64_t B, const c
              cache.batch, " sequences");
 }
 
-void Model::block_decode(float* h, int64_t block, KvCache& cache, int64_t cache_layer, int64_t B,
-                         int64_t S, int64_t start_pos, DecodeScratch& s) const {
+void Model::block_decode(float* h, const BlockParams& p, KvCache& cache, int64_t cache_layer,
+                         int64_t B, int64_t S, int64_t start_pos, DecodeScratch& s) const {
   const int64_t R = B * S, D = cfg_.D;
   s.ln.resize((size_t)(R * D));
   s.tmp.resize((size_t)(R * D));
   s.hm.resize((size_t)(R * D));
-  const BlockParams p = block_params(block);
   rmsnorm_forward(s.ln.data(), nullptr, h, p.input_layernorm, R, D, cfg_.eps);
   if (dims_.mla)
     mla_decode_absorbed(s.tmp.data(), s.ln.data(), p.mla, dims_.mla_dims,
@@ -128,13 +130,12 @@ void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, 
   cache.begin_write(0, cfg_.layers, start_pos, S);
   const int64_t R = B * S, D = cfg_.D;
   std::vector<float> h((size_t)(R * D)), hn((size_t)(R * D));
-  embedding_forward(h.data(), tokens, embed(), R,
-                    cfg_.V, D);
+  embedding_forward(h.data(), tokens, embed(), R, cfg_.V, D);
   DecodeScratch s;
-  for (int64_t l = 0; l < cfg_.layers; ++l) block_decode(h.data(), l, cache, l, B, S, start_pos, s);
+  for (int64_t l = 0; l < cfg_.layers; ++l)
+    block_decode(h.data(), block_params(l), cache, l, B, S, start_pos, s);
   cache.end_write(0, cfg_.layers, start_pos, S);
-  rmsnorm_forward(hn.data(), nullptr, h.data(), final_norm(), R, D,
-                  cfg_.eps);
+  rmsnorm_forward(hn.data(), nullptr, h.data(), final_norm(), R, D, cfg_.eps);
   if (hidden) std::memcpy(hidden, hn.data(), sizeof(float) * R * D);
   linear_forward(logits, hn.data(), head(), R, D, cfg_.V);
 }
@@ -156,10 +157,10 @@ void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_
   std::vector<float> h((size_t)(R * D)), sn((size_t)(R * D));
   mtp_input_forward(h.data(), in, h_prev, S, tokens, S, p, V, D, cfg_.eps, B, S);
   DecodeScratch s;
-  block_decode(h.data(), cfg_.layers + k - 1, cache, k - 1, B, S, start_pos, s);
+  block_decode(h.data(), p.block, cache, k - 1, B, S, start_pos, s);
   cache.end_write(k - 1, k, start_pos, S);
   if (hidden_out) std::memcpy(hidden_out, h.data(), sizeof(float) * R * D);
-  rmsnorm_forward(sn.data(), nullptr, h.data(), p.shared_head_norm, R, D, cfg_.eps);
+  mtp_output(sn.data(), nullptr, h.data(), p, R, D, cfg_.eps);
   linear_forward(logits, sn.data(), head(), R, D, V);
 }
 

@@ -88,9 +88,10 @@ class Model {
     std::vector<int64_t> mi;
     MlpActs mlp;
   };
-  // h[B*S,D] <- block `block` of h at start_pos, attention rows in cache layer cache_layer.
-  void block_decode(float* h, int64_t block, KvCache& cache, int64_t cache_layer, int64_t B,
-                    int64_t S, int64_t start_pos, DecodeScratch& s) const;
+  // h[B*S,D] <- the block with weights p of h at start_pos, attention rows in cache layer
+  // cache_layer.
+  void block_decode(float* h, const BlockParams& p, KvCache& cache, int64_t cache_layer,
+                    int64_t B, int64_t S, int64_t start_pos, DecodeScratch& s) const;
   void check_cache(const KvCache& cache, int64_t layers, int64_t B, const char* op) const;
   BlockParams block_params(int64_t i) const;
   BlockGrads block_grads(int64_t i, float* g) const;
@@ -109,6 +110,5 @@ class Model {
   void loss_backward(float* grads, const LossState& st);
   std::vector<float> balance_grad(const LossState& st, const BlockActs& a, int64_t T) const;
 };
-
 
 }  // namespace dsv3

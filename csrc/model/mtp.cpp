@@ -52,6 +52,11 @@ void mtp_input_backward(float* dh_prev, int64_t ld_h, const MtpGrads& g, const f
     for (int64_t j = 0; j < L * D; ++j) dh_prev[b * ld_h * D + j] += dprev[b * L * D + j];
 }
 
+void mtp_output(float* out, float* rstd, const float* hk, const MtpParams& p, int64_t R,
+                int64_t D, float eps) {
+  rmsnorm_forward(out, rstd, hk, p.shared_head_norm, R, D, eps);
+}
+
 void mtp_forward(MtpActs& a, const float* h_prev, int64_t ld_h, const int64_t* tok,
                  int64_t ld_tok, const MtpParams& p, const BlockDims& d, int64_t V, int64_t B,
                  int64_t L, bool keep) {
@@ -65,7 +70,7 @@ void mtp_forward(MtpActs& a, const float* h_prev, int64_t ld_h, const int64_t* t
   mtp_input_forward(a.h_prime.data(), a.in, h_prev, ld_h, tok, ld_tok, p, V, D, d.eps, B, L);
   if (keep) a.block.keep_for_backward();
   block_forward(a.hk.data(), a.block, a.h_prime.data(), p.block, d, B, L, 0);
-  rmsnorm_forward(a.out.data(), a.rstd_out.data(), a.hk.data(), p.shared_head_norm, R, D, d.eps);
+  mtp_output(a.out.data(), a.rstd_out.data(), a.hk.data(), p, R, D, d.eps);
 }
 
 void mtp_backward(float* dh_prev, int64_t ld_h, const MtpGrads& g, const float* d_out,

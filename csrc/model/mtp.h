@@ -1,4 +1,6 @@
-// One Multi-Token Prediction module (docs/semantics.md §2.5), the same code for training and drafting:
+// One Multi-Token Prediction module (docs/semantics.md §2.5). Training and drafting share the
+// input projection (mtp_input_forward) and the output norm (mtp_output); the block between
+// them is block_forward in training and the cached block_decode when drafting:
 //   h'_i   = eh_proj([enorm(Emb(t_i)) | hnorm(h_prev_i)])      EMBEDDING FIRST (the order of
 //            the released weights, the reverse of the paper's notation)
 //   h^k_i  = Block_k(h')                                        a full (MoE) block
@@ -57,6 +59,10 @@ void mtp_input_forward(float* h_prime, MtpInputActs& a, const float* h_prev, int
 void mtp_input_backward(float* dh_prev, int64_t ld_h, const MtpGrads& g, const float* dh_prime,
                         const MtpInputActs& a, const MtpParams& p, int64_t V, int64_t D,
                         int64_t B, int64_t L);
+
+// out[R,D] = shared_head.norm(hk); rstd[R] (may be null) is kept for the backward.
+void mtp_output(float* out, float* rstd, const float* hk, const MtpParams& p, int64_t R,
+                int64_t D, float eps);
 
 // Training form: a.hk = h^k, a.out = shared_head.norm(h^k) (both [B*L, D]). keep: a backward
 // follows (the block keeps what makes it cheaper).
