@@ -167,8 +167,15 @@ def test_errors_leave_cache_unchanged(rng):
     with pytest.raises(ValueError, match=r"params\['kv_b_proj.weight'\] must have shape"):
         ops.attention_layer_decode(randn(rng, 1, 1, cfg.hidden_size), bad, cfg, cache, 0, 6)
     assert np.array_equal(cache.layer_data(0), before) and cache.length == [6]
-    with pytest.raises(KeyError, match="o_proj.weight"):
+    with pytest.raises(ValueError, match="missing: o_proj.weight"):
         ops.attention_layer(x, {k: v for k, v in P.items() if k != "o_proj.weight"}, cfg)
+    extra = dict(P, **{"extra.weight": P["o_proj.weight"]})
+    for call in (lambda: ops.attention_layer(x, extra, cfg),
+                 lambda: ops.attention_layer_backward(x, x, extra, cfg),
+                 lambda: ops.attention_layer_decode(x[:, :1], extra, cfg, cache, 0, 6)):
+        with pytest.raises(ValueError, match="unexpected: extra.weight"):
+            call()
+    assert np.array_equal(cache.layer_data(0), before) and cache.length == [6]
     with pytest.raises(ValueError, match="hidden_size"):
         ops.attention_layer(randn(rng, 1, 6, 7), P, cfg)
     with pytest.raises(TypeError, match="float32"):

@@ -17,8 +17,8 @@ namespace {
 
 bool is_mla(const py::object& cfg) { return cfg_get<std::string>(cfg, "attention_type") == "mla"; }
 
-// Weights of one attention layer, by Hugging Face name relative to "self_attn." (the names
-// and shapes of layout.h's mla_param_specs / mha_param_specs), and the layer's dims.
+// Weights of one attention layer, by Hugging Face name relative to "self_attn." (exactly the
+// names and shapes of layout.h's mla_param_specs / mha_param_specs), and the layer's dims.
 struct LayerWeights {
   ParamDict dict;
   bool mla_layer;
@@ -36,8 +36,10 @@ struct LayerWeights {
       mha_d = mha_dims(cfg);
       specs = mha_param_specs(mha_d);
     }
+    check_param_keys(params, specs, op);
     std::map<std::string, const float*> ptr;
-    for (const ParamSpec& s : specs) ptr[s.name] = dict.get(s.name, Shape(s.shape.begin(), s.shape.end()));
+    for (const ParamSpec& s : specs)
+      ptr[s.name] = dict.get(s.name, Shape(s.shape.begin(), s.shape.end()));
     const auto at = [&](const std::string& n) -> const float* {
       auto it = ptr.find(n);
       return it == ptr.end() ? nullptr : it->second;
@@ -98,7 +100,8 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
   py::dict grads;
   // one zeroed gradient array per weight, same names and shapes
   std::map<std::string, F32> garr;
-  for (const ParamSpec& s : w.specs) garr.emplace(s.name, zeros(Shape(s.shape.begin(), s.shape.end())));
+  for (const ParamSpec& s : w.specs)
+    garr.emplace(s.name, zeros(Shape(s.shape.begin(), s.shape.end())));
   auto gp = [&](const std::string& name) -> float* {
     auto it = garr.find(name);
     return it == garr.end() ? nullptr : it->second.mutable_data();
@@ -132,7 +135,8 @@ std::shared_ptr<KvCache> make_cache(py::object cfg, int64_t batch, int64_t max_l
   const int64_t L = layers.is_none() ? cfg_get<int64_t>(cfg, "num_hidden_layers")
                                      : layers.cast<int64_t>();
   if (is_mla(cfg)) {
-    const int64_t w = cfg_get<int64_t>(cfg, "kv_lora_rank") + cfg_get<int64_t>(cfg, "qk_rope_head_dim");
+    const int64_t w =
+        cfg_get<int64_t>(cfg, "kv_lora_rank") + cfg_get<int64_t>(cfg, "qk_rope_head_dim");
     return std::make_shared<KvCache>("latent", L, batch, max_len, w);
   }
   MhaDims d = mha_dims(cfg);
@@ -155,6 +159,15 @@ F32 layer_decode(py::handle x_h, py::handle params, py::object cfg, KvCache& cac
     DSV3_CHECK(cache.kind == "kv", "[", op, "] an MHA/GQA layer needs a kv cache");
     DSV3_CHECK(cache.width == w.mha_d.cache_width(), "[", op, "] cache width ", cache.width,
                " does not match the config (", w.mha_d.cache_width(), ")");
+  }
+  // the kernel's checks before begin_write (which forgets rows): a refused call leaves the
+  // cache unchanged
+  if (w.mla_layer) {
+    mla_check_dims(w.mla_d);
+    mla_check_params(w.mla, w.mla_d);
+  } else {
+    mha_check_dims(w.mha_d);
+    mha_check_params(w.mha);
   }
   cache.begin_write(layer, layer + 1, start_pos, a.T);
   F32 out = empty(shape_of(a.x));

@@ -1,5 +1,7 @@
 #include "bindings/convert.h"
 
+#include <set>
+
 namespace dsv3::py_glue {
 
 RopeParams rope_params(int64_t dim, double theta, const py::object& scaling) {
@@ -94,6 +96,26 @@ MhaDims mha_dims(const py::object& cfg) {
             cfg_get<float>(cfg, "softmax_scale"), cfg_rope(cfg)};
   mha_check_dims(d);
   return d;
+}
+
+void check_param_keys(const py::handle& params_h, const std::vector<ParamSpec>& specs,
+                      const char* op) {
+  DSV3_CHECK(py::isinstance<py::dict>(params_h), "[", op, "] params must be a dict of ",
+             "float32 arrays keyed by Hugging Face names relative to the layer");
+  auto params = py::reinterpret_borrow<py::dict>(params_h);
+  std::set<std::string> expected;
+  std::string missing, unexpected;
+  for (const ParamSpec& s : specs) {
+    expected.insert(s.name);
+    if (!params.contains(s.name)) missing += (missing.empty() ? "" : ", ") + s.name;
+  }
+  for (const auto& item : params) {
+    const std::string key = py::str(item.first);
+    if (!expected.count(key)) unexpected += (unexpected.empty() ? "" : ", ") + key;
+  }
+  DSV3_CHECK(missing.empty() && unexpected.empty(), "[", op, "] params do not match the config",
+             missing.empty() ? "" : "; missing: ", missing,
+             unexpected.empty() ? "" : "; unexpected: ", unexpected);
 }
 
 ParamDict::ParamDict(const py::handle& d, const char* op) : op_(op) {

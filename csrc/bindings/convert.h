@@ -9,6 +9,7 @@
 #include "kernels/mla.h"
 #include "kernels/rope.h"
 #include "model/config.h"
+#include "model/layout.h"
 
 namespace dsv3::py_glue {
 
@@ -25,6 +26,11 @@ T cfg_get(const py::object& cfg, const char* name) {
 ModelConfig model_config(const py::object& cfg);
 MlaDims mla_dims(const py::object& cfg);
 MhaDims mha_dims(const py::object& cfg);
+
+// Refuses params (which must be a dict) unless its keys are exactly the specs' names; the
+// ValueError lists every missing and every unexpected key.
+void check_param_keys(const py::handle& params, const std::vector<ParamSpec>& specs,
+                      const char* op);
 
 // Holds the arrays of a {name: array} dict alive and hands out checked pointers.
 class ParamDict {

@@ -19,12 +19,12 @@ void mha_check_dims(const MhaDims& d) {
              "[mha] rope table does not match qk_rope_head_dim ", d.Dr);
 }
 
-namespace {
-
-void check_params(const MhaParams& p) {
+void mha_check_params(const MhaParams& p) {
   DSV3_CHECK(p.q_proj && p.k_proj && p.v_proj && p.o_proj,
              "[mha] q_proj, k_proj, v_proj and o_proj are required");
 }
+
+namespace {
 
 // q [R,H,Dqk], k [R,Hkv,Dqk] roped; v [R,Hkv,Dv]
 void project(float* q, float* k, float* v, const float* x, const MhaParams& p, const MhaDims& d,
@@ -42,7 +42,7 @@ void project(float* q, float* k, float* v, const float* x, const MhaParams& p, c
 void mha_forward(float* out, MhaActs& a, const float* x, const MhaParams& p, const MhaDims& d,
                  int64_t B, int64_t T, int64_t start_pos) {
   mha_check_dims(d);
-  check_params(p);
+  mha_check_params(p);
   DSV3_CHECK(B >= 1 && T >= 1 && start_pos >= 0, "[mha] need B, T >= 1 and start_pos >= 0");
   const int64_t R = B * T;
   a.B = B;
@@ -82,7 +82,7 @@ void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaAct
 void mha_decode(float* out, const float* x, const MhaParams& p, const MhaDims& d,
                 const KvCacheView& cache, int64_t B, int64_t S, int64_t start_pos) {
   mha_check_dims(d);
-  check_params(p);
+  mha_check_params(p);
   DSV3_CHECK(B >= 1 && S >= 1, "[mha_decode] batch and tokens must be >= 1");
   DSV3_CHECK(start_pos >= 0 && start_pos + S <= cache.max_len, "[mha_decode] start_pos (",
              start_pos, ") + tokens (", S, ") exceeds the cache capacity (", cache.max_len, ")");

@@ -44,6 +44,7 @@ struct MhaActs {
 };
 
 void mha_check_dims(const MhaDims& d);
+void mha_check_params(const MhaParams& p);  // every weight is set
 void mha_forward(float* out, MhaActs& acts, const float* x, const MhaParams& p, const MhaDims& d,
                  int64_t B, int64_t T, int64_t start_pos);
 // dx += ..., grads += ...   (set_dx: dx = ...)

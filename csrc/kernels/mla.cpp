@@ -25,9 +25,7 @@ void mla_check_dims(const MlaDims& d) {
              d.rope.inv_freq.size(), " frequencies, expected qk_rope_head_dim/2 = ", d.Dr / 2);
 }
 
-namespace {
-
-void check_params(const MlaParams& p, const MlaDims& d) {
+void mla_check_params(const MlaParams& p, const MlaDims& d) {
   if (d.Dq > 0)
     DSV3_CHECK(p.q_a_proj && p.q_a_layernorm && p.q_b_proj,
                "[mla] q_lora_rank > 0 needs q_a_proj, q_a_layernorm and q_b_proj");
@@ -36,6 +34,8 @@ void check_params(const MlaParams& p, const MlaDims& d) {
   DSV3_CHECK(p.kv_a_proj_with_mqa && p.kv_a_layernorm && p.kv_b_proj && p.o_proj,
              "[mla] kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj and o_proj are required");
 }
+
+namespace {
 
 // q [R, H, Dn+Dr] with q_pe roped; saves the q_lora intermediates when given buffers.
 void project_q(float* q, FVec* qa, FVec* qa_rstd, FVec* qa_n, const float* x,
@@ -120,7 +120,7 @@ AttnShape kv_shape(const MlaDims& d, int64_t B, int64_t Tq, int64_t Tk, int64_t 
 void mla_forward(float* out, MlaActs& a, const float* x, const MlaParams& p, const MlaDims& d,
                  int64_t B, int64_t T, int64_t start_pos) {
   mla_check_dims(d);
-  check_params(p, d);
+  mla_check_params(p, d);
   DSV3_CHECK(B >= 1 && T >= 1, "[mla] batch and tokens must be >= 1, got B=", B, ", T=", T);
   DSV3_CHECK(start_pos >= 0, "[mla] start_pos must be >= 0, got ", start_pos);
   const int64_t R = B * T;
@@ -209,7 +209,7 @@ DecodeStep decode_prologue(const float* x, const MlaParams& p, const MlaDims& d,
                            const LatentCacheView& cache, int64_t B, int64_t S,
                            int64_t start_pos) {
   mla_check_dims(d);
-  check_params(p, d);
+  mla_check_params(p, d);
   DSV3_CHECK(B >= 1 && S >= 1, "[mla_decode] batch and tokens must be >= 1, got B=", B,
              ", S=", S);
   DSV3_CHECK(start_pos >= 0 && start_pos + S <= cache.max_len, "[mla_decode] start_pos (",
@@ -231,6 +231,9 @@ DecodeStep decode_prologue(const float* x, const MlaParams& p, const MlaDims& d,
 
 }  // namespace
 
+// Over 80 lines: the absorbed decode is four stages (absorb q into the latent space, chunked
+// attention over the cache, the deterministic merge of the chunks, the value up-projection)
+// that share the chunking plan and its buffers; it is the hot loop of generation, kept whole.
 void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const MlaDims& d,
                          const LatentCacheView& cache, int64_t B, int64_t S, int64_t start_pos) {
   DecodeStep st = decode_prologue(x, p, d, cache, B, S, start_pos);

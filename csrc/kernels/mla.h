@@ -50,6 +50,7 @@ struct MlaParams {
   const float* kv_b_proj = nullptr;           // [H*(Dn+Dv), Dc]
   const float* o_proj = nullptr;              // [D, H*Dv]
 };
+void mla_check_params(const MlaParams& p, const MlaDims& d);  // the weights d needs are set
 struct MlaGrads {  // same layout; accumulated into
   float *q_a_proj = nullptr, *q_a_layernorm = nullptr, *q_b_proj = nullptr, *q_proj = nullptr,
         *kv_a_proj_with_mqa = nullptr, *kv_a_layernorm = nullptr, *kv_b_proj = nullptr,
