@@ -49,3 +49,34 @@ def test_moe_param_shapes_are_the_model_layout():
     want = {k[len(prefix):]: v.shape for k, v in sd.items() if k.startswith(prefix)}
     assert ops.moe_param_shapes(cfg) == want
     assert list(ops.moe_param_shapes(cfg)) == list(want)  # layout order
+
+
+def test_moe_param_shapes_refuse_a_config_without_experts():
+    cfg = dsv3.Config.tiny()
+    with pytest.raises(ValueError, match=r"\[moe_param_shapes\] n_routed_experts must be >= 1 "
+                                         r"\(the config has no MoE layers\)"):
+        ops.moe_param_shapes(_config_object(cfg, n_routed_experts=None))
+    with pytest.raises(ValueError, match=r"\[moe_param_shapes\] n_routed_experts must be >= 1"):
+        ops.moe_param_shapes(_config_object(cfg, n_routed_experts=0))
+
+
+def test_config_takes_the_topk_methods_from_the_engine():
+    cfg = dsv3.Config.tiny()
+    methods = _core.topk_methods()
+    assert methods == ["noaux_tc", "greedy", "group_limited_greedy"]
+    for m in methods:  # each listed value is one the engine accepts
+        _core.moe_param_specs(_config_object(cfg, topk_method=m, n_group=1, topk_group=1), 8)
+    with pytest.raises(ValueError, match=r"topk_method.*must be one of \('noaux_tc', 'greedy', "
+                                         r"'group_limited_greedy'\)"):
+        cfg.replace(topk_method="bogus")
+
+
+def test_moe_param_specs_carry_the_layout_init():
+    cfg = dsv3.Config.tiny()
+    specs = _core.moe_param_specs(cfg, cfg.hidden_size)
+    inits = {name: init for name, _, init in specs}
+    assert inits.pop("gate.e_score_correction_bias") == "zeros"
+    assert set(inits.values()) == {"normal"}
+    params = ops.init_moe_params(cfg, seed=0)
+    assert not params["gate.e_score_correction_bias"].any()
+    assert params["gate.weight"].std() > 0

@@ -3,10 +3,10 @@
 #include <pybind11/stl.h>
 
 #include <map>
-#include <set>
 #include <string>
 
 #include "bindings/arrays.h"
+#include "bindings/convert.h"
 #include "kernels/balance.h"
 #include "kernels/moe.h"
 #include "kernels/moe_gate.h"
@@ -31,6 +31,8 @@ V cfg_attr(py::handle cfg, const char* name, const char* op) {
 
 MoeConfig moe_config_from(py::handle cfg, int64_t D, const char* op) {
   MoeConfig c;
+  DSV3_CHECK(!py::hasattr(cfg, "n_routed_experts") || !cfg.attr("n_routed_experts").is_none(),
+             "[", op, "] n_routed_experts must be >= 1 (the config has no MoE layers)");
   c.n_routed_experts = cfg_attr<int64_t>(cfg, "n_routed_experts", op);
   c.num_experts_per_tok = cfg_attr<int64_t>(cfg, "num_experts_per_tok", op);
   c.n_group = cfg_attr<int64_t>(cfg, "n_group", op);
@@ -76,24 +78,10 @@ struct LayerParams {
 };
 
 LayerParams layer_params(py::handle params_h, const MoeConfig& c, const char* op) {
-  DSV3_CHECK(py::isinstance<py::dict>(params_h), "[", op, "] params must be a dict of ",
-             "float32 arrays keyed by Hugging Face names relative to the layer");
-  auto params = py::reinterpret_borrow<py::dict>(params_h);
   LayerParams lp;
   lp.specs = moe_param_specs(c);
-  std::set<std::string> expected;
-  std::string missing, unexpected;
-  for (const ParamSpec& s : lp.specs) {
-    expected.insert(s.name);
-    if (!params.contains(s.name)) missing += (missing.empty() ? "" : ", ") + s.name;
-  }
-  for (const auto& item : params) {
-    const std::string key = py::str(item.first);
-    if (!expected.count(key)) unexpected += (unexpected.empty() ? "" : ", ") + key;
-  }
-  DSV3_CHECK(missing.empty() && unexpected.empty(), "[", op, "] params do not match the config",
-             missing.empty() ? "" : "; missing: ", missing,
-             unexpected.empty() ? "" : "; unexpected: ", unexpected);
+  check_param_keys(params_h, lp.specs, op);
+  auto params = py::reinterpret_borrow<py::dict>(params_h);
   for (const ParamSpec& s : lp.specs) {
     F32 a = f32(params[s.name.c_str()], op, s.name.c_str());
     check_shape(a, Shape(s.shape.begin(), s.shape.end()), op, s.name);
@@ -149,14 +137,8 @@ void layer_setup(LayerRun& r, py::handle x_h, py::handle params, py::handle cfg,
   const int64_t D = r.x.shape(r.x.ndim() - 1);
   r.c = moe_config_from(cfg, D, op);
   r.lp = layer_params(params, r.c, op);
-  check_finite(r.x.data(), r.x.size(), op, "x");
   r.B = r.x.ndim() == 3 ? r.x.shape(0) : 1;
   r.T = r.x.shape(r.x.ndim() - 2);
-}
-
-void check_alpha(double alpha, const char* op) {
-  DSV3_CHECK(std::isfinite(alpha) && alpha >= 0, "[", op,
-             "] balance_alpha must be finite and >= 0, got ", alpha);
 }
 
 py::tuple moe_forward_py(py::handle x_h, py::handle params, py::handle cfg, double alpha) {
@@ -170,7 +152,8 @@ py::tuple moe_forward_py(py::handle x_h, py::handle params, py::handle cfg, doub
   double bal = 0.0, maxvio = 0.0;
   {
     py::gil_scoped_release nogil;
-    const MoeActs a = moe_layer_forward(y.mutable_data(), &bal, r.x.data(), r.lp.p, r.c, r.B, r.T, alpha);
+    const MoeActs a =
+        moe_layer_forward(y.mutable_data(), &bal, r.x.data(), r.lp.p, r.c, r.B, r.T, alpha);
     std::copy(a.topk_idx, a.topk_idx + R * K, idx.mutable_data());
     std::copy(a.topk_weight, a.topk_weight + R * K, tw.mutable_data());
     std::copy(a.scores, a.scores + R * E, scores.mutable_data());
@@ -220,7 +203,6 @@ py::tuple moe_backward_py(py::handle dy_h, py::handle x_h, py::handle params, py
 // ---- balancing ------------------------------------------------------------------------------
 py::tuple balance_loss_py(py::handle s_h, py::handle idx_h, double alpha) {
   const char* op = "moe_balance_loss";
-  check_alpha(alpha, op);
   F32 s = f32(s_h, op, "scores");
   I64 idx = i64(idx_h, op, "topk_idx");
   check_ndim(s, 2, 3, op, "scores (T, E) or (B, T, E)");
@@ -232,9 +214,6 @@ py::tuple balance_loss_py(py::handle s_h, py::handle idx_h, double alpha) {
                shape_str(shape_of(idx)));
   const int64_t B = s.ndim() == 3 ? s.shape(0) : 1, T = s.shape(s.ndim() - 2);
   const int64_t E = s.shape(s.ndim() - 1), K = idx.shape(idx.ndim() - 1);
-  DSV3_CHECK(K >= 1 && K <= E, "[", op, "] topk_idx's last dimension (K = ", K,
-             ") must be in [1, n_routed_experts = ", E, "]");
-  check_finite(s.data(), s.size(), op, "scores");
   F32 ds = zeros(shape_of(s));
   double L = 0.0;
   float* pds = ds.mutable_data();
@@ -251,7 +230,6 @@ py::tuple balance_loss_py(py::handle s_h, py::handle idx_h, double alpha) {
 I64 expert_load_py(py::handle idx_h, int64_t E) {
   I64 idx = i64(idx_h, "expert_load", "topk_idx");
   check_ndim(idx, 1, 8, "expert_load", "topk_idx");
-  DSV3_CHECK(E >= 1, "[expert_load] n_routed_experts must be >= 1, got ", E);
   I64 load(Shape{(py::ssize_t)E});
   expert_load(load.mutable_data(), idx.data(), idx.size(), 1, E);
   return load;
@@ -260,7 +238,6 @@ I64 expert_load_py(py::handle idx_h, int64_t E) {
 double max_violation_py(py::handle load_h) {
   I64 load = i64(load_h, "max_violation", "load");
   check_ndim(load, 1, 1, "max_violation", "load");
-  DSV3_CHECK(load.size() >= 1, "[max_violation] load must not be empty");
   return max_violation(load.data(), load.size());
 }
 
@@ -269,10 +246,7 @@ F32 update_bias_py(py::handle b_h, py::handle load_h, double gamma) {
   F32 b = f32(b_h, op, "bias");
   I64 load = i64(load_h, op, "load");
   check_ndim(b, 1, 1, op, "bias");
-  DSV3_CHECK(b.size() >= 1, "[", op, "] bias must not be empty");
   check_shape(load, shape_of(b), op, "load (the shape of bias)");
-  DSV3_CHECK(std::isfinite(gamma) && gamma >= 0, "[", op, "] gamma must be finite and >= 0, got ",
-             gamma);
   F32 out = empty(shape_of(b));
   std::copy(b.data(), b.data() + b.size(), out.mutable_data());
   update_expert_bias(out.mutable_data(), load.data(), b.size(), (float)gamma);
@@ -285,9 +259,13 @@ void bind_moe(py::module_& m) {
   m.def("moe_param_specs", [](py::handle cfg, int64_t D) {
     py::list out;
     for (const ParamSpec& s : moe_param_specs(moe_config_from(cfg, D, "moe_param_shapes")))
-      out.append(py::make_tuple(s.name, py::tuple(py::cast(s.shape))));
+      out.append(py::make_tuple(s.name, py::tuple(py::cast(s.shape)),
+                                s.init == ParamEntry::Zeros  ? "zeros"
+                                : s.init == ParamEntry::Ones ? "ones"
+                                                             : "normal"));
     return out;
   }, arg("cfg"), arg("hidden_size"));
+  m.def("topk_methods", &topk_method_names);
   m.def("moe_gate", &moe_gate_py, arg("x"), arg("weight"), arg("bias"), arg("cfg"));
   m.def("moe_forward", &moe_forward_py, arg("x"), arg("params"), arg("cfg"),
         arg("balance_alpha"));

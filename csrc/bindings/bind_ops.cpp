@@ -396,13 +396,7 @@ F32 cross_entropy_bwd(py::handle l_h, py::handle t_h, py::handle lse_h, int64_t 
   DSV3_CHECK(shape_of(lse) == shape_of(a.targets), "[", op, "] lse must have shape ",
              shape_str(shape_of(a.targets)), ", got ", shape_str(shape_of(lse)));
   const int64_t* pt = a.targets.data();
-  int64_t count = 0;
-  for (int64_t r = 0; r < a.R; ++r) {
-    if (pt[r] == ignore_index) continue;
-    DSV3_INDEX_CHECK(pt[r] >= 0 && pt[r] < a.V, "[", op, "] target ", pt[r], " at row ", r,
-                     " is out of range [0, ", a.V, ") and is not ignore_index (", ignore_index, ")");
-    ++count;
-  }
+  const int64_t count = cross_entropy_count(pt, a.R, a.V, ignore_index, op);
   if (count == 0) return zeros(shape_of(a.logits));
   F32 d = empty(shape_of(a.logits));
   float* pd = d.mutable_data();

@@ -1,20 +1,27 @@
 #include "kernels/balance.h"
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "core/check.h"
 #include "core/parallel.h"
+#include "kernels/moe_gate.h"
 
 namespace dsv3 {
 
 namespace {
 
-void check_sizes(int64_t B, int64_t T, int64_t E, int64_t K, const char* op) {
+// Sizes, alpha and finite scores: everything the balance loss's formulas assume.
+void check_balance_args(const float* scores, int64_t B, int64_t T, int64_t E, int64_t K,
+                        double alpha, const char* op) {
+  check_balance_alpha(alpha, op);
   DSV3_CHECK(E >= 1, "[", op, "] number of experts must be >= 1, got ", E);
-  DSV3_CHECK(K >= 1 && K <= E, "[", op, "] topk must be in [1, ", E, "], got ", K);
+  DSV3_CHECK(K >= 1 && K <= E, "[", op, "] topk_idx's last dimension (K = ", K,
+             ") must be in [1, n_routed_experts = ", E, "]");
   DSV3_CHECK(B >= 1 && T >= 1, "[", op, "] need at least one sequence of at least one token, got ",
              B, " sequences of ", T);
+  check_finite(scores, B * T * E, op, "scores");
 }
 
 // f[b, i] = E / (K T) * #{t in sequence b : i in topk_t}
@@ -31,7 +38,13 @@ std::vector<double> seq_fractions(const int64_t* topk_idx, int64_t B, int64_t T,
 
 }  // namespace
 
+void check_balance_alpha(double alpha, const char* op) {
+  DSV3_CHECK(std::isfinite(alpha) && alpha >= 0, "[", op,
+             "] balance_alpha must be finite and >= 0, got ", alpha);
+}
+
 void expert_load(int64_t* load, const int64_t* topk_idx, int64_t R, int64_t K, int64_t E) {
+  DSV3_CHECK(E >= 1, "[expert_load] n_routed_experts must be >= 1, got ", E);
   std::fill(load, load + E, 0);
   for (int64_t n = 0; n < R * K; ++n) {
     const int64_t i = topk_idx[n];
@@ -55,6 +68,8 @@ double max_violation(const int64_t* load, int64_t E) {
 
 void update_expert_bias(float* bias, const int64_t* load, int64_t E, float gamma) {
   DSV3_CHECK(E >= 1, "[update_expert_bias] need at least one expert");
+  DSV3_CHECK(std::isfinite(gamma) && gamma >= 0,
+             "[update_expert_bias] gamma must be finite and >= 0, got ", gamma);
   int64_t total = 0;
   for (int64_t i = 0; i < E; ++i) {
     DSV3_CHECK(load[i] >= 0, "[update_expert_bias] load must be >= 0, got ", load[i], " at ", i);
@@ -70,7 +85,7 @@ void update_expert_bias(float* bias, const int64_t* load, int64_t E, float gamma
 double seq_balance_loss_forward(const float* scores, const int64_t* topk_idx, int64_t B,
                                 int64_t T, int64_t E, int64_t K, double alpha) {
   const char* op = "moe_balance_loss";
-  check_sizes(B, T, E, K, op);
+  check_balance_args(scores, B, T, E, K, alpha, op);
   const std::vector<double> f = seq_fractions(topk_idx, B, T, E, K);
   std::vector<double> per_seq((size_t)B, 0.0);
   parallel_for(B, 1, [&](int64_t b0, int64_t b1) {
@@ -97,7 +112,7 @@ void seq_balance_loss_backward(float* d_scores, double d_loss, const float* scor
                                const int64_t* topk_idx, int64_t B, int64_t T, int64_t E,
                                int64_t K, double alpha) {
   const char* op = "moe_balance_loss_backward";
-  check_sizes(B, T, E, K, op);
+  check_balance_args(scores, B, T, E, K, alpha, op);
   std::vector<double> g = seq_fractions(topk_idx, B, T, E, K);
   const double c = d_loss * alpha / ((double)T * (double)B);
   for (double& v : g) v *= c;

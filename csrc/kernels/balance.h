@@ -19,6 +19,9 @@
 
 namespace dsv3 {
 
+// Refuses alpha unless finite and >= 0 ("[op] balance_alpha must be ...").
+void check_balance_alpha(double alpha, const char* op);
+
 // load[E] = #{(t, k) : topk_idx[t, k] == i}   (overwritten; ids outside [0,E) -> out_of_range)
 void expert_load(int64_t* load, const int64_t* topk_idx, int64_t R, int64_t K, int64_t E);
 
@@ -29,7 +32,8 @@ double max_violation(const int64_t* load, int64_t E);
 // the mean keeps its bias). The comparison is exact (integers), so it is order-independent.
 void update_expert_bias(float* bias, const int64_t* load, int64_t E, float gamma);
 
-// L (the mean over sequences), accumulated in double.
+// L (the mean over sequences), accumulated in double. Both functions refuse a bad alpha, K
+// outside [1, E] and non-finite scores (NonFiniteError).
 double seq_balance_loss_forward(const float* scores, const int64_t* topk_idx, int64_t B,
                                 int64_t T, int64_t E, int64_t K, double alpha);
 // d_scores[B*T, E] += d_loss * dL/ds :   with g_i = alpha f_i / (T B),

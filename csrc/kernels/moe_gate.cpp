@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 #include <vector>
 
 #include "core/blas.h"
@@ -120,12 +121,30 @@ void route_token(int64_t* idx, float* w, const float* s, const float* bias, cons
 
 }  // namespace
 
+namespace {
+struct TopkName {
+  const char* name;
+  TopkMethod method;
+};
+constexpr TopkName kTopkMethods[] = {{"noaux_tc", TopkMethod::noaux_tc},
+                                     {"greedy", TopkMethod::greedy},
+                                     {"group_limited_greedy", TopkMethod::group_limited_greedy}};
+}  // namespace
+
+std::vector<std::string> topk_method_names() {
+  std::vector<std::string> out;
+  for (const TopkName& t : kTopkMethods) out.push_back(t.name);
+  return out;
+}
+
 TopkMethod topk_method_from(const std::string& s, const char* op) {
-  if (s == "noaux_tc") return TopkMethod::noaux_tc;
-  if (s == "greedy") return TopkMethod::greedy;
-  DSV3_CHECK(s == "group_limited_greedy", "[", op, "] topk_method must be 'noaux_tc', 'greedy' ",
-             "or 'group_limited_greedy', got '", s, "'");
-  return TopkMethod::group_limited_greedy;
+  std::string all;
+  for (const TopkName& t : kTopkMethods) {
+    if (s == t.name) return t.method;
+    all += (all.empty() ? "'" : ", '") + std::string(t.name) + "'";
+  }
+  throw std::invalid_argument(str_cat("[", op, "] topk_method must be one of ", all, ", got '",
+                                      s, "'"));
 }
 
 ScoringFunc scoring_func_from(const std::string& s, const char* op) {

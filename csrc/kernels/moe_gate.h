@@ -17,6 +17,7 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace dsv3 {
 
@@ -27,6 +28,7 @@ enum class ScoringFunc { sigmoid, softmax };
 // The config strings -> enums, the one mapping; unknown values throw std::invalid_argument
 // ("[op] topk_method must be ...").
 TopkMethod topk_method_from(const std::string& s, const char* op);
+std::vector<std::string> topk_method_names();  // the strings topk_method_from accepts
 ScoringFunc scoring_func_from(const std::string& s, const char* op);
 
 struct MoeConfig {

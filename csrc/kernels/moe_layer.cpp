@@ -5,6 +5,7 @@
 
 #include "core/check.h"
 #include "kernels/balance.h"
+#include "kernels/moe_gate.h"
 
 namespace dsv3 {
 
@@ -18,11 +19,6 @@ struct LayerScratch {
 LayerScratch& layer_scratch() {
   static thread_local LayerScratch s;
   return s;
-}
-
-void check_alpha(double alpha, const char* op) {
-  DSV3_CHECK(std::isfinite(alpha) && alpha >= 0, "[", op,
-             "] balance_alpha must be finite and >= 0, got ", alpha);
 }
 
 MoeActs forward(float* y, const float* x, const MoeParams& p, const MoeConfig& c, int64_t R) {
@@ -39,7 +35,7 @@ MoeActs forward(float* y, const float* x, const MoeParams& p, const MoeConfig& c
 
 MoeActs moe_layer_forward(float* y, double* balance_loss, const float* x, const MoeParams& p,
                           const MoeConfig& c, int64_t B, int64_t T, double alpha) {
-  check_alpha(alpha, "moe_forward");
+  check_balance_alpha(alpha, "moe_forward");
   const int64_t R = B * T;
   const MoeActs acts = forward(y, x, p, c, R);
   if (balance_loss)
@@ -54,8 +50,9 @@ MoeActs moe_layer_forward(float* y, double* balance_loss, const float* x, const 
 void moe_layer_backward(float* dx, const MoeGrads& g, const float* dy, const float* x,
                         const MoeParams& p, const MoeConfig& c, int64_t B, int64_t T,
                         double alpha) {
-  check_alpha(alpha, "moe_backward");
+  check_balance_alpha(alpha, "moe_backward");
   const int64_t R = B * T, E = c.n_routed_experts;
+  check_finite(x, R * c.hidden_size, "moe_backward", "x");  // named as this call, not the forward
   std::vector<float> y((size_t)(R * c.hidden_size));
   const MoeActs acts = forward(y.data(), x, p, c, R);
   std::vector<float> d_scores;

@@ -202,16 +202,22 @@ void swiglu_backward(float* dg, float* du, const float* dh, const float* g, cons
   });
 }
 
-int64_t cross_entropy_forward(float* loss_rows, float* lse, const float* logits,
-                              const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index) {
+int64_t cross_entropy_count(const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index,
+                            const char* op) {
   int64_t count = 0;
   for (int64_t r = 0; r < R; ++r) {
     if (targets[r] == ignore_index) continue;
-    DSV3_INDEX_CHECK(targets[r] >= 0 && targets[r] < V, "[cross_entropy] target ", targets[r],
+    DSV3_INDEX_CHECK(targets[r] >= 0 && targets[r] < V, "[", op, "] target ", targets[r],
                      " at row ", r, " is out of range [0, ", V, ") and is not ignore_index (",
                      ignore_index, ")");
     ++count;
   }
+  return count;
+}
+
+int64_t cross_entropy_forward(float* loss_rows, float* lse, const float* logits,
+                              const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index) {
+  const int64_t count = cross_entropy_count(targets, R, V, ignore_index, "cross_entropy");
   parallel_for(R, row_grain(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = logits + r * V;
@@ -226,6 +232,7 @@ int64_t cross_entropy_forward(float* loss_rows, float* lse, const float* logits,
 void cross_entropy_backward(float* d_logits, const float* lse, const float* logits,
                             const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index,
                             float scale, bool set) {
+  cross_entropy_count(targets, R, V, ignore_index, "cross_entropy_backward");
   parallel_for(R, row_grain(V), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (targets[r] == ignore_index) {

@@ -44,6 +44,10 @@ void swiglu_backward(float* dg, float* du, const float* dh, const float* g, cons
                      int64_t F, bool set = false);
 
 // Softmax cross-entropy with ignore-index.  logits[R,V]  targets[R]  loss_rows[R]  lse[R]
+// The number of rows with t_r != ignore_index; targets outside [0,V) that are not ignore_index
+// throw std::out_of_range ("[op] target ...").
+int64_t cross_entropy_count(const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index,
+                            const char* op);
 // loss_rows[r] = logsumexp(logits[r]) - logits[r, t_r] (0 where t_r == ignore_index).
 // Returns the number of counted rows; the mean loss is sum(loss_rows) / count.
 // Targets outside [0,V) that are not ignore_index throw std::out_of_range.
@@ -51,6 +55,7 @@ int64_t cross_entropy_forward(float* loss_rows, float* lse, const float* logits,
                               const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index);
 // d_logits[r,:] += scale * (softmax(logits[r]) - onehot(t_r)) for counted rows
 // (scale = d_loss / count for the mean loss). set: d_logits = ..., ignored rows zeroed.
+// Checks the targets as cross_entropy_forward does.
 void cross_entropy_backward(float* d_logits, const float* lse, const float* logits,
                             const int64_t* targets, int64_t R, int64_t V, int64_t ignore_index,
                             float scale, bool set = false);

@@ -19,7 +19,6 @@ from . import hf_keys
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
                 "float8": 1, "fp8": 1, "e4m3": 1}
-_TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 _ATTENTION_TYPES = ("mla", "mha", "gqa")
 
 
@@ -476,8 +475,10 @@ class Config:
         integer("n_group", 1)
         integer("topk_group", 1)
         E = self.n_routed_experts
-        if self.topk_method not in _TOPK_METHODS:
-            fail("topk_method", f"must be one of {_TOPK_METHODS}")
+        from . import _core
+        methods = tuple(_core.topk_methods())  # the engine's list (moe_gate.cpp), not a copy
+        if self.topk_method not in methods:
+            fail("topk_method", f"must be one of {methods}")
         if self.scoring_func not in ("sigmoid", "softmax"):
             fail("scoring_func", "must be 'sigmoid' or 'softmax'")
         if self.num_experts_per_tok > E:
@@ -486,6 +487,8 @@ class Config:
             fail("topk_group", f"must be <= n_group ({self.n_group})")
         if E % self.n_group:
             fail("n_group", f"must divide n_routed_experts ({E})")
+        # early, field-named copies of the engine's group rules (moe_config_check), so a bad
+        # config fails here rather than at its first MoE call
         grouped = self.n_group > 1 and self.topk_method in ("noaux_tc", "group_limited_greedy")
         if grouped:
             per_group = E // self.n_group

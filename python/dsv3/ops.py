@@ -165,14 +165,16 @@ def attention_layer(x: np.ndarray, params: dict, cfg, start_pos: int = 0) -> np.
     ``q_a_layernorm.weight``, ``q_b_proj.weight`` (or ``q_proj.weight`` when q_lora_rank is 0),
     ``kv_a_proj_with_mqa.weight``, ``kv_a_layernorm.weight``, ``kv_b_proj.weight``,
     ``o_proj.weight``; MHA/GQA ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (``.weight``),
-    all float32 [out, in]. Returns the layer output, shaped like x.
+    all float32 [out, in], and no other key (a missing or unexpected key raises ValueError).
+    Returns the layer output, shaped like x.
     """
     return _core.attention_layer(x, params, cfg, int(start_pos))
 
 
 def attention_layer_backward(d_out: np.ndarray, x: np.ndarray, params: dict, cfg,
                              start_pos: int = 0) -> Tuple[np.ndarray, dict]:
-    """``(dx, grads)`` of :func:`attention_layer`; ``grads`` has the keys of ``params``."""
+    """``(dx, grads)`` of :func:`attention_layer`; ``grads`` has the layer's Hugging Face names
+    (those of layout.h's mla_param_specs / mha_param_specs, which params must hold exactly)."""
     return _core.attention_layer_backward(d_out, x, params, cfg, int(start_pos))
 
 
@@ -218,7 +220,7 @@ def moe_param_shapes(cfg: Config, hidden_size: Optional[int] = None) -> Dict[str
     (``model.layers.{i}.mlp.``) -> shapes, in layout order. ``hidden_size`` defaults to
     ``cfg.hidden_size``."""
     D = int(cfg.hidden_size if hidden_size is None else hidden_size)
-    return {name: tuple(shape) for name, shape in _core.moe_param_specs(cfg, D)}
+    return {name: tuple(shape) for name, shape, _ in _core.moe_param_specs(cfg, D)}
 
 
 def init_moe_params(cfg: Config, seed: int = 0, std: Optional[float] = None,
@@ -227,12 +229,13 @@ def init_moe_params(cfg: Config, seed: int = 0, std: Optional[float] = None,
     ``cfg.initializer_range``), a zero correction bias."""
     rng = np.random.default_rng(seed)
     std = float(cfg.initializer_range if std is None else std)
+    D = int(cfg.hidden_size if hidden_size is None else hidden_size)
     out: Dict[str, np.ndarray] = {}
-    for name, shape in moe_param_shapes(cfg, hidden_size).items():
-        if name == "gate.e_score_correction_bias":
-            out[name] = np.zeros(shape, np.float32)
-        else:
+    for name, shape, init in _core.moe_param_specs(cfg, D):  # init as in the model's layout
+        if init == "normal":
             out[name] = (rng.standard_normal(shape) * std).astype(np.float32)
+        else:
+            out[name] = np.full(shape, 1.0 if init == "ones" else 0.0, np.float32)
     return out
 
 
