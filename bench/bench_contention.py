@@ -1,6 +1,6 @@
 """A busy CPU: the training step of Config.small() (batch 8 x 256) and batch-1 greedy decoding,
 quiet and with competing CPU-bound processes, dsv3 and the PyTorch peer alternating under the
-same competitor (issue 19: keep >= 45% of the quiet speed and at least match the peer).
+same competitor (keep >= 45% of the quiet speed and at least match the peer).
 
 Each measurement is a fresh child process (bench/workloads.py). The competitor is a
 single-threaded Python busy loop (``while True: pass``), started before the round and stopped

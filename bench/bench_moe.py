@@ -3,7 +3,7 @@ sgemm rate, and vs the same layer in PyTorch (dsv3.reference.torch_moe) on the s
 
     PYTHONPATH=python python bench/bench_moe.py [--tokens 4096] [--threads 2] [--repeat 5]
 
-Default shape (issue 5): hidden 512, 64 routed experts top-6 in 8 groups (4 kept), 1 shared
+Default shape: hidden 512, 64 routed experts top-6 in 8 groups (4 kept), 1 shared
 expert, moe_intermediate 256, 4096 tokens, noaux_tc sigmoid gate. Times are the median of
 --repeat runs after a warm-up. dsv3's forward+backward is one moe_backward call, which runs
 the forward (to rebuild the saved activations) and then the backward; dsv3 and PyTorch runs

@@ -1,6 +1,6 @@
 """Shared test machinery: the tolerance table, seeded RNG, configs, assert_close and the
 central finite-difference gradient checker. References are float64 (numpy written here from
-SPEC's formulas, or PyTorch autograd), never derived from the C++."""
+docs/semantics.md's formulas, or PyTorch autograd), never derived from the C++."""
 from __future__ import annotations
 
 import os

@@ -1,4 +1,4 @@
-"""The Hugging Face tensor names and shapes of a DeepSeek-V3 checkpoint, written from SPEC §3
+"""The Hugging Face tensor names and shapes of a DeepSeek-V3 checkpoint, written from semantics §3
 and the published checkpoint layout (independent of dsv3's own counting code)."""
 
 

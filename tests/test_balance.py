@@ -1,4 +1,4 @@
-"""Load balancing (SPEC §2.4): expert loads, MaxVio, the aux-loss-free bias update and the
+"""Load balancing (semantics §2.4): expert loads, MaxVio, the aux-loss-free bias update and the
 sequence-wise balance loss, against formulas written here.
 
 Tolerances: the loss is accumulated in double from float32 scores, so it matches the float64

@@ -1,4 +1,4 @@
-"""Threading and BLAS policy (issue 19): the pool's products against float64, concurrent and
+"""Threading and BLAS policy: the pool's products against float64, concurrent and
 forked callers, the default thread count, and the engine with each of Debian's OpenBLAS
 builds (libopenblas0-openmp, -pthread, -serial) loaded through LD_LIBRARY_PATH: the build is
 reported in build_info and the results are bit-identical across builds."""

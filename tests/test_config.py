@@ -1,4 +1,4 @@
-"""dsv3.Config (SPEC §1): HF field names, JSON round trip, presets, validation, counts."""
+"""dsv3.Config (semantics §1): HF field names, JSON round trip, presets, validation, counts."""
 import json
 
 import pytest

@@ -1,4 +1,4 @@
-"""FP8 / low-precision formats (SPEC §2.6): exhaustive codes, round-to-nearest-even at every
+"""FP8 / low-precision formats (semantics §2.6): exhaustive codes, round-to-nearest-even at every
 midpoint, saturation, specials, and agreement with PyTorch 2.13's casts. All expected values
 come from dsv3.reference.fp8 (the format definitions) or from PyTorch, never from dsv3."""
 from __future__ import annotations

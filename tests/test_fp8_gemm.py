@@ -1,4 +1,4 @@
-"""FP8 GEMM and the FP8 linear layer (SPEC §2.6).
+"""FP8 GEMM and the FP8 linear layer (semantics §2.6).
 
 Tolerances. fp32 accumulation mode is checked against the float64 value of the chunked
 formula with the rigorous bound of any fp32 summation order: |C - ref| <= gamma_{K+2} * S,

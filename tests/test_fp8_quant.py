@@ -1,4 +1,4 @@
-"""Fine-grained quantization (SPEC §2.6): codes and scales bit-equal to the reference of
+"""Fine-grained quantization (semantics §2.6): codes and scales bit-equal to the reference of
 dsv3.reference.fp8, round-trip error bounds, zero-padded edges, power-of-two scales, the amax
 floor, non-finite input, and the argument contract."""
 from __future__ import annotations
@@ -74,7 +74,7 @@ def test_roundtrip_error_bound(fmt, block, rng):
 
 
 def test_scaling_is_a_division(rng):
-    """q = e4m3(x / scale) with an fp32 division (SPEC), not x * (1/scale): values placed one
+    """q = e4m3(x / scale) with an fp32 division (semantics §2.6), not x * (1/scale): values placed one
     fp32 ulp around the e4m3 midpoints times the scale tell the two apart."""
     t = decode_table("e4m3")[:127]
     t = np.sort(t[np.isfinite(t)])

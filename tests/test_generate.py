@@ -1,4 +1,4 @@
-"""Generation and MTP speculative decoding (SPEC §2.5, §3): greedy = argmax of the full
+"""Generation and MTP speculative decoding (semantics §2.5, §3): greedy = argmax of the full
 forward, speculative greedy == plain greedy, cache rollback, the cached MTP step vs a float64
 reference, acceptance on a briefly trained model, streaming, batches, bad input."""
 import numpy as np
@@ -134,7 +134,7 @@ def test_rollback_cache_equals_cache_without_rejected_tokens(rand_model):
 
 def test_mtp_step_vs_float64_reference(rand_model):
     """Prefill the MTP cache over the prompt, then step row by row: the draft logits equal
-    SPEC §2.5 computed in float64 from the state dict (ref_model's block + rmsnorm)."""
+    semantics §2.5 computed in float64 from the state dict (ref_model's block + rmsnorm)."""
     torch = get_torch()
     m, cfg = rand_model, rand_model.config
     P = {k: torch.tensor(v.astype(np.float64)) for k, v in m.state_dict().items()}

@@ -1,4 +1,4 @@
-"""Config files in transformers 4.x and 5.x keys (issue 17): both read and written, never a
+"""Config files in transformers 4.x and 5.x keys: both read and written, never a
 math-changing key kept and ignored, the DeepSeek family's configs, unknown architectures
 refused."""
 import json
@@ -113,11 +113,10 @@ V32 = {"architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32"
     ({"quantization_config": {"quant_method": "fp8", "scale_fmt": "e5m2"}}, "scale_fmt"),
     ({"model_type": "deepseek_v2", "topk_method": "greedy", "scoring_func": "softmax",
       "rope_interleave": False}, "rope_interleave"),
-    # transformers' rope machinery reads these top-level keys too (review W1)
+    # transformers' rope machinery reads these top-level keys too
     ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ({"rope_type": "yarn"}, "rope_type"),
     ({"attention_factor": 1.2}, "attention_factor"),
-    # review T3
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "partial_rotary_factor": 0.5}},
      "rope_scaling.*partial_rotary_factor"),
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "low_freq_factor": 1.0}},

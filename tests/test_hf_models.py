@@ -1,4 +1,4 @@
-"""dsv3 against transformers' own DeepseekV3 / DeepseekV2 models (issue 17), both directions:
+"""dsv3 against transformers' own DeepseekV3 / DeepseekV2 models, both directions:
 checkpoints transformers writes load in dsv3 with the same logits (full, cached, greedy), and
 everything dsv3 writes opens with AutoConfig / AutoModelForCausalLM with the same logits and
 reads back into dsv3 bit-identically. Tiny random models built from configs; nothing is
@@ -148,7 +148,7 @@ def test_dsv3_checkpoint_opens_with_automodel(tmp_path, case, dtype):
 
 
 def _fp8_reference(directory, block=128):
-    """The float32 weights an FP8 checkpoint means (SPEC §2.6: w = q * scale_inv per 128x128
+    """The float32 weights an FP8 checkpoint means (semantics §2.6: w = q * scale_inv per 128x128
     block, partial blocks at the edges), decoded with torch, independently of dsv3."""
     from safetensors.torch import load_file
     raw = load_file(str(directory / "model.safetensors"))

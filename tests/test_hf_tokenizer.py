@@ -1,4 +1,4 @@
-"""dsv3.Tokenizer (issue 17): a checkpoint's Hugging Face tokenizer.json through the optional
+"""dsv3.Tokenizer: a checkpoint's Hugging Face tokenizer.json through the optional
 tokenizers package, the byte tokenizer otherwise, and the CLI's generate --prompt with both.
 The tokenizer is built here from a word list (nothing downloaded)."""
 import json

@@ -1,5 +1,5 @@
 """The low-precision GEMMs (core/lowp_gemm.h) on each tier: dsv3.ops.bf16_matmul and the exact
-mode of dsv3.fp8.gemm against float64 references written from SPEC §2.6
+mode of dsv3.fp8.gemm against float64 references written from semantics §2.6
 (dsv3.reference.lowp, dsv3.reference.fp8), within the fp32 reassociation bound
 |C - C_exact| <= gamma(n) * S, S = sum_k |a b sa sb|, gamma(n) = n u / (1 - n u), u = 2^-24,
 n = K (bf16) or K + 2 (fp8: two scale multiplications). The active tier runs here; the fp32

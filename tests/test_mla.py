@@ -1,4 +1,4 @@
-"""MLA (SPEC §2.2) and the MHA/GQA baselines: training form vs the float64 reference, every
+"""MLA (semantics §2.2) and the MHA/GQA baselines: training form vs the float64 reference, every
 gradient vs autograd and finite differences, absorbed vs naive decoding, prefill + decode vs
 one full forward, cache sizes, and the error cases."""
 import numpy as np

@@ -1,4 +1,4 @@
-"""The whole model (SPEC §2.1-2.5): layout and names, forward vs the float64 reference, loss
+"""The whole model (semantics §2.1-2.5): layout and names, forward vs the float64 reference, loss
 parts, every named gradient vs autograd and finite differences, cached decoding, errors."""
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""dsv3.ops.moe_gate vs the float64 reference of SPEC §2.3 (dsv3.reference.moe).
+"""dsv3.ops.moe_gate vs the float64 reference of semantics §2.3 (dsv3.reference.moe).
 
 Tolerances: indices must be identical. Weights within 1e-6 absolute + 1e-6 relative: the
 C++ computes s in fp32 (expf with < 2 ulp error, one division), then one division by the sum
@@ -100,7 +100,7 @@ def test_gate_matches_reference_with_ties(name, T, bias_mode):
 @pytest.mark.parametrize("name", ["noaux_g4_k2", "noaux_g8_k4", "noaux_g1", "greedy",
                                   "group_limited"])
 def test_all_tied_token_picks_lowest_indices(name):
-    """x = 0 ties every score (and with zero bias every group): SPEC's tie rule then picks the
+    """x = 0 ties every score (and with zero bias every group): the tie rule of semantics §2.3 then picks the
     first topk_group groups and, inside them, the lowest expert indices, in order."""
     cfg = case_cfg(name)
     E, K = cfg.n_routed_experts, cfg.num_experts_per_tok

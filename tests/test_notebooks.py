@@ -1,4 +1,4 @@
-"""Static checks of the research notebooks (issue 10). Executing them is CI's job
+"""Static checks of the research notebooks. Executing them is CI's job
 (.ci/notebooks.py, FAST=1); here: they exist, read the FAST switch, import only dsv3, numpy,
 matplotlib and the standard library, are committed with the outputs of a full run (every code
 cell executed, in order, no errors), and end with a finding that gives a verdict."""

@@ -1,4 +1,4 @@
-"""RoPE with YaRN (SPEC §2.2) vs a float64 numpy reference written here from the formulas."""
+"""RoPE with YaRN (semantics §2.2) vs a float64 numpy reference written here from the formulas."""
 import math
 
 import numpy as np
@@ -28,7 +28,7 @@ def ref_rope(x, pos, theta, rs):
 
 def test_v3_yarn_numbers():
     t = ops.rope_table(64, 10000.0, V3_YARN)
-    assert (t["low"], t["high"]) == (10, 23)             # SPEC: V3 gives low 10, high 23
+    assert (t["low"], t["high"]) == (10, 23)             # semantics §2.2: V3 gives low 10, high 23
     assert t["attn_factor"] == 1.0                       # mscale == mscale_all_dim
     assert round(Config.deepseek_v3().softmax_scale, 6) == 0.135234
     f, _, low, high = ref_inv_freq(64, 10000.0, V3_YARN)
@@ -77,7 +77,7 @@ def test_rope_long_positions_exact(rng):
 
 
 def test_rope_matches_halves_layout_scores(rng):
-    """SPEC: Hugging Face permutes to halves first and gets the same scores q.k."""
+    """semantics §2.2: Hugging Face permutes to halves first and gets the same scores q.k."""
     d, T = 16, 9
     q, k = randn(rng, T, 1, d), randn(rng, T, 1, d)
     pos = np.arange(T)

@@ -1,4 +1,4 @@
-"""Sampling (SPEC §3): temperature 0 = argmax, top-k / top-p masks vs an independent
+"""Sampling (semantics §3): temperature 0 = argmax, top-k / top-p masks vs an independent
 reference, seeds, and chi-square tests that samples follow softmax(logits / T) -- for plain
 sampling and for MTP speculative sampling (whose output distribution must be the model's).
 

@@ -77,7 +77,7 @@ def test_ten_steps_vs_float64_reference(monkeypatch):
             for i, load in zip(moe_layers, loads):
                 bias = P[f"model.layers.{i}.mlp.gate.e_score_correction_bias"]
                 bias.add_(torch.tensor(cfg.bias_update_speed * np.sign(load.mean() - load)))
-    # fp32 engine vs float64 reference over 10 optimizer steps: 1e-4 relative (issue 7)
+    # fp32 engine vs float64 reference over 10 optimizer steps: 1e-4 relative
     np.testing.assert_allclose(got, want, rtol=1e-4)
     assert got[-1] < got[0]
     sd = model.state_dict()

@@ -1,6 +1,6 @@
 // Low-precision GEMM on the CPU's bf16 units: C = A @ B^T with bf16 operands, exact products
 // and fp32 accumulation, optionally with block scales promoted per K chunk (the FP8 GEMM of
-// SPEC §2.6, whose E4M3/E5M2 codes are exactly bf16 values).
+// semantics §2.6, whose E4M3/E5M2 codes are exactly bf16 values).
 //
 // Legend:  M rows of A and C   N rows of B (columns of C)   K inner dimension
 //          Kp = K rounded up to even (bf16 pairs)   NR = 64 columns per packed B panel

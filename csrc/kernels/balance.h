@@ -1,4 +1,4 @@
-// Load balancing of the routed experts (SPEC §2.4): statistics, the aux-loss-free bias update
+// Load balancing of the routed experts (semantics §2.4): statistics, the aux-loss-free bias update
 // and the sequence-wise balance loss.
 //
 // Legend:  B sequences   T tokens per sequence   E routed experts   K experts per token

@@ -1,4 +1,4 @@
-// FP8 emulation: formats, casts and fine-grained quantization (SPEC §2.6).
+// FP8 emulation: formats, casts and fine-grained quantization (semantics §2.6).
 //
 // The scheme. DeepSeek-V3 trains its linear layers with 8-bit floating-point operands. An
 // 8-bit float has so little range (E4M3: ±448, smallest subnormal 2^-9) that a tensor cannot

@@ -1,4 +1,4 @@
-// FP8 GEMM with fine-grained scales and emulated tensor-core accumulation (SPEC §2.6).
+// FP8 GEMM with fine-grained scales and emulated tensor-core accumulation (semantics §2.6).
 //
 // Legend:  M rows of A (tokens)   N rows of B (output features)   K inner dimension
 //          P promotion interval   k accumulator bits   Ka, Kb scale chunks of A, B along K

@@ -1,4 +1,4 @@
-// FP8 linear layer for training (SPEC §2.6 "FP8 training mode"): each of the three GEMMs of a
+// FP8 linear layer for training (semantics §2.6 "FP8 training mode"): each of the three GEMMs of a
 // linear layer takes E4M3 operands quantized along THAT GEMM's inner dimension, so every
 // scale multiplies a whole promotion interval:
 //

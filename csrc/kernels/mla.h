@@ -1,4 +1,4 @@
-// Multi-head Latent Attention (SPEC §2.2): the training (naive) form with its backward, and
+// Multi-head Latent Attention (semantics §2.2): the training (naive) form with its backward, and
 // cached decoding in the absorbed form.
 //
 // Legend:  B batch  T tokens (S tokens in a decode call)  R = B*T rows  D hidden

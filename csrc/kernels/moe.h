@@ -1,4 +1,4 @@
-// The DeepSeekMoE layer (SPEC §2.3): gate, dispatch, routed SwiGLU experts, weighted combine,
+// The DeepSeekMoE layer (semantics §2.3): gate, dispatch, routed SwiGLU experts, weighted combine,
 // shared expert. No token dropping, no capacity factor.
 //
 // Legend:  T tokens   D hidden   E routed experts   K experts per token   F routed expert width

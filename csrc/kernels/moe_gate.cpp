@@ -69,7 +69,7 @@ struct RouteScratch {
         taken((size_t)c.n_routed_experts), group_kept((size_t)c.n_group) {}
 };
 
-// One token: s[E] -> idx[K], w[K] (SPEC §2.3 steps 2-5).
+// One token: s[E] -> idx[K], w[K] (semantics §2.3 steps 2-5).
 void route_token(int64_t* idx, float* w, const float* s, const float* bias, const MoeConfig& c,
                  RouteScratch& sc) {
   const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok;

@@ -1,4 +1,4 @@
-// DeepSeekMoE routing (SPEC §2.3): the gate that picks K of E routed experts per token.
+// DeepSeekMoE routing (semantics §2.3): the gate that picks K of E routed experts per token.
 //
 // Legend:  T tokens (rows; B*T flattened)   D hidden size   E routed experts
 //          K experts per token (num_experts_per_tok)   G groups (n_group)   Gk groups kept

@@ -1,4 +1,4 @@
-// Low-precision GEMMs for training (SPEC §2.6): one per-thread setting, consulted by
+// Low-precision GEMMs for training (semantics §2.6): one per-thread setting, consulted by
 // linear_forward / linear_backward (nn.h) and by the MoE experts' GEMMs, so every linear layer
 // of the model follows it while the attention core, embedding, lm_head and router gate (which
 // do not go through these functions, or opt out with a ScopedGemmPrecision(fp32)) stay fp32.

@@ -1,4 +1,4 @@
-// Rotary position embedding with optional YaRN scaling (SPEC §2.2).
+// Rotary position embedding with optional YaRN scaling (semantics §2.2).
 //
 // Legend:  R rows (tokens)   H heads   Dr rotary dim (even)   P = Dr/2 frequency pairs
 // Layout: ADJACENT pairs (x[2i], x[2i+1]) rotate by angle pos * f_i, f_i = theta^(-2i/Dr) —

@@ -1,4 +1,4 @@
-// One transformer block (SPEC §2.1), pre-norm:
+// One transformer block (semantics §2.1), pre-norm:
 //   h_mid = h + attn(rmsnorm(h));   h_out = h_mid + ffn(rmsnorm(h_mid))
 // attn is MLA (or the MHA/GQA baseline); ffn is the dense SwiGLU MLP for layers before
 // first_k_dense_replace, DeepSeekMoE after. MTP modules reuse the same block.

@@ -1,11 +1,11 @@
-// The DeepSeek-V3 model (SPEC §2.1-2.5): embedding, num_hidden_layers blocks, final norm,
+// The DeepSeek-V3 model (semantics §2.1-2.5): embedding, num_hidden_layers blocks, final norm,
 // lm_head, and num_nextn_predict_layers MTP modules, over one parameter slab (layout.h).
 //
 // Legend:  B sequences   N tokens per sequence   T = N-1 predicted positions   R = B*T
 //          D hidden   V vocabulary   M MTP depth (num_nextn_predict_layers)
 //          L_k = T-k+1 positions fed to MTP module k
 //
-// Loss of a batch tokens[B,N] (SPEC §2.5):
+// Loss of a batch tokens[B,N] (semantics §2.5):
 //   main  = mean over the B*T positions of -log p(t_{i+1} | t_<=i)
 //   MTP module k (k = 1..M, mtp.h): h'_i = eh_proj([enorm(Emb(t_{i+k})) | hnorm(h^{k-1}_i)]),
 //     h^k = Block_k(h'), logits = head(shared_head.norm(h^k)) predict t_{i+k+1};
@@ -58,7 +58,7 @@ class Model {
   std::string cache_kind() const { return dims_.mla ? "latent" : "kv"; }
   int64_t cache_width() const;
 
-  // MTP drafting step (SPEC §2.5) for module k (1-based) over rows i = start_pos .. +S-1 of a
+  // MTP drafting step (semantics §2.5) for module k (1-based) over rows i = start_pos .. +S-1 of a
   // cache from new_mtp_cache (layer k-1 holds module k's attention rows; row i is fed
   // (h_prev_i, tokens_i) = (h^{k-1}_i, t_{i+k})):
   //   h'_i = eh_proj([enorm(Emb(tokens_i)) | hnorm(h_prev_i)]),  h^k = Block_k(h') (cached),

@@ -6,7 +6,7 @@
 //   norm  = ||grads||_2 over the trainable entries;  if clip > 0 and norm > clip:
 //           grads *= clip / (norm + 1e-6)                      (torch.nn.utils.clip_grad_norm_)
 //   AdamW (optim.h) on every trainable entry, weight decay on the `decay` entries only
-//   aux-free balancing (SPEC §2.4), gamma > 0:  per MoE block, with load = the tokens routed
+//   aux-free balancing (semantics §2.4), gamma > 0:  per MoE block, with load = the tokens routed
 //           to each expert over the whole step,  b_i += gamma * sign(mean(load) - load_i)
 //
 // The linear layers' GEMMs run in `precision` (precision.h) for the whole step. A step whose

@@ -1,6 +1,6 @@
 """dsv3: the DeepSeek-V3 architecture as a C++ engine for CPU research.
 
-Public surface (SPEC §3): ``Config``, ``Model``, ``Tokenizer``, ``Trainer``, ``TrainConfig``, ``data``,
+Public surface (semantics §3): ``Config``, ``Model``, ``Tokenizer``, ``Trainer``, ``TrainConfig``, ``data``,
 ``ops``, ``fp8``, ``build_info``, ``get_num_threads``,
 ``set_num_threads``. The compiled core lives in the private ``dsv3._core``.
 """

@@ -1,4 +1,4 @@
-"""Model configuration: Hugging Face ``DeepseekV3Config`` field names and meanings (SPEC §1).
+"""Model configuration: Hugging Face ``DeepseekV3Config`` field names and meanings (semantics §1).
 
 A real DeepSeek-V3 ``config.json`` loads unchanged (``Config.from_json``), in transformers 4.x
 keys or 5.x ``rope_parameters`` (see :mod:`dsv3.hf_keys`); keys that do not change the math are
@@ -287,7 +287,7 @@ class Config:
     @property
     def softmax_scale(self) -> float:
         """``(qk_nope + qk_rope)^-0.5``, times ``m^2`` with YaRN, m = yarn_mscale(factor,
-        mscale_all_dim) (SPEC §2.2). The absorbed MLA form uses the same scale."""
+        mscale_all_dim) (semantics §2.2). The absorbed MLA form uses the same scale."""
         from . import _core
         scale = self.qk_head_dim ** -0.5
         if self.rope_scaling is not None:

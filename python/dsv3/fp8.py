@@ -1,4 +1,4 @@
-"""FP8 emulation (SPEC §2.6): bit-exact formats, fine-grained quantization, the FP8 GEMM with
+"""FP8 emulation (semantics §2.6): bit-exact formats, fine-grained quantization, the FP8 GEMM with
 promotion and limited accumulation, and the FP8 linear layer used for training.
 
 Formats (``fmt``):

@@ -1,4 +1,4 @@
-"""Generation (SPEC §3) and MTP speculative decoding (SPEC §2.5) over the C++ cached forward.
+"""Generation (semantics §3) and MTP speculative decoding (semantics §2.5) over the C++ cached forward.
 
 Plain decoding: one prefill of the prompt, then one single-token cached forward per new token.
 

@@ -1,4 +1,4 @@
-"""dsv3.Model: the DeepSeek-V3 model (SPEC §2.1-2.5, §3), computed by the C++ engine.
+"""dsv3.Model: the DeepSeek-V3 model (semantics §2.1-2.5, §3), computed by the C++ engine.
 
 The parameters live in one C++ slab under their Hugging Face names; ``state_dict`` copies them
 out and ``load_state_dict`` copies them in. Checkpoints are Hugging Face-style directories
@@ -134,7 +134,7 @@ class Model:
 
     def mtp_forward(self, hidden: np.ndarray, tokens: np.ndarray, cache: KVCache,
                     start_pos: int, k: int = 1) -> Tuple[np.ndarray, np.ndarray]:
-        """MTP module k over cached rows ``start_pos ..`` (SPEC §2.5): row i is fed
+        """MTP module k over cached rows ``start_pos ..`` (semantics §2.5): row i is fed
         ``(hidden_i, tokens_i)`` = (h^{k-1}_i float32 (B, S, D), t_{i+k} int (B, S)). Returns
         ``(logits (B, S, V), h^k (B, S, D))``; the logits of row i predict t_{i+k+1}."""
         return self._m.mtp_forward_cached(hidden, tokens, cache, int(start_pos), int(k))

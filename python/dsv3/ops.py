@@ -81,7 +81,7 @@ def swiglu_backward(dh: np.ndarray, gate: np.ndarray, up: np.ndarray) -> Tuple[n
 
 
 def rope_table(dim: int, theta: float = 10000.0, rope_scaling: Optional[dict] = None) -> dict:
-    """The rotary frequencies (SPEC §2.2): ``inv_freq`` (dim/2,) float64 after YaRN,
+    """The rotary frequencies (semantics §2.2): ``inv_freq`` (dim/2,) float64 after YaRN,
     ``attn_factor`` (cos/sin multiplier) and the YaRN correction range ``low``, ``high``."""
     return _core.rope_table(int(dim), float(theta), rope_scaling)
 
@@ -203,7 +203,7 @@ def attention_layer_decode(x: np.ndarray, params: dict, cfg, cache: "KVCache", l
 
 def moe_gate(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
              cfg: Config) -> Tuple[np.ndarray, np.ndarray]:
-    """DeepSeekMoE routing (SPEC §2.3), in fp32.
+    """DeepSeekMoE routing (semantics §2.3), in fp32.
 
     x: float32 (..., D); weight: float32 (E, D) (``gate.weight``); bias: float32 (E,)
     (``gate.e_score_correction_bias``) for topk_method "noaux_tc", None for "greedy" and
@@ -241,7 +241,7 @@ def init_moe_params(cfg: Config, seed: int = 0, std: Optional[float] = None,
 
 def moe_forward(x: np.ndarray, params: Dict[str, np.ndarray], cfg: Config,
                 balance_alpha: float = 0.0) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """The DeepSeekMoE layer: ``y = Shared(x) + sum_k w_k Expert_{idx_k}(x)`` (SPEC §2.3).
+    """The DeepSeekMoE layer: ``y = Shared(x) + sum_k w_k Expert_{idx_k}(x)`` (semantics §2.3).
 
     x: float32 (T, D) (one sequence) or (B, T, D) (B sequences). params: float32 arrays keyed
     by Hugging Face names relative to the layer, exactly those of :func:`moe_param_shapes`
@@ -252,7 +252,7 @@ def moe_forward(x: np.ndarray, params: Dict[str, np.ndarray], cfg: Config,
     - ``scores`` float32 (..., E): the unbiased gate scores s;
     - ``expert_load`` int64 (E,): tokens routed to each expert; ``max_violation`` float:
       max(load) / mean(load) - 1;
-    - ``balance_loss`` float: the sequence-wise balance loss (SPEC §2.4) with
+    - ``balance_loss`` float: the sequence-wise balance loss (semantics §2.4) with
       ``alpha = balance_alpha``, averaged over the B sequences (0.0 when balance_alpha is 0).
     """
     return _core.moe_forward(x, params, cfg, float(balance_alpha))
@@ -274,7 +274,7 @@ def moe_backward(dy: np.ndarray, x: np.ndarray, params: Dict[str, np.ndarray], c
 
 def moe_balance_loss(scores: np.ndarray, topk_idx: np.ndarray,
                      alpha: float) -> Tuple[float, np.ndarray]:
-    """Sequence-wise balance loss (SPEC §2.4) and its gradient.
+    """Sequence-wise balance loss (semantics §2.4) and its gradient.
 
     scores: float32 (T, E) or (B, T, E), the unbiased gate scores s; topk_idx: ints (..., K).
     Per sequence ``L = alpha * sum_i f_i P_i`` with ``f_i = E / (K T) * #{t : i in topk_t}``,

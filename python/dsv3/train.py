@@ -1,4 +1,4 @@
-"""dsv3.Trainer: DeepSeek-V3's training recipe at small scale (SPEC §2.4, §2.6, §3).
+"""dsv3.Trainer: DeepSeek-V3's training recipe at small scale (semantics §2.4, §2.6, §3).
 
 ``Trainer.step`` runs the whole step in C++ with the GIL released (``csrc/model/train.h``):
 forward + backward over ``grad_accum`` micro-batches, global-norm clipping, AdamW (decoupled
@@ -7,7 +7,7 @@ aux-loss-free bias update. The linear layers' GEMMs run in ``precision``:
 
 * ``"fp32"``  plain fp32.
 * ``"bf16"``  GEMM operands rounded to bf16 (RNE), fp32 accumulation.
-* ``"fp8"``   SPEC §2.6: each linear layer's forward, input-grad and weight-grad GEMMs on E4M3
+* ``"fp8"``   semantics §2.6: each linear layer's forward, input-grad and weight-grad GEMMs on E4M3
   operands tiled along that GEMM's inner dimension (1x128 activations/gradients, 128x128
   weights), fp32 promotion. Embedding, lm_head, router gate, norms and the attention core stay
   fp32 (they do not go through the linear layers' GEMMs).

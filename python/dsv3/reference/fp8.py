@@ -1,4 +1,4 @@
-"""Float64 / integer reference of the FP8 semantics (SPEC §2.6), written from the format
+"""Float64 / integer reference of the FP8 semantics (semantics §2.6), written from the format
 definitions for the fp8 tests. Nothing here calls dsv3 or mirrors its bit tricks: decoding is
 the textbook (-1)^s (1.m) 2^(e-bias) formula, rounding is numpy's round-half-even on the exact
 quotient by the format's quantum, and the limited accumulator works on Python integers."""

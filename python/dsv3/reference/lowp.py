@@ -1,4 +1,4 @@
-"""Float64 reference of the low-precision GEMMs (SPEC §2.6, §4), written from the formats'
+"""Float64 reference of the low-precision GEMMs (semantics §2.6, §4), written from the formats'
 definitions: bf16 rounding is the generic round-half-even cast of dsv3.reference.fp8 (bias
 127, 7 mantissa bits), products and sums are exact in float64. The FP8 GEMM reference is
 dsv3.reference.fp8.gemm_ref."""

@@ -1,4 +1,4 @@
-"""A float64 PyTorch reference of the whole DeepSeek-V3 model (SPEC §2.1-2.5), written from the
+"""A float64 PyTorch reference of the whole DeepSeek-V3 model (semantics §2.1-2.5), written from the
 formulas and independent of the C++: embedding, blocks (MLA or MHA/GQA, dense SwiGLU or MoE),
 final norm, head, MTP modules, and the losses. Routing is decided in float64 by the same rules
 as moe.ref_gate (selection is piecewise constant; autograd flows through the weights)."""

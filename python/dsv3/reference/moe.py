@@ -1,4 +1,4 @@
-"""Independent float64 references for the MoE tests, written from SPEC §2.3-2.4 (not from the
+"""Independent float64 references for the MoE tests, written from semantics §2.3-2.4 (not from the
 C++): the gate (numpy), a dense MoE layer that runs every expert on every token (numpy), the
 same layer with autograd (PyTorch float64) and the sequence-wise balance loss."""
 from __future__ import annotations
@@ -32,7 +32,7 @@ def ref_scores(x: np.ndarray, weight: np.ndarray, scoring: str) -> np.ndarray:
 
 
 def ref_selection_scores(s: np.ndarray, bias: Optional[np.ndarray], cfg) -> Tuple[np.ndarray, np.ndarray]:
-    """(s_sel with -inf outside the kept groups, group scores or None) per SPEC §2.3 1-3."""
+    """(s_sel with -inf outside the kept groups, group scores or None) per semantics §2.3 1-3."""
     sel = s + (0.0 if bias is None else bias.astype(f64)[None, :])
     if not grouped(cfg):
         return sel, None
@@ -106,7 +106,7 @@ def ref_moe_forward(x: np.ndarray, params: Dict[str, np.ndarray], cfg, idx: np.n
 
 
 def ref_balance_loss(s: np.ndarray, idx: np.ndarray, alpha: float, E: int) -> float:
-    """SPEC §2.4: mean over sequences of alpha * sum_i f_i P_i. s (B,T,E), idx (B,T,K)."""
+    """semantics §2.4: mean over sequences of alpha * sum_i f_i P_i. s (B,T,E), idx (B,T,K)."""
     B, T, K = idx.shape
     s = np.asarray(s, dtype=f64)
     total = 0.0

@@ -1,4 +1,4 @@
-"""Float64 references written from SPEC's formulas (numpy + PyTorch autograd), independent of
+"""Float64 references written from docs/semantics.md's formulas (numpy + PyTorch autograd), independent of
 the C++: RoPE/YaRN, RMSNorm, MLA and MHA/GQA layers. Used by the layer and model tests."""
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 
 
 def ref_inv_freq(d, theta, rs):
-    """SPEC §2.2, literally: f_i = theta^(-2i/d); YaRN blends f_i/factor and f_i by a ramp over
+    """semantics §2.2, literally: f_i = theta^(-2i/d); YaRN blends f_i/factor and f_i by a ramp over
     the correction range; returns (freqs, cos/sin multiplier, low, high)."""
     f = np.array([theta ** (-2.0 * i / d) for i in range(d // 2)])
     if rs is None:
@@ -67,7 +67,7 @@ def t_causal_attention(torch, q, k, v, scale, start_pos=0, fast=False):
 
 
 def t_mla(torch, x, P, cfg, start_pos=0, fast=False):
-    """MLA naive form (SPEC §2.2). x (B,T,D); P: {hf name (relative to self_attn.): tensor}."""
+    """MLA naive form (semantics §2.2). x (B,T,D); P: {hf name (relative to self_attn.): tensor}."""
     B, T, _ = x.shape
     H, Dn, Dr, Dv = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                      cfg.v_head_dim)

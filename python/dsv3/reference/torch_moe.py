@@ -1,4 +1,4 @@
-"""The DeepSeekMoE layer of SPEC §2.3 in plain PyTorch (eager, CPU): the peer for
+"""The DeepSeekMoE layer of semantics §2.3 in plain PyTorch (eager, CPU): the peer for
 bench_moe.py and a second, independent implementation of the layer. Tokens are sorted by
 expert and each expert runs its SwiGLU on its contiguous block (the usual efficient eager
 formulation), so the comparison is against a reasonable PyTorch layer, not a per-token loop.
