@@ -36,3 +36,12 @@ def test_closed_form_counts_match_per_layer_sum(L, k, freq):
 def test_absurd_sizes_rejected():
     with pytest.raises(ValueError, match="hidden_size"):
         dsv3.Config.tiny().replace(hidden_size=2 ** 40)
+
+
+@pytest.mark.parametrize("field", ["intermediate_size", "n_routed_experts", "hidden_size"])
+def test_absurd_integral_float_sizes_rejected(field):
+    # fuzz (config target): {"intermediate_size": 1097777777777777777777700.4} is an integral
+    # float; converted to int after the 2^31 check, it reached the engine's parameter counts
+    # and raised pybind11's cast RuntimeError instead of a ValueError naming the field
+    with pytest.raises(ValueError, match=field):
+        dsv3.Config.from_dict({**dsv3.Config.tiny().to_dict(), field: 1.0977777777777778e24})

@@ -394,6 +394,8 @@ class Config:
                     fail(name, "must be an integer")
             if v < lo:
                 fail(name, f"must be >= {lo}")
+            if v >= 2 ** 31:  # also for integral floats such as 1.1e24, converted just above
+                fail(name, "must be < 2^31 (dimensions are 32-bit in the BLAS interface)")
 
         def real(name: str, lo: float, strict: bool) -> None:
             v = getattr(self, name)
