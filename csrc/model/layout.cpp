@@ -69,6 +69,9 @@ std::string hf::expert_bias(int64_t i) { return layer(i) + name::mlp + name::gat
 
 namespace {
 
+int64_t checked_mul(int64_t a, int64_t b);
+int64_t checked_add(int64_t a, int64_t b);
+
 void swiglu_specs(std::vector<ParamSpec>& out, const std::string& p, int64_t D, int64_t W,
                   int64_t expert = -1) {
   out.push_back({p + name::swiglu[0], {W, D}, ParamEntry::Normal, true, expert});
@@ -101,8 +104,9 @@ struct Builder {
     e.name = name;
     e.shape = std::move(shape);
     e.size = 1;
-    for (int64_t d : e.shape) e.size *= d;
+    for (int64_t d : e.shape) e.size = checked_mul(e.size, d);
     e.offset = L.total;
+    L.total = checked_add(L.total, (e.size + 15) / 16 * 16);  // 64-byte aligned entries
     e.init = init;
     e.decay = e.shape.size() == 2;
     e.trainable = trainable;
@@ -110,7 +114,6 @@ struct Builder {
     e.expert = expert;
     L.index[name] = L.entries.size();
     L.entries.push_back(e);
-    L.total += (e.size + 15) / 16 * 16;  // 64-byte aligned entries
   }
   void add(const std::string& prefix, const std::vector<ParamSpec>& specs, int64_t block) {
     for (const ParamSpec& s : specs)
@@ -141,10 +144,24 @@ struct Builder {
   }
   int64_t count(bool active_only, int64_t K) const {
     int64_t n = 0;
-    for (const ParamEntry& e : L.entries) n += active_only && e.expert >= K ? 0 : e.size;
+    for (const ParamEntry& e : L.entries)
+      if (!active_only || e.expert < K) n = checked_add(n, e.size);
     return n;
   }
 };
+
+// Parameter counts of absurd configs (each dimension < 2^31, their products not) must not wrap
+int64_t checked_mul(int64_t a, int64_t b) {
+  int64_t r = 0;
+  DSV3_CHECK(!__builtin_mul_overflow(a, b, &r),
+             "[Model] the config's parameter count exceeds 2^63 (", a, " x ", b, ")");
+  return r;
+}
+int64_t checked_add(int64_t a, int64_t b) {
+  int64_t r = 0;
+  DSV3_CHECK(!__builtin_add_overflow(a, b, &r), "[Model] the config's parameter count exceeds 2^63");
+  return r;
+}
 
 }  // namespace
 
@@ -299,18 +316,34 @@ ParamLayout build_layout(const ModelConfig& c) {
 }
 
 ParamCounts param_counts(const ModelConfig& c) {
-  const BlockDims d = block_dims(c);
+  // Shapes only: the rotary table (Dr/2 frequencies) is not needed for counting
+  ModelConfig shapes = c;
+  shapes.rope.dim = 2;
+  shapes.rope.yarn = false;
+  const BlockDims d = block_dims(shapes);
   ParamCounts n;
-  n.embed = c.V * c.D;
+  n.embed = checked_mul(c.V, c.D);
   n.norm = c.D;
-  n.head = c.tie_embeddings ? 0 : c.V * c.D;
-  Builder dense, moe, mtp;
+  n.head = c.tie_embeddings ? 0 : n.embed;
+  Builder dense, mtp;
   dense.block(c, d, 0, false);
   n.dense_block = dense.count(false, 0);
   if (c.E > 0) {
-    moe.block(c, d, 0, true);
-    n.moe_block = moe.count(false, 0);
-    n.moe_block_active = moe.count(true, c.K);
+    // An MoE block's size is affine in E (router rows, bias, experts): built with one and two
+    // experts, not with E (a config may ask for millions), and extrapolated.
+    auto moe_count = [&](int64_t E) {
+      BlockDims dE = d;
+      dE.moe.n_routed_experts = E;
+      Builder b;
+      b.block(c, dE, 0, true);
+      return b;
+    };
+    const Builder one = moe_count(1);
+    const int64_t n1 = one.count(false, 0);
+    const int64_t per_expert = moe_count(2).count(false, 0) - n1;  // its weights + router row
+    const int64_t expert_weights = n1 - one.count(true, 0);        // its weights alone
+    n.moe_block = checked_add(n1, checked_mul(c.E - 1, per_expert));
+    n.moe_block_active = n.moe_block - checked_mul(c.E - c.K, expert_weights);
   }
   mtp.mtp_own(c, 0);
   mtp.mtp_head(c, 0);

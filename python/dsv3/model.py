@@ -6,6 +6,7 @@ out and ``load_state_dict`` copies them in. Checkpoints are Hugging Face-style d
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -13,6 +14,19 @@ import numpy as np
 from . import _core
 from .config import Config
 from .ops import KVCache
+
+
+def _check_fits_in_memory(config: Config) -> None:
+    """A config whose fp32 weights alone exceed the machine's memory raises MemoryError at
+    once (building its layout would otherwise take the machine down on the way)."""
+    need = 4 * config.num_parameters(mtp=True)
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: let the allocator decide
+        return
+    if need > have:
+        raise MemoryError(f"[Model] the config's fp32 weights need {need / 2**30:.1f} GiB; "
+                          f"this machine has {have / 2**30:.1f} GiB")
 
 
 class Model:
@@ -24,6 +38,7 @@ class Model:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"[Model] seed must be an integer >= 0, got {seed!r}")
         self._config = config.replace()  # a private copy: later edits of cfg do not desync
+        _check_fits_in_memory(self._config)
         self._m = _core.Model(self._config, int(seed))
         self._info = {name: (tuple(shape), trainable, decay)
                       for name, shape, trainable, decay in self._m.param_info()}
