@@ -229,3 +229,55 @@ def test_default_threads_follow_cgroup_quota(cpus, want):
         assert r["n"] == want and f"cgroup quota {cpus:g} CPUs" in r["src"], r
     finally:
         os.rmdir(d)
+
+
+THREAD_LIMIT = r"""
+import json, resource, numpy as np, dsv3
+x = np.random.rand(4096, 512).astype(np.float32); w = np.ones(512, np.float32)
+dsv3.ops.rmsnorm(x, w)
+vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (120 << 20), resource.RLIM_INFINITY))
+dsv3.set_num_threads(64)  # 63 workers x 8 MiB stacks do not fit in 120 MiB
+try:
+    dsv3.ops.rmsnorm(x, w); err = ""
+except RuntimeError as e:
+    err = str(e)
+dsv3.set_num_threads(2)
+ok = bool(np.array_equal(dsv3.ops.rmsnorm(x, w), dsv3.ops.rmsnorm(x, w)))
+print(json.dumps({"err": err, "ok": ok}))
+"""
+
+
+def test_worker_threads_that_cannot_start_raise():
+    # was std::terminate (rc -6): std::thread's exception escaped the pool's constructor
+    r = child(THREAD_LIMIT, timeout=120)
+    assert "could not start 63 worker threads" in r["err"] and "set_num_threads" in r["err"]
+    assert r["ok"]
+
+
+FORK_DURING_SERIAL_CALL = r"""
+import json, os, threading, numpy as np, dsv3
+from dsv3 import ops
+assert dsv3.build_info()["blas_variant"] == "serial"
+a = np.random.rand(512, 512).astype(np.float32)
+stop = False
+def busy():
+    while not stop:
+        ops.linear(a, a)  # serialised calls, one after another
+t = threading.Thread(target=busy); t.start()
+codes = []
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:  # the child calls BLAS: a mutex copied locked would hang it here
+        ops.linear(a[:64], a); os._exit(0)
+    codes.append(os.waitpid(pid, 0)[1])
+stop = True; t.join()
+print(json.dumps({"codes": codes}))
+"""
+
+
+def test_fork_during_a_serialised_call():
+    if dsv3.build_info()["blas_source"] != "system" or "serial" not in present_variants():
+        pytest.skip("needs Debian's serial OpenBLAS build")
+    r = child(FORK_DURING_SERIAL_CALL, {"LD_LIBRARY_PATH": VARIANTS["serial"]}, timeout=120)
+    assert r["codes"] == [0] * 20

@@ -11,6 +11,8 @@
 #include <cstdlib>
 #include <mutex>
 
+#include <pthread.h>
+
 #include "core/check.h"
 #include "core/parallel.h"
 
@@ -41,6 +43,11 @@ bool serial_build() {
 }
 
 std::mutex g_serial_mu;
+
+// fork() while another thread is inside a serialised call would leave the child's copy of the
+// mutex locked forever: the fork waits for that call, and both sides release the lock after.
+void serial_prepare() { g_serial_mu.lock(); }
+void serial_release() { g_serial_mu.unlock(); }
 
 // The OpenMP build re-reads omp_get_max_threads() of the calling thread at every call and
 // threads the call that wide, whatever openblas_set_num_threads said; a pool worker's (or any
@@ -80,6 +87,7 @@ void call_safely(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
 void blas_init() {
   static const bool once = [] {
     DSV3_BLAS(openblas_set_num_threads)(1);
+    if (serial_build()) pthread_atfork(serial_prepare, serial_release, serial_release);
     return true;
   }();
   (void)once;

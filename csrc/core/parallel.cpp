@@ -13,6 +13,8 @@
 #include <exception>
 #include <fstream>
 #include <mutex>
+#include <stdexcept>
+#include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -148,21 +150,33 @@ int chunks_of(uint64_t s) { return (int)((s >> 16) & 0xffff); }
 int next_of(uint64_t s) { return (int)(s & 0xffff); }
 
 struct Pool {
+  // A thread that cannot start (the process's thread or memory limit) stops the ones that did
+  // and raises RuntimeError: std::thread's exception escaping here would be std::terminate.
   explicit Pool(int threads) {
-    for (int i = 1; i < threads; ++i) workers.emplace_back([this] { work(); });
+    try {
+      for (int i = 1; i < threads; ++i) workers.emplace_back([this] { work(); });
+    } catch (const std::system_error& e) {
+      const size_t started = workers.size();
+      shut_down();
+      throw std::runtime_error(str_cat("[parallel] could not start ", threads - 1,
+                                       " worker threads (", started, " started: ", e.what(),
+                                       "); use dsv3.set_num_threads with fewer"));
+    }
   }
-  ~Pool() {
+  ~Pool() { shut_down(); }
+
+  void run(int64_t n, int chunks, const std::function<void(int64_t, int64_t)>& f);
+
+ private:
+  void shut_down() {
     {
       std::lock_guard<std::mutex> lk(mu);
       stop = true;
     }
     wake.notify_all();
     for (auto& t : workers) t.join();
+    workers.clear();
   }
-
-  void run(int64_t n, int chunks, const std::function<void(int64_t, int64_t)>& f);
-
- private:
   void work();
   void run_chunks(uint32_t gen);
   void chunk(int c);
