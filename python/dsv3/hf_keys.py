@@ -145,9 +145,10 @@ def _check_mscale(rs: Dict[str, Any], where: str) -> None:
     if not isinstance(f, (int, float)) or isinstance(f, bool) or not math.isfinite(f) or f <= 1:
         return  # validated (or inert: m = 1 for factor <= 1) elsewhere
     ms, mad = rs.get("mscale"), rs.get("mscale_all_dim")
+    from . import _core
 
     def m(x):
-        return 0.1 * x * math.log(f) + 1.0
+        return _core.yarn_mscale(float(f), float(x))  # the engine's formula (semantics §2.1)
     if not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
                for v in (ms, mad)):
         return  # Config._validate_rope_scaling names the bad value
