@@ -150,8 +150,10 @@ def test_pool_works_in_a_forked_child():
     assert q.get(timeout=5) < 1e-3
 
 
-THREADS = "import json, dsv3; i = dsv3.build_info(); " \
-          "print(json.dumps({'n': dsv3.get_num_threads(), 'src': i['threads_default']}))"
+THREADS = "import json, dsv3; i = dsv3.build_info(); dsv3.set_num_threads(2); " \
+          "spin2 = dsv3.build_info()['spin_budget_us']; dsv3.set_num_threads(1); " \
+          "print(json.dumps({'n': i['num_threads'], 'src': i['threads_default'], 'spin2': spin2, " \
+          "'spin1': dsv3.build_info()['spin_budget_us'], 'spin': i['spin_us']}))"
 
 
 def test_default_threads_follow_affinity_and_omp_num_threads():
@@ -227,6 +229,8 @@ def test_default_threads_follow_cgroup_quota(cpus, want):
         assert out.returncode == 0, out.stderr[-2000:]
         r = json.loads(out.stdout.strip().splitlines()[-1])
         assert r["n"] == want and f"cgroup quota {cpus:g} CPUs" in r["src"], r
+        # two threads under a quota below 2 CPUs never spin (they would burn the quota)
+        assert r["spin2"] == 0 and r["spin1"] == (r["spin"] if cpus >= 1 else 0), r
     finally:
         os.rmdir(d)
 

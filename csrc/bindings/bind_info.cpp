@@ -29,6 +29,7 @@ void bind_info(py::module_& m) {
     d["threading"] = "dsv3 pool";
     d["threads_default"] = thread_default_source();
     d["spin_us"] = spin_us();
+    d["spin_budget_us"] = spin_budget_us();
     d["openmp"] = (long)_OPENMP;
     d["num_threads"] = num_threads();
     d["simd"] = simd_flags();

@@ -117,6 +117,7 @@ int omp_num_threads_env() {  // first entry of OMP_NUM_THREADS, 0 if unset or no
 struct Defaults {
   int threads;
   std::string source;
+  double cpus;  // what this process may use: affinity, or a tighter (fractional) cgroup quota
 };
 
 const Defaults& defaults() {
@@ -124,6 +125,7 @@ const Defaults& defaults() {
     const int aff = affinity_cpus();
     const double quota = cgroup_quota_cpus();
     int n = aff;
+    const double cpus = quota > 0 ? std::min<double>(aff, quota) : aff;
     std::string src = str_cat("affinity ", aff, " CPUs");
     if (quota > 0) {
       n = std::min(n, std::max(1, (int)std::ceil(quota - 1e-9)));
@@ -133,7 +135,7 @@ const Defaults& defaults() {
       n = env;
       src += str_cat(", OMP_NUM_THREADS=", env);
     }
-    return Defaults{n, str_cat(src, " -> ", n)};
+    return Defaults{n, str_cat(src, " -> ", n), cpus};
   }();
   return d;
 }
@@ -203,16 +205,18 @@ std::atomic<int> g_spin_us{-1};
 std::mutex g_pool_mu;           // held by the caller of a region (and by resizing)
 Pool* g_pool = nullptr;         // never destroyed at exit: workers may still sleep on it
 
+}  // namespace
+
 // The spin budget: spin_us(), or none when the pool has more threads than the CPUs this process
-// may use (a spinning thread would then hold a CPU another of ours needs).
-int budget_us() {
-  static const int cpus = affinity_cpus();
-  return num_threads() > cpus ? 0 : spin_us();
-}
+// may use (a spinning thread would then hold a CPU another of ours needs, or burn a fractional
+// cgroup quota: 2 threads under a 1.5-CPU quota do not spin).
+int spin_budget_us() { return num_threads() > defaults().cpus ? 0 : spin_us(); }
+
+namespace {
 
 template <class Done>
 bool spin_until(Done&& ok) {  // true if ok() became true within the spin budget
-  const auto budget = std::chrono::microseconds(budget_us());
+  const auto budget = std::chrono::microseconds(spin_budget_us());
   const auto t0 = std::chrono::steady_clock::now();
   for (int i = 0;; ++i) {
     if (ok()) return true;

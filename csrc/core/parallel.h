@@ -47,8 +47,10 @@ bool in_parallel();  // true inside a parallel_for chunk (nested calls then run 
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 
 // Where the default thread count came from, e.g. "affinity 2 CPUs, cgroup quota 1.5 CPUs -> 2"
-// (build_info's "threads_default"); the spin budget in microseconds.
+// (build_info's "threads_default"); the spin budget in microseconds; the budget in effect at
+// the current thread count (0 when the threads outnumber the CPUs this process may use).
 std::string thread_default_source();
 int spin_us();
+int spin_budget_us();
 
 }  // namespace dsv3

@@ -33,8 +33,9 @@ def build_info() -> Dict[str, Any]:
     """How the engine was built and how it runs: compiler; BLAS: ``blas_source`` (system |
     pypi), ``blas_library`` (linked), ``blas_loaded`` (the file in use), ``blas_variant``
     (openmp | pthreads | serial) and ``blas_threads`` (how dsv3 calls it); ``num_threads`` and
-    ``threads_default`` (where the default came from), ``spin_us`` (the pool's wait policy);
-    the SIMD level the CPU gives the hot loops."""
+    ``threads_default`` (where the default came from), ``spin_us`` (the pool's wait policy) and
+    ``spin_budget_us`` (the spin in effect now: 0 when the threads outnumber the CPUs the
+    affinity mask or a fractional cgroup quota allows); the SIMD level the CPU gives the hot loops."""
     info = dict(_core.build_info())
     info["version"] = __version__
     return info
