@@ -285,3 +285,21 @@ def test_fork_during_a_serialised_call():
         pytest.skip("needs Debian's serial OpenBLAS build")
     r = child(FORK_DURING_SERIAL_CALL, {"LD_LIBRARY_PATH": VARIANTS["serial"]}, timeout=120)
     assert r["codes"] == [0] * 20
+
+
+OMP_ICV = r"""
+import ctypes, json, numpy as np, dsv3
+from dsv3 import ops
+gomp = ctypes.CDLL("libgomp.so.1")
+gomp.omp_set_num_threads(3)
+ops.linear(np.ones((4, 8), np.float32), np.ones((5, 8), np.float32))  # on this thread
+print(json.dumps({"variant": dsv3.build_info()["blas_variant"], "icv": gomp.omp_get_max_threads()}))
+"""
+
+
+def test_openmp_setting_of_the_caller_survives_a_call():
+    # the OpenMP build is called with one thread; the caller's own setting is restored after
+    if dsv3.build_info()["blas_source"] != "system" or "openmp" not in present_variants():
+        pytest.skip("needs Debian's OpenMP OpenBLAS build")
+    r = child(OMP_ICV, {"LD_LIBRARY_PATH": VARIANTS["openmp"]})
+    assert r == {"variant": "openmp", "icv": 3}

@@ -53,22 +53,25 @@ void serial_release() { g_serial_mu.unlock(); }
 // threads the call that wide, whatever openblas_set_num_threads said; a pool worker's (or any
 // new thread's) OpenMP ICV is the process default, so without this each piece would start an
 // OpenMP team of its own and oversubscribe the cores (measured: the training step 2x slower
-// than with the pthreads build). Each thread that calls BLAS sets its own ICV to 1 once.
-void one_openmp_thread() {
+// than with the pthreads build). The ICV is 1 for the call and restored after it, so other
+// OpenMP code on the caller's thread (numpy's BLAS, PyTorch) keeps its own setting.
+struct OneOpenmpThread {
 #ifdef _OPENMP
-  static const bool openmp = DSV3_BLAS(openblas_get_parallel)() == 2;
-  thread_local bool done = false;
-  if (openmp && !done) {
-    omp_set_num_threads(1);
-    done = true;
+  int prev = 0;
+  OneOpenmpThread() {
+    static const bool openmp = DSV3_BLAS(openblas_get_parallel)() == 2;
+    if (openmp && (prev = omp_get_max_threads()) != 1) omp_set_num_threads(1);
+  }
+  ~OneOpenmpThread() {
+    if (prev > 1) omp_set_num_threads(prev);
   }
 #endif
-}
+};
 
 void call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
           int64_t ldc) {
-  one_openmp_thread();
+  OneOpenmpThread one;
   DSV3_BLAS(cblas_sgemm)(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
                          trans_b ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K, alpha, A,
                          (int)lda, B, (int)ldb, beta, C, (int)ldc);
