@@ -297,3 +297,22 @@ def test_forced_fallback_runs_the_low_precision_tests():
                         os.path.join(HERE, "test_fp8_gemm.py"), "-k", "not tiers_agree"],
                        env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_fp8_gemm_decodes_every_code_exactly(fmt):
+    """Each of the 256 codes times the code of 1.0 (K = 1, unit scales): the GEMM's decode
+    table (codes -> bf16) against the format's float64 definition, NaN codes included."""
+    from dsv3.reference.fp8 import decode_table
+    want = decode_table(fmt)
+    one = int(np.flatnonzero(want == 1.0)[0])
+    a = np.arange(256, dtype=np.uint8).reshape(256, 1)
+    b = np.full((1, 1), one, np.uint8)
+    ones_a, ones_b = np.ones((256, 1), np.float32), np.ones((1, 1), np.float32)
+    got = fp8.gemm(a, ones_a, b, ones_b, fmt=fmt)[:, 0].astype(np.float64)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan], want[~nan])
+    # and as the B operand (the weight side's table)
+    got_b = fp8.gemm(b, ones_b, a, ones_a, fmt=fmt)[0].astype(np.float64)
+    assert np.array_equal(np.isnan(got_b), nan) and np.array_equal(got_b[~nan], want[~nan])
