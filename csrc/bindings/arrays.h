@@ -46,6 +46,23 @@ inline I64 i64(const py::handle& obj, const char* op, const char* name) {
   return I64::ensure(obj);
 }
 
+// An array the engine updates in place: exactly dtype T, C-contiguous and writeable, else
+// TypeError / ValueError naming the argument (a converted copy would silently lose the writes).
+template <typename T>
+py::array_t<T, py::array::c_style> inplace(const py::handle& obj, const char* op,
+                                           const char* name, const char* type_name) {
+  if (!py::isinstance<py::array>(obj) ||
+      !py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype::of<T>()))
+    throw py::type_error(str_cat("[", op, "] ", name, " is updated in place and must be a ",
+                                 type_name, " numpy array, got ", dtype_name(obj)));
+  auto arr = py::reinterpret_borrow<py::array>(obj);
+  DSV3_CHECK(arr.flags() & py::array::c_style, "[", op, "] ", name,
+             " is updated in place and must be C-contiguous (pass np.ascontiguousarray(",
+             name, ") and read the result from that array)");
+  DSV3_CHECK(arr.writeable(), "[", op, "] ", name, " is updated in place and must be writeable");
+  return py::reinterpret_borrow<py::array_t<T, py::array::c_style>>(obj);
+}
+
 inline Shape shape_of(const py::array& a) { return Shape(a.shape(), a.shape() + a.ndim()); }
 
 inline std::string shape_str(const Shape& s) {

@@ -100,17 +100,27 @@ void bind_train(py::module_& m) {
       }, arg("m"), arg("v"));
 
   // AdamW on one flat range (tests): w, m, v updated in place; bf16 moments as uint16 arrays.
-  m.def("adamw_update", [](F32 w, F32 g, py::array m_, py::array v_, float lr, float b1, float b2,
-                           float eps, float wd, int64_t step) {
+  m.def("adamw_update", [](py::handle w_, const py::handle& g_, py::handle m_, py::handle v_,
+                           float lr, float b1, float b2, float eps, float wd, int64_t step) {
+    F32 w = inplace<float>(w_, "adamw", "w", "float32");
+    F32 g = f32(g_, "adamw", "g");
+    const bool bf16 = py::isinstance<py::array>(m_) &&
+                      py::reinterpret_borrow<py::array>(m_).dtype().is(py::dtype::of<uint16_t>());
     const int64_t n = (int64_t)w.size();
-    DSV3_CHECK((int64_t)g.size() == n && (int64_t)m_.size() == n && (int64_t)v_.size() == n,
-               "[adamw] w, g, m, v must have the same size");
     AdamWParams p{lr, b1, b2, eps, wd, step};
-    if (m_.dtype().is(py::dtype::of<uint16_t>())) {
-      U16 m = py::cast<U16>(m_), v = py::cast<U16>(v_);
+    auto same_size = [&](const py::array& m, const py::array& v) {
+      DSV3_CHECK((int64_t)g.size() == n && (int64_t)m.size() == n && (int64_t)v.size() == n,
+                 "[adamw] w, g, m, v must have the same size");
+    };
+    if (bf16) {
+      U16 m = inplace<uint16_t>(m_, "adamw", "m", "uint16 (bf16 bits)");
+      U16 v = inplace<uint16_t>(v_, "adamw", "v", "uint16 (bf16 bits)");
+      same_size(m, v);
       adamw_update_bf16(w.mutable_data(), g.data(), m.mutable_data(), v.mutable_data(), n, p);
     } else {
-      F32 m = py::cast<F32>(m_), v = py::cast<F32>(v_);
+      F32 m = inplace<float>(m_, "adamw", "m", "float32");
+      F32 v = inplace<float>(v_, "adamw", "v", "float32");
+      same_size(m, v);
       adamw_update(w.mutable_data(), g.data(), m.mutable_data(), v.mutable_data(), n, p);
     }
   }, arg("w"), arg("g"), arg("m"), arg("v"), arg("lr"), arg("beta1"), arg("beta2"), arg("eps"),
