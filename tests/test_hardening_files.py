@@ -29,6 +29,194 @@ def hidden(path):
     return sorted(f for f in os.listdir(path) if f.startswith("."))
 
 
+# ---------------------------------------------------------------- 1. duplicate tensor names
+def raw_safetensors(path, header_json: str, data: bytes):
+    hdr = header_json.encode()
+    path.write_bytes(struct.pack("<Q", len(hdr)) + hdr + data)
+
+
+@pytest.mark.parametrize("name", ["lm_head.weight", "__metadata__"])
+def test_duplicate_names_in_header_refused(tmp_path, name):
+    info = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}' if name != "__metadata__" \
+        else '{"format":"pt"}'
+    hdr = f'{{"{name}":{info},"{name}":{info}}}'
+    raw_safetensors(tmp_path / "x.safetensors", hdr, b"\0" * 4)
+    with pytest.raises(ValueError, match=f"duplicate key '{name}'"):
+        st.read(tmp_path / "x.safetensors")
+
+
+def test_duplicate_names_in_index_refused(tmp_path, model):
+    model.save_pretrained(tmp_path / "ck", max_shard_bytes=1 << 14)
+    ipath = tmp_path / "ck" / "model.safetensors.index.json"
+    text = ipath.read_text()
+    first = next(iter(json.loads(text)["weight_map"].items()))
+    text = text.replace('"weight_map": {', f'"weight_map": {{"{first[0]}": "{first[1]}", ', 1)
+    ipath.write_text(text)
+    with pytest.raises(ValueError, match="duplicate key"):
+        dsv3.Model.from_pretrained(tmp_path / "ck")
+
+
+# ---------------------------------------------------------------- 2. index escaping the dir
+@pytest.fixture
+def sharded(tmp_path, model):
+    d = tmp_path / "ck"
+    model.save_pretrained(d, max_shard_bytes=1 << 14)
+    return d
+
+
+def point_first_shard(d, target):
+    ipath = d / "model.safetensors.index.json"
+    index = json.loads(ipath.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    index["weight_map"] = {k: (target if v == shard else v)
+                           for k, v in index["weight_map"].items()}
+    ipath.write_text(json.dumps(index))
+    return shard
+
+
+@pytest.mark.parametrize("how", ["absolute", "dotdot", "subdir", "symlink", "not_a_string"])
+def test_index_outside_directory_refused(sharded, tmp_path, how):
+    d = sharded
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shard = sorted(set(json.loads((d / "model.safetensors.index.json").read_text())
+                       ["weight_map"].values()))[0]
+    os.replace(d / shard, outside / shard)  # the real bytes now live outside the checkpoint
+    if how == "symlink":
+        os.symlink(outside / shard, d / shard)
+        target = shard
+    else:
+        target = {"absolute": str(outside / shard), "dotdot": f"../outside/{shard}",
+                  "subdir": f"sub/{shard}", "not_a_string": 7}[how]
+        if how == "subdir":
+            (d / "sub").mkdir()
+            os.symlink(outside / shard, d / "sub" / shard)
+    point_first_shard(d, target)
+    with pytest.raises(ValueError, match="outside the checkpoint directory|expected a file "
+                                         "name inside the checkpoint directory"):
+        dsv3.Model.from_pretrained(d)
+
+
+def test_index_symlink_inside_directory_still_loads(sharded, model):
+    d = sharded
+    shard = sorted(set(json.loads((d / "model.safetensors.index.json").read_text())
+                       ["weight_map"].values()))[0]
+    os.replace(d / shard, d / "real.bin")
+    os.symlink("real.bin", d / shard)
+    back = dsv3.Model.from_pretrained(d)
+    sd = model.state_dict()
+    assert all(np.array_equal(v, sd[k]) for k, v in back.state_dict().items())
+
+
+# ---------------------------------------------------------------- 3. non-finite weights
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "fp8"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_weight_refused(tmp_path, model, dtype, bad):
+    d = tmp_path / "ck"
+    model.save_pretrained(d, dtype=dtype)
+    tensors, meta = st.read(d / "model.safetensors")
+    stored = {k: (t.dtype, np.array(t.data)) for k, t in tensors.items()}
+    victim = "model.layers.0.self_attn.o_proj.weight"
+    kind, arr = stored[victim]
+    if kind == "F8_E4M3":  # poison the scale: w = q * scale_inv
+        victim += "_scale_inv"
+        kind, arr = stored[victim]
+    if kind == "BF16":
+        arr.flat[arr.size // 2] = st.bf16_bits(np.array([bad], np.float32))[0]
+    else:
+        arr.flat[arr.size // 2] = bad
+    stored[victim] = (kind, arr)
+    st.write(d / "model.safetensors", stored, meta)
+    with pytest.raises(ValueError, match=f"'{victim}' holds 1 NaN or infinite"):
+        dsv3.Model.from_pretrained(d)
+
+
+def test_nan_fp8_code_refused(tmp_path, model):
+    d = tmp_path / "ck"
+    model.save_pretrained(d, dtype="fp8")
+    tensors, meta = st.read(d / "model.safetensors")
+    stored = {k: (t.dtype, np.array(t.data)) for k, t in tensors.items()}
+    name = "model.layers.0.mlp.down_proj.weight"
+    if name not in stored:
+        name = next(k for k, (t, _) in stored.items() if t == "F8_E4M3")
+    stored[name][1].flat[0] = 0x7F  # E4M3 NaN
+    st.write(d / "model.safetensors", stored, meta)
+    with pytest.raises(ValueError, match=f"'{name}' holds 1 NaN"):
+        dsv3.Model.from_pretrained(d)
+
+
+# ---------------------------------------------------------------- 4. FIFOs and devices
+def in_subprocess(code: str, timeout=60):
+    """Run ``code`` in a fresh interpreter (a regression would hang, not fail, in-process)."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("where", ["file", "directory"])
+def test_config_json_fifo_refused_without_hanging(tmp_path, where):
+    os.mkfifo(tmp_path / "config.json")
+    path = tmp_path / "config.json" if where == "file" else tmp_path
+    r = in_subprocess(f"import dsv3\ndsv3.Config.from_json({str(path)!r})")
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and "is not a regular file (a FIFO)" in r.stderr, r.stderr
+
+
+def test_index_json_fifo_refused(tmp_path, model):
+    d = tmp_path / "ck"
+    model.save_pretrained(d)
+    os.mkfifo(d / "model.safetensors.index.json")
+    r = in_subprocess(f"import dsv3\ndsv3.Model.from_pretrained({str(d)!r})")
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and "FIFO" in r.stderr, r.stderr
+
+
+def test_data_fifo_refused_and_skipped_in_directories(tmp_path):
+    from dsv3 import data
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="not a regular file"):
+        data.text_files(tmp_path / "pipe")
+    (tmp_path / "a.txt").write_text("hello")
+    assert data.text_files(tmp_path) == [str(tmp_path / "a.txt")]
+    with pytest.raises(ValueError, match="not a regular file"):
+        data.text_files("/dev/null")
+
+
+@pytest.mark.parametrize("which", ["data", "config"])
+def test_cli_train_fifo_one_line_error(tmp_path, which):
+    os.mkfifo(tmp_path / "fifo")
+    arg = ["--data", str(tmp_path / "fifo")] if which == "data" else \
+        ["--config", str(tmp_path / "fifo")]
+    r = run_cli("train", "--out", str(tmp_path / "out"), "--steps", "1", *arg, timeout=60)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "FIFO" in r.stderr or "regular file" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- 6. CLI user errors
+@pytest.mark.parametrize("args", [
+    ["train", "--steps", "x", "--out", "o"],
+    ["train"],
+    ["nosuchcommand"],
+    ["info", "/nonexistent/config.json"],
+    ["generate", "/nonexistent"],
+    ["train", "--out", "OUT", "--data", "/nonexistent/corpus", "--steps", "1"],
+    ["train", "--out", "OUT", "--config", "BADJSON", "--steps", "1"],
+    ["train", "--out", "OUT", "--config", "BADCFG", "--steps", "1"],
+    ["info", "BADJSON"],
+])
+def test_cli_user_errors_are_one_line(tmp_path, args):
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "badcfg.json").write_text(json.dumps({"hidden_size": -3}))
+    subst = {"OUT": str(tmp_path / "out"), "BADJSON": str(tmp_path / "bad.json"),
+             "BADCFG": str(tmp_path / "badcfg.json")}
+    r = run_cli(*[subst.get(a, a) for a in args])
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dsv3:"), r.stderr
+
+
 # ---------------------------------------------------------------- 7. in-place bindings
 def adamw_args(n=8, m_dtype=np.float32):
     rng = np.random.default_rng(0)

@@ -168,7 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dsv3",
+    parser = _Parser(prog="python -m dsv3",
                                      description="dsv3: DeepSeek-V3 on the CPU")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="parameter counts, KV-cache sizes and build info")
@@ -225,7 +225,29 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="do not print the stats line (stderr)")
     p.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("dsv3: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, MemoryError, OverflowError, RuntimeError) as e:
+        # a user error (bad argument, file, config): one line, no traceback
+        print(f"dsv3: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename is not None and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    return msg
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``dsv3: <message> (see --help)``, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"dsv3: {self.prog}: {message} (see --help)\n")
 
 
 if __name__ == "__main__":

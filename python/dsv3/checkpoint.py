@@ -105,6 +105,7 @@ def decode_tensors(tensors: Dict[str, st.Tensor], directory: str,
                 raise ValueError(f"[from_pretrained] {directory}: '{sname}' holds scales that "
                                  "are not powers of two, but quantization_config.scale_fmt is "
                                  "'ue8m0'")
+            _require_finite(scales, sname, directory)
             fmt = "e4m3" if t.dtype == "F8_E4M3" else "e5m2"
             out[name] = fp8.dequantize(codes, scales, block, fmt=fmt)
         elif t.dtype in ("F32", "F16", "BF16", "F64"):
@@ -112,7 +113,17 @@ def decode_tensors(tensors: Dict[str, st.Tensor], directory: str,
         else:
             raise ValueError(f"[from_pretrained] {directory}: tensor '{name}' has dtype "
                              f"{t.dtype}, expected a float type")
+        _require_finite(out[name], name, directory)
     return out
+
+
+def _require_finite(x: np.ndarray, name: str, directory: str) -> None:
+    """Loading refuses NaN / Inf weights and scales (they would propagate into every logit and
+    generate would emit token 0 forever): one vectorised pass over the decoded float32."""
+    if not np.isfinite(x).all():
+        bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+        raise ValueError(f"[from_pretrained] {directory}: tensor '{name}' holds {bad} NaN or "
+                         "infinite value(s); refusing to load it")
 
 
 def rope_rows(cfg: Config) -> Dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
 from . import hf_keys
+from ._files import open_regular
 
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2,
                 "float8": 1, "fp8": 1, "e4m3": 1}
@@ -98,7 +99,7 @@ class Config:
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
         try:
-            with open(path, "r", encoding="utf-8") as f:
+            with open_regular(path, "Config.from_json") as f:
                 d = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"[Config.from_json] {path} is not valid JSON: {e}") from None

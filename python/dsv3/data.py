@@ -55,18 +55,24 @@ def default_corpus() -> List[str]:
 
 
 def text_files(path: PathLike, suffixes: Optional[Sequence[str]] = None) -> List[str]:
-    """``path`` itself if it is a file, else the files below it (sorted; optionally only those
-    ending in one of ``suffixes``)."""
+    """``path`` itself if it is a regular file, else the regular files below it (sorted;
+    optionally only those ending in one of ``suffixes``). A FIFO, device or socket given as
+    ``path`` raises ValueError; below a directory such entries are skipped."""
     path = os.fspath(path)
     if os.path.isfile(path):
         return [path]
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"[data] {path} is not a regular file or a directory (a FIFO, device "
+                         "or socket cannot be read as a corpus)")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"[data] {path} is neither a file nor a directory")
     out = []
     for root, dirs, files in os.walk(path):
         dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
         for f in sorted(files):
-            if suffixes is None or f.endswith(tuple(suffixes)):
+            # only regular files: a FIFO or device below the directory would block the reader
+            if (suffixes is None or f.endswith(tuple(suffixes))) and \
+                    os.path.isfile(os.path.join(root, f)):
                 out.append(os.path.join(root, f))
     return out
 

@@ -6,8 +6,9 @@ then the raw little-endian tensor bytes (offsets relative to the end of the head
 
 dsv3 reads F32, F16, BF16, F8_E4M3 / F8_E5M2 (returned as uint8 codes), and the integer types;
 BF16 is widened to float32 exactly. Every structural error (truncated file, header larger than
-the file, overlapping or out-of-range offsets, size not matching dtype x shape, bad JSON)
-raises ``ValueError`` naming the file and the tensor. Writes go to a temporary file in the
+the file, overlapping or out-of-range offsets, size not matching dtype x shape, bad JSON, a
+tensor name given twice, a shard index naming a file outside the checkpoint directory) raises
+``ValueError`` naming the file and the tensor. Writes go to a temporary file in the
 same directory, are fsync'ed, then renamed over the final name: an interrupted write never
 leaves a partial file under the final name.
 """
@@ -19,6 +20,8 @@ import struct
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
+
+from ._files import open_regular, temp_name
 
 # safetensors dtype name -> (numpy dtype of the stored element, itemsize)
 _DTYPES = {
@@ -32,6 +35,22 @@ _FROM_NUMPY = {np.dtype("float64"): "F64", np.dtype("float32"): "F32",
                np.dtype("int16"): "I16", np.dtype("int8"): "I8", np.dtype("uint8"): "U8",
                np.dtype("bool"): "BOOL"}
 MAX_HEADER = 100 << 20
+
+
+def _unique_keys(pairs):
+    """json object_pairs_hook: a JSON object naming one key twice is an error (json.loads
+    would keep the last silently, e.g. a second lm_head.weight replacing the real one)."""
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def loads_strict(text: str):
+    """json.loads that refuses duplicate keys (ValueError naming the key)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 def bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -75,8 +94,8 @@ def read(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
                              f"({size} bytes): truncated or not a safetensors file")
         raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        header = loads_strict(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"[safetensors] {path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError(f"[safetensors] {path}: header must be a JSON object")
@@ -134,7 +153,7 @@ def write(path: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hdr += b" " * (-len(hdr) % 8)  # align the data section to 8 bytes
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(struct.pack("<Q", len(hdr)))
@@ -185,13 +204,28 @@ def write_sharded(directory: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
         weight_map.update({k: fname for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     ipath = os.path.join(directory, f"{stem}.safetensors.index.json")
-    tmp = f"{ipath}.tmp-{os.getpid()}"
+    tmp = temp_name(ipath)
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, ipath)
     return names + [os.path.basename(ipath)]
+
+
+def _shard_path(directory: str, index: str, fname) -> str:
+    """The shard ``fname`` of an index, which must be a plain file name inside ``directory``:
+    absolute paths, "..", subdirectories and symlinks resolving elsewhere are refused (a
+    checkpoint must not make the reader open files the user did not hand it)."""
+    if (not isinstance(fname, str) or not fname or os.path.isabs(fname)
+            or os.path.basename(fname) != fname or fname in (".", "..")):
+        raise ValueError(f"[safetensors] {index}: weight_map names {fname!r}, expected a file "
+                         "name inside the checkpoint directory")
+    p = os.path.join(directory, fname)
+    if os.path.dirname(os.path.realpath(p)) != os.path.realpath(directory):
+        raise ValueError(f"[safetensors] {index}: shard {fname!r} resolves to "
+                         f"{os.path.realpath(p)}, outside the checkpoint directory")
+    return p
 
 
 def read_dir(directory: str, stem: str = "model") -> Dict[str, Tensor]:
@@ -202,13 +236,14 @@ def read_dir(directory: str, stem: str = "model") -> Dict[str, Tensor]:
     single = os.path.join(directory, f"{stem}.safetensors")
     if os.path.exists(index):
         try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            with open_regular(index, "safetensors") as f:
+                weight_map = loads_strict(f.read())["weight_map"]
+            shards = sorted(set(weight_map.values()), key=str)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"[safetensors] {index}: not a valid index ({e})") from None
         out: Dict[str, Tensor] = {}
-        for fname in sorted(set(weight_map.values())):
-            p = os.path.join(directory, fname)
+        for fname in shards:
+            p = _shard_path(directory, index, fname)
             if not os.path.exists(p):
                 raise ValueError(f"[safetensors] {index} names shard {fname}, which is missing")
             tensors, _ = read(p)

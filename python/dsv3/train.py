@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import _core
+from ._files import open_regular
 from .model import Model
 
 SCHEDULES = ("cosine", "constant", "linear")
@@ -317,7 +318,7 @@ class Trainer:
         that was never interrupted (pass the same dataset to ``fit``; its generator state is
         restored)."""
         directory = os.fspath(directory)
-        with open(os.path.join(directory, "trainer.json"), encoding="utf-8") as f:
+        with open_regular(os.path.join(directory, "trainer.json"), "Trainer.load") as f:
             state = json.load(f)
         model = Model.from_pretrained(directory)
         t = cls(model, TrainConfig(**state["train_config"]))
