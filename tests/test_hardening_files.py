@@ -193,6 +193,67 @@ def test_cli_train_fifo_one_line_error(tmp_path, which):
     assert not (tmp_path / "out").exists()
 
 
+# ---------------------------------------------------------------- 5. never replace user data
+@pytest.fixture(params=["file", "foreign_dir"])
+def user_target(request, tmp_path):
+    p = tmp_path / "target"
+    if request.param == "file":
+        p.write_text("precious")
+    else:
+        p.mkdir()
+        (p / "notes.txt").write_text("precious")
+    return p
+
+
+def snapshot(p):
+    if p.is_file():
+        return p.read_text()
+    return {f: (p / f).read_text() for f in os.listdir(p)}
+
+
+@pytest.mark.parametrize("saver", ["model", "trainer", "fit"])
+def test_save_refuses_user_file_or_directory(user_target, model, saver):
+    before = snapshot(user_target)
+    with pytest.raises(ValueError, match="refusing to replace"):
+        if saver == "model":
+            model.save_pretrained(user_target)
+        else:
+            t = dsv3.Trainer(dsv3.Model(dsv3.Config.tiny(), seed=0),
+                             dsv3.TrainConfig(lr=1e-3, batch_size=1, seq_len=8))
+            if saver == "trainer":
+                t.save(user_target)
+            else:
+                t.fit(None, 0, checkpoint_dir=user_target)
+    assert snapshot(user_target) == before
+    assert hidden(user_target.parent) == []
+
+
+def test_cli_train_out_refuses_user_data(user_target):
+    before = snapshot(user_target)
+    r = run_cli("train", "--out", str(user_target), "--steps", "1", "--config", "tiny")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert "refusing to replace" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert snapshot(user_target) == before
+    assert hidden(user_target.parent) == []
+
+
+def test_save_over_checkpoint_and_empty_dir_still_allowed(tmp_path, model):
+    (tmp_path / "empty").mkdir()
+    model.save_pretrained(tmp_path / "empty")
+    model.save_pretrained(tmp_path / "empty", dtype="bfloat16")  # over a dsv3 checkpoint
+    assert checkpoint.is_checkpoint_dir(tmp_path / "empty")
+    assert hidden(tmp_path) == []
+
+
+def test_failed_save_leaves_no_temporaries(tmp_path, model, monkeypatch):
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(st, "write_sharded", boom)
+    with pytest.raises(OSError):
+        model.save_pretrained(tmp_path / "ck")
+    assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------- 6. CLI user errors
 @pytest.mark.parametrize("args", [
     ["train", "--steps", "x", "--out", "o"],
@@ -261,3 +322,39 @@ def test_adamw_noncontiguous_gradient_is_fine():
     _core.adamw_update(w, big[::2], m, v, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1)
     _core.adamw_update(w2, g, m2, v2, 1e-3, 0.9, 0.95, 1e-8, 0.0, 1)
     assert np.array_equal(w, w2) and np.array_equal(m, m2) and not np.array_equal(w, g)
+
+
+# ---------------------------------------------------------------- 8. concurrent saves
+def test_temp_names_unique_per_call():
+    from dsv3._files import temp_name
+    assert len({temp_name("/x/y") for _ in range(100)}) == 100
+
+
+@pytest.mark.parametrize("saver", ["model", "trainer"])
+def test_two_concurrent_saves_one_wins_cleanly(tmp_path, saver):
+    models = [dsv3.Model(dsv3.Config.tiny(), seed=s) for s in (1, 2)]
+    target = tmp_path / "ck"
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def save(m):
+        try:
+            barrier.wait()
+            if saver == "model":
+                m.save_pretrained(target)
+            else:
+                dsv3.Trainer(m, dsv3.TrainConfig(lr=1e-3)).save(target)
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=save, args=(m,)) for m in models]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert hidden(tmp_path) == []
+        back = dsv3.Model.from_pretrained(target).state_dict()
+        assert any(all(np.array_equal(back[k], v) for k, v in m.state_dict().items())
+                   for m in models)

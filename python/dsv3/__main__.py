@@ -142,6 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         from . import set_num_threads
         set_num_threads(args.threads)
+    from .checkpoint import check_target
+    check_target(args.out, "train --out")  # refuse a file / foreign directory before training
     cfg = load_config(args.config)
     tok = data_mod.ByteTokenizer()
     if cfg.vocab_size < tok.vocab_size:

@@ -19,12 +19,19 @@ none) loads with MTP disabled and a warning, unless ``strict=True``.
 Crash safety: everything is written into a fresh temporary directory next to the target,
 fsync'ed, then swapped in with one atomic rename (``renameat2(RENAME_EXCHANGE)`` on Linux
 when the target exists). An interrupted save leaves the previous checkpoint intact under the
-final name and never a partial one.
+final name and never a partial one. Temporary names carry the pid and a random part, so
+concurrent saves into one directory never share one (the last to publish wins whole).
+
+Refusals (``ValueError``): saving over a file or a non-empty directory that is not a dsv3
+checkpoint (:func:`check_target`, before anything is written); loading NaN / Inf in any
+weight, FP8 scale or FP8 code (checked once per decoded tensor: the model would otherwise
+propagate NaN into every logit), duplicate tensor names, shard files outside the directory.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import json
 import os
 import shutil
@@ -35,6 +42,7 @@ import numpy as np
 
 from . import hf_keys
 from . import safetensors_io as st
+from ._files import temp_name
 from .config import Config
 
 DTYPES = ("float32", "bfloat16", "fp8")
@@ -193,15 +201,44 @@ def _exchange(a: str, b: str) -> bool:
     return fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0
 
 
+def is_checkpoint_dir(directory: str) -> bool:
+    """A dsv3 (Hugging Face layout) checkpoint: config.json and the model's safetensors."""
+    has = lambda f: os.path.isfile(os.path.join(directory, f))
+    return has("config.json") and (has("model.safetensors") or
+                                   has("model.safetensors.index.json"))
+
+
+def check_target(directory: str, who: str) -> None:
+    """Saving may replace only a checkpoint: ``directory`` must be absent, an empty
+    directory, or a dsv3 checkpoint. A file or any other non-empty directory raises
+    ValueError before anything is written (no user data is ever replaced or deleted)."""
+    if not os.path.lexists(directory):
+        return
+    if not os.path.isdir(directory):
+        raise ValueError(f"[{who}] {directory} exists and is not a directory; refusing to "
+                         "replace it")
+    if os.listdir(directory) and not is_checkpoint_dir(directory):
+        raise ValueError(f"[{who}] {directory} is a non-empty directory that is not a dsv3 "
+                         "checkpoint (no config.json + model.safetensors); refusing to replace "
+                         "it")
+
+
 def publish_dir(tmp: str, directory: str) -> None:
-    """Make the finished directory ``tmp`` appear at ``directory`` in one atomic step."""
+    """Make the finished directory ``tmp`` appear at ``directory`` in one atomic step. Two
+    concurrent publishers of one directory both succeed in turn (the last one wins); a reader
+    sees one complete checkpoint or the other."""
     parent = os.path.dirname(os.path.abspath(directory))
-    if not os.path.exists(directory):
-        os.rename(tmp, directory)
-    elif _exchange(tmp, directory):
+    try:
+        os.rename(tmp, directory)  # succeeds when `directory` is absent (or an empty dir)
+        _fsync_dir(parent)
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    if _exchange(tmp, directory):
         shutil.rmtree(tmp)  # tmp now holds the previous checkpoint
-    else:  # no atomic exchange: two renames (a crash between them leaves `<dir>.old-<pid>`)
-        old = f"{directory}.old-{os.getpid()}"
+    else:  # no atomic exchange: two renames (a crash between them leaves `<dir>.old-<pid>-*`)
+        old = temp_name(f"{directory}.old")
         os.rename(directory, old)
         os.rename(tmp, directory)
         shutil.rmtree(old)
@@ -222,7 +259,7 @@ def remove_stale_temps(parent: str, prefix: str) -> None:
     """Delete temporary directories left by saves whose process died (kill -9, power loss)."""
     for name in os.listdir(parent):
         if name.startswith(prefix):
-            pid = name[len(prefix):]
+            pid = name[len(prefix):].split("-")[0]  # temp_name: <prefix><pid>-<random>
             if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
@@ -248,8 +285,7 @@ def save(model, directory: str, dtype: str = "float32",
     directory = os.fspath(directory)
     if dtype not in DTYPES:
         raise ValueError(f"[save_pretrained] dtype must be one of {DTYPES}, got {dtype!r}")
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise ValueError(f"[save_pretrained] {directory} exists and is not a directory")
+    check_target(directory, "save_pretrained")
     config = model.config
     cfg = checkpoint_config(config, dtype, rope_format)
     why = hf_keys.transformers_mismatch(config.to_canonical_dict())
@@ -267,9 +303,7 @@ def save(model, directory: str, dtype: str = "float32",
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(os.path.abspath(directory))
     remove_stale_temps(parent, f".{base}.tmp-")
-    tmp = os.path.join(parent, f".{base}.tmp-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    tmp = temp_name(os.path.join(parent, f".{base}"))
     os.makedirs(tmp)
     try:
         st.write_sharded(tmp, tensors, max_shard_bytes, metadata={"format": "pt"})

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import _core
-from ._files import open_regular
+from ._files import open_regular, temp_name
 from .model import Model
 
 SCHEDULES = ("cosine", "constant", "linear")
@@ -227,6 +227,9 @@ class Trainer:
         c = self.config
         if steps < 0:
             raise ValueError(f"[Trainer.fit] steps must be >= 0, got {steps}")
+        if checkpoint_dir:  # refuse a file / foreign directory before training, not after
+            from . import checkpoint
+            checkpoint.check_target(os.fspath(checkpoint_dir), "Trainer.fit")
         if c.total_steps is None:
             c.total_steps = max(1, self.step_count + steps)
         if self._data_state is not None:
@@ -283,12 +286,11 @@ class Trainer:
         from . import checkpoint
         directory = os.fspath(directory)
         parent = os.path.dirname(os.path.abspath(directory))
+        checkpoint.check_target(directory, "Trainer.save")
         os.makedirs(parent, exist_ok=True)
-        prefix = f".{os.path.basename(os.path.abspath(directory))}.trainer-tmp-"
-        checkpoint.remove_stale_temps(parent, prefix)  # left by saves killed midway
-        tmp = os.path.join(parent, f"{prefix}{os.getpid()}")
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        stem = f".{os.path.basename(os.path.abspath(directory))}.trainer"
+        checkpoint.remove_stale_temps(parent, stem + ".tmp-")  # left by saves killed midway
+        tmp = temp_name(os.path.join(parent, stem))
         try:
             inner = os.path.join(tmp, "model")
             os.makedirs(tmp)
