@@ -170,6 +170,18 @@ def test_index_json_fifo_refused(tmp_path, model):
     assert "ValueError" in r.stderr and "FIFO" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("name", ["trainer.json", "optimizer_m.npy"])
+def test_trainer_checkpoint_fifo_refused(tmp_path, name):
+    d = tmp_path / "ck"
+    dsv3.Trainer(dsv3.Model(dsv3.Config.tiny(), seed=0), dsv3.TrainConfig(lr=1e-3)).save(d)
+    os.remove(d / name)
+    os.mkfifo(d / name)
+    r = in_subprocess(f"import dsv3\ndsv3.Trainer.load({str(d)!r})")
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and f"{name} is not a regular file (a FIFO)" in r.stderr, \
+        r.stderr
+
+
 def test_data_fifo_refused_and_skipped_in_directories(tmp_path):
     from dsv3 import data
     os.mkfifo(tmp_path / "pipe")

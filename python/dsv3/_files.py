@@ -8,28 +8,22 @@ import secrets
 import stat
 
 
-def open_regular(path: str, who: str, encoding: str = "utf-8") -> io.TextIOWrapper:
-    """``open(path, encoding=...)`` for reading, but only if ``path`` is a regular file:
-    anything else (FIFO, device, socket, directory) raises ValueError naming it. The check is
-    made on the opened descriptor (opened non-blocking, so a FIFO without a writer cannot
-    hang the open), so the file cannot be swapped between check and read."""
+def open_regular(path: str, who: str, binary: bool = False) -> io.IOBase:
+    """``open(path)`` for reading (UTF-8 text, or bytes when ``binary``), but only if ``path``
+    is a regular file: anything else (FIFO, device, socket, directory) raises ValueError
+    naming it. The check is made on the opened descriptor (opened non-blocking, so a FIFO
+    without a writer cannot hang the open), so the file cannot be swapped between check and
+    read."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             raise ValueError(f"[{who}] {path} is not a regular file ({_kind(mode)})")
         os.set_blocking(fd, True)
-        return open(fd, "r", encoding=encoding, closefd=True)
+        return open(fd, "rb") if binary else open(fd, "r", encoding="utf-8")
     except BaseException:
         os.close(fd)
         raise
-
-
-def require_regular(path: str, who: str) -> None:
-    """ValueError unless ``path`` (following symlinks) is a regular file."""
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise ValueError(f"[{who}] {path} is not a regular file ({_kind(mode)})")
 
 
 def _kind(mode: int) -> str:

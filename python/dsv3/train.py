@@ -324,8 +324,11 @@ class Trainer:
             state = json.load(f)
         model = Model.from_pretrained(directory)
         t = cls(model, TrainConfig(**state["train_config"]))
-        t._t.set_moments(np.load(os.path.join(directory, "optimizer_m.npy")),
-                         np.load(os.path.join(directory, "optimizer_v.npy")))
+        moments = []
+        for name in ("optimizer_m.npy", "optimizer_v.npy"):
+            with open_regular(os.path.join(directory, name), "Trainer.load", binary=True) as f:
+                moments.append(np.load(f))
+        t._t.set_moments(*moments)
         t._t.steps_done = int(state["step"])
         t._data_state = state.get("data_state")
         return t
