@@ -43,7 +43,11 @@ inline I64 i64(const py::handle& obj, const char* op, const char* name) {
   if (kind != 'i' && kind != 'u')
     throw py::type_error(str_cat("[", op, "] ", name, " must be an integer numpy array, got ",
                                  dtype_name(obj)));
-  return I64::ensure(obj);
+  // forcecast: numpy will not cast uint64 to int64 "safely", and ensure() then returned a null
+  // array (SIGSEGV on use). uint64 ids >= 2^63 become negative and fail the id range checks.
+  I64 out = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(obj);
+  if (!out) throw py::error_already_set();
+  return out;
 }
 
 // An array the engine updates in place: exactly dtype T, C-contiguous and writeable, else

@@ -69,13 +69,19 @@ def decode(codes: np.ndarray, fmt: str = "e4m3") -> np.ndarray:
 
 def _block(block: Sequence[int], name: str = "block") -> Block:
     try:
-        br, bc = (int(b) for b in block)
-    except (TypeError, ValueError):
+        pair = tuple(block)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or not all(isinstance(b, (int, np.integer)) and
+                                 not isinstance(b, (bool, np.bool_)) for b in pair):
+        # (1.5, 2) was truncated to (1, 2) silently
         raise ValueError(f"[fp8] {name} must be a pair of positive ints (rows, cols), "
-                         f"got {block!r}") from None
+                         f"got {block!r}")
+    br, bc = (int(b) for b in pair)
     if br < 1 or bc < 1:
         raise ValueError(f"[fp8] {name} sizes must be >= 1, got {name}=({br}, {bc})")
-    return br, bc
+    # a block larger than the tensor is the whole tensor; the engine takes int64
+    return min(br, 2 ** 62), min(bc, 2 ** 62)
 
 
 def quantize(x: np.ndarray, fmt: str = "e4m3", block: Sequence[int] = (1, 128),

@@ -261,6 +261,10 @@ def _decoders(model, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
             or num_draft_tokens < 1:
         raise ValueError(f"[generate] num_draft_tokens must be an integer >= 1, got "
                          f"{num_draft_tokens!r}")
+    if eos_token_id is not None and (isinstance(eos_token_id, (bool, np.bool_)) or
+                                     not isinstance(eos_token_id, (int, np.integer))):
+        raise TypeError(f"[generate] eos_token_id must be an integer token id, got "
+                        f"{eos_token_id!r}")  # 18.5 would never match a token
     if eos_token_id is not None and not 0 <= int(eos_token_id) < model.config.vocab_size:
         raise IndexError(f"[generate] eos_token_id {eos_token_id} outside [0, vocab_size)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:

@@ -77,8 +77,15 @@ class TrainConfig:
         self.betas = tuple(float(b) for b in self.betas)
         def bad(name, msg):
             raise ValueError(f"[TrainConfig] {name} {msg}, got {getattr(self, name)!r}")
+        for name in ("lr", "min_lr", "eps", "weight_decay", "grad_clip") + (
+                ("aux_loss_alpha",) if self.aux_loss_alpha is not None else ()):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                bad(name, "must be a finite number")
         if not self.lr > 0:
             bad("lr", "must be > 0")
+        if self.grad_clip < 0:
+            bad("grad_clip", "must be >= 0 (0: no clipping)")
         if not 0 <= self.min_lr <= self.lr:
             bad("min_lr", "must be in [0, lr]")
         if self.warmup_steps < 0:
