@@ -9,10 +9,8 @@
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
-#include <mutex>
 
-#include <pthread.h>
-
+#include "core/blas_copies.h"
 #include "core/check.h"
 #include "core/parallel.h"
 
@@ -35,19 +33,16 @@ constexpr int64_t kBlock = 16;            // rows or columns per unit of a split
 // Debian's serial build (libopenblas0-serial, SINGLE_THREADED without USE_LOCKING) is not
 // safe to call from two threads at once: its buffer allocator races and results change from
 // run to run (measured: the first training loss differs between runs at 2 threads). With it,
-// calls are serialised; products are still cut into the same pieces, so the results equal the
-// other builds'.
+// each thread calls a private copy of the library (core/blas_copies.h), or, where copies
+// cannot be made, the calls are serialised. Products are cut into the same pieces either way,
+// so the results equal the other builds'.
 bool serial_build() {
   static const bool serial = DSV3_BLAS(openblas_get_parallel)() == 0;
   return serial;
 }
 
-std::mutex g_serial_mu;
-
-// fork() while another thread is inside a serialised call would leave the child's copy of the
-// mutex locked forever: the fork waits for that call, and both sides release the lock after.
-void serial_prepare() { g_serial_mu.lock(); }
-void serial_release() { g_serial_mu.unlock(); }
+#define DSV3_STR2(x) #x
+#define DSV3_STR(x) DSV3_STR2(x)
 
 // The OpenMP build re-reads omp_get_max_threads() of the calling thread at every call and
 // threads the call that wide, whatever openblas_set_num_threads said; a pool worker's (or any
@@ -71,18 +66,17 @@ struct OneOpenmpThread {
 void call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
           const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
           int64_t ldc) {
+  const CBLAS_TRANSPOSE ta = trans_a ? CblasTrans : CblasNoTrans;
+  const CBLAS_TRANSPOSE tb = trans_b ? CblasTrans : CblasNoTrans;
+  if (serial_build()) {
+    BlasLease lease;
+    lease.sgemm()(CblasRowMajor, ta, tb, (int)M, (int)N, (int)K, alpha, A, (int)lda, B, (int)ldb,
+                  beta, C, (int)ldc);
+    return;
+  }
   OneOpenmpThread one;
-  DSV3_BLAS(cblas_sgemm)(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-                         trans_b ? CblasTrans : CblasNoTrans, (int)M, (int)N, (int)K, alpha, A,
-                         (int)lda, B, (int)ldb, beta, C, (int)ldc);
-}
-
-void call_safely(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
-                 int64_t ldc) {
-  if (!serial_build()) return call(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  std::lock_guard<std::mutex> lk(g_serial_mu);
-  call(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  DSV3_BLAS(cblas_sgemm)(CblasRowMajor, ta, tb, (int)M, (int)N,
+                         (int)K, alpha, A, (int)lda, B, (int)ldb, beta, C, (int)ldc);
 }
 
 }  // namespace
@@ -90,7 +84,9 @@ void call_safely(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
 void blas_init() {
   static const bool once = [] {
     DSV3_BLAS(openblas_set_num_threads)(1);
-    if (serial_build()) pthread_atfork(serial_prepare, serial_release, serial_release);
+    if (serial_build())
+      blas_copies_init(&DSV3_BLAS(cblas_sgemm), blas_loaded(),
+                       DSV3_STR(DSV3_BLAS(cblas_sgemm)));
     return true;
   }();
   (void)once;
@@ -110,7 +106,7 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
   }
   blas_init();
   if (in_parallel() || num_threads() <= 1 || M * N * K < kSplitWork) {
-    call_safely(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    call(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
   const bool rows = M >= N;  // split the longer side of C
@@ -120,16 +116,16 @@ void sgemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float al
   parallel_for(units, grain, [&](int64_t u0, int64_t u1) {
     const int64_t i0 = u0 * kBlock, i1 = std::min(side, u1 * kBlock);
     if (rows)
-      call_safely(trans_a, trans_b, i1 - i0, N, K, alpha, trans_a ? A + i0 : A + i0 * lda, lda, B, ldb,
+      call(trans_a, trans_b, i1 - i0, N, K, alpha, trans_a ? A + i0 : A + i0 * lda, lda, B, ldb,
            beta, C + i0 * ldc, ldc);
     else
-      call_safely(trans_a, trans_b, M, i1 - i0, K, alpha, A, lda, trans_b ? B + i0 * ldb : B + i0, ldb,
+      call(trans_a, trans_b, M, i1 - i0, K, alpha, A, lda, trans_b ? B + i0 * ldb : B + i0, ldb,
            beta, C + i0, ldc);
   });
 }
 
 void sgemm_naive(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
+          const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C,
                  int64_t ldc) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) {
@@ -150,8 +146,15 @@ std::string blas_variant() {
 }
 
 std::string blas_calls() {
-  return serial_build() ? "serialised: the serial build is not thread-safe"
-                        : "1 thread per call; products split across dsv3's pool";
+  const std::string split = "1 thread per call; products split across dsv3's pool";
+  if (!serial_build()) return split;
+  blas_init();
+  const std::string& error = blas_copies_error();
+  if (!error.empty())
+    return "serialised: the serial build is not thread-safe and no private copy could be made (" +
+           error + ")";
+  return split + "; the serial build is not thread-safe: each thread calls a private copy (" +
+         std::to_string(blas_copies_loaded()) + " loaded so far)";
 }
 
 std::string blas_info() {

@@ -8,7 +8,7 @@
 // calling thread. Each element of C is computed by the same single-threaded kernel whichever
 // OpenBLAS build is loaded (OpenMP, pthreads or serial: Debian's three share one source), so
 // results are identical across the three for a given thread count. The serial build is not
-// thread-safe: its calls are serialised (one piece at a time; blas.cpp).
+// thread-safe: each thread calls a private copy of it (core/blas_copies.h).
 #pragma once
 #include <cstdint>
 #include <string>
