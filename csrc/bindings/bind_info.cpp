@@ -30,7 +30,11 @@ void bind_info(py::module_& m) {
     d["threads_default"] = thread_default_source();
     d["spin_us"] = spin_us();
     d["spin_budget_us"] = spin_budget_us();
-    d["openmp"] = (long)_OPENMP;
+#ifdef _OPENMP
+    d["openmp"] = (long)_OPENMP;  // the OpenMP version built against (0: built without)
+#else
+    d["openmp"] = 0L;
+#endif
     d["num_threads"] = num_threads();
     d["simd"] = simd_flags();
     d["malloc_tuned"] = malloc_tuned();

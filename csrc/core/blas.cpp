@@ -50,17 +50,35 @@ bool serial_build() {
 // OpenMP team of its own and oversubscribe the cores (measured: the training step 2x slower
 // than with the pthreads build). The ICV is 1 for the call and restored after it, so other
 // OpenMP code on the caller's thread (numpy's BLAS, PyTorch) keeps its own setting.
+// Without OpenMP at build time (Apple clang) the OpenMP build of OpenBLAS brings the runtime
+// with it, so the two calls are looked up in the process instead.
 struct OneOpenmpThread {
-#ifdef _OPENMP
+  using Get = int (*)();
+  using Set = void (*)(int);
   int prev = 0;
+  static Get get() {
+#ifdef _OPENMP
+    static const Get fn = &omp_get_max_threads;
+#else
+    static const Get fn = reinterpret_cast<Get>(dlsym(RTLD_DEFAULT, "omp_get_max_threads"));
+#endif
+    return fn;
+  }
+  static Set set() {
+#ifdef _OPENMP
+    static const Set fn = &omp_set_num_threads;
+#else
+    static const Set fn = reinterpret_cast<Set>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
+#endif
+    return fn;
+  }
   OneOpenmpThread() {
-    static const bool openmp = DSV3_BLAS(openblas_get_parallel)() == 2;
-    if (openmp && (prev = omp_get_max_threads()) != 1) omp_set_num_threads(1);
+    static const bool openmp = DSV3_BLAS(openblas_get_parallel)() == 2 && get() && set();
+    if (openmp && (prev = get()()) != 1) set()(1);
   }
   ~OneOpenmpThread() {
-    if (prev > 1) omp_set_num_threads(prev);
+    if (prev > 1) set()(prev);
   }
-#endif
 };
 
 void call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
