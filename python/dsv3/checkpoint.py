@@ -42,7 +42,7 @@ import numpy as np
 
 from . import hf_keys
 from . import safetensors_io as st
-from ._files import temp_name
+from ._files import ChangedWhileReading, dir_replaced, open_dir, open_regular, temp_name
 from .config import Config
 
 DTYPES = ("float32", "bfloat16", "fp8")
@@ -329,17 +329,50 @@ def _without_absent_mtp(cfg: Config, names, directory: str, strict: bool) -> Con
     warnings.warn(f"[from_pretrained] {directory}: config.json declares "
                   f"num_nextn_predict_layers={k} but the checkpoint holds no MTP weights "
                   f"(model.layers.{L}.*): loaded the main model with MTP disabled "
-                  "(strict=True raises instead)", UserWarning, stacklevel=4)
+                  "(strict=True raises instead)", UserWarning, stacklevel=5)
     return cfg.replace(num_nextn_predict_layers=0)
 
 
+LOAD_ATTEMPTS = 3
+
+
 def load(directory: str, model_cls, strict: bool = False):
+    """Read a checkpoint directory into ``model_cls``. The directory is opened once and
+    config.json, the index and every shard are opened relative to it, so a concurrent save
+    into ``directory`` cannot mix two checkpoints; when it deletes the old one before every
+    file was opened, loading starts again on the new one (up to LOAD_ATTEMPTS times, then
+    :class:`ChangedWhileReading`)."""
     directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"[from_pretrained] {directory} is not a directory")
-    cfg = Config.from_json(os.path.join(directory, "config.json"))
+    for attempt in range(LOAD_ATTEMPTS):
+        fd = open_dir(directory, "from_pretrained")
+        try:
+            cfg, stored = _read_at(directory, fd)
+            break
+        except ChangedWhileReading:
+            if attempt == LOAD_ATTEMPTS - 1:
+                raise
+        finally:
+            os.close(fd)
+    return _build(cfg, stored, directory, model_cls, strict)
+
+
+def _read_at(directory: str, dir_fd: int):
+    """(Config, stored tensors) of the checkpoint open as ``dir_fd``."""
+    try:
+        with open_regular("config.json", "Config.from_json", dir_fd=dir_fd,
+                          shown=os.path.join(directory, "config.json")) as f:
+            text = f.read()
+    except FileNotFoundError:
+        if dir_replaced(dir_fd, directory):
+            raise ChangedWhileReading(f"[from_pretrained] {directory} changed while reading "
+                                      "(a concurrent save replaced it); retry") from None
+        raise FileNotFoundError(f"[from_pretrained] {directory} has no config.json") from None
+    return Config.from_json_text(text, os.path.join(directory, "config.json")), \
+        st.read_dir(directory, dir_fd=dir_fd)
+
+
+def _build(cfg: Config, stored, directory: str, model_cls, strict: bool):
     qc = cfg.quantization_config or {}
-    stored = st.read_dir(directory)
     cfg = _without_absent_mtp(cfg, stored, directory, strict)
     tensors = decode_tensors(stored, directory, tuple(qc.get("weight_block_size", FP8_BLOCK)),
                              pow2_scale=qc.get("scale_fmt") == "ue8m0")

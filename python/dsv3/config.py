@@ -98,9 +98,15 @@ class Config:
         path = os.fspath(path)
         if os.path.isdir(path):
             path = os.path.join(path, "config.json")
+        with open_regular(path, "Config.from_json") as f:
+            return cls.from_json_text(f.read(), path)
+
+    @classmethod
+    def from_json_text(cls, text: str, path: str) -> "Config":
+        """The config of a ``config.json``'s text (already read; ``path`` names it in
+        messages)."""
         try:
-            with open_regular(path, "Config.from_json") as f:
-                d = json.load(f)
+            d = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"[Config.from_json] {path} is not valid JSON: {e}") from None
         if not isinstance(d, dict):

@@ -21,7 +21,7 @@ from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ._files import open_regular, temp_name
+from ._files import ChangedWhileReading, dir_replaced, open_dir, open_regular, temp_name
 
 # safetensors dtype name -> (numpy dtype of the stored element, itemsize)
 _DTYPES = {
@@ -81,18 +81,29 @@ class Tensor:
                          "(FP8 codes need their scales)")
 
 
-def read(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """All tensors of one .safetensors file (memory-mapped) and its metadata."""
+def read(path: str, dir_fd: Optional[int] = None,
+         shown: Optional[str] = None) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """All tensors of one .safetensors file (memory-mapped) and its metadata. The file is
+    opened once (it must be a regular file) and the header and the mapping both come from that
+    descriptor, so a concurrent rename over ``path`` cannot pair one file's header with
+    another's data; the mapping keeps the data readable even if the file is deleted later.
+    ``dir_fd``: ``path`` is relative to that open directory; ``shown``: the name in messages."""
     path = os.fspath(path)
-    size = os.path.getsize(path)
+    shown = path if shown is None else shown
+    with open_regular(path, "safetensors", binary=True, dir_fd=dir_fd, shown=shown) as f:
+        return _read_open(f, shown)
+
+
+def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """:func:`read` of the open binary file ``f`` (named ``path`` in messages)."""
+    size = os.fstat(f.fileno()).st_size
     if size < 8:
         raise ValueError(f"[safetensors] {path}: file of {size} bytes is too short for a header")
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > MAX_HEADER or 8 + n > size:
-            raise ValueError(f"[safetensors] {path}: header length {n} exceeds the file "
-                             f"({size} bytes): truncated or not a safetensors file")
-        raw = f.read(n)
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > MAX_HEADER or 8 + n > size:
+        raise ValueError(f"[safetensors] {path}: header length {n} exceeds the file "
+                         f"({size} bytes): truncated or not a safetensors file")
+    raw = f.read(n)
     try:
         header = loads_strict(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
@@ -101,7 +112,7 @@ def read(path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
         raise ValueError(f"[safetensors] {path}: header must be a JSON object")
     meta = header.pop("__metadata__", {}) or {}
     data_len = size - 8 - n
-    buf = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,)) \
+    buf = np.memmap(f, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,)) \
         if data_len > 0 else np.zeros(0, np.uint8)
     spans = []
     out: Dict[str, Tensor] = {}
@@ -213,44 +224,72 @@ def write_sharded(directory: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
     return names + [os.path.basename(ipath)]
 
 
-def _shard_path(directory: str, index: str, fname) -> str:
-    """The shard ``fname`` of an index, which must be a plain file name in ``directory``:
-    absolute paths, "..", subdirectories and non-strings are refused (an index must not make
-    the reader open files the user did not hand it). A symlink placed in the directory is
-    followed: Hugging Face's cache snapshots are symlinks into ``../../blobs``."""
+def _check_shard_name(index: str, fname) -> str:
+    """The shard ``fname`` of an index, which must be a plain file name in the checkpoint
+    directory: absolute paths, "..", subdirectories and non-strings are refused (an index must
+    not make the reader open files the user did not hand it). A symlink placed in the directory
+    is followed: Hugging Face's cache snapshots are symlinks into ``../../blobs``."""
     if (not isinstance(fname, str) or not fname or os.path.isabs(fname)
             or os.path.basename(fname) != fname or fname in (".", "..")):
         raise ValueError(f"[safetensors] {index}: weight_map names {fname!r}, expected a file "
                          "name inside the checkpoint directory")
-    return os.path.join(directory, fname)
+    return fname
 
 
-def read_dir(directory: str, stem: str = "model") -> Dict[str, Tensor]:
+def read_dir(directory: str, stem: str = "model",
+             dir_fd: Optional[int] = None) -> Dict[str, Tensor]:
     """Every tensor of a checkpoint directory: ``{stem}.safetensors``, or the shards named by
-    ``{stem}.safetensors.index.json`` (each shard read once; missing shards are an error)."""
+    ``{stem}.safetensors.index.json`` (each shard read once; missing shards are an error).
+    Every file is opened relative to one descriptor of the directory (``dir_fd``, else opened
+    here), so all come from the same checkpoint even while another process publishes a new
+    one at ``directory``; a file deleted meanwhile raises :class:`ChangedWhileReading`."""
     directory = os.fspath(directory)
-    index = os.path.join(directory, f"{stem}.safetensors.index.json")
-    single = os.path.join(directory, f"{stem}.safetensors")
-    if os.path.exists(index):
+    if dir_fd is None:
+        fd = open_dir(directory, "safetensors")
         try:
-            with open_regular(index, "safetensors") as f:
-                weight_map = loads_strict(f.read())["weight_map"]
-            shards = sorted(set(weight_map.values()), key=str)
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ValueError(f"[safetensors] {index}: not a valid index ({e})") from None
-        out: Dict[str, Tensor] = {}
-        for fname in shards:
-            p = _shard_path(directory, index, fname)
-            if not os.path.exists(p):
-                raise ValueError(f"[safetensors] {index} names shard {fname}, which is missing")
-            tensors, _ = read(p)
-            out.update(tensors)
-        missing = sorted(set(weight_map) - set(out))
-        if missing:
-            raise ValueError(f"[safetensors] {index}: tensors listed but not found in their "
-                             f"shards: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-        return out
-    if os.path.exists(single):
-        return read(single)[0]
-    raise FileNotFoundError(f"[safetensors] {directory} has neither {stem}.safetensors nor "
-                            f"{stem}.safetensors.index.json")
+            return read_dir(directory, stem, fd)
+        finally:
+            os.close(fd)
+    try:
+        return _read_dir_at(directory, stem, dir_fd)
+    except FileNotFoundError:
+        if dir_replaced(dir_fd, directory):
+            raise ChangedWhileReading(f"[safetensors] {directory} changed while reading (a "
+                                      "concurrent save replaced it); retry") from None
+        raise
+
+
+def _read_dir_at(directory: str, stem: str, dir_fd: int) -> Dict[str, Tensor]:
+    index = f"{stem}.safetensors.index.json"
+    shown = os.path.join(directory, index)
+    try:
+        f = open_regular(index, "safetensors", dir_fd=dir_fd, shown=shown)
+    except FileNotFoundError:
+        single = f"{stem}.safetensors"
+        try:
+            return read(single, dir_fd, os.path.join(directory, single))[0]
+        except FileNotFoundError:
+            raise FileNotFoundError(f"[safetensors] {directory} has neither {single} nor "
+                                    f"{index}") from None
+    try:
+        with f:
+            weight_map = loads_strict(f.read())["weight_map"]
+        shards = sorted(set(weight_map.values()), key=str)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"[safetensors] {shown}: not a valid index ({e})") from None
+    out: Dict[str, Tensor] = {}
+    for fname in shards:
+        _check_shard_name(shown, fname)
+        try:
+            tensors, _ = read(fname, dir_fd, os.path.join(directory, fname))
+        except FileNotFoundError:
+            if dir_replaced(dir_fd, directory):
+                raise
+            raise ValueError(f"[safetensors] {shown} names shard {fname}, which is "
+                             "missing") from None
+        out.update(tensors)
+    missing = sorted(set(weight_map) - set(out))
+    if missing:
+        raise ValueError(f"[safetensors] {shown}: tensors listed but not found in their "
+                         f"shards: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    return out

@@ -1,0 +1,134 @@
+"""Checkpoints under concurrent use, with real processes: a reader while another process
+saves into the same directory sees one whole checkpoint or a clear error (never a mix, never
+NaN); concurrent savers serialize and leave one complete checkpoint and no temporaries."""
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import dsv3
+from dsv3 import checkpoint
+from dsv3._files import ChangedWhileReading
+
+# Two checkpoints that differ in everything a mix could combine: weights, dtype (float32 /
+# bfloat16 headers), shard count and shard names.
+VARIANTS = {"a": dict(seed=1, dtype="float32", max_shard_bytes=1 << 15),
+            "b": dict(seed=2, dtype="bfloat16", max_shard_bytes=1 << 13)}
+
+SAVER = r"""
+import os, sys, time
+import dsv3
+from dsv3 import checkpoint
+variants = {variants!r}
+target, seconds, order, fallback = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
+if fallback == "1":  # the path taken where renameat2(RENAME_EXCHANGE) is missing
+    checkpoint._exchange = lambda a, b: False
+models = {{k: dsv3.Model(dsv3.Config.tiny(), seed=v["seed"]) for k, v in variants.items()}}
+end, n = time.time() + seconds, 0
+while time.time() < end:
+    k = order[n % len(order)]
+    v = variants[k]
+    models[k].save_pretrained(target, dtype=v["dtype"], max_shard_bytes=v["max_shard_bytes"])
+    n += 1
+print(n)
+"""
+
+
+def start_saver(target, seconds, order="ab", fallback=False):
+    code = SAVER.format(variants=VARIANTS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", code, str(target), str(seconds), order,
+                             "1" if fallback else "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def expected(tmp_path_factory):
+    """{variant: state dict as loaded from a quiet save} (bf16 rounding included)."""
+    out = {}
+    for k, v in VARIANTS.items():
+        d = tmp_path_factory.mktemp("quiet") / k
+        dsv3.Model(dsv3.Config.tiny(), seed=v["seed"]).save_pretrained(
+            d, dtype=v["dtype"], max_shard_bytes=v["max_shard_bytes"])
+        out[k] = dsv3.Model.from_pretrained(d).state_dict()
+    return out
+
+
+def which(state, expected):
+    """The variant ``state`` equals exactly, or None (a mix, NaN, anything else)."""
+    for k, want in expected.items():
+        if state.keys() == want.keys() and all(np.array_equal(state[n], want[n]) for n in want):
+            return k
+    return None
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "two_renames"])
+def test_load_while_another_process_saves_sees_one_checkpoint(tmp_path, expected, fallback):
+    target = tmp_path / "ck"
+    dsv3.Model(dsv3.Config.tiny(), seed=1).save_pretrained(target, **{
+        k: v for k, v in VARIANTS["a"].items() if k != "seed"})
+    seconds = 5.0
+    saver = start_saver(target, seconds, fallback=fallback)
+    seen, clear_errors, bad = {"a": 0, "b": 0}, 0, []
+    end = time.time() + seconds
+    try:
+        while time.time() < end and saver.poll() is None:
+            try:
+                state = dsv3.Model.from_pretrained(target).state_dict()
+            except ChangedWhileReading as e:
+                assert "changed while reading" in str(e) and str(target) in str(e)
+                clear_errors += 1
+                continue
+            except FileNotFoundError as e:  # between the two renames of the fallback path
+                assert fallback and str(target) in str(e), e
+                clear_errors += 1
+                continue
+            k = which(state, expected)
+            if k is None:
+                bad.append(sorted(n for n, a in state.items() if not np.isfinite(a).all())[:3])
+            else:
+                seen[k] += 1
+    finally:
+        out, err = saver.communicate(timeout=120)
+    assert saver.returncode == 0, err
+    assert bad == [], f"{len(bad)} loads matched neither checkpoint (non-finite in {bad[:3]})"
+    assert int(out) >= 4, "the saver barely ran"
+    assert seen["a"] + seen["b"] > 0, (seen, clear_errors)
+    assert checkpoint.is_checkpoint_dir(target)
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []
+
+
+@pytest.mark.parametrize("where", ["read", "from_pretrained"])
+def test_safetensors_fifo_is_not_a_regular_file(tmp_path, where):
+    d = tmp_path / "ck"
+    dsv3.Model(dsv3.Config.tiny(), seed=0).save_pretrained(d)
+    os.remove(d / "model.safetensors")
+    os.mkfifo(d / "model.safetensors")
+    call = (f"st.read({str(d / 'model.safetensors')!r})" if where == "read"
+            else f"dsv3.Model.from_pretrained({str(d)!r})")
+    r = subprocess.run([sys.executable, "-c", f"import dsv3\nfrom dsv3 import safetensors_io "
+                        f"as st\n{call}"], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert "ValueError" in r.stderr and "model.safetensors is not a regular file (a FIFO)" \
+        in r.stderr, r.stderr
+
+
+def test_shard_deleted_midway_is_a_clear_error(tmp_path, monkeypatch):
+    # a reader that keeps losing the race (the saver deletes the old directory every time)
+    d = tmp_path / "ck"
+    dsv3.Model(dsv3.Config.tiny(), seed=0).save_pretrained(d, max_shard_bytes=1 << 14)
+    real_read, calls = checkpoint.st.read, []
+
+    def read_then_replace(name, dir_fd=None, shown=None):
+        calls.append(name)
+        dsv3.Model(dsv3.Config.tiny(), seed=len(calls)).save_pretrained(
+            d, max_shard_bytes=1 << 14)  # publishes a new one, deletes the open one
+        return real_read(name, dir_fd, shown)
+
+    monkeypatch.setattr(checkpoint.st, "read", read_then_replace)
+    with pytest.raises(ChangedWhileReading, match="changed while reading.*retry"):
+        dsv3.Model.from_pretrained(d)
+    assert len(calls) == checkpoint.LOAD_ATTEMPTS
