@@ -26,6 +26,11 @@ variants = {variants!r}
 target, seconds, order, fallback = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
 if fallback == "1":  # the path taken where renameat2(RENAME_EXCHANGE) is missing
     checkpoint._exchange = lambda a, b: False
+_rename = os.rename
+def slow_rename(a, b):  # a slow file system: widens the window between steps of a publish
+    _rename(a, b)
+    time.sleep(0.05)
+os.rename = slow_rename
 models = {{k: dsv3.Model(dsv3.Config.tiny(), seed=v["seed"]) for k, v in variants.items()}}
 end, n = time.time() + seconds, 0
 while time.time() < end:
@@ -132,3 +137,36 @@ def test_shard_deleted_midway_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ChangedWhileReading, match="changed while reading.*retry"):
         dsv3.Model.from_pretrained(d)
     assert len(calls) == checkpoint.LOAD_ATTEMPTS
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "two_renames"])
+def test_two_processes_saving_into_one_directory_serialize(tmp_path, expected, fallback):
+    target = tmp_path / "ck"
+    savers = [start_saver(target, 4.0, order=k, fallback=fallback) for k in ("a", "b")]
+    results = [s.communicate(timeout=180) for s in savers]
+    for s, (out, err) in zip(savers, results):
+        assert s.returncode == 0, err[-2000:]
+        assert int(out) >= 2, "a saver barely ran"
+    k = which(dsv3.Model.from_pretrained(target).state_dict(), expected)
+    assert k in ("a", "b")
+    v = VARIANTS[k]
+    dsv3.Model(dsv3.Config.tiny(), seed=v["seed"]).save_pretrained(
+        tmp_path / "quiet", dtype=v["dtype"], max_shard_bytes=v["max_shard_bytes"])
+    assert sorted(os.listdir(target)) == sorted(os.listdir(tmp_path / "quiet"))  # one whole
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []
+
+
+def test_save_gives_up_with_runtime_error_while_another_publish_holds_the_lock(
+        tmp_path, monkeypatch):
+    target = tmp_path / "ck"
+    model = dsv3.Model(dsv3.Config.tiny(), seed=0)
+    model.save_pretrained(target)
+    before = {f: (target / f).read_bytes() for f in os.listdir(target)}
+    monkeypatch.setattr(checkpoint, "LOCK_TIMEOUT", 0.2)
+    with checkpoint.publish_lock(str(target)):
+        assert os.path.exists(tmp_path / ".ck.dsv3-lock")
+        with pytest.raises(RuntimeError, match="another save into .*ck is in progress"):
+            dsv3.Model(dsv3.Config.tiny(), seed=1).save_pretrained(target)
+    assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []  # lock removed
+    model.save_pretrained(target)  # and the next save takes it again

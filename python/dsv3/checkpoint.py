@@ -29,12 +29,15 @@ propagate NaN into every logit), duplicate tensor names, shard files outside the
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import json
 import os
 import shutil
+import time
 import warnings
 from typing import Dict, Optional, Tuple
 
@@ -223,10 +226,54 @@ def check_target(directory: str, who: str) -> None:
                          "it")
 
 
+LOCK_TIMEOUT = 60.0  # seconds a save waits for another save's publish into the same target
+
+
+@contextlib.contextmanager
+def publish_lock(directory: str):
+    """Hold the exclusive lock of ``directory``'s publishes: ``fcntl.flock`` on
+    ``<parent>/.<name>.dsv3-lock``, so concurrent savers (threads or processes) publish one at
+    a time. Blocks up to LOCK_TIMEOUT seconds, then RuntimeError. The holder deletes the lock
+    file before releasing it (nothing is left behind); a waiter that then acquires the
+    deleted file notices (it is no longer the file at the path) and tries again."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    path = os.path.join(parent, f".{os.path.basename(os.path.abspath(directory))}.dsv3-lock")
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"[save] another save into {directory} is in progress (its "
+                                   f"lock {path} is held for over {LOCK_TIMEOUT:.0f} s)") from None
+            time.sleep(0.005)
+            continue
+        mine = os.fstat(fd)
+        try:
+            now = os.stat(path)
+            if (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # we locked a file the previous holder had already deleted
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
 def publish_dir(tmp: str, directory: str) -> None:
-    """Make the finished directory ``tmp`` appear at ``directory`` in one atomic step. Two
-    concurrent publishers of one directory both succeed in turn (the last one wins); a reader
-    sees one complete checkpoint or the other."""
+    """Make the finished directory ``tmp`` appear at ``directory`` in one atomic step, under
+    :func:`publish_lock`. Concurrent publishers of one directory take turns (the last one
+    wins); a reader sees one complete checkpoint or the other."""
+    with publish_lock(directory):
+        _publish_locked(tmp, directory)
+
+
+def _publish_locked(tmp: str, directory: str) -> None:
     parent = os.path.dirname(os.path.abspath(directory))
     try:
         os.rename(tmp, directory)  # succeeds when `directory` is absent (or an empty dir)
