@@ -170,3 +170,53 @@ def test_save_gives_up_with_runtime_error_while_another_publish_holds_the_lock(
     assert {f: (target / f).read_bytes() for f in os.listdir(target)} == before
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []  # lock removed
     model.save_pretrained(target)  # and the next save takes it again
+
+
+@pytest.fixture(params=["exchange", "two_renames"])
+def publish_path(request, monkeypatch):
+    if request.param == "two_renames":
+        monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)
+    return request.param
+
+
+@pytest.mark.parametrize("saver", ["model", "trainer"])
+def test_user_data_swapped_in_after_the_check_is_never_deleted(tmp_path, monkeypatch,
+                                                              publish_path, saver):
+    # check_target passes, then (a race) the user's directory appears at the target
+    target = tmp_path / "ck"
+    real_publish = checkpoint.publish_dir
+
+    def swap_then_publish(tmp, directory):
+        if os.path.abspath(directory) == str(target):  # not Trainer.save's inner model save
+            target.mkdir()
+            (target / "notes.txt").write_text("precious")
+        real_publish(tmp, directory)
+
+    monkeypatch.setattr(checkpoint, "publish_dir", swap_then_publish)
+    model = dsv3.Model(dsv3.Config.tiny(), seed=0)
+    with pytest.raises(ValueError, match="not a dsv3 checkpoint.*nothing was replaced"):
+        if saver == "model":
+            model.save_pretrained(target)
+        else:
+            dsv3.Trainer(model, dsv3.TrainConfig(lr=1e-3)).save(target)
+    assert os.listdir(target) == ["notes.txt"] and (target / "notes.txt").read_text() == \
+        "precious"
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []
+
+
+def test_user_data_that_cannot_be_put_back_is_kept_under_a_named_sibling(tmp_path, monkeypatch):
+    target = tmp_path / "ck"
+    real_exchange, calls = checkpoint._exchange, []
+
+    def exchange_once(a, b):
+        calls.append(a)
+        return real_exchange(a, b) if len(calls) == 1 else False
+
+    monkeypatch.setattr(checkpoint, "check_target", lambda d, who: None)
+    monkeypatch.setattr(checkpoint, "_exchange", exchange_once)
+    target.mkdir()
+    (target / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match=r"it was moved to .*ck\.kept-by-dsv3-\d+"):
+        dsv3.Model(dsv3.Config.tiny(), seed=0).save_pretrained(target)
+    kept = [f for f in os.listdir(tmp_path) if ".kept-by-dsv3-" in f]
+    assert len(kept) == 1 and (tmp_path / kept[0] / "notes.txt").read_text() == "precious"

@@ -282,14 +282,38 @@ def _publish_locked(tmp: str, directory: str) -> None:
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-    if _exchange(tmp, directory):
-        shutil.rmtree(tmp)  # tmp now holds the previous checkpoint
+    if _exchange(tmp, directory):  # tmp now holds what was at `directory`
+        if not _replaceable(tmp):
+            if _exchange(tmp, directory):  # put it back; the saver then deletes our tmp
+                raise _not_replaced(directory)
+            kept = f"{directory}.kept-by-dsv3-{os.getpid()}"  # never deleted
+            os.rename(tmp, kept)
+            raise ValueError(f"[save] {directory} became a directory that is not a dsv3 "
+                             f"checkpoint while saving; it was moved to {kept}")
+        shutil.rmtree(tmp)
     else:  # no atomic exchange: two renames (a crash between them leaves `<dir>.old-<pid>-*`)
         old = temp_name(f"{directory}.old")
         os.rename(directory, old)
+        if not _replaceable(old):
+            os.rename(old, directory)
+            raise _not_replaced(directory)
         os.rename(tmp, directory)
         shutil.rmtree(old)
     _fsync_dir(parent)
+
+
+def _replaceable(old: str) -> bool:
+    """What a publish took from the target may be deleted only if it is a checkpoint or an
+    empty directory: :func:`check_target` ran before the save, and anything could have been
+    put there since (no user data is ever deleted)."""
+    return os.path.isdir(old) and not os.path.islink(old) and \
+        (is_checkpoint_dir(old) or not os.listdir(old))
+
+
+def _not_replaced(directory: str) -> ValueError:
+    return ValueError(f"[save] {directory} became a non-empty directory that is not a dsv3 "
+                      "checkpoint while saving (another program wrote there); left it as it "
+                      "is, nothing was replaced")
 
 
 def _pid_alive(pid: int) -> bool:
