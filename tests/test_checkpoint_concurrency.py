@@ -220,3 +220,24 @@ def test_user_data_that_cannot_be_put_back_is_kept_under_a_named_sibling(tmp_pat
         dsv3.Model(dsv3.Config.tiny(), seed=0).save_pretrained(target)
     kept = [f for f in os.listdir(tmp_path) if ".kept-by-dsv3-" in f]
     assert len(kept) == 1 and (tmp_path / kept[0] / "notes.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("saver", ["model", "trainer"])
+@pytest.mark.parametrize("points_to", ["checkpoint", "nothing"])
+def test_save_to_a_symlink_refused_before_writing(tmp_path, saver, points_to):
+    real = tmp_path / "real"
+    model = dsv3.Model(dsv3.Config.tiny(), seed=0)
+    if points_to == "checkpoint":
+        model.save_pretrained(real)
+    before = {f: (real / f).read_bytes() for f in os.listdir(real)} if real.exists() else None
+    link = tmp_path / "link"
+    os.symlink(real, link)
+    with pytest.raises(ValueError, match="link is a symlink.*refusing"):
+        if saver == "model":
+            dsv3.Model(dsv3.Config.tiny(), seed=1).save_pretrained(link)
+        else:
+            dsv3.Trainer(model, dsv3.TrainConfig(lr=1e-3)).save(link)
+    assert os.readlink(link) == str(real)
+    after = {f: (real / f).read_bytes() for f in os.listdir(real)} if real.exists() else None
+    assert after == before
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []

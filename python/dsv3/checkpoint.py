@@ -214,9 +214,14 @@ def is_checkpoint_dir(directory: str) -> bool:
 def check_target(directory: str, who: str) -> None:
     """Saving may replace only a checkpoint: ``directory`` must be absent, an empty
     directory, or a dsv3 checkpoint. A file or any other non-empty directory raises
-    ValueError before anything is written (no user data is ever replaced or deleted)."""
+    ValueError before anything is written (no user data is ever replaced or deleted). So does
+    a symlink, even to a checkpoint: publishing renames over the name, which would replace
+    the link rather than write where it points; save to its target instead."""
     if not os.path.lexists(directory):
         return
+    if os.path.islink(directory):
+        raise ValueError(f"[{who}] {directory} is a symlink (to {os.readlink(directory)}); "
+                         "refusing to save through it: save to the directory it names instead")
     if not os.path.isdir(directory):
         raise ValueError(f"[{who}] {directory} exists and is not a directory; refusing to "
                          "replace it")
