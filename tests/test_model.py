@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import dsv3
-from conftest import assert_close, fd_check, get_torch
+from conftest import assert_close, get_torch
 from hf_shapes import hf_shapes
 from dsv3.reference.model import t_model
 
@@ -100,23 +100,82 @@ def test_every_gradient_vs_autograd(name):
         assert_close(f"{name} d{k}", g, want, rtol=1e-4, atol=2e-5 * scale)
 
 
-def test_gradients_finite_differences():
-    """Routing is piecewise constant, so the check uses every expert per token (the selected
-    set cannot change); gradients of every parameter kind along random directions."""
+FD_RTOL = 1e-4   # of |g| per direction (the fp32 gradients measure ~1e-6 of it); see fd_rejections
+
+
+@pytest.fixture(scope="module")
+def fd_table():
+    """The C++ gradients of a model that routes every token to every expert (routing is
+    piecewise constant; with all experts selected the set cannot change under a step), and for
+    each named parameter three random directions v with the central difference of the FLOAT64
+    reference loss along each, (L(x+hv) - L(x-hv)) / 2h with h = 1e-4 * rms(x): truncation
+    ~h^2 and float64 rounding ~1e-16 |L| / h are both far below the fp32 gradient's error."""
+    torch = get_torch()
     cfg = dsv3.Config.tiny().replace(num_experts_per_tok=8, n_group=1, topk_group=1,
                                      num_hidden_layers=2, rope_scaling=YARN)
     m = dsv3.Model(cfg, seed=5)
+    rng = np.random.default_rng(1)
     sd = m.state_dict()
+    for k in sd:  # non-trivial norms so that their gradients are not special
+        if k.endswith("norm.weight") or k.endswith("layernorm.weight"):
+            sd[k] = (1 + 0.2 * rng.standard_normal(sd[k].shape)).astype(np.float32)
+    m.load_state_dict(sd)
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(2, 7))
     _, grads = m.loss_and_grad(tokens, alpha=0.1)
-    names = sorted(grads)  # every named gradient
-    rng = np.random.default_rng(1)
-    for n in names:
-        def loss(w, n=n):
-            m.load_state_dict({n: w}, strict=False)
-            return float(m.loss(tokens, alpha=0.1)["loss"])
-        fd_check(n, loss, [sd[n]], [grads[n]], rng, directions=1, rel_step=3e-2)
-        m.load_state_dict({n: sd[n]}, strict=False)
+    P = {k: torch.tensor(v.astype(np.float64)) for k, v in sd.items()}
+
+    def loss64(name, w):
+        with torch.no_grad():
+            return t_model(torch, {**P, name: torch.tensor(w)}, cfg, tokens, alpha=0.1)["loss"].item()
+
+    table = {}
+    for n in sorted(grads):
+        x = sd[n].astype(np.float64)
+        h = 1e-4 * float(np.sqrt(np.mean(x * x)))
+        V = rng.standard_normal((3,) + x.shape)
+        table[n] = (V, [(loss64(n, x + h * v) - loss64(n, x - h * v)) / (2 * h) for v in V])
+    return sd, grads, table
+
+
+def fd_rejections(name, g, V, nums):
+    """Why g is not the gradient whose directional derivatives along V are nums: a direction
+    fails when |<g, v> - num| > FD_RTOL * |g| * |v| / sqrt(n) (|<g, v>| is ~|g| for v of unit
+    normal entries, so this is relative to the gradient's own magnitude; no absolute floor, a
+    zero gradient passes only if the true one is zero). A gradient off by a factor c fails a
+    direction unless |<g, v>| < FD_RTOL |g| / |c - 1| (for 1.1: one direction in ~1000)."""
+    g = np.asarray(g, dtype=np.float64)
+    gnorm = float(np.linalg.norm(g))
+    out = []
+    for d, (v, num) in enumerate(zip(V, nums)):
+        ana = float(np.sum(g * v))
+        tol = FD_RTOL * gnorm * float(np.linalg.norm(v)) / np.sqrt(v.size)
+        if not abs(ana - num) <= tol:
+            out.append(f"{name} direction {d}: analytic {ana:.8g} vs finite difference "
+                       f"{num:.8g} (|diff| {abs(ana - num):.3e} > tol {tol:.3e})")
+    return out
+
+
+def test_gradients_finite_differences(fd_table):
+    """Every named gradient of the C++ model along three random directions vs central
+    differences of the float64 reference loss (semantics §2.1-2.5)."""
+    sd, grads, table = fd_table
+    assert set(table) == {k for k in sd if not k.endswith("e_score_correction_bias")}
+    bad = [msg for n in sorted(table) for msg in fd_rejections(n, grads[n], *table[n])]
+    assert not bad, "\n".join(bad)
+
+
+CORRUPTIONS = {"zeroed": lambda g: np.zeros_like(g), "negated": lambda g: -g,
+               "scaled by 1.1": lambda g: 1.1 * g}
+
+
+def test_finite_differences_reject_every_wrong_gradient(fd_table):
+    """The check above can fail: each parameter's gradient zeroed, negated or scaled by 1.1
+    (the others left correct) is rejected, for every one of the parameters."""
+    _, grads, table = fd_table
+    accepted = [f"{n} {c}" for n in sorted(table) for c, f in CORRUPTIONS.items()
+                if not fd_rejections(n, f(grads[n]), *table[n])]
+    assert not accepted, "wrong gradients accepted: " + ", ".join(accepted)
+    assert len(table) == 93
 
 
 def test_shared_embedding_and_head_get_mtp_gradient():

@@ -17,6 +17,8 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
+from ._files import open_regular
+
 PathLike = Union[str, os.PathLike]
 
 _SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -83,12 +85,16 @@ def tokenize_files(files: Sequence[PathLike], out_path: PathLike,
     (atomically: a temporary file, then rename). Returns the number of tokens."""
     tok = tokenizer or ByteTokenizer()
     out_path = os.fspath(out_path)
+    if os.path.exists(out_path) and any(os.path.samefile(out_path, p) for p in files
+                                        if os.path.exists(p)):
+        raise ValueError(f"[data] out_path {out_path} is one of the input files (it would be "
+                         "replaced by its own tokens)")
     tmp = f"{out_path}.tmp-{os.getpid()}"
     n = 0
     try:
         with open(tmp, "wb") as f:
             for p in files:
-                with open(p, "rb") as src:
+                with open_regular(os.fspath(p), "data", binary=True) as src:
                     b = np.frombuffer(src.read(), dtype=np.uint8).astype(np.uint16)
                 f.write(b.tobytes())
                 f.write(np.array([tok.eos_token_id], dtype=np.uint16).tobytes())
@@ -112,12 +118,15 @@ class TokenDataset:
                  val_fraction: float = 0.05, vocab_size: Optional[int] = None):
         if isinstance(tokens, (str, os.PathLike)):
             self.path: Optional[str] = os.fspath(tokens)
-            tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
+            with open_regular(self.path, "TokenDataset", binary=True) as f:  # a FIFO: no hang
+                tokens = np.memmap(f, dtype=np.uint16, mode="r")
         else:
             self.path = None
             tokens = np.asarray(tokens)
             if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
                 raise ValueError("[TokenDataset] tokens must be a 1-D integer array")
+            if tokens.size and int(tokens.min()) < 0:
+                raise ValueError(f"[TokenDataset] token ids must be >= 0, got {int(tokens.min())}")
         if not 0 <= val_fraction < 1:
             raise ValueError(f"[TokenDataset] val_fraction must be in [0, 1), got {val_fraction}")
         if vocab_size is not None and tokens.size and int(tokens.max()) >= vocab_size:

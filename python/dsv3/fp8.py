@@ -84,6 +84,17 @@ def _block(block: Sequence[int], name: str = "block") -> Block:
     return min(br, 2 ** 62), min(bc, 2 ** 62)
 
 
+def _fit(block: Block, shape: Tuple[int, ...]) -> Block:
+    """A block that covers a whole axis of ``shape`` is that axis (the same scales): the engine
+    then never sees block sizes far beyond the tensor (2**40 crashed it with SIGFPE)."""
+    br, bc = block
+    if len(shape) == 2 and br > 1:
+        br = max(1, min(br, shape[0]))
+    if len(shape) >= 1:
+        bc = max(1, min(bc, shape[-1]))
+    return br, bc
+
+
 def quantize(x: np.ndarray, fmt: str = "e4m3", block: Sequence[int] = (1, 128),
              pow2_scale: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Fine-grained quantization with one scale per ``block = (br, bc)``.
@@ -101,7 +112,7 @@ def quantize(x: np.ndarray, fmt: str = "e4m3", block: Sequence[int] = (1, 128),
     x must be finite: a NaN or Inf would turn its whole block's scale into NaN/Inf, so it
     raises ValueError naming x and the block.
     """
-    br, bc = _block(block)
+    br, bc = _fit(_block(block), np.shape(x))
     return _core.fp8_quantize(x, fmt, br, bc, bool(pow2_scale))
 
 
@@ -112,7 +123,7 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, block: Sequence[int] = (1,
     codes: uint8 from :func:`quantize`; scales: float32 of the shape quantize returns for
     that block (a DeepSeek-V3 checkpoint's ``weight_scale_inv`` with ``block=(128, 128)``).
     """
-    br, bc = _block(block)
+    br, bc = _fit(_block(block), np.shape(codes))
     return _core.fp8_dequantize(codes, scales, br, bc, fmt)
 
 

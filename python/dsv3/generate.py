@@ -44,8 +44,8 @@ class GenerationOutput:
 
 # ---------------------------------------------------------------------- sampling
 def check_sampling(temperature, top_k, top_p) -> None:
-    if not isinstance(temperature, (int, float, np.floating)) or not temperature >= 0:
-        raise ValueError(f"[generate] temperature must be >= 0, got {temperature!r}")
+    if not isinstance(temperature, (int, float, np.floating)) or not 0 <= temperature < np.inf:
+        raise ValueError(f"[generate] temperature must be finite and >= 0, got {temperature!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
         raise ValueError(f"[generate] top_k must be an integer >= 0 (0 = off), got {top_k!r}")
     if not isinstance(top_p, (int, float, np.floating)) or not 0 < top_p <= 1:
@@ -111,6 +111,9 @@ class _Decoder:
                           decode_seconds=0.0)
 
     def _p(self, logits_row):
+        if not np.all(np.isfinite(logits_row)):  # NaN/Inf weights: argmax would be token 0 forever
+            raise ValueError("[generate] the model produced non-finite logits (NaN or Inf in its "
+                             "weights or activations); refusing to generate from them")
         return probs(logits_row, self.T, self.top_k, self.top_p)
 
     def run(self) -> Iterator[List[int]]:

@@ -14,6 +14,8 @@ from typing import Iterable, List, Optional, Union
 
 import numpy as np
 
+from ._files import open_regular
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -51,8 +53,10 @@ class Tokenizer:
         except ImportError:
             raise ImportError(f"[Tokenizer] {path}: a Hugging Face tokenizer needs the "
                               "'tokenizers' package (pip install tokenizers)") from None
+        with open_regular(path, "Tokenizer") as f:  # a FIFO would block the Rust reader
+            text = f.read()
         try:
-            tok = tokenizers.Tokenizer.from_file(path)
+            tok = tokenizers.Tokenizer.from_str(text)
         except Exception as e:  # the Rust parser's own error types
             raise ValueError(f"[Tokenizer] {path} is not a valid tokenizer.json: {e}") from None
         tcfg = _read_json(os.path.join(directory, "tokenizer_config.json"))
@@ -93,6 +97,9 @@ class Tokenizer:
         ids = [int(t) for t in arr.ravel()]
         if any(t < 0 for t in ids):
             raise ValueError(f"[Tokenizer.decode] ids must be >= 0, got {min(ids)}")
+        if ids and max(ids) >= self.vocab_size:  # the byte path would drop them silently
+            raise ValueError(f"[Tokenizer.decode] ids must be < vocab_size {self.vocab_size}, "
+                             f"got {max(ids)}")
         if self.kind == "byte":
             return self._backend.decode([t for t in ids if t < 256])
         return self._backend.decode(ids, skip_special_tokens=True)
@@ -105,7 +112,7 @@ def _read_json(path: str) -> dict:
     if not os.path.exists(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_regular(path, "Tokenizer") as f:  # a FIFO or device raises, never blocks
             d = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"[Tokenizer] {path} is not valid JSON: {e}") from None
