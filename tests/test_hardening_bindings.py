@@ -167,3 +167,64 @@ def test_save_during_training_captures_one_moment(tmp_path):
         assert step == rstep
         assert np.array_equal(m, rm) and np.array_equal(v, rv), f"moments torn in {d}"
         assert all(np.array_equal(params[k], rp[k]) for k in rp), f"weights torn in {d}"
+
+
+# ---------------------------------------------------------------------- 2. moment dtypes
+MOMENT_CASES = {  # name -> expression of the moments given to a trainer (n = slab size)
+    "float64": "np.zeros(n)", "int64": "np.zeros(n, np.int64)", "bool": "np.zeros(n, bool)",
+    "str": "np.array(['x'] * n)", "object": "np.array([0.0] * n, dtype=object)",
+    "float32_for_bf16": "np.zeros(n, np.float32)", "uint16_for_fp32": "np.zeros(n, np.uint16)",
+    "short": "np.zeros(n - 1, DT)", "2d": "np.zeros((1, n), DT)", "list": "[0.0] * n",
+}
+
+
+@pytest.mark.parametrize("moment_dtype", ["float32", "bfloat16"])
+def test_set_moments_of_another_dtype_or_shape_raise_value_error(moment_dtype):
+    r = run_py(f"""
+        import json, numpy as np, dsv3
+        m = dsv3.Model(dsv3.Config.tiny(), seed=0)
+        t = dsv3.Trainer(m, dsv3.TrainConfig(moment_dtype={moment_dtype!r}))
+        m0, v0 = t._t.moments()
+        n, DT = m0.size, m0.dtype
+        out, untouched = {{}}, True
+        for name, expr in {MOMENT_CASES!r}.items():
+            good = np.full(n, 7, DT)
+            for which in ("optimizer_m", "optimizer_v"):
+                args = (eval(expr), good) if which == "optimizer_m" else (good, eval(expr))
+                try:
+                    t._t.set_moments(*args)
+                    out[name + "/" + which] = "accepted"
+                    t._t.set_moments(m0, v0)
+                except Exception as e:
+                    out[name + "/" + which] = type(e).__name__ + ": " + str(e)
+                    a, b = t._t.moments()
+                    untouched &= bool(np.array_equal(a, m0) and np.array_equal(b, v0))
+        out["untouched"] = untouched
+        print(json.dumps(out))
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    out = json.loads(r.stdout)
+    assert out.pop("untouched") is True  # a refused call writes nothing
+    want = "uint16" if moment_dtype == "bfloat16" else "float32"
+    for case, msg in out.items():
+        if case.startswith("float32_for_bf16") and moment_dtype == "float32" or \
+                case.startswith("uint16_for_fp32") and moment_dtype == "bfloat16":
+            assert msg == "accepted", (case, msg)  # the right dtype for this trainer
+            continue
+        which = case.split("/")[1]
+        assert msg.startswith("ValueError: ") and which in msg and want in msg, (case, msg)
+
+
+def test_trainer_load_refuses_moments_of_another_dtype(tmp_path):
+    t = dsv3.Trainer(dsv3.Model(dsv3.Config.tiny(), seed=0),
+                     dsv3.TrainConfig(moment_dtype="bfloat16"))
+    t.save(tmp_path / "ck")
+    m, _ = t._t.moments()
+    f = tmp_path / "ck" / "optimizer_m.npy"
+    np.save(f, (m.astype(np.uint32) << 16).view(np.float32))  # bf16 given as float32 values
+    with pytest.raises(ValueError, match=r"optimizer_m must be uint16 .*\(\d+,\), got float32"):
+        dsv3.Trainer.load(tmp_path / "ck")
+    np.save(f, np.array([None] * m.size), allow_pickle=True)
+    with pytest.raises(ValueError, match="optimizer_m"):
+        dsv3.Trainer.load(tmp_path / "ck")

@@ -38,11 +38,32 @@ A copy_out(const std::vector<T>& v) {
   return a;
 }
 
-template <typename T, typename A>
-void copy_in(std::vector<T>& v, const A& a, const char* name) {
-  DSV3_CHECK(a.ndim() == 1 && (size_t)a.shape(0) == v.size(), "[Trainer.load] ", name,
-             " must have ", v.size(), " elements, got shape ", shape_str(shape_of(a)));
-  std::copy(a.data(), a.data() + v.size(), v.begin());
+// Moments from a checkpoint: exactly the trainer's storage dtype (uint16 bf16 bits or
+// float32: never a by-value conversion, which would turn bf16 bits into numbers) and shape
+// (n,), else ValueError naming the tensor; no bare ensure() (it returns null for str arrays).
+template <typename T>
+py::array_t<T, py::array::c_style> moment_arg(const py::handle& obj, size_t n, const char* name,
+                                              const char* dtype) {
+  const std::string want = str_cat(dtype, " of shape (", n, ",)");
+  const bool is_arr = py::isinstance<py::array>(obj);
+  DSV3_CHECK(is_array_of<T>(obj, "Trainer.load", name), "[Trainer.load] ", name, " must be ",
+             want, ", got ", dtype_name(obj), " ",
+             is_arr ? shape_str(shape_of(py::reinterpret_borrow<py::array>(obj))) : "");
+  auto a = py::array_t<T, py::array::c_style>::ensure(obj);
+  if (!a) throw py::error_already_set();
+  DSV3_CHECK(a.ndim() == 1 && (size_t)a.shape(0) == n, "[Trainer.load] ", name, " must be ",
+             want, ", got shape ", shape_str(shape_of(a)));
+  return a;
+}
+
+// Both moments checked before either is written (all or nothing).
+template <typename T>
+void set_moments(std::vector<T>& m, std::vector<T>& v, const py::handle& m_,
+                 const py::handle& v_, const char* dtype) {
+  auto a = moment_arg<T>(m_, m.size(), "optimizer_m", dtype);
+  auto b = moment_arg<T>(v_, v.size(), "optimizer_v", dtype);
+  std::copy(a.data(), a.data() + m.size(), m.begin());
+  std::copy(b.data(), b.data() + v.size(), v.begin());
 }
 
 // (m, v) copies: uint16 bf16 bits or float32, in the slab's layout
@@ -122,15 +143,12 @@ void bind_train(py::module_& m) {
         return py::make_tuple(named_copy(md.layout(), md.params().data(), false), mv[0], mv[1],
                               t.steps_done);
       })
-      .def("set_moments", [](Trainer& t, py::array m_, py::array v_) {
+      .def("set_moments", [](Trainer& t, py::handle m_, py::handle v_) {
         BusyGuard guard(t.busy, true, "Trainer");
-        if (t.bf16_moments()) {
-          copy_in(t.m16, U16::ensure(m_), "m");
-          copy_in(t.v16, U16::ensure(v_), "v");
-        } else {
-          copy_in(t.m32, F32::ensure(m_), "m");
-          copy_in(t.v32, F32::ensure(v_), "v");
-        }
+        if (t.bf16_moments())
+          set_moments(t.m16, t.v16, m_, v_, "uint16 (bf16 bits: moment_dtype is bfloat16)");
+        else
+          set_moments(t.m32, t.v32, m_, v_, "float32 (moment_dtype is float32)");
       }, arg("m"), arg("v"));
 
   // AdamW on one flat range (tests): w, m, v updated in place; bf16 moments as uint16 arrays.

@@ -336,7 +336,10 @@ class Trainer:
         moments = []
         for name in ("optimizer_m.npy", "optimizer_v.npy"):
             with open_regular(os.path.join(directory, name), "Trainer.load", binary=True) as f:
-                moments.append(np.load(f))
+                try:
+                    moments.append(np.load(f))
+                except ValueError as e:  # object arrays (pickles), damaged headers
+                    raise ValueError(f"[Trainer.load] {name[:-4]} in {directory}: {e}") from None
         t._t.set_moments(*moments)
         t._t.steps_done = int(state["step"])
         t._data_state = state.get("data_state")
