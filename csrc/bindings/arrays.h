@@ -24,6 +24,25 @@ inline std::string dtype_name(const py::handle& obj) {
   return py::str(py::type::handle_of(obj).attr("__name__"));
 }
 
+// Whether obj is an ndarray of exactly T's dtype, compared by value (kind and size): arrays
+// unpickled or built from a descriptor hold an equal dtype that is not numpy's singleton
+// object. T's dtype in non-native byte order raises TypeError naming the argument (the engine
+// reads native words; converting silently would hide a copy).
+template <typename T>
+bool is_array_of(const py::handle& obj, const char* op, const char* name) {
+  if (!py::isinstance<py::array>(obj)) return false;
+  const py::dtype dt = py::reinterpret_borrow<py::array>(obj).dtype(), want = py::dtype::of<T>();
+  if (dt.kind() != want.kind() || dt.itemsize() != want.itemsize() || dt.has_fields())
+    return false;
+  const uint16_t probe = 1;
+  const char native = *reinterpret_cast<const char*>(&probe) == 1 ? '<' : '>';
+  const char order = dt.byteorder();
+  if (order == '=' || order == '|' || order == native) return true;
+  throw py::type_error(str_cat("[", op, "] ", name, " has non-native byte order (dtype ",
+                               std::string(py::str(dt)), "); pass ", name,
+                               ".astype(", name, ".dtype.newbyteorder('='))"));
+}
+
 // A float32 ndarray, C-contiguous. Anything else (float64, int, lists) raises TypeError.
 inline F32 f32(const py::handle& obj, const char* op, const char* name) {
   if (!py::isinstance<py::array>(obj) ||

@@ -31,17 +31,6 @@ Tokens tokens_arg(const py::handle& h, const char* op, int64_t min_t) {
   return t;
 }
 
-py::dict named_copy(const ParamLayout& L, const float* slab, bool trainable_only) {
-  py::dict d;
-  for (const ParamEntry& e : L.entries) {
-    if (trainable_only && !e.trainable) continue;
-    F32 a(Shape(e.shape.begin(), e.shape.end()));
-    std::copy(slab + e.offset, slab + e.offset + e.size, a.mutable_data());
-    d[py::str(e.name)] = a;
-  }
-  return d;
-}
-
 // The layout's parameter counts per piece (Config.num_parameters composes them).
 py::dict param_counts_py(py::object cfg) {
   const ParamCounts n = param_counts(model_config(cfg));

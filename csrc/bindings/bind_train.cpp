@@ -1,7 +1,8 @@
 // dsv3._core.Trainer (the C++ training step), adamw_update (for tests) and the precision knob.
 #include <pybind11/stl.h>
 
-#include "bindings/arrays.h"
+#include "bindings/convert.h"
+#include "core/busy.h"
 #include "model/train.h"
 
 namespace dsv3 {
@@ -37,11 +38,39 @@ A copy_out(const std::vector<T>& v) {
   return a;
 }
 
-template <typename T, typename A>
-void copy_in(std::vector<T>& v, const A& a, const char* name) {
-  DSV3_CHECK(a.ndim() == 1 && (size_t)a.shape(0) == v.size(), "[Trainer.load] ", name,
-             " must have ", v.size(), " elements, got shape ", shape_str(shape_of(a)));
-  std::copy(a.data(), a.data() + v.size(), v.begin());
+// Moments from a checkpoint: exactly the trainer's storage dtype (uint16 bf16 bits or
+// float32: never a by-value conversion, which would turn bf16 bits into numbers) and shape
+// (n,), else ValueError naming the tensor; no bare ensure() (it returns null for str arrays).
+template <typename T>
+py::array_t<T, py::array::c_style> moment_arg(const py::handle& obj, size_t n, const char* name,
+                                              const char* dtype) {
+  const std::string want = str_cat(dtype, " of shape (", n, ",)");
+  const bool is_arr = py::isinstance<py::array>(obj);
+  DSV3_CHECK(is_array_of<T>(obj, "Trainer.load", name), "[Trainer.load] ", name, " must be ",
+             want, ", got ", dtype_name(obj), " ",
+             is_arr ? shape_str(shape_of(py::reinterpret_borrow<py::array>(obj))) : "");
+  auto a = py::array_t<T, py::array::c_style>::ensure(obj);
+  if (!a) throw py::error_already_set();
+  DSV3_CHECK(a.ndim() == 1 && (size_t)a.shape(0) == n, "[Trainer.load] ", name, " must be ",
+             want, ", got shape ", shape_str(shape_of(a)));
+  return a;
+}
+
+// Both moments checked before either is written (all or nothing).
+template <typename T>
+void set_moments(std::vector<T>& m, std::vector<T>& v, const py::handle& m_,
+                 const py::handle& v_, const char* dtype) {
+  auto a = moment_arg<T>(m_, m.size(), "optimizer_m", dtype);
+  auto b = moment_arg<T>(v_, v.size(), "optimizer_v", dtype);
+  std::copy(a.data(), a.data() + m.size(), m.begin());
+  std::copy(b.data(), b.data() + v.size(), v.begin());
+}
+
+// (m, v) copies: uint16 bf16 bits or float32, in the slab's layout
+py::tuple moments_copy(const Trainer& t) {
+  if (t.bf16_moments())
+    return py::make_tuple(copy_out<uint16_t, U16>(t.m16), copy_out<uint16_t, U16>(t.v16));
+  return py::make_tuple(copy_out<float, F32>(t.m32), copy_out<float, F32>(t.v32));
 }
 
 }  // namespace
@@ -52,8 +81,16 @@ void bind_train(py::module_& m) {
              return std::make_shared<Trainer>(*md, bf16);
            }),
            arg("model"), arg("bf16_moments"), py::keep_alive<1, 2>())
-      .def_readwrite("steps_done", &Trainer::steps_done)
-      .def("step", [](Trainer& t, py::handle batch, const py::dict& opts) {
+      .def_property("steps_done",
+          [](const Trainer& t) {
+            BusyGuard guard(t.busy, false, "Trainer");
+            return t.steps_done;
+          },
+          [](Trainer& t, int64_t n) {
+            BusyGuard guard(t.busy, true, "Trainer");
+            t.steps_done = n;
+          })
+      .def("step", [](Trainer& t, py::handle batch, const py::dict& opts, int64_t expect_step) {
         const TrainStepOptions o = step_options(opts);
         I64 arr = i64(batch, "Trainer.step", "batch");
         DSV3_CHECK(arr.ndim() == 2, "[Trainer.step] batch must be an int array (B, T+1), got ",
@@ -62,6 +99,15 @@ void bind_train(py::module_& m) {
         const int64_t* p = arr.data();
         TrainStepStats st;
         {
+          // the step writes the weights and the moments: it needs both alone (core/busy.h)
+          BusyGuard tguard(t.busy, true, "Trainer");
+          BusyGuard mguard(t.model().busy, true, "Model");
+          // the caller's learning rate is that of step expect_step + 1: another thread's step
+          // in between would make it stale
+          if (t.steps_done != expect_step)
+            throw std::runtime_error(str_cat("[Trainer] another thread stepped this Trainer (",
+                                             expect_step, " -> ", t.steps_done,
+                                             " steps) during this call; serialise the calls"));
           py::gil_scoped_release nogil;
           st = t.step(p, B, N, o);
         }
@@ -77,11 +123,10 @@ void bind_train(py::module_& m) {
         std::copy(st.expert_load.begin(), st.expert_load.end(), load.mutable_data());
         d["expert_load"] = load;
         return d;
-      }, arg("batch"), arg("options"))
-      .def("moments", [](const Trainer& t) -> py::tuple {
-        if (t.bf16_moments())
-          return py::tuple(py::make_tuple(copy_out<uint16_t, U16>(t.m16), copy_out<uint16_t, U16>(t.v16)));
-        return py::tuple(py::make_tuple(copy_out<float, F32>(t.m32), copy_out<float, F32>(t.v32)));
+      }, arg("batch"), arg("options"), arg("expect_step"))
+      .def("moments", [](const Trainer& t) {
+        BusyGuard guard(t.busy, false, "Trainer");
+        return moments_copy(t);
       })
       .def("entries", [](Trainer& t) {  // (name, offset, size) of each slab entry
         py::list out;
@@ -89,14 +134,21 @@ void bind_train(py::module_& m) {
           out.append(py::make_tuple(e.name, e.offset, e.size));
         return out;
       })
-      .def("set_moments", [](Trainer& t, py::array m_, py::array v_) {
-        if (t.bf16_moments()) {
-          copy_in(t.m16, U16::ensure(m_), "m");
-          copy_in(t.v16, U16::ensure(v_), "v");
-        } else {
-          copy_in(t.m32, F32::ensure(m_), "m");
-          copy_in(t.v32, F32::ensure(v_), "v");
-        }
+      // (params by name, m, v, steps_done) from one moment: no step can run in between
+      .def("snapshot", [](Trainer& t) {
+        BusyGuard tguard(t.busy, false, "Trainer");
+        BusyGuard mguard(t.model().busy, false, "Model");
+        const Model& md = t.model();
+        const py::tuple mv = moments_copy(t);
+        return py::make_tuple(named_copy(md.layout(), md.params().data(), false), mv[0], mv[1],
+                              t.steps_done);
+      })
+      .def("set_moments", [](Trainer& t, py::handle m_, py::handle v_) {
+        BusyGuard guard(t.busy, true, "Trainer");
+        if (t.bf16_moments())
+          set_moments(t.m16, t.v16, m_, v_, "uint16 (bf16 bits: moment_dtype is bfloat16)");
+        else
+          set_moments(t.m32, t.v32, m_, v_, "float32 (moment_dtype is float32)");
       }, arg("m"), arg("v"));
 
   // AdamW on one flat range (tests): w, m, v updated in place; bf16 moments as uint16 arrays.

@@ -98,6 +98,17 @@ MhaDims mha_dims(const py::object& cfg) {
   return d;
 }
 
+py::dict named_copy(const ParamLayout& L, const float* slab, bool trainable_only) {
+  py::dict d;
+  for (const ParamEntry& e : L.entries) {
+    if (trainable_only && !e.trainable) continue;
+    F32 a(Shape(e.shape.begin(), e.shape.end()));
+    std::copy(slab + e.offset, slab + e.offset + e.size, a.mutable_data());
+    d[py::str(e.name)] = a;
+  }
+  return d;
+}
+
 void check_param_keys(const py::handle& params_h, const std::vector<ParamSpec>& specs,
                       const char* op) {
   DSV3_CHECK(py::isinstance<py::dict>(params_h), "[", op, "] params must be a dict of ",

@@ -27,6 +27,9 @@ ModelConfig model_config(const py::object& cfg);
 MlaDims mla_dims(const py::object& cfg);
 MhaDims mha_dims(const py::object& cfg);
 
+// {hf_name: float32 array} copies of the slab's entries (only the trainable ones if asked).
+py::dict named_copy(const ParamLayout& L, const float* slab, bool trainable_only);
+
 // Refuses params (which must be a dict) unless its keys are exactly the specs' names; the
 // ValueError lists every missing and every unexpected key.
 void check_param_keys(const py::handle& params, const std::vector<ParamSpec>& specs,

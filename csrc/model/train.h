@@ -14,6 +14,7 @@
 // and reports finite = false, so the caller can stop with the last good state intact.
 #pragma once
 #include <cstdint>
+#include <shared_mutex>
 #include <vector>
 
 #include "kernels/optim.h"
@@ -51,6 +52,9 @@ class Trainer {
   // Moments in the parameter slab's layout (entries that are not trainable stay 0).
   std::vector<float> m32, v32;
   std::vector<uint16_t> m16, v16;
+  // Concurrency (core/busy.h) of the Trainer's own state (moments, steps_done); a step also
+  // holds the model exclusively. Taken by the bindings, never inside step().
+  mutable std::shared_mutex busy;
 
  private:
   Model& model_;

@@ -184,7 +184,7 @@ class Trainer:
         lr = self.config.lr_at(n)
         t0 = time.perf_counter()
         try:
-            st = self._t.step(np.ascontiguousarray(arr, dtype=np.int64), self._options(lr))
+            st = self._t.step(np.ascontiguousarray(arr, dtype=np.int64), self._options(lr), n)
         except _core.NonFiniteError as e:  # a kernel's finiteness check (e.g. the MoE input)
             raise FloatingPointError(f"[Trainer.step] non-finite values at step {n + 1}: {e}; "
                                      "the update was not applied") from e
@@ -289,7 +289,9 @@ class Trainer:
         """Write model (``save_pretrained`` float32 files at the top level, so
         ``Model.from_pretrained(directory)`` works), optimizer moments, step, train config and
         the data generator state. Atomic: everything goes to a temporary directory that
-        replaces ``directory`` in one step (:func:`dsv3.checkpoint.publish_dir`)."""
+        replaces ``directory`` in one step (:func:`dsv3.checkpoint.publish_dir`). Weights,
+        moments and step count are copied at one moment (no step of another thread in
+        between: a step running at that moment raises RuntimeError here)."""
         from . import checkpoint
         directory = os.fspath(directory)
         parent = os.path.dirname(os.path.abspath(directory))
@@ -301,15 +303,15 @@ class Trainer:
         try:
             inner = os.path.join(tmp, "model")
             os.makedirs(tmp)
-            self.model.save_pretrained(inner, dtype="float32")
+            params, m, v, step = self._t.snapshot()
+            checkpoint.save(_Frozen(self.model.config, params), inner, "float32")
             for f in os.listdir(inner):
                 os.rename(os.path.join(inner, f), os.path.join(tmp, f))
             os.rmdir(inner)
-            m, v = self._t.moments()
             np.save(os.path.join(tmp, "optimizer_m.npy"), m)
             np.save(os.path.join(tmp, "optimizer_v.npy"), v)
             data = getattr(self, "_data", None)
-            state = {"format": "dsv3.trainer/1", "step": self.step_count,
+            state = {"format": "dsv3.trainer/1", "step": step,
                      "train_config": self.config.to_dict(),
                      "data_state": _jsonable(data.state_dict()) if data is not None
                      else self._data_state}
@@ -334,11 +336,25 @@ class Trainer:
         moments = []
         for name in ("optimizer_m.npy", "optimizer_v.npy"):
             with open_regular(os.path.join(directory, name), "Trainer.load", binary=True) as f:
-                moments.append(np.load(f))
+                try:
+                    moments.append(np.load(f))
+                except ValueError as e:  # object arrays (pickles), damaged headers
+                    raise ValueError(f"[Trainer.load] {name[:-4]} in {directory}: {e}") from None
         t._t.set_moments(*moments)
         t._t.steps_done = int(state["step"])
         t._data_state = state.get("data_state")
         return t
+
+
+class _Frozen:
+    """What :func:`dsv3.checkpoint.save` reads of a model (config, state_dict), from a
+    snapshot."""
+
+    def __init__(self, config, params: Dict[str, np.ndarray]):
+        self.config, self._params = config, params
+
+    def state_dict(self) -> Dict[str, np.ndarray]:
+        return self._params
 
 
 def _jsonable(d):

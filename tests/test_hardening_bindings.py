@@ -1,0 +1,230 @@
+"""Binding-level hardening (issue #20): the model / Trainer read-write lock, strict moment and
+dtype checks, config validation at the binding, huge ints, sizes refused before allocating,
+exact expert-load statistics, the thread pool's count after a failed start, numpy scalars in
+TrainConfig. Reproducers that could crash the interpreter run in a subprocess."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import dsv3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_py(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------- 1. read/write lock
+def small_trainer(seed=1):
+    cfg = dsv3.Config.small()
+    m = dsv3.Model(cfg, seed=seed)
+    return m, dsv3.Trainer(m, dsv3.TrainConfig(lr=1e-2, schedule="constant"))
+
+
+def step_batch(cfg, seed=0, shape=(4, 129)):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=shape)
+
+
+def test_two_steps_on_one_model_from_two_threads_raise_not_crash():
+    r = run_py("""
+        import threading, numpy as np, dsv3
+        cfg = dsv3.Config.small()
+        m = dsv3.Model(cfg, seed=1)
+        tc = dsv3.TrainConfig(lr=1e-2, schedule="constant")
+        ta, tb = dsv3.Trainer(m, tc), dsv3.Trainer(m, tc)
+        tok = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(4, 129))
+        raised, ok = [0], [0]
+        def run(t, bar):
+            bar.wait()
+            try:
+                t.step(tok)
+                ok[0] += 1
+            except RuntimeError as e:
+                assert "in use by another thread" in str(e), e
+                raised[0] += 1
+        for pair in [(ta, tb), (ta, ta)] * 3:
+            bar = threading.Barrier(2)
+            ts = [threading.Thread(target=run, args=(t, bar)) for t in pair]
+            [t.start() for t in ts]
+            [t.join() for t in ts]
+        assert ta.step_count + tb.step_count == ok[0]
+        print("raised", raised[0], "ok", ok[0])
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    raised, ok = int(r.stdout.split()[1]), int(r.stdout.split()[3])
+    assert raised >= 1 and ok >= 6, r.stdout  # every round: one step ran, the other refused
+
+
+def during_step(trainer, batch, action, tries=5):
+    """Runs trainer.step(batch) in a thread while calling action() in a loop; returns
+    (action results, RuntimeErrors raised by action). Retries when action won the race and the
+    step itself was refused."""
+    for _ in range(tries):
+        started, err = threading.Event(), []
+
+        def stepper():
+            started.set()
+            try:
+                trainer.step(batch)
+            except RuntimeError as e:
+                err.append(e)
+
+        t = threading.Thread(target=stepper)
+        t.start()
+        started.wait()
+        results, raised = [], 0
+        while t.is_alive():
+            try:
+                results.append(action())
+            except RuntimeError as e:
+                assert "in use by another thread" in str(e), e
+                raised += 1
+        t.join()
+        if not err:
+            return results, raised
+        assert "in use by another thread" in str(err[0])
+    pytest.fail("the step never ran")
+
+
+def test_forward_during_step_is_refused_or_sees_old_or_new_weights():
+    m, t = small_trainer()
+    twin, tt = small_trainer()
+    batch = step_batch(m.config)
+    tok = batch[:2, :64]
+    before = m.forward(tok)
+    tt.step(batch)
+    after = twin.forward(tok)
+    assert not np.array_equal(before, after)
+    results, raised = during_step(t, batch, lambda: m.forward(tok))
+    assert raised >= 1
+    for r in results:  # never torn
+        assert np.array_equal(r, before) or np.array_equal(r, after)
+    assert np.array_equal(m.forward(tok), after)
+
+
+@pytest.mark.parametrize("what", ["load_state_dict", "set_moments", "steps_done", "moments"])
+def test_writers_and_moment_reads_during_step_are_refused(what):
+    m, t = small_trainer()
+    state = m.state_dict()
+    mv = t._t.moments()
+    actions = {"load_state_dict": lambda: m.load_state_dict(state),
+               "set_moments": lambda: t._t.set_moments(*mv),
+               "steps_done": lambda: setattr(t._t, "steps_done", 0),
+               "moments": lambda: t.moments()}
+    _, raised = during_step(t, step_batch(m.config), actions[what])
+    assert raised >= 1
+
+
+def test_same_trainer_stepped_meanwhile_refuses_a_stale_learning_rate():
+    m, t = small_trainer()
+    n = t.step_count
+    t.step(step_batch(m.config, shape=(2, 9)))  # what another thread would have done
+    with pytest.raises(RuntimeError, match="another thread stepped this Trainer"):
+        t._t.step(step_batch(m.config, shape=(2, 9)), t._options(1e-2), n)
+
+
+def test_save_during_training_captures_one_moment(tmp_path):
+    cfg = dsv3.Config.tiny()
+    tc = dsv3.TrainConfig(lr=1e-2, schedule="constant")
+    batches = [step_batch(cfg, seed=i, shape=(2, 17)) for i in range(40)]
+    twin = dsv3.Trainer(dsv3.Model(cfg, seed=3), tc)
+    ref = [twin._t.snapshot()]
+    for b in batches:
+        twin.step(b)
+        ref.append(twin._t.snapshot())
+    t = dsv3.Trainer(dsv3.Model(cfg, seed=3), tc)
+    def train():
+        for b in batches:
+            t.step(b)
+            time.sleep(0.003)  # room for saves between the steps
+
+    th = threading.Thread(target=train)
+    saved, raised = [], 0
+    th.start()
+    while th.is_alive() and len(saved) < 8:
+        d = tmp_path / f"ck{len(saved)}"
+        try:
+            t.save(d)
+            saved.append(d)
+        except RuntimeError as e:
+            assert "in use by another thread" in str(e)
+            raised += 1
+    th.join()
+    assert saved, "no save landed"
+    for d in saved:
+        back = dsv3.Trainer.load(d)
+        params, m, v, step = back._t.snapshot()
+        rp, rm, rv, rstep = ref[step]
+        assert step == rstep
+        assert np.array_equal(m, rm) and np.array_equal(v, rv), f"moments torn in {d}"
+        assert all(np.array_equal(params[k], rp[k]) for k in rp), f"weights torn in {d}"
+
+
+# ---------------------------------------------------------------------- 2. moment dtypes
+MOMENT_CASES = {  # name -> expression of the moments given to a trainer (n = slab size)
+    "float64": "np.zeros(n)", "int64": "np.zeros(n, np.int64)", "bool": "np.zeros(n, bool)",
+    "str": "np.array(['x'] * n)", "object": "np.array([0.0] * n, dtype=object)",
+    "float32_for_bf16": "np.zeros(n, np.float32)", "uint16_for_fp32": "np.zeros(n, np.uint16)",
+    "short": "np.zeros(n - 1, DT)", "2d": "np.zeros((1, n), DT)", "list": "[0.0] * n",
+}
+
+
+@pytest.mark.parametrize("moment_dtype", ["float32", "bfloat16"])
+def test_set_moments_of_another_dtype_or_shape_raise_value_error(moment_dtype):
+    r = run_py(f"""
+        import json, numpy as np, dsv3
+        m = dsv3.Model(dsv3.Config.tiny(), seed=0)
+        t = dsv3.Trainer(m, dsv3.TrainConfig(moment_dtype={moment_dtype!r}))
+        m0, v0 = t._t.moments()
+        n, DT = m0.size, m0.dtype
+        out, untouched = {{}}, True
+        for name, expr in {MOMENT_CASES!r}.items():
+            good = np.full(n, 7, DT)
+            for which in ("optimizer_m", "optimizer_v"):
+                args = (eval(expr), good) if which == "optimizer_m" else (good, eval(expr))
+                try:
+                    t._t.set_moments(*args)
+                    out[name + "/" + which] = "accepted"
+                    t._t.set_moments(m0, v0)
+                except Exception as e:
+                    out[name + "/" + which] = type(e).__name__ + ": " + str(e)
+                    a, b = t._t.moments()
+                    untouched &= bool(np.array_equal(a, m0) and np.array_equal(b, v0))
+        out["untouched"] = untouched
+        print(json.dumps(out))
+    """)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+    out = json.loads(r.stdout)
+    assert out.pop("untouched") is True  # a refused call writes nothing
+    want = "uint16" if moment_dtype == "bfloat16" else "float32"
+    for case, msg in out.items():
+        if case.startswith("float32_for_bf16") and moment_dtype == "float32" or \
+                case.startswith("uint16_for_fp32") and moment_dtype == "bfloat16":
+            assert msg == "accepted", (case, msg)  # the right dtype for this trainer
+            continue
+        which = case.split("/")[1]
+        assert msg.startswith("ValueError: ") and which in msg and want in msg, (case, msg)
+
+
+def test_trainer_load_refuses_moments_of_another_dtype(tmp_path):
+    t = dsv3.Trainer(dsv3.Model(dsv3.Config.tiny(), seed=0),
+                     dsv3.TrainConfig(moment_dtype="bfloat16"))
+    t.save(tmp_path / "ck")
+    m, _ = t._t.moments()
+    f = tmp_path / "ck" / "optimizer_m.npy"
+    np.save(f, (m.astype(np.uint32) << 16).view(np.float32))  # bf16 given as float32 values
+    with pytest.raises(ValueError, match=r"optimizer_m must be uint16 .*\(\d+,\), got float32"):
+        dsv3.Trainer.load(tmp_path / "ck")
+    np.save(f, np.array([None] * m.size), allow_pickle=True)
+    with pytest.raises(ValueError, match="optimizer_m"):
+        dsv3.Trainer.load(tmp_path / "ck")
