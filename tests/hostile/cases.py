@@ -721,12 +721,7 @@ NEEDS = {
     "crashes: rope theta inf": "h20c ops.py finite theta",
     "crashes: model.config mutated then save": "h20d / model.py: save writes the mutated config, not the model's",
     "crashes: attention_layer cfg dims floats": "h20c cfg validation",
-    # SIGSEGV / SIGABRT in 2 of 3 runs since main's private serial-BLAS copies
-    "concurrency: one Trainer.step from two threads": "h20c model lock (Trainer.step takes none)",
     "silent-wrong: update_expert_bias huge load direction": "h20c expert-load overflow",
-    "silent-wrong: Trainer.load moments float64": "h20c moment dtypes",
-    "silent-wrong: Trainer.load moments int": "h20c moment dtypes",
-    "silent-wrong: Trainer.load moments str": "h20c moment dtypes",
     "oom: Model 3 GiB under 4 GiB limit": "h20d cgroup memory (the budget ignores RLIMIT_AS / cgroup)",
     "oom: Trainer on 3 GiB model": "h20d cgroup memory (the budget ignores RLIMIT_AS / cgroup)",
     "oom: new_cache 5 GiB": "h20c cache size refusal",
