@@ -14,11 +14,12 @@ import pytest
 
 import dsv3
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_py(code: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    # The dsv3 this test imported (an installed one in CI, python/ in a dev tree), first.
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(dsv3.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([pkg, os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
                           capture_output=True, text=True, timeout=timeout)
 
