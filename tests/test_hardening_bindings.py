@@ -229,3 +229,46 @@ def test_trainer_load_refuses_moments_of_another_dtype(tmp_path):
     np.save(f, np.array([None] * m.size), allow_pickle=True)
     with pytest.raises(ValueError, match="optimizer_m"):
         dsv3.Trainer.load(tmp_path / "ck")
+
+
+# ---------------------------------------------------------------------- 3. dtypes by value
+def unpickled(a):
+    import pickle
+    b = pickle.loads(pickle.dumps(a))
+    assert b.dtype == a.dtype
+    return b
+
+
+def test_unpickled_arrays_are_accepted_by_every_dtype_check():
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((3, 8)).astype(np.float32), np.ones(8, np.float32)
+    np.testing.assert_array_equal(dsv3.ops.rmsnorm(unpickled(x), unpickled(w)),
+                                  dsv3.ops.rmsnorm(x, w))
+    b = rng.standard_normal((8, 5)).astype(np.float32)
+    np.testing.assert_array_equal(dsv3.ops.bf16_matmul(unpickled(x), unpickled(b)),
+                                  dsv3.ops.bf16_matmul(x, b))
+    codes = dsv3.fp8.encode(x)
+    np.testing.assert_array_equal(dsv3.fp8.decode(unpickled(codes)), dsv3.fp8.decode(codes))
+    built = np.zeros(8, dtype=np.dtype("<f4"))  # a dtype built from a descriptor
+    np.testing.assert_array_equal(dsv3.ops.rmsnorm(x, built + 1), dsv3.ops.rmsnorm(x, w))
+    for bf16 in (False, True):  # in-place update through unpickled arrays: writes land
+        mdt = np.uint16 if bf16 else np.float32
+        ref = [np.ones(8, np.float32), np.zeros(8, mdt), np.zeros(8, mdt)]
+        got = [unpickled(a) for a in ref]
+        g = np.full(8, 0.5, np.float32)
+        for arrs in (ref, got):
+            dsv3._core.adamw_update(arrs[0], g, arrs[1], arrs[2], 0.1, 0.9, 0.95, 1e-8, 0.0, 1)
+        assert not np.array_equal(ref[0], np.ones(8, np.float32))
+        for r, a in zip(ref, got):
+            np.testing.assert_array_equal(a, r)
+
+
+def test_non_native_byte_order_is_refused_clearly():
+    x = np.ones((2, 8), np.float32)
+    with pytest.raises(TypeError, match=r"x has non-native byte order \(dtype >f4\)"):
+        dsv3.ops.rmsnorm(x.astype(">f4"), np.ones(8, np.float32))
+    with pytest.raises(TypeError, match="non-native byte order"):
+        dsv3.ops.bf16_matmul(x.astype(">f4"), np.ones((8, 2), np.float32))
+    w, m = np.ones(8, ">f4"), np.zeros(8, np.float32)
+    with pytest.raises(TypeError, match="w has non-native byte order"):
+        dsv3._core.adamw_update(w, m, m.copy(), m.copy(), 0.1, 0.9, 0.95, 1e-8, 0.0, 1)

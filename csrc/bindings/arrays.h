@@ -45,8 +45,7 @@ bool is_array_of(const py::handle& obj, const char* op, const char* name) {
 
 // A float32 ndarray, C-contiguous. Anything else (float64, int, lists) raises TypeError.
 inline F32 f32(const py::handle& obj, const char* op, const char* name) {
-  if (!py::isinstance<py::array>(obj) ||
-      !py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype::of<float>()))
+  if (!is_array_of<float>(obj, op, name))
     throw py::type_error(str_cat("[", op, "] ", name, " must be a float32 numpy array, got ",
                                  dtype_name(obj)));
   return F32::ensure(obj);
@@ -74,8 +73,7 @@ inline I64 i64(const py::handle& obj, const char* op, const char* name) {
 template <typename T>
 py::array_t<T, py::array::c_style> inplace(const py::handle& obj, const char* op,
                                            const char* name, const char* type_name) {
-  if (!py::isinstance<py::array>(obj) ||
-      !py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype::of<T>()))
+  if (!is_array_of<T>(obj, op, name))
     throw py::type_error(str_cat("[", op, "] ", name, " is updated in place and must be a ",
                                  type_name, " numpy array, got ", dtype_name(obj)));
   auto arr = py::reinterpret_borrow<py::array>(obj);

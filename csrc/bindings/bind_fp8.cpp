@@ -21,8 +21,7 @@ namespace {
 using U8 = py::array_t<uint8_t, py::array::c_style>;
 
 U8 u8(const py::handle& obj, const char* op, const char* name) {
-  if (!py::isinstance<py::array>(obj) ||
-      !py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype::of<uint8_t>()))
+  if (!is_array_of<uint8_t>(obj, str_cat("fp8.", op).c_str(), name))
     throw py::type_error(str_cat("[fp8.", op, "] ", name, " must be a uint8 numpy array of ",
                                  "fp8 codes, got ", dtype_name(obj)));
   return U8::ensure(obj);

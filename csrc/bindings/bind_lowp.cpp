@@ -24,8 +24,7 @@ Bf16Src strided(const py::array& x, const char* name) {
 }
 
 py::array float32_array(const py::handle& obj, const char* name) {
-  if (!py::isinstance<py::array>(obj) ||
-      !py::reinterpret_borrow<py::array>(obj).dtype().is(py::dtype::of<float>()))
+  if (!is_array_of<float>(obj, "ops.bf16_matmul", name))
     throw py::type_error(str_cat("[ops.bf16_matmul] ", name, " must be a float32 numpy array, ",
                                  "got ", dtype_name(obj)));
   return py::reinterpret_borrow<py::array>(obj);

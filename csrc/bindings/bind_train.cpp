@@ -156,8 +156,7 @@ void bind_train(py::module_& m) {
                            float lr, float b1, float b2, float eps, float wd, int64_t step) {
     F32 w = inplace<float>(w_, "adamw", "w", "float32");
     F32 g = f32(g_, "adamw", "g");
-    const bool bf16 = py::isinstance<py::array>(m_) &&
-                      py::reinterpret_borrow<py::array>(m_).dtype().is(py::dtype::of<uint16_t>());
+    const bool bf16 = is_array_of<uint16_t>(m_, "adamw", "m");
     const int64_t n = (int64_t)w.size();
     AdamWParams p{lr, b1, b2, eps, wd, step};
     auto same_size = [&](const py::array& m, const py::array& v) {
