@@ -308,3 +308,19 @@ def test_openmp_setting_of_the_caller_survives_a_call():
         pytest.skip("needs Debian's OpenMP OpenBLAS build")
     r = child(OMP_ICV, {"LD_LIBRARY_PATH": VARIANTS["openmp"]})
     assert r == {"variant": "openmp", "icv": 3}
+
+
+OMP_ICV_AT_IMPORT = r"""
+import ctypes, json, dsv3
+gomp = ctypes.CDLL("libgomp.so.1")
+print(json.dumps({"variant": dsv3.build_info()["blas_variant"], "icv": gomp.omp_get_max_threads()}))
+"""
+
+
+def test_import_keeps_the_callers_openmp_setting():
+    # the import-time openblas_set_num_threads(1) sets the OpenMP build's ICV on the importing
+    # thread too: OMP_NUM_THREADS=3 must still read 3 after `import dsv3`
+    if dsv3.build_info()["blas_source"] != "system" or "openmp" not in present_variants():
+        pytest.skip("needs Debian's OpenMP OpenBLAS build")
+    r = child(OMP_ICV_AT_IMPORT, {"LD_LIBRARY_PATH": VARIANTS["openmp"], "OMP_NUM_THREADS": "3"})
+    assert r == {"variant": "openmp", "icv": 3}

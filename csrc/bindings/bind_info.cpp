@@ -1,6 +1,4 @@
 // dsv3._core build and threading info.
-#include <omp.h>
-
 #include "bindings/arrays.h"
 #include "core/blas.h"
 #include "core/lowp_gemm.h"

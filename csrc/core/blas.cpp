@@ -101,7 +101,12 @@ void call(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alp
 
 void blas_init() {
   static const bool once = [] {
-    DSV3_BLAS(openblas_set_num_threads)(1);
+    {
+      // The OpenMP build's openblas_set_num_threads also sets the calling thread's OpenMP
+      // ICV (omp_set_num_threads): the guard gives the importing thread its own back.
+      OneOpenmpThread keep_callers_setting;
+      DSV3_BLAS(openblas_set_num_threads)(1);
+    }
     if (serial_build())
       blas_copies_init(&DSV3_BLAS(cblas_sgemm), blas_loaded(),
                        DSV3_STR(DSV3_BLAS(cblas_sgemm)));
