@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="rounds over all builds (median)")
-    p.add_argument("--max-others", type=float, default=1.0,
+    p.add_argument("--max-others", type=float, default=0.05,
                    help="repeat a run (up to 8 times) while other processes took more than "
                         "this share of the CPU, e.g. 0.05 on a shared machine")
     a = p.parse_args(argv)
@@ -58,22 +58,27 @@ def main(argv=None) -> int:
                 res.setdefault((name, w), []).append(
                     run_child("dsv3", w, a.threads, a.reps, env, max_others=a.max_others))
     shapes = [f"{m}x{k}x{n}" for m, k, n in SGEMM_SHAPES]
-    ref = None
+    ref = base = None
     rows = []
     for name, _ in todo:
         g = res[(name, "sgemm")]
         tr, de = res[(name, "train")], res[(name, "decode")]
         bits = (g[0]["hash"], tr[0]["loss0"], tuple(de[0]["tokens"]))
         ref = ref or bits
+        step = statistics.median(x["sec"] for x in tr)
+        tok = statistics.median(x["tok_s"] for x in de)
+        base = base or (step, tok)  # the first build's: the ratios below are to it
         same = ["yes" if x == y else "NO" for x, y in zip(bits, ref)]
         others = max(x["others"] for x in g + tr + de)
         rows.append([name, g[0]["blas"], g[0]["threads"], f"{others:.2f}"] +
                     [f"{statistics.median(x['gflops'][s] for x in g):.0f}" for s in shapes] +
-                    [f"{statistics.median(x['sec'] for x in tr) * 1e3:.0f}",
-                     f"{statistics.median(x['tok_s'] for x in de):.0f}", "/".join(same)])
-    print_table("OpenBLAS builds: sgemm GFLOP/s (M x K x N), training step ms, decode tokens/s",
+                    [f"{step * 1e3:.0f}", f"{base[0] / step:.2f}x", f"{tok:.0f}",
+                     f"{tok / base[1]:.2f}x", "/".join(same)])
+    print_table("OpenBLAS builds: sgemm GFLOP/s (M x K x N), training step ms, decode tokens/s "
+                f"(speed ratios to the first build, {todo[0][0]})",
                 ["build", "loaded", "threads", "max CPU share of others"] + shapes +
-                ["train step ms", "decode tok/s", "identical sgemm/loss/tokens"], rows)
+                ["train step ms", "train speed vs first", "decode tok/s", "decode vs first",
+                 "identical sgemm/loss/tokens"], rows)
     return 0
 
 
