@@ -71,9 +71,14 @@ def sized(make, name):
     n = 1
     for _ in range(8):
         fn = make(n)
-        t0 = time.perf_counter()
-        fn()
-        if time.perf_counter() - t0 >= MIN_CALL_S:
+        took = []
+        for _ in range(2):  # the faster of two: a load spike must not pick a size too small
+            t0 = time.perf_counter()
+            fn()
+            took.append(time.perf_counter() - t0)
+            if took[-1] < MIN_CALL_S:
+                break
+        if min(took) >= MIN_CALL_S:
             return fn
         n *= 2
     pytest.skip(f"{name}: this machine runs the largest size in under {MIN_CALL_S} s; the "
@@ -82,7 +87,7 @@ def sized(make, name):
 
 def assert_releases_gil(name, fn):
     dur, gap, n = gil_gaps(fn)
-    assert dur >= MIN_CALL_S / 2 and n >= 3 and gap < min(MAX_GIL_GAP_S, dur / 2), (
+    assert dur >= MIN_CALL_S / 4 and n >= 3 and gap < min(MAX_GIL_GAP_S, dur / 2), (
         f"{name}: call took {dur:.3f} s, {n} ticks during it, the ticker waited up to "
         f"{gap:.3f} s for the GIL")
 
