@@ -161,7 +161,8 @@ void bind_model(py::module_& m) {
           BusyGuard guard(md.busy, false, "Model");
           py::gil_scoped_release nogil;
           if (grad) g.assign((size_t)md.layout().total, 0.f);
-          lp = md.loss(pt, t.B, t.T, grad ? g.data() : nullptr, alpha, mtp_weight);
+          lp = md.loss(pt, t.B, t.T, grad ? g.data() : nullptr, alpha, mtp_weight,
+                       GemmPrecision::fp32);
         }
         py::dict d;
         d["loss"] = lp.loss;

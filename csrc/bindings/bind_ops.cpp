@@ -88,7 +88,7 @@ F32 linear(py::handle x_h, py::handle w_h) {
   float* py_ = y.mutable_data();
   const float *px = x.data(), *pw = w.data();
   py::gil_scoped_release nogil;
-  linear_forward(py_, px, pw, R, K, O);
+  linear_forward(py_, px, pw, R, K, O, GemmPrecision::fp32);
   return y;
 }
 
@@ -106,7 +106,7 @@ py::tuple linear_bwd(py::handle dy_h, py::handle x_h, py::handle w_h) {
   const float *pdy = dy.data(), *px = x.data(), *pw = w.data();
   {
     py::gil_scoped_release nogil;
-    linear_backward(pdx, pdw, pdy, px, pw, R, K, O, /*set_dx=*/true);
+    linear_backward(pdx, pdw, pdy, px, pw, R, K, O, GemmPrecision::fp32, /*set_dx=*/true);
   }
   return py::make_tuple(dx, dw);
 }

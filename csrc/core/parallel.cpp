@@ -34,22 +34,16 @@ namespace {
 
 thread_local bool t_in_region = false;
 
-// Runs fn(b, e) as a chunk: in a region, with the caller's ThreadState (parallel.h) for its
-// duration when the chunk runs on another thread.
-void run_chunk(const std::function<void(int64_t, int64_t)>& fn, int64_t b, int64_t e,
-               const ThreadState& caller) {
-  const ThreadState own = thread_state();
-  thread_state() = caller;
+// Runs fn(b, e) as a chunk: in a region (nested parallel_for calls run inline).
+void run_chunk(const std::function<void(int64_t, int64_t)>& fn, int64_t b, int64_t e) {
   t_in_region = true;
   try {
     fn(b, e);
   } catch (...) {
     t_in_region = false;
-    thread_state() = own;
     throw;
   }
   t_in_region = false;
-  thread_state() = own;
 }
 
 // ---- the default thread count --------------------------------------------------------------
@@ -195,7 +189,6 @@ struct Pool {
   const std::function<void(int64_t, int64_t)>* fn = nullptr;
   int64_t n_ = 0;
   int chunks_ = 0;
-  ThreadState caller_state;
   std::mutex error_mu;
   std::exception_ptr error;
 };
@@ -236,7 +229,7 @@ void Pool::chunk(int c) {
   int64_t b, e;
   chunk_bounds(n_, chunks, c, &b, &e);
   try {
-    if (b < e) run_chunk(*fn, b, e, caller_state);
+    if (b < e) run_chunk(*fn, b, e);
   } catch (...) {
     std::lock_guard<std::mutex> lk(error_mu);
     if (!error) error = std::current_exception();
@@ -277,7 +270,6 @@ void Pool::run(int64_t n, int chunks, const std::function<void(int64_t, int64_t)
   fn = &f;
   n_ = n;
   chunks_ = chunks;
-  caller_state = thread_state();
   error = nullptr;
   done.store(0);
   const uint32_t gen = gen_of(state.load()) + 1;
@@ -302,11 +294,6 @@ void reset_after_fork() {  // the child has no worker threads: forget the pool (
 }
 
 }  // namespace
-
-ThreadState& thread_state() {
-  thread_local ThreadState s;
-  return s;
-}
 
 int num_threads() {
   const int n = g_threads.load();
@@ -351,7 +338,7 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     for (int c = 0; c < chunks; ++c) {
       int64_t b, e;
       chunk_bounds(n, chunks, c, &b, &e);
-      run_chunk(fn, b, e, thread_state());
+      run_chunk(fn, b, e);
     }
     return;
   }

@@ -26,15 +26,6 @@
 
 namespace dsv3 {
 
-// Per-thread call state that follows the work into parallel_for's worker threads: each thread
-// has its own, and parallel_for gives every worker the caller's for the duration of fn. It
-// carries the GEMM precision of the training step running on this thread
-// (kernels/precision.h), so a forward on another thread keeps its own.
-struct ThreadState {
-  int gemm_precision = 0;
-};
-ThreadState& thread_state();
-
 int num_threads();
 void set_num_threads(int n);
 bool in_parallel();  // true inside a parallel_for chunk (nested calls then run inline)

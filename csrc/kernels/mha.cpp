@@ -30,9 +30,9 @@ namespace {
 void project(float* q, float* k, float* v, const float* x, const MhaParams& p, const MhaDims& d,
              const int64_t* pos, int64_t R) {
   const int64_t Q = d.H * d.dqk(), K = d.Hkv * d.dqk();
-  linear_forward(q, x, p.q_proj, R, d.D, Q);
-  linear_forward(k, x, p.k_proj, R, d.D, K);
-  linear_forward(v, x, p.v_proj, R, d.D, d.Hkv * d.Dv);
+  linear_forward(q, x, p.q_proj, R, d.D, Q, p.precision);
+  linear_forward(k, x, p.k_proj, R, d.D, K, p.precision);
+  linear_forward(v, x, p.v_proj, R, d.D, d.Hkv * d.Dv, p.precision);
   rope_forward(q + d.Dn, Q, d.dqk(), q + d.Dn, Q, d.dqk(), pos, R, d.H, d.rope);
   rope_forward(k + d.Dn, K, d.dqk(), k + d.Dn, K, d.dqk(), pos, R, d.Hkv, d.rope);
 }
@@ -58,7 +58,7 @@ void mha_forward(float* out, MhaActs& a, const float* x, const MhaParams& p, con
   a.probs.prepare(s, a.keep_probs);
   attention_forward(a.o.data(), a.lse.data(), {a.q.data(), a.k.data(), a.v.data()}, s,
                     a.probs.get());
-  linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
+  linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, p.precision);
 }
 
 void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaActs& a,
@@ -67,16 +67,16 @@ void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaAct
   DSV3_ASSERT(R > 0 && (int64_t)a.o.size() == R * d.H * d.Dv, "mha_backward without forward");
   // fresh gradient buffers, overwritten (not accumulated into) by the first product
   Buf d_o = buf(a.o.size()), dq = buf(a.q.size()), dk = buf(a.k.size()), dv = buf(a.v.size());
-  linear_backward(d_o.get(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, true);
+  linear_backward(d_o.get(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, p.precision, true);
   const AttnShape s{B, T, T, d.H, d.Hkv, d.dqk(), d.Dv, 0, d.scale};
   attention_backward({dq.get(), dk.get(), dv.get(), nullptr, /*set=*/true}, d_o.get(),
                      {a.o.data(), a.lse.data(), a.probs.get()},
                      {a.q.data(), a.k.data(), a.v.data()}, s);
   rope_heads_backward(dq.get(), d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   rope_heads_backward(dk.get(), d.Hkv, d.Dn, d.Dr, a.pos.data(), R, d.rope);
-  linear_backward(dx, g.q_proj, dq.get(), x, p.q_proj, R, d.D, d.H * d.dqk(), set_dx);
-  linear_backward(dx, g.k_proj, dk.get(), x, p.k_proj, R, d.D, d.Hkv * d.dqk());
-  linear_backward(dx, g.v_proj, dv.get(), x, p.v_proj, R, d.D, d.Hkv * d.Dv);
+  linear_backward(dx, g.q_proj, dq.get(), x, p.q_proj, R, d.D, d.H * d.dqk(), p.precision, set_dx);
+  linear_backward(dx, g.k_proj, dk.get(), x, p.k_proj, R, d.D, d.Hkv * d.dqk(), p.precision);
+  linear_backward(dx, g.v_proj, dv.get(), x, p.v_proj, R, d.D, d.Hkv * d.Dv, p.precision);
 }
 
 void mha_decode(float* out, const float* x, const MhaParams& p, const MhaDims& d,
@@ -100,7 +100,7 @@ void mha_decode(float* out, const float* x, const MhaParams& p, const MhaDims& d
     attention_forward(o.data() + b * S * d.H * d.Dv, nullptr,
                       {q.data() + b * S * d.H * d.dqk(), kc, vc}, s);
   }
-  linear_forward(out, o.data(), p.o_proj, R, d.H * d.Dv, d.D);
+  linear_forward(out, o.data(), p.o_proj, R, d.H * d.Dv, d.D, p.precision);
 }
 
 }  // namespace dsv3

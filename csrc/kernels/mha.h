@@ -14,6 +14,7 @@
 
 #include "core/memory.h"
 #include "kernels/attention.h"
+#include "kernels/precision.h"
 #include "kernels/rope.h"
 
 namespace dsv3 {
@@ -31,6 +32,7 @@ struct MhaParams {
   const float* k_proj = nullptr;  // [Hkv*(Dn+Dr), D]
   const float* v_proj = nullptr;  // [Hkv*Dv, D]
   const float* o_proj = nullptr;  // [D, H*Dv]
+  GemmPrecision precision = GemmPrecision::fp32;  // of every projection (kernels/precision.h)
 };
 struct MhaGrads {
   float *q_proj = nullptr, *k_proj = nullptr, *v_proj = nullptr, *o_proj = nullptr;

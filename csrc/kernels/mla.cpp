@@ -50,11 +50,11 @@ void project_q(float* q, FVec* qa, FVec* qa_rstd, FVec* qa_n, const float* x,
     a.resize(R * d.Dq);
     r.resize(R);
     n.resize(R * d.Dq);
-    linear_forward(a.data(), x, p.q_a_proj, R, d.D, d.Dq);
+    linear_forward(a.data(), x, p.q_a_proj, R, d.D, d.Dq, p.precision);
     rmsnorm_forward(n.data(), r.data(), a.data(), p.q_a_layernorm, R, d.Dq, d.eps);
-    linear_forward(q, n.data(), p.q_b_proj, R, d.Dq, Q);
+    linear_forward(q, n.data(), p.q_b_proj, R, d.Dq, Q, p.precision);
   } else {
-    linear_forward(q, x, p.q_proj, R, d.D, Q);
+    linear_forward(q, x, p.q_proj, R, d.D, Q, p.precision);
   }
   rope_forward(q + d.Dn, Q, d.dqk(), q + d.Dn, Q, d.dqk(), pos, R, d.H, d.rope);
 }
@@ -64,7 +64,7 @@ void project_latent(float* ckv, float* c_rstd, float* c, float* kpe, const float
                     const MlaParams& p, const MlaDims& d, const int64_t* pos, int64_t R) {
   const int64_t W = d.Dc + d.Dr;
   Buf kva = buf(R * W);
-  linear_forward(kva.get(), x, p.kv_a_proj_with_mqa, R, d.D, W);
+  linear_forward(kva.get(), x, p.kv_a_proj_with_mqa, R, d.D, W, p.precision);
   copy_rows(ckv, d.Dc, kva.get(), W, R, d.Dc);
   rmsnorm_forward(c, c_rstd, ckv, p.kv_a_layernorm, R, d.Dc, d.eps);
   rope_forward(kpe, d.Dr, 0, kva.get() + d.Dc, W, 0, pos, R, 1, d.rope);
@@ -79,10 +79,10 @@ int64_t kv_ld(const MlaDims& d) { return d.H * (d.Dn + d.Dv) + 16; }
 void decompress(float* kv, const float* c, int64_t ldc, const MlaParams& p, const MlaDims& d,
                 int64_t L) {
   const int64_t KV = d.H * (d.Dn + d.Dv), ld = kv_ld(d);
-  if (gemm_precision() != GemmPrecision::fp32) {  // bf16/fp8 training: kv_b_proj is a linear
+  if (p.precision != GemmPrecision::fp32) {  // bf16/fp8 training: kv_b_proj is a linear
     Buf cc = buf(L * d.Dc), out = buf(L * KV);
     copy_rows(cc.get(), d.Dc, c, ldc, L, d.Dc);
-    linear_forward(out.get(), cc.get(), p.kv_b_proj, L, d.Dc, KV);
+    linear_forward(out.get(), cc.get(), p.kv_b_proj, L, d.Dc, KV, p.precision);
     copy_rows(kv, ld, out.get(), KV, L, KV);
   } else {
     sgemm(false, true, L, KV, d.Dc, 1.f, c, ldc, p.kv_b_proj, d.Dc, 0.f, kv, ld);
@@ -93,10 +93,10 @@ void decompress(float* kv, const float* c, int64_t ldc, const MlaParams& p, cons
 void decompress_backward(float* dc, float* g_kv_b, const float* dkv, const float* c,
                          const MlaParams& p, const MlaDims& d, int64_t R) {
   const int64_t KV = d.H * (d.Dn + d.Dv), ld = kv_ld(d);
-  if (gemm_precision() != GemmPrecision::fp32) {
+  if (p.precision != GemmPrecision::fp32) {
     Buf dense = buf(R * KV);
     copy_rows(dense.get(), KV, dkv, ld, R, KV);
-    linear_backward(dc, g_kv_b, dense.get(), c, p.kv_b_proj, R, d.Dc, KV, true);
+    linear_backward(dc, g_kv_b, dense.get(), c, p.kv_b_proj, R, d.Dc, KV, p.precision, true);
     return;
   }
   sgemm(false, false, R, d.Dc, KV, 1.f, dkv, ld, p.kv_b_proj, d.Dc, 0.f, dc, d.Dc);
@@ -143,7 +143,7 @@ void mla_forward(float* out, MlaActs& a, const float* x, const MlaParams& p, con
   a.probs.prepare(s, a.keep_probs);
   attention_forward(a.o.data(), a.lse.data(),
                     {a.q.data(), a.kv.data(), a.kv.data() + d.Dn, a.kpe.data()}, s, a.probs.get());
-  linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D);
+  linear_forward(out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, p.precision);
 }
 
 // The gradient buffers below are fresh: each is overwritten by the first product written
@@ -153,7 +153,7 @@ void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaAct
   const int64_t B = a.B, T = a.T, R = B * T, Q = d.H * d.dqk(), W = d.Dc + d.Dr;
   DSV3_ASSERT(R > 0 && (int64_t)a.o.size() == R * d.H * d.Dv, "mla_backward without forward");
   Buf d_o = buf(R * d.H * d.Dv);
-  linear_backward(d_o.get(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, true);
+  linear_backward(d_o.get(), g.o_proj, d_out, a.o.data(), p.o_proj, R, d.H * d.Dv, d.D, p.precision, true);
   // dk_nope and dv land in their places in dkv (the layout of kv); each head's d k_pe in dkr
   Buf dq = buf(R * Q), dkv = buf(R * kv_ld(d)), dkr = buf(R * d.H * d.Dr);
   attention_backward({dq.get(), dkv.get(), dkv.get() + d.Dn, dkr.get(), /*set=*/true},
@@ -180,19 +180,19 @@ void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaAct
                    p.kv_a_layernorm, R, d.Dc, true);
   copy_rows(dkva.get(), W, dckv.get(), d.Dc, R, d.Dc);
   rope_backward(dkva.get() + d.Dc, W, 0, dkpe.get(), d.Dr, 0, a.pos.data(), R, 1, d.rope);
-  linear_backward(dx, g.kv_a_proj_with_mqa, dkva.get(), x, p.kv_a_proj_with_mqa, R, d.D, W,
+  linear_backward(dx, g.kv_a_proj_with_mqa, dkva.get(), x, p.kv_a_proj_with_mqa, R, d.D, W, p.precision,
                   set_dx);  // the first product into dx
   // back through the query path: un-rotate the q_pe gradient in place
   rope_heads_backward(dq.get(), d.H, d.Dn, d.Dr, a.pos.data(), R, d.rope);
   if (d.Dq > 0) {
     Buf dqa_n = buf(R * d.Dq), dqa = buf(R * d.Dq);
-    linear_backward(dqa_n.get(), g.q_b_proj, dq.get(), a.qa_n.data(), p.q_b_proj, R, d.Dq, Q,
+    linear_backward(dqa_n.get(), g.q_b_proj, dq.get(), a.qa_n.data(), p.q_b_proj, R, d.Dq, Q, p.precision,
                     true);
     rmsnorm_backward(dqa.get(), g.q_a_layernorm, dqa_n.get(), a.qa_rstd.data(), a.qa.data(),
                      p.q_a_layernorm, R, d.Dq, true);
-    linear_backward(dx, g.q_a_proj, dqa.get(), x, p.q_a_proj, R, d.D, d.Dq);
+    linear_backward(dx, g.q_a_proj, dqa.get(), x, p.q_a_proj, R, d.D, d.Dq, p.precision);
   } else {
-    linear_backward(dx, g.q_proj, dq.get(), x, p.q_proj, R, d.D, Q);
+    linear_backward(dx, g.q_proj, dq.get(), x, p.q_proj, R, d.D, Q, p.precision);
   }
 }
 
@@ -319,7 +319,7 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
             p.kv_b_proj + (h * (d.Dn + d.Dv) + d.Dn) * d.Dc, d.Dc, 0.f, o.data() + h * d.Dv,
             d.H * d.Dv);
   });
-  linear_forward(out, o.data(), p.o_proj, R, d.H * d.Dv, d.D);
+  linear_forward(out, o.data(), p.o_proj, R, d.H * d.Dv, d.D, p.precision);
 }
 
 void mla_decode_naive(float* out, const float* x, const MlaParams& p, const MlaDims& d,
@@ -334,7 +334,7 @@ void mla_decode_naive(float* out, const float* x, const MlaParams& p, const MlaD
                       {st.q.data() + b * S * Q, kv.data(), kv.data() + d.Dn, cb + d.Dc},
                       kv_shape(d, 1, S, L, start_pos, W));
   }
-  linear_forward(out, o.data(), p.o_proj, B * S, d.H * d.Dv, d.D);
+  linear_forward(out, o.data(), p.o_proj, B * S, d.H * d.Dv, d.D, p.precision);
 }
 
 }  // namespace dsv3

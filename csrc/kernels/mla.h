@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "core/memory.h"
+#include "kernels/precision.h"
 #include "kernels/attention.h"
 #include "kernels/rope.h"
 
@@ -49,6 +50,7 @@ struct MlaParams {
   const float* kv_a_layernorm = nullptr;      // [Dc]
   const float* kv_b_proj = nullptr;           // [H*(Dn+Dv), Dc]
   const float* o_proj = nullptr;              // [D, H*Dv]
+  GemmPrecision precision = GemmPrecision::fp32;  // of every projection (kernels/precision.h)
 };
 void mla_check_params(const MlaParams& p, const MlaDims& d);  // the weights d needs are set
 struct MlaGrads {  // same layout; accumulated into

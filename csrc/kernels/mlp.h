@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/precision.h"
 #include "core/memory.h"
 
 namespace dsv3 {
@@ -15,6 +16,7 @@ struct SwiGluParams {
   const float* gate_proj = nullptr;  // [W,D]
   const float* up_proj = nullptr;    // [W,D]
   const float* down_proj = nullptr;  // [D,W]
+  GemmPrecision precision = GemmPrecision::fp32;  // of the three projections (precision.h)
 };
 struct SwiGluGrads {  // null members are skipped
   float* gate_proj = nullptr;

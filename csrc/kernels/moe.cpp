@@ -178,10 +178,10 @@ void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
     if (e == E) {
       const SwiGluParams& w = p.shared_experts;
       Buf h = buf(T * S);
-      linear_forward(a.shared_gate, x, w.gate_proj, T, D, S);
-      linear_forward(a.shared_up, x, w.up_proj, T, D, S);
+      linear_forward(a.shared_gate, x, w.gate_proj, T, D, S, p.precision);
+      linear_forward(a.shared_up, x, w.up_proj, T, D, S, p.precision);
       swiglu_forward(h.get(), a.shared_gate, a.shared_up, T * S);
-      linear_forward(y, h.get(), w.down_proj, T, S, D);
+      linear_forward(y, h.get(), w.down_proj, T, S, D, p.precision);
       return;
     }
     const SwiGluParams& w = p.experts[e];
@@ -189,10 +189,10 @@ void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
     Buf xs = buf(n * D), h = buf(n * F);
     gather_rows(xs.get(), x, a.dispatch_slot + o, n, K, D);
     float *g = a.expert_gate + o * F, *u = a.expert_up + o * F;
-    linear_forward(g, xs.get(), w.gate_proj, n, D, F);
-    linear_forward(u, xs.get(), w.up_proj, n, D, F);
+    linear_forward(g, xs.get(), w.gate_proj, n, D, F, p.precision);
+    linear_forward(u, xs.get(), w.up_proj, n, D, F, p.precision);
     swiglu_forward(h.get(), g, u, n * F);
-    linear_forward(ye + o * D, h.get(), w.down_proj, n, F, D);
+    linear_forward(ye + o * D, h.get(), w.down_proj, n, F, D, p.precision);
   });
 
   // 4. Combine in k order.
@@ -243,7 +243,7 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
       gather_rows(dys.get(), dy, slots, n, K, D);
       dY = dys.get();
     }
-    const GemmPrecision prec = gemm_precision();  // fp32, or the training step's bf16/fp8
+    const GemmPrecision prec = p.precision;  // fp32, or the training step's bf16/fp8
     const bool lowp = prec != GemmPrecision::fp32;
     if (lowp) {
       std::fill(A.get(), A.get() + n * W, 0.f);

@@ -135,15 +135,15 @@ void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids,
   });
 }
 
-void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O) {
-  if (const GemmPrecision p = gemm_precision(); p != GemmPrecision::fp32)
-    return lowp_linear_forward(y, x, w, R, K, O, p);
+void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O,
+                    GemmPrecision p) {
+  if (p != GemmPrecision::fp32) return lowp_linear_forward(y, x, w, R, K, O, p);
   sgemm(false, true, R, O, K, 1.f, x, K, w, K, 0.f, y, O);
 }
 
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                     int64_t R, int64_t K, int64_t O, bool set_dx) {
-  if (const GemmPrecision p = gemm_precision(); p != GemmPrecision::fp32) {
+                     int64_t R, int64_t K, int64_t O, GemmPrecision p, bool set_dx) {
+  if (p != GemmPrecision::fp32) {
     if (dx && set_dx) std::fill_n(dx, R * K, 0.f);  // the low-precision GEMMs accumulate
     return lowp_linear_backward(dx, dw, dy, x, w, R, K, O, p);
   }

@@ -10,6 +10,8 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/precision.h"
+
 namespace dsv3 {
 
 // out[r,:] = weight[ids[r],:]             ids[R] in [0,V)   weight[V,D]   out[R,D]
@@ -19,11 +21,14 @@ void embedding_forward(float* out, const int64_t* ids, const float* weight, int6
 void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids, int64_t R,
                         int64_t V, int64_t D);
 
+// The one linear path of the model's projections; p is the GEMM precision of THIS call
+// (kernels/precision.h: fp32 sgemm, or the bf16/fp8 training GEMMs).
 // y = x W^T                               x[R,K]  W[O,K]  y[R,O]
-void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O);
+void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O,
+                    GemmPrecision p);
 // dx += dy W ;  dW += dy^T x              dy[R,O]   (set_dx: dx = dy W, dx need not be zeroed)
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                     int64_t R, int64_t K, int64_t O, bool set_dx = false);
+                     int64_t R, int64_t K, int64_t O, GemmPrecision p, bool set_dx = false);
 
 // y = w * x / sqrt(mean(x^2) + eps), in fp32; rstd[R] = 1/sqrt(mean(x^2)+eps) is saved
 //                                         x[R,D]  w[D]  y[R,D]  rstd[R] (either may be null)

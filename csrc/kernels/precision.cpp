@@ -34,10 +34,6 @@ Bf16Src src(const float* p, int64_t rs, int64_t cs) {
 
 }  // namespace
 
-GemmPrecision gemm_precision() {
-  return (GemmPrecision)thread_state().gemm_precision;
-}
-
 GemmPrecision parse_gemm_precision(const char* s) {
   if (!std::strcmp(s, "fp32")) return GemmPrecision::fp32;
   if (!std::strcmp(s, "bf16")) return GemmPrecision::bf16;
@@ -45,11 +41,6 @@ GemmPrecision parse_gemm_precision(const char* s) {
   DSV3_CHECK(false, "[precision] precision must be 'fp32', 'bf16' or 'fp8', got '", s, "'");
   return GemmPrecision::fp32;
 }
-
-ScopedGemmPrecision::ScopedGemmPrecision(GemmPrecision p) : prev_(gemm_precision()) {
-  thread_state().gemm_precision = (int)p;
-}
-ScopedGemmPrecision::~ScopedGemmPrecision() { thread_state().gemm_precision = (int)prev_; }
 
 void lowp_linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K,
                          int64_t O, GemmPrecision p) {

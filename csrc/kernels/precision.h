@@ -1,19 +1,18 @@
-// Low-precision GEMMs for training (semantics §2.6): one per-thread setting, consulted by
-// linear_forward / linear_backward (nn.h) and by the MoE experts' GEMMs, so every linear layer
-// of the model follows it while the attention core, embedding, lm_head and router gate (which
-// do not go through these functions, or opt out with a ScopedGemmPrecision(fp32)) stay fp32.
+// Low-precision GEMMs for training (semantics §2.6). The precision is an argument of each call:
+// every projection of the model goes through linear_forward / linear_backward (nn.h) with the
+// precision its parameters carry (MlaParams / MhaParams / SwiGluParams / MoeParams /
+// MtpParams ::precision, fp32 unless the training step sets it when it builds the views), and
+// the embedding, lm_head, router gate and attention core call the fp32 products directly.
 //
-//   fp32  plain sgemm (the default; this path is unchanged and costs one thread-local load)
+//   fp32  plain sgemm (the default)
 //   bf16  both operands rounded to bf16 (round-to-nearest-even), exact products, fp32
 //         accumulation: vdpbf16ps on the bf16 tier (core/lowp_gemm.h), else rounded
 //         copies given to sgemm
 //   fp8   fp8_linear_forward / fp8_linear_backward: E4M3 operands tiled along each GEMM's
 //         inner dimension (activations and gradients 1x128, weights 128x128), fp32 promotion
 //
-// The setting belongs to the calling thread (core/parallel.h ThreadState) and follows its work
-// into parallel_for's workers (the MoE experts run inside such loops): the training step sets
-// it for its duration with ScopedGemmPrecision, and a forward running concurrently on another
-// thread keeps its own (fp32) precision.
+// No state outside the call: a forward running on another thread during an fp8 training step
+// builds its own (fp32) views and computes in fp32.
 #pragma once
 #include <cstdint>
 
@@ -21,19 +20,7 @@ namespace dsv3 {
 
 enum class GemmPrecision : int { fp32 = 0, bf16 = 1, fp8 = 2 };
 
-GemmPrecision gemm_precision();
 GemmPrecision parse_gemm_precision(const char* s);  // "fp32" | "bf16" | "fp8", else ValueError
-
-class ScopedGemmPrecision {
- public:
-  explicit ScopedGemmPrecision(GemmPrecision p);
-  ~ScopedGemmPrecision();
-  ScopedGemmPrecision(const ScopedGemmPrecision&) = delete;
-  ScopedGemmPrecision& operator=(const ScopedGemmPrecision&) = delete;
-
- private:
-  GemmPrecision prev_;
-};
 
 // The low-precision forms of linear_forward / linear_backward (nn.h), same shapes and
 // accumulate semantics: y = x W^T (overwrites);  dx += dy W ;  dW += dy^T x.

@@ -36,6 +36,10 @@ struct BlockParams {
   SwiGluParams mlp;  // dense layers
   MoeParams experts; // MoE layers (gate, bias, experts, shared_experts)
 };
+// The GEMM precision of every projection of the block (attention, dense MLP or experts).
+inline void set_precision(BlockParams& b, GemmPrecision p) {
+  b.mla.precision = b.mha.precision = b.mlp.precision = b.experts.precision = p;
+}
 struct BlockGrads {
   float* input_layernorm = nullptr;
   float* post_attention_layernorm = nullptr;

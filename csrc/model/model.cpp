@@ -21,14 +21,19 @@ const float* Model::head() const { return layout_.ptr(w_.data(), head_name()); }
 const float* Model::embed() const { return layout_.ptr(w_.data(), hf::embed_tokens); }
 const float* Model::final_norm() const { return layout_.ptr(w_.data(), hf::norm); }
 
-BlockParams Model::block_params(int64_t i) const {
-  return dsv3::block_params(layout_, w_.data(), cfg_, i);
+BlockParams Model::block_params(int64_t i, GemmPrecision p) const {
+  BlockParams b = dsv3::block_params(layout_, w_.data(), cfg_, i);
+  set_precision(b, p);
+  return b;
 }
 BlockGrads Model::block_grads(int64_t i, float* g) const {
   return dsv3::block_grads(layout_, g, cfg_, i);
 }
-MtpParams Model::mtp_params(int64_t k) const {
-  return dsv3::mtp_params(layout_, w_.data(), cfg_, k);
+MtpParams Model::mtp_params(int64_t k, GemmPrecision p) const {
+  MtpParams m = dsv3::mtp_params(layout_, w_.data(), cfg_, k);
+  m.precision = p;
+  set_precision(m.block, p);
+  return m;
 }
 MtpGrads Model::mtp_grads(int64_t k, float* g) const {
   return dsv3::mtp_grads(layout_, g, cfg_, k);
@@ -69,7 +74,7 @@ void Model::forward(float* logits, const int64_t* tokens, int64_t B, int64_t T) 
   }
   rmsnorm_forward(h2.data(), nullptr, h.data(), final_norm(), R, D,
                   cfg_.eps);
-  linear_forward(logits, h2.data(), head(), R, D, cfg_.V);
+  linear_forward(logits, h2.data(), head(), R, D, cfg_.V, GemmPrecision::fp32);
 }
 
 int64_t Model::cache_width() const {
@@ -137,7 +142,7 @@ void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, 
   cache.end_write(0, cfg_.layers, start_pos, S);
   rmsnorm_forward(hn.data(), nullptr, h.data(), final_norm(), R, D, cfg_.eps);
   if (hidden) std::memcpy(hidden, hn.data(), sizeof(float) * R * D);
-  linear_forward(logits, hn.data(), head(), R, D, cfg_.V);
+  linear_forward(logits, hn.data(), head(), R, D, cfg_.V, GemmPrecision::fp32);
 }
 
 void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_prev,
@@ -161,7 +166,7 @@ void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_
   cache.end_write(k - 1, k, start_pos, S);
   if (hidden_out) std::memcpy(hidden_out, h.data(), sizeof(float) * R * D);
   mtp_output(sn.data(), nullptr, h.data(), p, R, D, cfg_.eps);
-  linear_forward(logits, sn.data(), head(), R, D, V);
+  linear_forward(logits, sn.data(), head(), R, D, V, GemmPrecision::fp32);
 }
 
 }  // namespace dsv3

@@ -29,7 +29,7 @@ void mtp_input_forward(float* h_prime, MtpInputActs& a, const float* h_prev, int
     std::memcpy(a.cat.data() + r * 2 * D, a.en.data() + r * D, sizeof(float) * D);
     std::memcpy(a.cat.data() + r * 2 * D + D, a.hpn.data() + r * D, sizeof(float) * D);
   }
-  linear_forward(h_prime, a.cat.data(), p.eh_proj, R, 2 * D, D);
+  linear_forward(h_prime, a.cat.data(), p.eh_proj, R, 2 * D, D, p.precision);
 }
 
 void mtp_input_backward(float* dh_prev, int64_t ld_h, const MtpGrads& g, const float* dh_prime,
@@ -37,7 +37,7 @@ void mtp_input_backward(float* dh_prev, int64_t ld_h, const MtpGrads& g, const f
                         int64_t B, int64_t L) {
   const int64_t R = B * L;
   std::vector<float> dcat((size_t)(R * 2 * D), 0.f);
-  linear_backward(dcat.data(), g.eh_proj, dh_prime, a.cat.data(), p.eh_proj, R, 2 * D, D);
+  linear_backward(dcat.data(), g.eh_proj, dh_prime, a.cat.data(), p.eh_proj, R, 2 * D, D, p.precision);
   std::vector<float> den((size_t)(R * D)), dhpn((size_t)(R * D)), de((size_t)(R * D), 0.f),
       dprev((size_t)(R * D), 0.f);
   for (int64_t r = 0; r < R; ++r) {

@@ -28,6 +28,7 @@ struct MtpParams {
   const float* eh_proj = nullptr;           // [D, 2D]
   const float* shared_head_norm = nullptr;  // [D]
   BlockParams block;
+  GemmPrecision precision = GemmPrecision::fp32;  // of eh_proj (the block's are in block)
 };
 struct MtpGrads {  // accumulated into; embed_tokens is the main model's gradient
   float* embed_tokens = nullptr;

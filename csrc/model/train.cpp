@@ -35,10 +35,9 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
   grads_.assign((size_t)L.total, 0.f);
   TrainStepStats st;
   {
-    ScopedGemmPrecision prec(o.precision);
     for (int64_t a = 0; a < A; ++a) {
-      const LossParts lp =
-          model_.loss(tokens + a * Bm * N, Bm, N, grads_.data(), o.alpha, o.mtp_weight);
+      const LossParts lp = model_.loss(tokens + a * Bm * N, Bm, N, grads_.data(), o.alpha,
+                                       o.mtp_weight, o.precision);
       st.loss += lp.loss / (double)A;
       st.main += lp.main / (double)A;
       st.mtp += lp.mtp / (double)A;
