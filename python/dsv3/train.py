@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _core
+from . import _core, _memory
 from ._files import open_regular, temp_name
 from .model import Model
 
@@ -143,6 +143,7 @@ class Trainer:
         self.config = config if config is not None else TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError("[Trainer] config must be a dsv3.TrainConfig")
+        _memory.trainer(model.config, self.config.moment_dtype == "bfloat16")
         self._t = _core.Trainer(model._m, self.config.moment_dtype == "bfloat16")
         self._data_state: Optional[Dict] = None  # restored into the dataset by fit()
         self.history: List[Dict[str, Any]] = []
@@ -180,6 +181,7 @@ class Trainer:
             bad = arr.max() if arr.max() >= V else arr.min()
             raise ValueError(f"[Trainer.step] token id {int(bad)} is out of range "
                              f"[0, vocab_size={V})")
+        _memory.activations("Trainer.step", self.model.config, arr, "grad", self.config.grad_accum)
         n = self.step_count
         lr = self.config.lr_at(n)
         t0 = time.perf_counter()
