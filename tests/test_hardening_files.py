@@ -377,3 +377,38 @@ def test_two_concurrent_saves_one_wins_cleanly(tmp_path, saver):
         back = dsv3.Model.from_pretrained(target).state_dict()
         assert any(all(np.array_equal(back[k], v) for k, v in m.state_dict().items())
                    for m in models)
+
+
+# ---------------------------------------------------------------- CLI numeric flags, closed pipes
+@pytest.mark.parametrize("cmd,flag,value", [
+    ("train", "--steps", str(2**64)), ("train", "--steps", "-1"), ("train", "--save-every", "0"),
+    ("train", "--eval-interval", "-1"), ("train", "--batch", "0"), ("train", "--seq", "0"),
+    ("train", "--warmup", "-5"), ("train", "--lr", "nan"), ("train", "--lr", "0"),
+    ("train", "--seed", "-1"), ("train", "--threads", "-5"),
+    ("generate", "--max-new-tokens", "-1"), ("generate", "--temperature", "inf"),
+    ("generate", "--top-k", "-1"), ("generate", "--top-p", "2"), ("generate", "--top-p", "0"),
+    ("generate", "--num-draft-tokens", "0"), ("generate", "--eos-token-id", "-2"),
+    ("generate", "--eos-token-id", "1.5"), ("generate", "--seed", str(2**70)),
+])
+def test_cli_numeric_flags_refused_with_their_range(tmp_path, cmd, flag, value):
+    # --steps 2**64 trained forever; --save-every 0 and --eval-interval -1 exited 0
+    first = ["--out", str(tmp_path / "o")] if cmd == "train" else [str(tmp_path)]
+    r = run_cli(cmd, *first, flag, value, timeout=30)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert flag in lines[0] and ("range" in lines[0] or "not" in lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("args", [["info", "--config", "tiny"],
+                                  ["generate", "CK", "--prompt-ids", "1,2", "--max-new-tokens", "4"]])
+def test_cli_closed_stdout_exits_quietly(tmp_path, model, args):
+    # `python -m dsv3 ... | head -1`: BrokenPipeError printed a traceback at exit
+    model.save_pretrained(tmp_path / "ck")
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # the reader is gone before anything is written
+    p = subprocess.run([sys.executable, "-m", "dsv3",
+                        *[str(tmp_path / "ck") if a == "CK" else a for a in args]],
+                       stdout=w_fd, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(w_fd)
+    assert p.returncode in (0, 141), p.stderr
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
