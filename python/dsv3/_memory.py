@@ -4,9 +4,9 @@ Every entry point that allocates in proportion to its arguments (a model's weigh
 trainer's optimizer state, a decoding cache, the activations of a forward / loss / training
 step, the arrays of the ops that size their output from an argument) estimates its bytes from
 the config and the shapes with exact integer arithmetic, and calls :func:`require` before the
-C++ allocates anything. Above the budget it raises ``MemoryError("[op] <what> needs N bytes
-(x GiB), M available (y GiB, <which limit>)")`` instead of failing halfway (std::bad_alloc)
-or being killed by the kernel.
+C++ allocates anything. Above the budget it raises :class:`MemoryBudgetError` (a MemoryError
+and a ValueError) ``"[op] <what> needs N bytes (x GiB), M available (y GiB: <which limit>)"`` instead of
+failing halfway (std::bad_alloc) or being killed by the kernel.
 
 The budget (:func:`available`) is the smallest of the limits that apply to this process:
 
@@ -108,17 +108,31 @@ def available() -> Optional[Tuple[int, str]]:
     return min(limits) if limits else None
 
 
+class MemoryBudgetError(MemoryError, ValueError):
+    """A size refused before allocating because it does not fit :func:`available`: a
+    MemoryError (what it prevents), and a ValueError (the argument or config asked for it)."""
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+# Below this a call does not consult the limits: reading them (/proc, cgroup files) releases
+# the GIL and costs more than such a call risks, and a training step that paused there would
+# lose the race for the model against a forward loop in another thread.
+UNCHECKED = 256 << 20
+
+
 def require(op: str, what: str, need: int) -> None:
-    """MemoryError naming ``op`` and ``what`` when ``need`` bytes exceed the budget (or int64)."""
+    """:class:`MemoryBudgetError` naming ``op`` and ``what`` when ``need`` bytes exceed the
+    budget (or int64)."""
+    if need <= UNCHECKED:
+        return
     have = available()
     if need > INT64_MAX:
-        raise MemoryError(f"[{op}] {what} needs {need} bytes, beyond int64 (and any memory)")
+        raise MemoryBudgetError(f"[{op}] {what} needs {need} bytes, beyond int64 (and any memory)")
     if have is not None and need > have[0]:
-        raise MemoryError(f"[{op}] {what} needs {need} bytes ({_gib(need)}), {have[0]} "
+        raise MemoryBudgetError(f"[{op}] {what} needs {need} bytes ({_gib(need)}), {have[0]} "
                           f"available ({_gib(have[0])}: {have[1]})")
 
 
