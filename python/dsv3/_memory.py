@@ -5,8 +5,9 @@ trainer's optimizer state, a decoding cache, the activations of a forward / loss
 step, the arrays of the ops that size their output from an argument) estimates its bytes from
 the config and the shapes with exact integer arithmetic, and calls :func:`require` before the
 C++ allocates anything. Above the budget it raises :class:`MemoryBudgetError` (a MemoryError
-and a ValueError) ``"[op] <what> needs N bytes (x GiB), M available (y GiB: <which limit>)"`` instead of
-failing halfway (std::bad_alloc) or being killed by the kernel.
+and a ValueError), ``"[op] <what> needs N bytes (x GiB), M available (y GiB: <limit>)"``,
+instead of failing halfway (std::bad_alloc) or being killed by the kernel. Calls under
+UNCHECKED bytes are not checked.
 
 The budget (:func:`available`) is the smallest of the limits that apply to this process:
 

@@ -37,7 +37,7 @@ def embedding(ids: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 def embedding_backward(d_out: np.ndarray, ids: np.ndarray, num_embeddings: int) -> np.ndarray:
     """dL/dweight (V, D): rows of ``d_out`` (..., D) summed into ``ids``' rows."""
-    _memory.array("embedding_backward", "the gradient (num_embeddings, D)", num_embeddings, 4, d_out)
+    _memory.array("embedding_backward", "the gradient rows", num_embeddings, 4, d_out)
     return _core.embedding_backward(d_out, ids, int(num_embeddings))
 
 
