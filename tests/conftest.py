@@ -126,3 +126,11 @@ def get_torch():
             pytest.skip("PyTorch not installed (DSV3_REQUIRE_TORCH=0)")
         raise
     return _t
+
+
+def child_env(**extra: str) -> Dict[str, str]:
+    """The environment of a test's child interpreter: the dsv3 this test imported (an installed
+    one in CI, python/ in a dev tree) first on PYTHONPATH, plus ``extra``."""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(dsv3.__file__)))
+    path = [pkg] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(path), **extra)

@@ -226,7 +226,7 @@ def test_cli_generate(tmp_path, trained):
         assert r.stdout.strip() == want
         assert "acceptance rate" in r.stderr and "tok/s" in r.stderr
     r = subprocess.run(base + ["--top-p", "0"], capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "top_p" in r.stderr
+    assert r.returncode != 0 and "top-p" in r.stderr  # the flag named as typed
     r = subprocess.run(base[:4] + [str(tmp_path / "nope")], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0 and "not found" in r.stderr

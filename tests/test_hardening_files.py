@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dsv3
-from dsv3 import _core, checkpoint, safetensors_io as st
+from dsv3 import _core, _files, checkpoint, safetensors_io as st
 
 
 def run_cli(*args, timeout=60):
@@ -377,3 +377,109 @@ def test_two_concurrent_saves_one_wins_cleanly(tmp_path, saver):
         back = dsv3.Model.from_pretrained(target).state_dict()
         assert any(all(np.array_equal(back[k], v) for k, v in m.state_dict().items())
                    for m in models)
+
+
+# ---------------------------------------------------------------- CLI numeric flags, closed pipes
+@pytest.mark.parametrize("cmd,flag,value", [
+    ("train", "--steps", str(2**64)), ("train", "--steps", "-1"), ("train", "--save-every", "0"),
+    ("train", "--eval-interval", "-1"), ("train", "--batch", "0"), ("train", "--seq", "0"),
+    ("train", "--warmup", "-5"), ("train", "--lr", "nan"), ("train", "--lr", "0"),
+    ("train", "--seed", "-1"), ("train", "--threads", "-5"),
+    ("generate", "--max-new-tokens", "-1"), ("generate", "--temperature", "inf"),
+    ("generate", "--top-k", "-1"), ("generate", "--top-p", "2"), ("generate", "--top-p", "0"),
+    ("generate", "--num-draft-tokens", "0"), ("generate", "--eos-token-id", "-2"),
+    ("generate", "--eos-token-id", "1.5"), ("generate", "--seed", str(2**70)),
+])
+def test_cli_numeric_flags_refused_with_their_range(tmp_path, cmd, flag, value):
+    # --steps 2**64 trained forever; --save-every 0 and --eval-interval -1 exited 0
+    first = ["--out", str(tmp_path / "o")] if cmd == "train" else [str(tmp_path)]
+    r = run_cli(cmd, *first, flag, value, timeout=30)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert flag in lines[0] and ("range" in lines[0] or "not" in lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("args", [["info", "--config", "tiny"],
+                                  ["generate", "CK", "--prompt-ids", "1,2", "--max-new-tokens", "4"]])
+def test_cli_closed_stdout_exits_quietly(tmp_path, model, args):
+    # `python -m dsv3 ... | head -1`: BrokenPipeError printed a traceback at exit
+    model.save_pretrained(tmp_path / "ck")
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)  # the reader is gone before anything is written
+    p = subprocess.run([sys.executable, "-m", "dsv3",
+                        *[str(tmp_path / "ck") if a == "CK" else a for a in args]],
+                       stdout=w_fd, stderr=subprocess.PIPE, text=True, timeout=60)
+    os.close(w_fd)
+    assert p.returncode in (0, 141), p.stderr
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
+
+
+# ---------------------------------------------------------------- checkpoint temporaries, snapshots
+def test_two_rename_publish_killed_between_renames_is_swept(tmp_path, model):
+    # without renameat2 the publish moves the old checkpoint aside, then renames the new one
+    # in; a process killed in between left the moved-aside copy forever (never swept)
+    d = tmp_path / "ck"
+    model.save_pretrained(d)
+    code = ("import os, dsv3\nfrom dsv3 import checkpoint\n"
+            "checkpoint._exchange = lambda a, b: False\nreal = os.rename\n"
+            "def rename(a, b):\n    real(a, b)\n"
+            "    if os.path.basename(a) == 'ck':\n        os._exit(3)  # killed between the renames\n"
+            "os.rename = rename\n"
+            f"dsv3.Model(dsv3.Config.tiny(), seed=1).save_pretrained({str(d)!r})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert not d.exists() and hidden(tmp_path), "the crash left no moved-aside checkpoint"
+    model.save_pretrained(d)  # the next save sweeps what the dead process left
+    assert os.listdir(tmp_path) == ["ck"]
+    got = dsv3.Model.from_pretrained(d).state_dict()
+    assert all(np.array_equal(got[k], v) for k, v in model.state_dict().items())
+
+
+def test_next_save_restores_the_moved_aside_checkpoint_first(tmp_path, model, monkeypatch):
+    # the target is missing after such a crash: the previous checkpoint is put back before
+    # publishing, so a save that then fails still leaves a checkpoint there
+    d = tmp_path / "ck"
+    model.save_pretrained(d)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    os.rename(d, tmp_path / f".ck.{checkpoint.OLD_KIND}-{dead}-0123abcd")
+
+    def boom(tmp, directory):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(checkpoint, "_publish_locked", boom)
+    with pytest.raises(OSError, match="disk on fire"):
+        dsv3.Model(dsv3.Config.tiny(), seed=1).save_pretrained(d)
+    assert checkpoint.is_checkpoint_dir(d) and hidden(tmp_path) == []
+
+
+def test_trainer_load_reads_one_directory_snapshot(tmp_path, monkeypatch):
+    # Trainer.load opened trainer.json, the weights and the moments by path at different
+    # times: a directory swapped in between paired one checkpoint's step with another's moments
+    t = np.random.default_rng(0).integers(0, 64, (2, 9))
+    a = dsv3.Trainer(dsv3.Model(dsv3.Config.tiny(), seed=0), dsv3.TrainConfig(schedule="constant"))
+    a.step(t)
+    a.save(tmp_path / "tr")
+    b = dsv3.Trainer(dsv3.Model(dsv3.Config.tiny(), seed=5), dsv3.TrainConfig(schedule="constant"))
+    for _ in range(3):
+        b.step(t)
+    b.save(tmp_path / "tr2")
+    real = _files.open_regular
+    swapped = []
+
+    def open_then_swap(path, *args, **kw):
+        if os.path.basename(path) == "optimizer_m.npy" and not swapped:
+            os.rename(tmp_path / "tr", tmp_path / "tr_old")  # a saver publishes b's checkpoint
+            os.rename(tmp_path / "tr2", tmp_path / "tr")
+            swapped.append(path)
+        return real(path, *args, **kw)
+
+    import dsv3.train as train_mod
+    for mod in (checkpoint, train_mod):
+        monkeypatch.setattr(mod, "open_regular", open_then_swap, raising=False)
+    got = dsv3.Trainer.load(tmp_path / "tr")
+    assert swapped
+    assert got.step_count == a.step_count
+    want_m, got_m = a.moments()[0], got.moments()[0]
+    assert all(np.array_equal(got_m[k], v) for k, v in want_m.items())
+    assert all(np.array_equal(got.model.state_dict()[k], v) for k, v in a.model.state_dict().items())

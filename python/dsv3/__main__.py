@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import List, Optional
@@ -24,6 +25,42 @@ def load_config(spec: str) -> Config:
         return Config.from_json(spec)
     raise SystemExit(f"dsv3: --config must be one of {sorted(_PRESETS)} or a path to a "
                      f"config.json / checkpoint directory; {spec!r} is neither")
+
+
+INT64_MAX = 2**63 - 1
+
+
+def _int_in(lo: int, hi: int = INT64_MAX):
+    """argparse type: an integer in [lo, hi] (hi defaults to int64's maximum: a count beyond
+    it cannot be meant, and would run forever)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not lo <= v <= hi:
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range: must be an integer in [{lo}, "
+                f"{'int64 max ' if hi == INT64_MAX else ''}{hi}]")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def _float_in(lo: float, hi: float = float("inf"), lo_open: bool = False):
+    """argparse type: a finite number in [lo, hi] (``lo_open``: (lo, hi])."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi):
+            raise argparse.ArgumentTypeError(
+                f"{text} is out of range: must be a finite number in {'(' if lo_open else '['}"
+                f"{lo:g}, {hi:g}{')' if math.isinf(hi) else ']'}")
+        return v
+    parse.__name__ = "number"
+    return parse
 
 
 def _fmt_count(n: int) -> str:
@@ -184,22 +221,24 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("train", help="train a model (default: Config.small() on the Python "
                                      "standard library sources) and save it")
     p.add_argument("--config", default="small", help="preset or config.json (default: small)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=_int_in(0), default=300)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp8"), default="fp32")
     p.add_argument("--balance", choices=("aux_free", "aux_loss", "none"), default="aux_free")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--batch", type=_int_in(1), default=8)
+    p.add_argument("--seq", type=_int_in(1), default=256)
+    p.add_argument("--lr", type=_float_in(0, lo_open=True), default=2e-3)
+    p.add_argument("--warmup", type=_int_in(0), default=20)
     p.add_argument("--schedule", choices=("cosine", "constant", "linear"), default="cosine")
     p.add_argument("--data", default=None, help="a text file or directory (default: the Python "
                                                 "standard library sources)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-interval", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--seed", type=_int_in(0), default=0)
+    p.add_argument("--eval-interval", type=_int_in(0), default=100,
+                   help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--save-every", type=_int_in(1), default=None,
+                   help="also save every N steps (default: at the end only)")
     p.add_argument("--log", default=None, help="JSON-lines log (default: OUT.log.jsonl)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=_int_in(0), default=0, help="0: the default")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("bench", help="run a benchmark suite from bench/ (e.g. fp8)")
@@ -212,15 +251,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--prompt", default="", help="prompt text (encoded with the checkpoint's "
                                                 "tokenizer.json, else as UTF-8 bytes after BOS)")
     p.add_argument("--prompt-ids", default=None, help="prompt as token ids '1,2,3' instead")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_int_in(0), default=64)
+    p.add_argument("--temperature", type=_float_in(0), default=0.0,
+                   help="0 = greedy (default)")
+    p.add_argument("--top-k", type=_int_in(0), default=0, help="0 = off")
+    p.add_argument("--top-p", type=_float_in(0, 1, lo_open=True), default=1.0)
+    p.add_argument("--seed", type=_int_in(0), default=0)
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="MTP speculative decoding")
-    p.add_argument("--num-draft-tokens", type=int, default=1)
-    p.add_argument("--eos-token-id", type=int, default=None,
+    p.add_argument("--num-draft-tokens", type=_int_in(1), default=1)
+    p.add_argument("--eos-token-id", type=_int_in(-1), default=None,
                    help="stop token (default: the config's; -1 = none)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")
     p.add_argument("--no-stats", dest="stats", action="store_false",
@@ -228,7 +268,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return rc
+    except BrokenPipeError:  # the reader went away (`... | head -1`): stop quietly
+        _silence_stdout()
+        return 128 + 13  # as a process killed by SIGPIPE
     except KeyboardInterrupt:
         print("dsv3: interrupted", file=sys.stderr)
         return 130
@@ -236,6 +281,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         # a user error (bad argument, file, config): one line, no traceback
         print(f"dsv3: {_one_line(e)}", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so flushing what is left at exit cannot fail again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):
+        pass
 
 
 def _one_line(e: BaseException) -> str:

@@ -71,7 +71,8 @@ def _kind(mode: int) -> str:
     return "not a regular file"
 
 
-def temp_name(path: str) -> str:
-    """A temporary name beside ``path`` unique to this process and call (pid + random), so
-    concurrent writers of one path never share a temporary."""
-    return f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+def temp_name(path: str, kind: str = "tmp") -> str:
+    """A temporary name beside ``path`` unique to this process and call,
+    ``<path>.<kind>-<pid>-<8 hex digits>``, so concurrent writers of one path never share a
+    temporary (and a sweep can tell whose process left it)."""
+    return f"{path}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"

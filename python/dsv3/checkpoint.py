@@ -16,11 +16,24 @@ get the same permutation, so every score is unchanged). ``quantization_config.sc
 saving FP8. A config declaring MTP layers whose tensors are all absent (transformers saves
 none) loads with MTP disabled and a warning, unless ``strict=True``.
 
-Crash safety: everything is written into a fresh temporary directory next to the target,
-fsync'ed, then swapped in with one atomic rename (``renameat2(RENAME_EXCHANGE)`` on Linux
-when the target exists). An interrupted save leaves the previous checkpoint intact under the
-final name and never a partial one. Temporary names carry the pid and a random part, so
-concurrent saves into one directory never share one (the last to publish wins whole).
+Crash safety: everything is written into a fresh temporary directory next to the target
+(``.<name>.tmp-<pid>-<hex>``; a trainer's ``.<name>.trainer.tmp-<pid>-<hex>``), fsync'ed, then
+swapped in with one atomic rename (``renameat2(RENAME_EXCHANGE)`` on Linux when the target
+exists; without it two renames, the previous checkpoint moved aside as
+``.<name>.dsv3-old-<pid>-<hex>`` in between). An interrupted save leaves the previous
+checkpoint intact under the final name and never a partial one; the temporaries of saves
+whose process died are swept by the next save into the same target (a moved-aside previous
+checkpoint is put back when the target is missing), and only those names, of dead pids.
+
+Concurrency: publishing into a target holds an exclusive ``fcntl.flock`` on
+``<parent>/.<name>.dsv3-lock`` (:func:`publish_lock`; a waiter gives up with RuntimeError
+after LOCK_TIMEOUT = 60 s; the holder deletes the file before releasing it), so concurrent
+saves (threads or processes) publish one at a time and the last one wins whole. Readers take
+no lock: :func:`read_snapshot` opens the directory once and every file relative to that
+descriptor, so they read one checkpoint or the other, never a mix; when a save deletes the
+directory being read before every file was opened (:class:`ChangedWhileReading`), reading
+starts again on the new one, up to LOAD_ATTEMPTS = 3 times, then raises it.
+``Model.from_pretrained`` and ``Trainer.load`` both read this way.
 
 Refusals (``ValueError``): saving over a file or a non-empty directory that is not a dsv3
 checkpoint (:func:`check_target`, before anything is written); loading NaN / Inf in any
@@ -36,6 +49,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import warnings
@@ -275,6 +289,7 @@ def publish_dir(tmp: str, directory: str) -> None:
     :func:`publish_lock`. Concurrent publishers of one directory take turns (the last one
     wins); a reader sees one complete checkpoint or the other."""
     with publish_lock(directory):
+        _sweep_old(directory)
         _publish_locked(tmp, directory)
 
 
@@ -296,13 +311,19 @@ def _publish_locked(tmp: str, directory: str) -> None:
             raise ValueError(f"[save] {directory} became a directory that is not a dsv3 "
                              f"checkpoint while saving; it was moved to {kept}")
         shutil.rmtree(tmp)
-    else:  # no atomic exchange: two renames (a crash between them leaves `<dir>.old-<pid>-*`)
-        old = temp_name(f"{directory}.old")
+    else:  # no atomic exchange: two renames (a crash between them leaves OLD_KIND behind,
+        # which the next save into `directory` restores or deletes: _sweep_old)
+        old = temp_name(os.path.join(parent, "." + os.path.basename(os.path.abspath(directory))),
+                        OLD_KIND)
         os.rename(directory, old)
         if not _replaceable(old):
             os.rename(old, directory)
             raise _not_replaced(directory)
-        os.rename(tmp, directory)
+        try:
+            os.rename(tmp, directory)
+        except BaseException:
+            os.rename(old, directory)  # the previous checkpoint stays where it was
+            raise
         shutil.rmtree(old)
     _fsync_dir(parent)
 
@@ -331,13 +352,54 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _dead(pid: str) -> bool:
+    """``pid`` (the text of a temporary's name) names a process that no longer runs."""
+    return pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid))
+
+
 def remove_stale_temps(parent: str, prefix: str) -> None:
     """Delete temporary directories left by saves whose process died (kill -9, power loss)."""
     for name in os.listdir(parent):
         if name.startswith(prefix):
             pid = name[len(prefix):].split("-")[0]  # temp_name: <prefix><pid>-<random>
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if _dead(pid):
                 shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def sweep_temps(directory: str) -> None:
+    """The temporaries that saves (model or trainer) into ``directory`` left when their
+    process died: :func:`remove_stale_temps` of both name patterns."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    base = os.path.basename(os.path.abspath(directory))
+    for prefix in (f".{base}.tmp-", f".{base}.trainer.tmp-"):
+        remove_stale_temps(parent, prefix)
+
+
+OLD_KIND = "dsv3-old"  # temp_name kind of what the two-rename publish moved aside
+
+
+def _sweep_old(directory: str) -> None:
+    """Under the publish lock: the previous checkpoints that two-rename publishes of
+    ``directory`` moved aside (``.<name>.dsv3-old-<pid>-<hex>``; ``<name>.old.tmp-<pid>-<hex>``
+    from earlier versions) and whose process died before deleting them. When ``directory``
+    is absent (the process died between its two renames) the newest is put back there;
+    the others are deleted. Only dsv3's own names of dead processes, and only checkpoints or
+    empty directories, are touched."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    base = re.escape(os.path.basename(os.path.abspath(directory)))
+    pattern = re.compile(rf"\.{base}\.{OLD_KIND}-(\d+)-[0-9a-f]{{8}}"
+                         rf"|{base}\.old\.tmp-(\d+)-[0-9a-f]{{8}}")
+    found = []
+    for name in os.listdir(parent):
+        m = pattern.fullmatch(name)
+        path = os.path.join(parent, name)
+        if m and _dead(m.group(1) or m.group(2)) and _replaceable(path):
+            found.append((os.stat(path).st_mtime, path))
+    for _, path in sorted(found, reverse=True):
+        if not os.path.lexists(directory) and is_checkpoint_dir(path):
+            os.rename(path, directory)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def checkpoint_config(config: Config, dtype: str, rope_format: str = "both") -> Dict:
@@ -378,7 +440,7 @@ def save(model, directory: str, dtype: str = "float32",
     parent = os.path.dirname(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
     base = os.path.basename(os.path.abspath(directory))
-    remove_stale_temps(parent, f".{base}.tmp-")
+    sweep_temps(directory)
     tmp = temp_name(os.path.join(parent, f".{base}"))
     os.makedirs(tmp)
     try:
@@ -412,42 +474,57 @@ def _without_absent_mtp(cfg: Config, names, directory: str, strict: bool) -> Con
 LOAD_ATTEMPTS = 3
 
 
-def load(directory: str, model_cls, strict: bool = False):
-    """Read a checkpoint directory into ``model_cls``. The directory is opened once and
-    config.json, the index and every shard are opened relative to it, so a concurrent save
-    into ``directory`` cannot mix two checkpoints; when it deletes the old one before every
-    file was opened, loading starts again on the new one (up to LOAD_ATTEMPTS times, then
-    :class:`ChangedWhileReading`)."""
-    directory = os.fspath(directory)
+def read_snapshot(directory: str, who: str, reader):
+    """``reader(dir_fd)`` on one open descriptor of ``directory``: every file it opens
+    relative to it (:func:`open_member`, ``st.read_dir(dir_fd=)``) comes from the same
+    directory, the one that was at ``directory`` when it was opened, even while a concurrent
+    save publishes another there. When that save deletes the old directory before every file
+    was opened (:class:`ChangedWhileReading`), reading starts again on the new one, up to
+    LOAD_ATTEMPTS times."""
     for attempt in range(LOAD_ATTEMPTS):
-        fd = open_dir(directory, "from_pretrained")
+        fd = open_dir(directory, who)
         try:
-            cfg, stored = _read_at(directory, fd)
-            break
+            return reader(fd)
         except ChangedWhileReading:
             if attempt == LOAD_ATTEMPTS - 1:
                 raise
         finally:
             os.close(fd)
-    return _build(cfg, stored, directory, model_cls, strict)
 
 
-def _read_at(directory: str, dir_fd: int):
-    """(Config, stored tensors) of the checkpoint open as ``dir_fd``."""
+def open_member(directory: str, dir_fd: int, name: str, who: str, binary: bool = False):
+    """The regular file ``name`` of the checkpoint open as ``dir_fd`` (see
+    :func:`read_snapshot`); FileNotFoundError naming it when absent, ChangedWhileReading
+    when the directory was replaced meanwhile."""
     try:
-        with open_regular("config.json", "Config.from_json", dir_fd=dir_fd,
-                          shown=os.path.join(directory, "config.json")) as f:
-            text = f.read()
+        return open_regular(name, who, binary=binary, dir_fd=dir_fd,
+                            shown=os.path.join(directory, name))
     except FileNotFoundError:
         if dir_replaced(dir_fd, directory):
-            raise ChangedWhileReading(f"[from_pretrained] {directory} changed while reading "
-                                      "(a concurrent save replaced it); retry") from None
-        raise FileNotFoundError(f"[from_pretrained] {directory} has no config.json") from None
+            raise ChangedWhileReading(f"[{who}] {directory} changed while reading (a "
+                                      "concurrent save replaced it); retry") from None
+        raise FileNotFoundError(f"[{who}] {directory} has no {name}") from None
+
+
+def load(directory: str, model_cls, strict: bool = False):
+    """Read a checkpoint directory into ``model_cls``: config.json, the index and every shard
+    from one snapshot of the directory (:func:`read_snapshot`), so a concurrent save into
+    ``directory`` cannot mix two checkpoints."""
+    directory = os.fspath(directory)
+    cfg, stored = read_snapshot(directory, "from_pretrained", lambda fd: read_at(directory, fd))
+    return build(cfg, stored, directory, model_cls, strict)
+
+
+def read_at(directory: str, dir_fd: int):
+    """(Config, stored tensors) of the checkpoint open as ``dir_fd``."""
+    with open_member(directory, dir_fd, "config.json", "from_pretrained") as f:
+        text = f.read()
     return Config.from_json_text(text, os.path.join(directory, "config.json")), \
         st.read_dir(directory, dir_fd=dir_fd)
 
 
-def _build(cfg: Config, stored, directory: str, model_cls, strict: bool):
+def build(cfg: Config, stored, directory: str, model_cls, strict: bool):
+    """The model of a checkpoint's config and stored tensors (decoded, checked, loaded)."""
     qc = cfg.quantization_config or {}
     cfg = _without_absent_mtp(cfg, stored, directory, strict)
     tensors = decode_tensors(stored, directory, tuple(qc.get("weight_block_size", FP8_BLOCK)),

@@ -6,27 +6,13 @@ out and ``load_state_dict`` copies them in. Checkpoints are Hugging Face-style d
 """
 from __future__ import annotations
 
-import os
 from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from . import _core
+from . import _core, _memory
 from .config import Config
 from .ops import KVCache
-
-
-def _check_fits_in_memory(config: Config) -> None:
-    """A config whose fp32 weights alone exceed the machine's memory raises MemoryError at
-    once (building its layout would otherwise take the machine down on the way)."""
-    need = 4 * config.num_parameters(mtp=True)
-    try:
-        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not POSIX: let the allocator decide
-        return
-    if need > have:
-        raise MemoryError(f"[Model] the config's fp32 weights need {need / 2**30:.1f} GiB; "
-                          f"this machine has {have / 2**30:.1f} GiB")
 
 
 class Model:
@@ -38,7 +24,7 @@ class Model:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ValueError(f"[Model] seed must be an integer >= 0, got {seed!r}")
         self._config = config.replace()  # a private copy: later edits of cfg do not desync
-        _check_fits_in_memory(self._config)
+        _memory.model(self._config)
         self._m = _core.Model(self._config, int(seed))
         self._info = {name: (tuple(shape), trainable, decay)
                       for name, shape, trainable, decay in self._m.param_info()}
@@ -122,6 +108,7 @@ class Model:
         """A decoding cache for this model: MLA keeps only the normalised latent and the roped
         k_pe per token per layer (``cache.bytes_per_token`` = (kv_lora_rank + qk_rope_head_dim)
         x num_hidden_layers x 4 bytes per sequence)."""
+        _memory.cache("Model.new_cache", self._config, batch, max_len)
         return self._m.new_cache(int(batch), int(max_len))
 
     def forward(self, tokens: np.ndarray, cache: Optional[KVCache] = None,
@@ -134,6 +121,7 @@ class Model:
         if cache is None:
             if start_pos:
                 raise ValueError("[Model.forward] start_pos needs a cache")
+            _memory.activations("Model.forward", self._config, tokens)
             return self._m.forward(tokens)
         return self._m.forward_cached(tokens, cache, int(start_pos), False)
 
@@ -145,6 +133,7 @@ class Model:
 
     def new_mtp_cache(self, batch: int = 1, max_len: int = 1024) -> KVCache:
         """A cache for the MTP modules' attention: layer k-1 holds module k's latent rows."""
+        _memory.cache("Model.new_mtp_cache", self._config, batch, max_len, mtp=True)
         return self._m.new_mtp_cache(int(batch), int(max_len))
 
     def mtp_forward(self, hidden: np.ndarray, tokens: np.ndarray, cache: KVCache,
@@ -188,6 +177,7 @@ class Model:
         """``{loss, main, mtp, balance, expert_load}`` for int tokens (B, N) (N-1 targets per
         sequence). ``alpha`` (default ``config.seq_aux_loss_alpha``) weighs the sequence-wise
         balance loss; ``mtp_weight`` (default ``config.mtp_loss_weight``) is lambda."""
+        _memory.activations("Model.loss", self._config, tokens, "loss")
         d, _ = self._m.loss(tokens, *self._weights(alpha, mtp_weight), False)
         return d
 
@@ -195,6 +185,7 @@ class Model:
                       mtp_weight: Optional[float] = None):
         """``(losses, grads)``: grads ``{hf_name: float32 array}`` for every trainable
         parameter (all but the gates' correction biases, which the balancer moves)."""
+        _memory.activations("Model.loss_and_grad", self._config, tokens, "grad")
         return self._m.loss(tokens, *self._weights(alpha, mtp_weight), True)
 
     def _weights(self, alpha, mtp_weight):

@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from . import _core
+from . import _core, _memory
 from .config import Config
 
 __all__ = [
@@ -37,6 +37,7 @@ def embedding(ids: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 def embedding_backward(d_out: np.ndarray, ids: np.ndarray, num_embeddings: int) -> np.ndarray:
     """dL/dweight (V, D): rows of ``d_out`` (..., D) summed into ``ids``' rows."""
+    _memory.array("embedding_backward", "the gradient rows", num_embeddings, 4, d_out)
     return _core.embedding_backward(d_out, ids, int(num_embeddings))
 
 
@@ -83,6 +84,7 @@ def swiglu_backward(dh: np.ndarray, gate: np.ndarray, up: np.ndarray) -> Tuple[n
 def rope_table(dim: int, theta: float = 10000.0, rope_scaling: Optional[dict] = None) -> dict:
     """The rotary frequencies (semantics §2.2): ``inv_freq`` (dim/2,) float64 after YaRN,
     ``attn_factor`` (cos/sin multiplier) and the YaRN correction range ``low``, ``high``."""
+    _memory.array("rope_table", "the frequencies of dim", dim, 8)
     return _core.rope_table(int(dim), float(theta), rope_scaling)
 
 
@@ -231,7 +233,9 @@ def init_moe_params(cfg: Config, seed: int = 0, std: Optional[float] = None,
     std = float(cfg.initializer_range if std is None else std)
     D = int(cfg.hidden_size if hidden_size is None else hidden_size)
     out: Dict[str, np.ndarray] = {}
-    for name, shape, init in _core.moe_param_specs(cfg, D):  # init as in the model's layout
+    specs = _core.moe_param_specs(cfg, D)
+    _memory.parameters("init_moe_params", [shape for _, shape, _ in specs])
+    for name, shape, init in specs:  # init as in the model's layout
         if init == "normal":
             out[name] = (rng.standard_normal(shape) * std).astype(np.float32)
         else:
@@ -286,6 +290,7 @@ def moe_balance_loss(scores: np.ndarray, topk_idx: np.ndarray,
 
 def expert_load(topk_idx: np.ndarray, n_routed_experts: int) -> np.ndarray:
     """Tokens routed to each expert: int64 (E,) counts of the ids in ``topk_idx`` (any shape)."""
+    _memory.array("expert_load", "the counts of n_routed_experts", n_routed_experts, 8)
     return _core.expert_load(topk_idx, int(n_routed_experts))
 
 

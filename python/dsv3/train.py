@@ -36,8 +36,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import _core
-from ._files import open_regular, temp_name
+from . import _core, _memory
+from ._files import temp_name
 from .model import Model
 
 SCHEDULES = ("cosine", "constant", "linear")
@@ -143,6 +143,7 @@ class Trainer:
         self.config = config if config is not None else TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError("[Trainer] config must be a dsv3.TrainConfig")
+        _memory.trainer(model.config, self.config.moment_dtype == "bfloat16")
         self._t = _core.Trainer(model._m, self.config.moment_dtype == "bfloat16")
         self._data_state: Optional[Dict] = None  # restored into the dataset by fit()
         self.history: List[Dict[str, Any]] = []
@@ -180,6 +181,7 @@ class Trainer:
             bad = arr.max() if arr.max() >= V else arr.min()
             raise ValueError(f"[Trainer.step] token id {int(bad)} is out of range "
                              f"[0, vocab_size={V})")
+        _memory.activations("Trainer.step", self.model.config, arr, "grad", self.config.grad_accum)
         n = self.step_count
         lr = self.config.lr_at(n)
         t0 = time.perf_counter()
@@ -298,7 +300,7 @@ class Trainer:
         checkpoint.check_target(directory, "Trainer.save")
         os.makedirs(parent, exist_ok=True)
         stem = f".{os.path.basename(os.path.abspath(directory))}.trainer"
-        checkpoint.remove_stale_temps(parent, stem + ".tmp-")  # left by saves killed midway
+        checkpoint.sweep_temps(directory)  # left by saves killed midway
         tmp = temp_name(os.path.join(parent, stem))
         try:
             inner = os.path.join(tmp, "model")
@@ -328,22 +330,34 @@ class Trainer:
         """A Trainer restored from :meth:`save`: continuing it gives bit-identically the run
         that was never interrupted (pass the same dataset to ``fit``; its generator state is
         restored)."""
+        from . import checkpoint
         directory = os.fspath(directory)
-        with open_regular(os.path.join(directory, "trainer.json"), "Trainer.load") as f:
-            state = json.load(f)
-        model = Model.from_pretrained(directory)
+        state, cfg, stored, moments = checkpoint.read_snapshot(
+            directory, "Trainer.load", lambda fd: _read_trainer_at(directory, fd))
+        model = checkpoint.build(cfg, stored, directory, Model, strict=False)
         t = cls(model, TrainConfig(**state["train_config"]))
-        moments = []
-        for name in ("optimizer_m.npy", "optimizer_v.npy"):
-            with open_regular(os.path.join(directory, name), "Trainer.load", binary=True) as f:
-                try:
-                    moments.append(np.load(f))
-                except ValueError as e:  # object arrays (pickles), damaged headers
-                    raise ValueError(f"[Trainer.load] {name[:-4]} in {directory}: {e}") from None
         t._t.set_moments(*moments)
         t._t.steps_done = int(state["step"])
         t._data_state = state.get("data_state")
         return t
+
+
+def _read_trainer_at(directory: str, dir_fd: int):
+    """(trainer.json, config, stored tensors, [m, v]) of the trainer checkpoint open as
+    ``dir_fd``: every file from that one directory (a save swapping in another one meanwhile
+    cannot pair these weights with its moments)."""
+    from . import checkpoint
+    with checkpoint.open_member(directory, dir_fd, "trainer.json", "Trainer.load") as f:
+        state = json.load(f)
+    cfg, stored = checkpoint.read_at(directory, dir_fd)
+    moments = []
+    for name in ("optimizer_m.npy", "optimizer_v.npy"):
+        with checkpoint.open_member(directory, dir_fd, name, "Trainer.load", binary=True) as f:
+            try:
+                moments.append(np.load(f))
+            except ValueError as e:  # object arrays (pickles), damaged headers
+                raise ValueError(f"[Trainer.load] {name[:-4]} in {directory}: {e}") from None
+    return state, cfg, stored, moments
 
 
 class _Frozen:
