@@ -272,3 +272,60 @@ def test_non_native_byte_order_is_refused_clearly():
     w, m = np.ones(8, ">f4"), np.zeros(8, np.float32)
     with pytest.raises(TypeError, match="w has non-native byte order"):
         dsv3._core.adamw_update(w, m, m.copy(), m.copy(), 0.1, 0.9, 0.95, 1e-8, 0.0, 1)
+
+
+# ---------------------------------------------------------------------- expert-load statistics
+def ref_max_violation(load):
+    load = [int(v) for v in load]
+    total = sum(load)
+    if total == 0:
+        return 0.0
+    from fractions import Fraction
+    return float(Fraction(max(load) * len(load), total) - 1)
+
+
+def ref_bias(bias, load, gamma):
+    load = [int(v) for v in load]
+    total, E = sum(load), len(load)
+    sign = [(total > E * v) - (total < E * v) for v in load]  # sign(mean - load_i), exactly
+    return np.float32(bias) + np.float32(gamma) * np.array(sign, np.float32)
+
+
+@pytest.mark.parametrize("scale", [2 ** 31, 2 ** 53, 2 ** 62 - 1, 2 ** 61])
+@pytest.mark.parametrize("pattern", [(1, 0, 0, 0), (1, 1, 1, 1), (3, 1, 0, 0), (1, 1, 1, 0)])
+def test_expert_load_statistics_are_exact_for_huge_loads(scale, pattern):
+    load = [scale * p // max(sum(pattern), 1) for p in pattern]
+    arr = np.array(load, np.int64)
+    assert dsv3.ops.max_violation(arr) == pytest.approx(ref_max_violation(load), rel=1e-15, abs=0)
+    bias = np.array([0.1, -0.2, 0.3, 0.0], np.float32)
+    np.testing.assert_array_equal(dsv3.ops.update_expert_bias(bias, arr, 0.01),
+                                  ref_bias(bias, load, 0.01))
+
+
+def test_expert_load_near_2_62_moves_the_bias_the_right_way():
+    load = np.array([2 ** 62, 0, 0, 0], np.int64)
+    b = dsv3.ops.update_expert_bias(np.zeros(4, np.float32), load, 0.01)
+    assert b[0] < 0 and np.all(b[1:] > 0)
+    assert dsv3.ops.max_violation(load) == 3.0
+    balanced = np.full(4, 2 ** 61 - 1, np.int64)
+    assert dsv3.ops.max_violation(balanced) == 0.0
+
+
+@pytest.mark.parametrize("fn", ["max_violation", "update_expert_bias"])
+def test_expert_loads_summing_beyond_int64_stay_exact_and_negative_loads_are_refused(fn):
+    bias = np.array([0.5, 0.0, -0.5, 0.25], np.float32)
+    for load in ([2 ** 62] * 4, [2 ** 63 - 1] * 3 + [2 ** 63 - 2], [2 ** 63 - 1, 0, 0, 1]):
+        arr = np.array(load, np.int64)
+        if fn == "max_violation":
+            assert dsv3.ops.max_violation(arr) == pytest.approx(ref_max_violation(load),
+                                                                rel=1e-15, abs=0)
+        else:
+            np.testing.assert_array_equal(dsv3.ops.update_expert_bias(bias, arr, 0.01),
+                                          ref_bias(bias, load, 0.01))
+    call = {"max_violation": lambda l: dsv3.ops.max_violation(l),
+            "update_expert_bias": lambda l: dsv3.ops.update_expert_bias(
+                np.zeros(len(l), np.float32), l, 0.01)}[fn]
+    with pytest.raises(ValueError, match=">= 0"):
+        call(np.array([3, -1, 2], np.int64))
+
+
