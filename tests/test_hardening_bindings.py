@@ -329,3 +329,27 @@ def test_expert_loads_summing_beyond_int64_stay_exact_and_negative_loads_are_ref
         call(np.array([3, -1, 2], np.int64))
 
 
+# ---------------------------------------------------------------------- thread pool start failure
+def test_failed_pool_start_keeps_the_previous_thread_count():
+    r = run_py("""
+        import resource, dsv3
+        dsv3.set_num_threads(2)
+        before = (dsv3.get_num_threads(), dsv3.build_info()["num_threads"])
+        vm = int([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmSize')][0])
+        # room for a few thread stacks, not for 1000 of them (8 MiB each)
+        hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+        resource.setrlimit(resource.RLIMIT_AS, ((vm + 64 * 1024) * 1024, hard))  # soft only
+        try:
+            dsv3.set_num_threads(1000)
+            print("NO ERROR")
+        except RuntimeError as e:
+            print("refused:", e)
+        resource.setrlimit(resource.RLIMIT_AS, (hard, hard))
+        after = (dsv3.get_num_threads(), dsv3.build_info()["num_threads"])
+        print("before", before, "after", after)
+        assert after == before, (before, after)
+        import numpy as np
+        print(dsv3.ops.linear(np.ones((64, 64), np.float32), np.ones((64, 64), np.float32)).sum())
+    """, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "refused: [parallel] could not start" in r.stdout, r.stdout
