@@ -381,6 +381,48 @@ def test_trainconfig_numbers_are_finite_in_range_and_integers_stay_integers(fiel
         dsv3.TrainConfig(**{field: value})
 
 
+# ---------------------------------------------------------------------- configs given to ops
+@pytest.mark.parametrize("field,value", [("hidden_size", 48.5), ("kv_lora_rank", 16.2),
+                                         ("hidden_size", "48"), ("num_attention_heads", 1000),
+                                         ("num_attention_heads", 0), ("qk_rope_head_dim", 3)])
+@pytest.mark.parametrize("op", ["attention_layer", "attention_layer_backward", "moe_forward",
+                                "attention_layer_decode"])
+def test_ops_validate_a_mutated_config_naming_the_field(field, value, op):
+    cfg = dsv3.Config.tiny()
+    x, p = attn_args(cfg)
+    moe_p = dsv3.ops.init_moe_params(cfg)
+    cache = dsv3.KVCache(cfg, 1, 8)
+    setattr(cfg, field, value)
+    calls = {
+        "attention_layer": lambda: dsv3.ops.attention_layer(x, p, cfg),
+        "attention_layer_backward": lambda: dsv3.ops.attention_layer_backward(x, x, p, cfg),
+        "attention_layer_decode": lambda: dsv3.ops.attention_layer_decode(x[None], p, cfg, cache, 0, 0),
+        "moe_forward": lambda: dsv3.ops.moe_forward(x, moe_p, cfg),
+    }
+    with pytest.raises(ValueError, match=field):
+        calls[op]()
+
+
+def test_ops_accept_a_config_whose_integral_fields_were_set_to_integral_floats():
+    cfg = dsv3.Config.tiny()
+    x, p = attn_args(cfg)
+    want = dsv3.ops.attention_layer(x, p, cfg)
+    cfg.hidden_size = float(cfg.hidden_size)  # Config's own rule (as from a JSON 48.0)
+    np.testing.assert_array_equal(dsv3.ops.attention_layer(x, p, cfg), want)
+
+
+def test_duck_typed_config_with_a_float_dim_names_the_field():
+    class Cfg:
+        pass
+    c = Cfg()
+    c.__dict__.update(dsv3.Config.tiny().to_canonical_dict())
+    c.kv_heads, c.softmax_scale = c.num_attention_heads, dsv3.Config.tiny().softmax_scale
+    x, p = attn_args(dsv3.Config.tiny())
+    c.hidden_size = 48.5
+    with pytest.raises(TypeError, match="hidden_size"):
+        dsv3.ops.attention_layer(x, p, c)
+
+
 # ---------------------------------------------------------------------- expert-load statistics
 def ref_max_violation(load):
     load = [int(v) for v in load]

@@ -168,6 +168,16 @@ tokens written in layer l; ``layer_data(l)`` copies layer l out as (batch, max_l
 
 
 def checked_config(cfg, op: str):
+    """The config an op hands the engine: for a :class:`dsv3.Config`, a validated copy (so a
+    config whose fields were set to floats such as 64.5, or mutated after construction into
+    an invalid combination, raises Config's own ValueError naming the field, and later edits
+    cannot reach a running call); any other object passes through, and the engine names a
+    missing or mistyped field."""
+    if isinstance(cfg, Config):
+        try:
+            return cfg.replace()
+        except ValueError as e:
+            raise ValueError(f"[{op}] cfg is not a valid Config: {e}") from None
     return cfg
 
 
