@@ -423,6 +423,16 @@ def test_duck_typed_config_with_a_float_dim_names_the_field():
         dsv3.ops.attention_layer(x, p, c)
 
 
+def test_model_config_edits_do_not_reach_the_saved_checkpoint(tmp_path):
+    m = tiny_model()
+    m.config.num_hidden_layers = 50
+    assert m.config.num_hidden_layers == 2
+    m.save_pretrained(tmp_path / "ck")
+    b = dsv3.Model.from_pretrained(tmp_path / "ck")
+    assert b.config.num_hidden_layers == 2
+    np.testing.assert_array_equal(b.forward(np.arange(5)), m.forward(np.arange(5)))
+
+
 # ---------------------------------------------------------------------- expert-load statistics
 def ref_max_violation(load):
     load = [int(v) for v in load]

@@ -6,6 +6,7 @@ out and ``load_state_dict`` copies them in. Checkpoints are Hugging Face-style d
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Dict, Optional, Tuple, Union
 
@@ -46,7 +47,10 @@ class Model:
     # ------------------------------------------------------------------ structure
     @property
     def config(self) -> Config:
-        return self._config
+        """A copy of the model's config: the weights were built for it, so editing it cannot
+        change this model (build a new Model from the edited copy); ``save_pretrained``
+        always writes the config the weights belong to."""
+        return copy.deepcopy(self._config)
 
     def num_parameters(self, active: bool = False, mtp: bool = True) -> int:
         """Parameters of this model; equals ``config.num_parameters(active, mtp)``."""
