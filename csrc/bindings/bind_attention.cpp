@@ -130,10 +130,12 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
   return py::make_tuple(dx, grads);
 }
 
-std::shared_ptr<KvCache> make_cache(py::object cfg, int64_t batch, int64_t max_len,
+std::shared_ptr<KvCache> make_cache(py::object cfg, py::handle batch_h, py::handle max_len_h,
                                     py::object layers) {
+  const int64_t batch = int_arg(batch_h, "KVCache", "batch", 1);
+  const int64_t max_len = int_arg(max_len_h, "KVCache", "max_len", 1);
   const int64_t L = layers.is_none() ? cfg_get<int64_t>(cfg, "num_hidden_layers")
-                                     : layers.cast<int64_t>();
+                                     : int_arg(layers, "KVCache", "layers", 1);
   if (is_mla(cfg)) {
     const int64_t w =
         cfg_get<int64_t>(cfg, "kv_lora_rank") + cfg_get<int64_t>(cfg, "qk_rope_head_dim");
@@ -212,11 +214,13 @@ void bind_attention(py::module_& m) {
         BusyGuard guard(c.busy, true, "KVCache");
         std::fill(c.length.begin(), c.length.end(), 0);
       })
-      .def("truncate", [](KvCache& c, int64_t length) {
+      .def("truncate", [](KvCache& c, py::handle length_h) {
+        const int64_t length = int_arg(length_h, "KVCache.truncate", "length", 0);
         BusyGuard guard(c.busy, true, "KVCache");
         c.truncate(length);
       }, arg("length"))
-      .def("layer_data", [](KvCache& c, int64_t l) {
+      .def("layer_data", [](KvCache& c, py::handle l_h) {
+        const int64_t l = int_arg(l_h, "KVCache.layer_data", "layer");
         DSV3_INDEX_CHECK(l >= 0 && l < c.layers, "[KVCache] layer ", l, " out of range");
         BusyGuard guard(c.busy, false, "KVCache");
         F32 a({(py::ssize_t)c.batch, (py::ssize_t)c.max_len, (py::ssize_t)c.width});

@@ -1,5 +1,6 @@
 // dsv3._core build and threading info.
 #include "bindings/arrays.h"
+#include "bindings/convert.h"
 #include "core/blas.h"
 #include "core/lowp_gemm.h"
 #include "core/memory.h"
@@ -54,7 +55,9 @@ void bind_info(py::module_& m) {
     return d;
   });
   m.def("get_num_threads", &num_threads);
-  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def("set_num_threads", [](py::handle n) {
+    set_num_threads(py_glue::int_arg(n, "set_num_threads", "n"));
+  }, py::arg("n"));
 }
 
 }  // namespace dsv3

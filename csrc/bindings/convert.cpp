@@ -4,6 +4,27 @@
 
 namespace dsv3::py_glue {
 
+int64_t int_arg(const py::handle& v, const char* op, const char* name, int64_t lo, int64_t hi) {
+  PyObject* o = v.ptr();
+  if (PyBool_Check(o) || PyFloat_Check(o) || !PyIndex_Check(o))
+    throw py::type_error(str_cat("[", op, "] ", name, " must be an integer, got ",
+                                 std::string(py::str(py::type::of(v).attr("__name__"))), " ",
+                                 std::string(py::repr(v))));
+  auto i = py::reinterpret_steal<py::object>(PyNumber_Index(o));
+  if (!i) throw py::error_already_set();
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (x == -1 && PyErr_Occurred()) throw py::error_already_set();
+  const std::string msg = str_cat("[", op, "] ", name, " must be an integer in [", lo, ", ", hi,
+                                  "], got ", std::string(py::str(i)));
+  if (overflow) {
+    PyErr_SetString(PyExc_OverflowError, msg.c_str());
+    throw py::error_already_set();
+  }
+  if (x < lo || x > hi) throw py::value_error(msg);
+  return (int64_t)x;
+}
+
 RopeParams rope_params(int64_t dim, double theta, const py::object& scaling) {
   RopeParams p;
   p.dim = dim;
@@ -12,7 +33,11 @@ RopeParams rope_params(int64_t dim, double theta, const py::object& scaling) {
   DSV3_CHECK(py::isinstance<py::dict>(scaling), "[rope] rope_scaling must be None or a dict");
   auto d = scaling.cast<py::dict>();
   auto get = [&](const char* key, double dflt) {
-    return d.contains(key) && !d[key].is_none() ? d[key].cast<double>() : dflt;
+    if (!d.contains(key) || d[key].is_none()) return dflt;
+    py::object v = d[key];
+    DSV3_CHECK(!PyBool_Check(v.ptr()) && PyNumber_Check(v.ptr()) && !PyComplex_Check(v.ptr()),
+               "[rope] rope_scaling.", key, " must be a number, got ", std::string(py::repr(v)));
+    return v.cast<double>();  // finiteness: rope_table's checks
   };
   std::string type;
   if (d.contains("type")) type = py::str(d["type"]).cast<std::string>();
@@ -34,7 +59,7 @@ ModelConfig model_config(const py::object& cfg) {
   auto I = [&](const char* n) { return cfg_get<int64_t>(cfg, n); };
   auto opt = [&](const char* n) {
     py::object v = cfg.attr(n);
-    return v.is_none() ? int64_t(0) : v.cast<int64_t>();
+    return v.is_none() ? int64_t(0) : int_arg(v, "cfg", n);
   };
   c.V = I("vocab_size");
   c.D = I("hidden_size");
@@ -81,7 +106,7 @@ RopeTable cfg_rope(const py::object& cfg) {
 MlaDims mla_dims(const py::object& cfg) {
   py::object ql = cfg.attr("q_lora_rank");
   MlaDims d{cfg_get<int64_t>(cfg, "hidden_size"), cfg_get<int64_t>(cfg, "num_attention_heads"),
-            ql.is_none() ? 0 : ql.cast<int64_t>(), cfg_get<int64_t>(cfg, "kv_lora_rank"),
+            ql.is_none() ? 0 : int_arg(ql, "cfg", "q_lora_rank"), cfg_get<int64_t>(cfg, "kv_lora_rank"),
             cfg_get<int64_t>(cfg, "qk_nope_head_dim"), cfg_get<int64_t>(cfg, "qk_rope_head_dim"),
             cfg_get<int64_t>(cfg, "v_head_dim"), cfg_get<float>(cfg, "rms_norm_eps"),
             cfg_get<float>(cfg, "softmax_scale"), cfg_rope(cfg)};

@@ -293,6 +293,11 @@ void reset_after_fork() {  // the child has no worker threads: forget the pool (
   g_pool = nullptr;
 }
 
+void register_fork_reset() {  // before the first pool starts
+  static const bool registered = [] { return pthread_atfork(nullptr, nullptr, reset_after_fork) == 0; }();
+  (void)registered;
+}
+
 }  // namespace
 
 int num_threads() {
@@ -300,14 +305,20 @@ int num_threads() {
   return n > 0 ? n : defaults().threads;
 }
 
-void set_num_threads(int n) {
+// The new pool starts here, not at the next parallel loop, so that a count the process cannot
+// start (its thread or memory limit) raises now and leaves the recorded count, and with it
+// num_threads() and build_info(), at the previous value (the old pool is gone; it restarts
+// lazily at that count).
+void set_num_threads(int64_t n) {
   DSV3_CHECK(n >= 1, "[set_num_threads] n must be >= 1, got ", n);
   DSV3_CHECK(n <= 4096, "[set_num_threads] n must be <= 4096, got ", n);
   std::lock_guard<std::mutex> lk(g_pool_mu);
-  if (g_threads.exchange(n) != n && g_pool) {
-    delete g_pool;  // idle: the pool lock is held, so no region is running
-    g_pool = nullptr;
-  }
+  if (g_threads.load() == n) return;
+  delete g_pool;  // idle: the pool lock is held, so no region is running
+  g_pool = nullptr;
+  register_fork_reset();
+  if (n > 1) g_pool = new Pool((int)n);
+  g_threads.store((int)n);
 }
 
 bool in_parallel() { return t_in_region; }
@@ -342,8 +353,7 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
     }
     return;
   }
-  static const bool registered = [] { return pthread_atfork(nullptr, nullptr, reset_after_fork) == 0; }();
-  (void)registered;
+  register_fork_reset();
   if (!g_pool) g_pool = new Pool(num_threads());
   g_pool->run(n, chunks, fn);
 }

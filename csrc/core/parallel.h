@@ -27,7 +27,7 @@
 namespace dsv3 {
 
 int num_threads();
-void set_num_threads(int n);
+void set_num_threads(int64_t n);
 bool in_parallel();  // true inside a parallel_for chunk (nested calls then run inline)
 
 // Calls fn(begin, end) on contiguous chunks of [0, n) (at most num_threads() chunks, bounds

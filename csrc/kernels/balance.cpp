@@ -54,29 +54,37 @@ void expert_load(int64_t* load, const int64_t* topk_idx, int64_t R, int64_t K, i
   }
 }
 
-double max_violation(const int64_t* load, int64_t E) {
-  DSV3_CHECK(E >= 1, "[max_violation] need at least one expert");
-  int64_t total = 0, mx = 0;
+namespace {
+// sum(load) exactly, after checking every load >= 0. 128 bits hold it (and E * load_i) for
+// any E < 2^64, so loads summing beyond int64 still give exact statistics.
+__int128 load_total(const int64_t* load, int64_t E, const char* op) {
+  DSV3_CHECK(E >= 1, "[", op, "] need at least one expert");
+  __int128 total = 0;
   for (int64_t i = 0; i < E; ++i) {
-    DSV3_CHECK(load[i] >= 0, "[max_violation] load must be >= 0, got ", load[i], " at ", i);
+    DSV3_CHECK(load[i] >= 0, "[", op, "] load must be >= 0, got ", load[i], " at ", i);
     total += load[i];
-    mx = std::max(mx, load[i]);
   }
+  return total;
+}
+}  // namespace
+
+// max_i load_i / mean(load) - 1 = E max_i load_i / sum(load) - 1 (semantics §2.4): the
+// excess E max - sum is exact in 128 bits, then one long double division: (E max - sum) / sum.
+double max_violation(const int64_t* load, int64_t E) {
+  const __int128 total = load_total(load, E, "max_violation");
   if (total == 0) return 0.0;
-  return (double)mx * (double)E / (double)total - 1.0;
+  const int64_t mx = *std::max_element(load, load + E);
+  const __int128 excess = (__int128)mx * E - total;  // >= 0, exact
+  return (double)((long double)excess / (long double)total);
 }
 
+// bias_i += gamma * sign(mean - load_i), the sign taken exactly: sign(sum - E load_i).
 void update_expert_bias(float* bias, const int64_t* load, int64_t E, float gamma) {
-  DSV3_CHECK(E >= 1, "[update_expert_bias] need at least one expert");
   DSV3_CHECK(std::isfinite(gamma) && gamma >= 0,
              "[update_expert_bias] gamma must be finite and >= 0, got ", gamma);
-  int64_t total = 0;
+  const __int128 total = load_total(load, E, "update_expert_bias");
   for (int64_t i = 0; i < E; ++i) {
-    DSV3_CHECK(load[i] >= 0, "[update_expert_bias] load must be >= 0, got ", load[i], " at ", i);
-    total += load[i];
-  }
-  for (int64_t i = 0; i < E; ++i) {
-    const int64_t diff = total - E * load[i];  // E * (mean - load_i)
+    const __int128 diff = total - (__int128)E * load[i];  // E * (mean - load_i)
     const float sgn = diff > 0 ? 1.f : (diff < 0 ? -1.f : 0.f);
     bias[i] = bias[i] + gamma * sgn;
   }

@@ -14,12 +14,18 @@ double yarn_mscale(double scale, double mscale) {
 
 RopeTable rope_table(const RopeParams& p) {
   DSV3_CHECK(p.dim > 0 && p.dim % 2 == 0, "[rope] rotary dim must be even and > 0, got ", p.dim);
-  DSV3_CHECK(p.theta > 1.0, "[rope] theta must be > 1, got ", p.theta);
+  DSV3_CHECK(p.theta > 1.0 && std::isfinite(p.theta), "[rope] theta must be finite and > 1, got ",
+             p.theta);
   RopeTable t;
   const int64_t P = p.dim / 2;
   t.inv_freq.resize(P);
   for (int64_t i = 0; i < P; ++i) t.inv_freq[i] = std::pow(p.theta, -2.0 * (double)i / p.dim);
   if (!p.yarn) return t;
+  for (double v : {p.factor, p.original_max_position_embeddings, p.beta_fast, p.beta_slow,
+                   p.mscale, p.mscale_all_dim})
+    DSV3_CHECK(std::isfinite(v), "[rope] rope_scaling factors must be finite (factor, "
+               "original_max_position_embeddings, beta_fast, beta_slow, mscale, mscale_all_dim), got ",
+               v);
   DSV3_CHECK(p.factor > 0, "[rope] rope_scaling.factor must be > 0, got ", p.factor);
   DSV3_CHECK(p.original_max_position_embeddings > 0,
              "[rope] rope_scaling.original_max_position_embeddings must be > 0, got ",

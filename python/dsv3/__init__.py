@@ -48,4 +48,5 @@ def get_num_threads() -> int:
 
 def set_num_threads(n: int) -> None:
     """Set the thread count of dsv3's parallel loops and of BLAS together (process-wide)."""
-    _core.set_num_threads(int(n))
+    from ._args import integer
+    _core.set_num_threads(integer(n, "n", "set_num_threads", lo=1))

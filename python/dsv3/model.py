@@ -6,11 +6,13 @@ out and ``load_state_dict`` copies them in. Checkpoints are Hugging Face-style d
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
 from . import _core, _memory
+from ._args import integer, real
 from .config import Config
 from .ops import KVCache
 
@@ -21,18 +23,20 @@ class Model:
     def __init__(self, config: Config, seed: int = 0):
         if not isinstance(config, Config):
             raise TypeError(f"[Model] config must be a dsv3.Config, got {type(config).__name__}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ValueError(f"[Model] seed must be an integer >= 0, got {seed!r}")
+        seed = integer(seed, "seed", "Model", hi=2 ** 64 - 1)  # the engine's seed is uint64
         self._config = config.replace()  # a private copy: later edits of cfg do not desync
         _memory.model(self._config)
-        self._m = _core.Model(self._config, int(seed))
+        self._m = _core.Model(self._config, seed)
         self._info = {name: (tuple(shape), trainable, decay)
                       for name, shape, trainable, decay in self._m.param_info()}
 
     # ------------------------------------------------------------------ structure
     @property
     def config(self) -> Config:
-        return self._config
+        """A copy of the model's config: the weights were built for it, so editing it cannot
+        change this model (build a new Model from the edited copy); ``save_pretrained``
+        always writes the config the weights belong to."""
+        return copy.deepcopy(self._config)
 
     def num_parameters(self, active: bool = False, mtp: bool = True) -> int:
         """Parameters of this model; equals ``config.num_parameters(active, mtp)``."""
@@ -108,8 +112,10 @@ class Model:
         """A decoding cache for this model: MLA keeps only the normalised latent and the roped
         k_pe per token per layer (``cache.bytes_per_token`` = (kv_lora_rank + qk_rope_head_dim)
         x num_hidden_layers x 4 bytes per sequence)."""
-        _memory.cache("Model.new_cache", self._config, batch, max_len)
-        return self._m.new_cache(int(batch), int(max_len))
+        op = "Model.new_cache"
+        batch, max_len = integer(batch, "batch", op, lo=1), integer(max_len, "max_len", op, lo=1)
+        _memory.cache(op, self._config, batch, max_len)
+        return self._m.new_cache(batch, max_len)
 
     def forward(self, tokens: np.ndarray, cache: Optional[KVCache] = None,
                 start_pos: int = 0) -> np.ndarray:
@@ -118,30 +124,36 @@ class Model:
         Without a cache: one causal pass over the tokens (training-form attention). With a
         cache: incremental decoding in the absorbed MLA form; the tokens sit at positions
         ``start_pos ..`` and attend to everything cached before them."""
+        start_pos = integer(start_pos, "start_pos", "Model.forward")
         if cache is None:
             if start_pos:
                 raise ValueError("[Model.forward] start_pos needs a cache")
             _memory.activations("Model.forward", self._config, tokens)
             return self._m.forward(tokens)
-        return self._m.forward_cached(tokens, cache, int(start_pos), False)
+        return self._m.forward_cached(tokens, cache, start_pos, False)
 
     def forward_with_hidden(self, tokens: np.ndarray, cache: KVCache,
                             start_pos: int) -> Tuple[np.ndarray, np.ndarray]:
         """Cached forward returning ``(logits, hidden)``, hidden = the final hidden state after
         ``model.norm`` (what the MTP module drafts from)."""
-        return self._m.forward_cached(tokens, cache, int(start_pos), True)
+        start_pos = integer(start_pos, "start_pos", "Model.forward_with_hidden")
+        return self._m.forward_cached(tokens, cache, start_pos, True)
 
     def new_mtp_cache(self, batch: int = 1, max_len: int = 1024) -> KVCache:
         """A cache for the MTP modules' attention: layer k-1 holds module k's latent rows."""
-        _memory.cache("Model.new_mtp_cache", self._config, batch, max_len, mtp=True)
-        return self._m.new_mtp_cache(int(batch), int(max_len))
+        op = "Model.new_mtp_cache"
+        batch, max_len = integer(batch, "batch", op, lo=1), integer(max_len, "max_len", op, lo=1)
+        _memory.cache(op, self._config, batch, max_len, mtp=True)
+        return self._m.new_mtp_cache(batch, max_len)
 
     def mtp_forward(self, hidden: np.ndarray, tokens: np.ndarray, cache: KVCache,
                     start_pos: int, k: int = 1) -> Tuple[np.ndarray, np.ndarray]:
         """MTP module k over cached rows ``start_pos ..`` (semantics §2.5): row i is fed
         ``(hidden_i, tokens_i)`` = (h^{k-1}_i float32 (B, S, D), t_{i+k} int (B, S)). Returns
         ``(logits (B, S, V), h^k (B, S, D))``; the logits of row i predict t_{i+k+1}."""
-        return self._m.mtp_forward_cached(hidden, tokens, cache, int(start_pos), int(k))
+        op = "Model.mtp_forward"
+        return self._m.mtp_forward_cached(hidden, tokens, cache, integer(start_pos, "start_pos", op),
+                                          integer(k, "k", op, lo=1))
 
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -189,10 +201,10 @@ class Model:
         return self._m.loss(tokens, *self._weights(alpha, mtp_weight), True)
 
     def _weights(self, alpha, mtp_weight):
-        a = self._config.seq_aux_loss_alpha if alpha is None else float(alpha)
-        w = self._config.mtp_loss_weight if mtp_weight is None else float(mtp_weight)
-        if not (a >= 0 and w >= 0):
-            raise ValueError(f"[Model.loss] alpha and mtp_weight must be >= 0, got {a}, {w}")
+        a = self._config.seq_aux_loss_alpha if alpha is None else real(alpha, "alpha", "Model.loss",
+                                                                         lo=0.0)
+        w = self._config.mtp_loss_weight if mtp_weight is None else real(
+            mtp_weight, "mtp_weight", "Model.loss", lo=0.0)
         return a, w
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from . import _core, _memory
+from ._args import integer, real
 from .config import Config
 
 __all__ = [
@@ -37,8 +38,9 @@ def embedding(ids: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 def embedding_backward(d_out: np.ndarray, ids: np.ndarray, num_embeddings: int) -> np.ndarray:
     """dL/dweight (V, D): rows of ``d_out`` (..., D) summed into ``ids``' rows."""
+    num_embeddings = integer(num_embeddings, "num_embeddings", "embedding_backward", lo=1)
     _memory.array("embedding_backward", "the gradient rows", num_embeddings, 4, d_out)
-    return _core.embedding_backward(d_out, ids, int(num_embeddings))
+    return _core.embedding_backward(d_out, ids, num_embeddings)
 
 
 def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -62,13 +64,13 @@ def bf16_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """``weight * x / sqrt(mean(x**2, -1) + eps)`` in fp32. x: (..., D); weight: (D,)."""
-    return _core.rmsnorm(x, weight, float(eps))
+    return _core.rmsnorm(x, weight, real(eps, "eps", "rmsnorm", lo=0.0))
 
 
 def rmsnorm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray,
                      eps: float = 1e-6) -> Tuple[np.ndarray, np.ndarray]:
     """(dx, dweight) of :func:`rmsnorm`."""
-    return _core.rmsnorm_backward(dy, x, weight, float(eps))
+    return _core.rmsnorm_backward(dy, x, weight, real(eps, "eps", "rmsnorm_backward", lo=0.0))
 
 
 def swiglu(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -84,13 +86,14 @@ def swiglu_backward(dh: np.ndarray, gate: np.ndarray, up: np.ndarray) -> Tuple[n
 def rope_table(dim: int, theta: float = 10000.0, rope_scaling: Optional[dict] = None) -> dict:
     """The rotary frequencies (semantics §2.2): ``inv_freq`` (dim/2,) float64 after YaRN,
     ``attn_factor`` (cos/sin multiplier) and the YaRN correction range ``low``, ``high``."""
+    dim = integer(dim, "dim", "rope_table", lo=1)
     _memory.array("rope_table", "the frequencies of dim", dim, 8)
-    return _core.rope_table(int(dim), float(theta), rope_scaling)
+    return _core.rope_table(dim, real(theta, "theta", "rope_table"), rope_scaling)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     """``0.1 * mscale * ln(scale) + 1`` for scale > 1, else 1."""
-    return _core.yarn_mscale(float(scale), float(mscale))
+    return _core.yarn_mscale(real(scale, "scale", "yarn_mscale"), real(mscale, "mscale", "yarn_mscale"))
 
 
 def rope(x: np.ndarray, positions: np.ndarray, theta: float = 10000.0,
@@ -100,13 +103,13 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float = 10000.0,
     x: (T, H, Dr) or (B, T, H, Dr) float32; positions: (T,) or (B, T) ints >= 0.
     ``rope_scaling``: None or a YaRN dict as in DeepSeek-V3's config.json.
     """
-    return _core.rope(x, positions, float(theta), rope_scaling)
+    return _core.rope(x, positions, real(theta, "theta", "rope"), rope_scaling)
 
 
 def rope_backward(dy: np.ndarray, positions: np.ndarray, theta: float = 10000.0,
                   rope_scaling: Optional[dict] = None) -> np.ndarray:
     """dL/dx of :func:`rope` (rotation by the opposite angle, times the same attn_factor)."""
-    return _core.rope_backward(dy, positions, float(theta), rope_scaling)
+    return _core.rope_backward(dy, positions, real(theta, "theta", "rope_backward"), rope_scaling)
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
@@ -119,14 +122,17 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
     (so Tk >= start_pos + Tq). out: (B, Tq, H, Dv); lse: (B, H, Tq), the log-sum-exp of each
     row's scaled, masked scores (needed by :func:`attention_backward`).
     """
-    return _core.attention(q, k, v, float(scale), int(start_pos))
+    scale, start_pos = real(scale, "scale", "attention"), integer(start_pos, "start_pos", "attention")
+    return _core.attention(q, k, v, scale, start_pos)
 
 
 def attention_backward(d_out: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                        out: np.ndarray, lse: np.ndarray, scale: float,
                        start_pos: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(dq, dk, dv) of :func:`attention`, given its ``out`` and ``lse``."""
-    return _core.attention_backward(d_out, q, k, v, out, lse, float(scale), int(start_pos))
+    op = "attention_backward"
+    scale, start_pos = real(scale, "scale", op), integer(start_pos, "start_pos", op)
+    return _core.attention_backward(d_out, q, k, v, out, lse, scale, start_pos)
 
 
 def cross_entropy(logits: np.ndarray, targets: np.ndarray,
@@ -137,14 +143,18 @@ def cross_entropy(logits: np.ndarray, targets: np.ndarray,
     Returns ``(loss, lse, count)``: the mean loss (NaN when every target is ignored, as in
     PyTorch), the per-row log-sum-exp (...), and the number of counted targets.
     """
-    return _core.cross_entropy(logits, targets, int(ignore_index))
+    ignore_index = integer(ignore_index, "ignore_index", "cross_entropy", lo=None)
+    return _core.cross_entropy(logits, targets, ignore_index)
 
 
 def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, lse: np.ndarray,
                            ignore_index: int = -100, d_loss: float = 1.0) -> np.ndarray:
     """dL/dlogits of ``d_loss * cross_entropy(...)``: ``(softmax - onehot) * d_loss / count``
     on counted rows, 0 on ignored rows."""
-    return _core.cross_entropy_backward(logits, targets, lse, int(ignore_index), float(d_loss))
+    op = "cross_entropy_backward"
+    ignore_index = integer(ignore_index, "ignore_index", op, lo=None)
+    return _core.cross_entropy_backward(logits, targets, lse, ignore_index,
+                                        real(d_loss, "d_loss", op))
 
 
 # ---------------------------------------------------------------- attention layers (MLA, MHA, GQA)
@@ -159,6 +169,20 @@ latent ``c`` (kv_lora_rank) and the roped ``k_pe`` (qk_rope_head_dim). MHA/GQA c
 tokens written in layer l; ``layer_data(l)`` copies layer l out as (batch, max_len, width)."""
 
 
+def checked_config(cfg, op: str):
+    """The config an op hands the engine: for a :class:`dsv3.Config`, a validated copy (so a
+    config whose fields were set to floats such as 64.5, or mutated after construction into
+    an invalid combination, raises Config's own ValueError naming the field, and later edits
+    cannot reach a running call); any other object passes through, and the engine names a
+    missing or mistyped field."""
+    if isinstance(cfg, Config):
+        try:
+            return cfg.replace()
+        except ValueError as e:
+            raise ValueError(f"[{op}] cfg is not a valid Config: {e}") from None
+    return cfg
+
+
 def attention_layer(x: np.ndarray, params: dict, cfg, start_pos: int = 0) -> np.ndarray:
     """One attention layer in training (naive) form for ``cfg.attention_type``.
 
@@ -170,14 +194,18 @@ def attention_layer(x: np.ndarray, params: dict, cfg, start_pos: int = 0) -> np.
     all float32 [out, in], and no other key (a missing or unexpected key raises ValueError).
     Returns the layer output, shaped like x.
     """
-    return _core.attention_layer(x, params, cfg, int(start_pos))
+    op = "attention_layer"
+    start_pos = integer(start_pos, "start_pos", op)
+    return _core.attention_layer(x, params, checked_config(cfg, op), start_pos)
 
 
 def attention_layer_backward(d_out: np.ndarray, x: np.ndarray, params: dict, cfg,
                              start_pos: int = 0) -> Tuple[np.ndarray, dict]:
     """``(dx, grads)`` of :func:`attention_layer`; ``grads`` has the layer's Hugging Face names
     (those of layout.h's mla_param_specs / mha_param_specs, which params must hold exactly)."""
-    return _core.attention_layer_backward(d_out, x, params, cfg, int(start_pos))
+    op = "attention_layer_backward"
+    start_pos = integer(start_pos, "start_pos", op)
+    return _core.attention_layer_backward(d_out, x, params, checked_config(cfg, op), start_pos)
 
 
 def attention_layer_decode(x: np.ndarray, params: dict, cfg, cache: "KVCache", layer: int,
@@ -189,8 +217,10 @@ def attention_layer_decode(x: np.ndarray, params: dict, cfg, cache: "KVCache", l
     same latent cache, decompressing k/v every call). ``start_pos`` may not exceed the tokens
     already cached in that layer (smaller values overwrite: rollback); on error the cache is
     unchanged."""
-    return _core.attention_layer_decode(x, params, cfg, cache, int(layer), int(start_pos),
-                                        bool(absorbed))
+    op = "attention_layer_decode"
+    layer, start_pos = integer(layer, "layer", op), integer(start_pos, "start_pos", op)
+    return _core.attention_layer_decode(x, params, checked_config(cfg, op), cache, layer,
+                                        start_pos, bool(absorbed))
 
 # ---------------------------------------------------------------------------------- MoE
 # ``cfg`` below is a :class:`dsv3.Config` (or any object with its MoE fields: n_routed_experts,
@@ -214,14 +244,16 @@ def moe_gate(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray],
     unbiased scores of the chosen experts (normalised if norm_topk_prob, times
     routed_scaling_factor).
     """
-    return _core.moe_gate(x, weight, bias, cfg)
+    return _core.moe_gate(x, weight, bias, checked_config(cfg, "moe_gate"))
 
 
 def moe_param_shapes(cfg: Config, hidden_size: Optional[int] = None) -> Dict[str, Tuple[int, ...]]:
     """The parameters of one MoE layer: Hugging Face names relative to the layer
     (``model.layers.{i}.mlp.``) -> shapes, in layout order. ``hidden_size`` defaults to
     ``cfg.hidden_size``."""
-    D = int(cfg.hidden_size if hidden_size is None else hidden_size)
+    cfg = checked_config(cfg, "moe_param_shapes")
+    D = cfg.hidden_size if hidden_size is None else integer(hidden_size, "hidden_size",
+                                                            "moe_param_shapes", lo=1)
     return {name: tuple(shape) for name, shape, _ in _core.moe_param_specs(cfg, D)}
 
 
@@ -229,9 +261,11 @@ def init_moe_params(cfg: Config, seed: int = 0, std: Optional[float] = None,
                     hidden_size: Optional[int] = None) -> Dict[str, np.ndarray]:
     """Random float32 parameters for :func:`moe_forward`: N(0, std) weights (std defaults to
     ``cfg.initializer_range``), a zero correction bias."""
-    rng = np.random.default_rng(seed)
-    std = float(cfg.initializer_range if std is None else std)
-    D = int(cfg.hidden_size if hidden_size is None else hidden_size)
+    op = "init_moe_params"
+    cfg = checked_config(cfg, op)
+    rng = np.random.default_rng(integer(seed, "seed", op))
+    std = cfg.initializer_range if std is None else real(std, "std", op, lo=0.0)
+    D = cfg.hidden_size if hidden_size is None else integer(hidden_size, "hidden_size", op, lo=1)
     out: Dict[str, np.ndarray] = {}
     specs = _core.moe_param_specs(cfg, D)
     _memory.parameters("init_moe_params", [shape for _, shape, _ in specs])
@@ -259,7 +293,9 @@ def moe_forward(x: np.ndarray, params: Dict[str, np.ndarray], cfg: Config,
     - ``balance_loss`` float: the sequence-wise balance loss (semantics §2.4) with
       ``alpha = balance_alpha``, averaged over the B sequences (0.0 when balance_alpha is 0).
     """
-    return _core.moe_forward(x, params, cfg, float(balance_alpha))
+    op = "moe_forward"
+    return _core.moe_forward(x, params, checked_config(cfg, op),
+                             real(balance_alpha, "balance_alpha", op, lo=0.0))
 
 
 def moe_backward(dy: np.ndarray, x: np.ndarray, params: Dict[str, np.ndarray], cfg: Config,
@@ -273,7 +309,9 @@ def moe_backward(dy: np.ndarray, x: np.ndarray, params: Dict[str, np.ndarray], c
     scores of the chosen experts, their normalisation and routed_scaling_factor (and through
     all scores for the balance loss).
     """
-    return _core.moe_backward(dy, x, params, cfg, float(balance_alpha))
+    op = "moe_backward"
+    return _core.moe_backward(dy, x, params, checked_config(cfg, op),
+                              real(balance_alpha, "balance_alpha", op, lo=0.0))
 
 
 def moe_balance_loss(scores: np.ndarray, topk_idx: np.ndarray,
@@ -285,13 +323,14 @@ def moe_balance_loss(scores: np.ndarray, topk_idx: np.ndarray,
     ``P_i = mean_t s_{i,t} / sum_j s_{j,t}``; the result is the mean over sequences. Returns
     ``(L, dL/dscores float32 like scores)``.
     """
-    return _core.moe_balance_loss(scores, topk_idx, float(alpha))
+    return _core.moe_balance_loss(scores, topk_idx, real(alpha, "alpha", "moe_balance_loss", lo=0.0))
 
 
 def expert_load(topk_idx: np.ndarray, n_routed_experts: int) -> np.ndarray:
     """Tokens routed to each expert: int64 (E,) counts of the ids in ``topk_idx`` (any shape)."""
-    _memory.array("expert_load", "the counts of n_routed_experts", n_routed_experts, 8)
-    return _core.expert_load(topk_idx, int(n_routed_experts))
+    E = integer(n_routed_experts, "n_routed_experts", "expert_load", lo=1)
+    _memory.array("expert_load", "the counts of n_routed_experts", E, 8)
+    return _core.expert_load(topk_idx, E)
 
 
 def max_violation(load: np.ndarray) -> float:
@@ -303,4 +342,4 @@ def update_expert_bias(bias: np.ndarray, load: np.ndarray, gamma: float) -> np.n
     """Aux-loss-free balancing step: a new float32 (E,) array
     ``bias + gamma * sign(mean(load) - load)`` (the input is not modified). load: ints (E,),
     e.g. the expert_load of a whole training step; gamma is cfg.bias_update_speed."""
-    return _core.update_expert_bias(bias, load, float(gamma))
+    return _core.update_expert_bias(bias, load, real(gamma, "gamma", "update_expert_bias", lo=0.0))

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import _core, _memory
+from ._args import integer, real
 from ._files import temp_name
 from .model import Model
 
@@ -74,42 +75,38 @@ class TrainConfig:
     log_path: Optional[str] = None  # JSON lines, one per step (and per evaluation)
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
         def bad(name, msg):
             raise ValueError(f"[TrainConfig] {name} {msg}, got {getattr(self, name)!r}")
-        for name in ("lr", "min_lr", "eps", "weight_decay", "grad_clip") + (
-                ("aux_loss_alpha",) if self.aux_loss_alpha is not None else ()):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                bad(name, "must be a finite number")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if self.grad_clip < 0:
-            bad("grad_clip", "must be >= 0 (0: no clipping)")
-        if not 0 <= self.min_lr <= self.lr:
-            bad("min_lr", "must be in [0, lr]")
-        if self.warmup_steps < 0:
-            bad("warmup_steps", "must be >= 0")
+        op = "TrainConfig"
+        # numbers (numpy scalars too) -> float / int by _args' rules: finite, in range, ints
+        # never floats (warmup_steps=2.5 is refused, not truncated)
+        self.lr = real(self.lr, "lr", op, lo=0.0, lo_open=True)
+        self.min_lr = real(self.min_lr, "min_lr", op, lo=0.0, hi=self.lr)
+        self.eps = real(self.eps, "eps", op, lo=0.0, lo_open=True)
+        self.weight_decay = real(self.weight_decay, "weight_decay", op, lo=0.0)
+        self.grad_clip = real(self.grad_clip, "grad_clip (0: no clipping)", op, lo=0.0)
+        if self.aux_loss_alpha is not None:
+            self.aux_loss_alpha = real(self.aux_loss_alpha, "aux_loss_alpha", op, lo=0.0)
+        if isinstance(self.betas, (str, bytes)) or not hasattr(self.betas, "__len__") \
+                or len(self.betas) != 2:
+            bad("betas", "must be two numbers in [0, 1)")
+        self.betas = tuple(real(b, f"betas[{i}]", op, lo=0.0, hi=1.0, hi_open=True)
+                           for i, b in enumerate(self.betas))
+        self.warmup_steps = integer(self.warmup_steps, "warmup_steps", op)
+        for name in ("grad_accum", "batch_size", "seq_len"):
+            setattr(self, name, integer(getattr(self, name), name, op, lo=1))
+        self.eval_interval = integer(self.eval_interval, "eval_interval (0: never)", op)
+        self.eval_batches = integer(self.eval_batches, "eval_batches", op)
+        if self.total_steps is not None:
+            self.total_steps = integer(self.total_steps, "total_steps (or None)", op, lo=1)
         if self.schedule not in SCHEDULES:
             bad("schedule", f"must be one of {SCHEDULES}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            bad("betas", "must be two numbers in [0, 1)")
-        if not self.eps > 0:
-            bad("eps", "must be > 0")
-        if self.weight_decay < 0:
-            bad("weight_decay", "must be >= 0")
         if self.moment_dtype not in MOMENT_DTYPES:
             bad("moment_dtype", f"must be one of {MOMENT_DTYPES}")
         if self.precision not in PRECISIONS:
             bad("precision", f"must be one of {PRECISIONS}")
         if self.balance not in BALANCES:
             bad("balance", f"must be one of {BALANCES}")
-        if self.grad_accum < 1:
-            bad("grad_accum", "must be >= 1")
-        if self.total_steps is not None and self.total_steps < 1:
-            bad("total_steps", "must be >= 1 or None")
-        if self.aux_loss_alpha is not None and self.aux_loss_alpha < 0:
-            bad("aux_loss_alpha", "must be >= 0")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
