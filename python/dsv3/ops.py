@@ -263,7 +263,7 @@ def init_moe_params(cfg: Config, seed: int = 0, std: Optional[float] = None,
     ``cfg.initializer_range``), a zero correction bias."""
     op = "init_moe_params"
     cfg = checked_config(cfg, op)
-    rng = np.random.default_rng(integer(seed, "seed", op))
+    rng = np.random.default_rng(integer(seed, "seed", op, hi=2 ** 64 - 1))
     std = cfg.initializer_range if std is None else real(std, "std", op, lo=0.0)
     D = cfg.hidden_size if hidden_size is None else integer(hidden_size, "hidden_size", op, lo=1)
     out: Dict[str, np.ndarray] = {}
