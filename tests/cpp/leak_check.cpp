@@ -23,7 +23,8 @@ int main() {
   std::vector<float> logits(2 * 9 * 64), grads(m.layout().total);
   for (int it = 0; it < 3; ++it) {
     m.forward(logits.data(), tok.data(), 2, 8);
-    m.loss(tok.data(), 2, 9, grads.data(), 1e-3, 0.3);
+    m.loss(tok.data(), 2, 9, grads.data(), 1e-3, 0.3, GemmPrecision::fp32);
+    m.loss(tok.data(), 2, 9, grads.data(), 1e-3, 0.3, GemmPrecision::fp8);
     auto cache = m.new_cache(2, 16);
     m.forward_cached(logits.data(), nullptr, tok.data(), 2, 4, *cache, 0);
     try {  // an error path in the middle of the library
