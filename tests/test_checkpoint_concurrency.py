@@ -241,3 +241,30 @@ def test_save_to_a_symlink_refused_before_writing(tmp_path, saver, points_to):
     after = {f: (real / f).read_bytes() for f in os.listdir(real)} if real.exists() else None
     assert after == before
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []
+
+
+def test_target_seen_mid_publish_waits_for_the_lock_instead_of_refusing(tmp_path, monkeypatch):
+    # another saver is between the two renames (the name briefly absent, the old directory
+    # being deleted): the first look says "not a checkpoint"; the check waits for that
+    # publish (the lock) and looks again, so the save goes ahead (CI saw the refusal)
+    target = tmp_path / "ck"
+    dsv3.Model(dsv3.Config.tiny(), seed=0).save_pretrained(target)
+    real, looks = checkpoint.is_checkpoint_dir, []
+
+    def mid_publish_once(d):
+        looks.append(d)
+        return False if len(looks) == 1 else real(d)
+
+    monkeypatch.setattr(checkpoint, "is_checkpoint_dir", mid_publish_once)
+    dsv3.Model(dsv3.Config.tiny(), seed=1).save_pretrained(target)
+    monkeypatch.setattr(checkpoint, "is_checkpoint_dir", real)
+    assert len(looks) >= 2
+    assert checkpoint.is_checkpoint_dir(target)
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []
+    # a directory that stays foreign is still refused, after the second look
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("precious")
+    with pytest.raises(ValueError, match="mine is a non-empty directory that is not a dsv3"):
+        dsv3.Model(dsv3.Config.tiny(), seed=1).save_pretrained(tmp_path / "mine")
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith(".")) == []

@@ -230,19 +230,39 @@ def check_target(directory: str, who: str) -> None:
     directory, or a dsv3 checkpoint. A file or any other non-empty directory raises
     ValueError before anything is written (no user data is ever replaced or deleted). So does
     a symlink, even to a checkpoint: publishing renames over the name, which would replace
-    the link rather than write where it points; save to its target instead."""
-    if not os.path.lexists(directory):
+    the link rather than write where it points; save to its target instead.
+
+    A concurrent dsv3 save can be mid-publish while we look (between the two renames of the
+    fallback path the name is briefly absent, and the old directory is being deleted), so a
+    failing first look is repeated under :func:`publish_lock`, where no dsv3 publish of this
+    directory is in progress; only that second answer raises."""
+    if _target_problem(directory) is None:
         return
-    if os.path.islink(directory):
-        raise ValueError(f"[{who}] {directory} is a symlink (to {os.readlink(directory)}); "
-                         "refusing to save through it: save to the directory it names instead")
-    if not os.path.isdir(directory):
-        raise ValueError(f"[{who}] {directory} exists and is not a directory; refusing to "
-                         "replace it")
-    if os.listdir(directory) and not is_checkpoint_dir(directory):
-        raise ValueError(f"[{who}] {directory} is a non-empty directory that is not a dsv3 "
-                         "checkpoint (no config.json + model.safetensors); refusing to replace "
-                         "it")
+    try:
+        with publish_lock(directory):
+            problem = _target_problem(directory)
+    except OSError:  # the lock cannot be taken (read-only parent, ...): the first answer
+        problem = _target_problem(directory)
+    if problem is not None:
+        raise ValueError(f"[{who}] {directory} {problem}")
+
+
+def _target_problem(directory: str):
+    """Why ``directory`` may not be replaced by a save (the end of a sentence), or None."""
+    try:
+        if not os.path.lexists(directory):
+            return None
+        if os.path.islink(directory):
+            return (f"is a symlink (to {os.readlink(directory)}); refusing to save through it: "
+                    "save to the directory it names instead")
+        if not os.path.isdir(directory):
+            return "exists and is not a directory; refusing to replace it"
+        if os.listdir(directory) and not is_checkpoint_dir(directory):
+            return ("is a non-empty directory that is not a dsv3 checkpoint (no config.json + "
+                    "model.safetensors); refusing to replace it")
+    except FileNotFoundError:  # it vanished while we looked: a concurrent publish
+        return None
+    return None
 
 
 LOCK_TIMEOUT = 60.0  # seconds a save waits for another save's publish into the same target
