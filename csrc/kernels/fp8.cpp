@@ -132,6 +132,38 @@ DSV3_SIMD_CLONES uint32_t amax_range(const float* x, int64_t a, int64_t b) {
   return amax_bits(x, a, b);
 }
 
+// m[j] = max(m[j], |x[j]| as bits) for j < n: the column-wise amax of a row band
+DSV3_SIMD_CLONES void amax_cols(uint32_t* __restrict m, const float* __restrict x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t v = bits_of(x[j]) & 0x7fffffffu;
+    m[j] = v > m[j] ? v : m[j];
+  }
+}
+
+// codes[j] = encode(x[j] / s[j]), saturating: encode_scaled with a scale per element
+template <class F>
+DSV3_FP8_INLINE void encode_lanes_loop(uint8_t* __restrict codes, const float* __restrict x,
+                                       const float* __restrict s, int64_t n) {
+  int64_t i = 0;
+#if DSV3_FP8_VECTOR
+  for (; i + kLanes <= n; i += kLanes) {
+    VecF v, d;
+    std::memcpy(&v, x + i, sizeof v);
+    std::memcpy(&d, s + i, sizeof d);
+    v = v / d;
+    const VecU8 c = __builtin_convertvector(encode_bits<F>((VecU)v, true), VecU8);
+    std::memcpy(codes + i, &c, sizeof c);
+  }
+#endif
+  for (; i < n; ++i) codes[i] = (uint8_t)encode_bits<F>(bits_of(x[i] / s[i]), true);
+}
+DSV3_SIMD_CLONES void encode_lanes_e4m3(uint8_t* c, const float* x, const float* s, int64_t n) {
+  encode_lanes_loop<E4M3>(c, x, s, n);
+}
+DSV3_SIMD_CLONES void encode_lanes_e5m2(uint8_t* c, const float* x, const float* s, int64_t n) {
+  encode_lanes_loop<E5M2>(c, x, s, n);
+}
+
 using EncodeScaledFn = void (*)(uint8_t*, const float*, int64_t, float);
 using DecodeScaledFn = void (*)(float*, const uint8_t*, int64_t, float);
 
@@ -284,6 +316,43 @@ void fp8_quantize(uint8_t* codes, float* scales, const float* x, int64_t R, int6
       encode(codes + r * C + c0, x + r * C + c0, n, scales[(r / br) * Cb + c0 / bc]);
     }
   });
+}
+
+void fp8_quantize_transposed(uint8_t* codes_t, float* scales_t, const float* x, int64_t R,
+                             int64_t C, int64_t bt, Fp8Format fmt, bool pow2_scale) {
+  check_bytes(fmt, "quantize");
+  check_block(C, R, Fp8Block{1, bt}, "quantize");
+  if (R == 0 || C == 0) return;
+  constexpr int64_t kCols = 64;  // columns of x per task: a bt x 64 tile
+  const int64_t Rb = fp8_blocks(R, bt), Cc = fp8_blocks(C, kCols);
+  const float fmax = fp8_format_info(fmt).max;
+  const auto encode = fmt == Fp8Format::e4m3 ? encode_lanes_e4m3 : encode_lanes_e5m2;
+  // One task per (band of bt rows, 64 columns): the band's column amax, the 64 scales, the
+  // band encoded row by row into a tile, then the tile's bytes written transposed.
+  parallel_for(Rb * Cc, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint8_t> tile((size_t)(bt * kCols));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t band = t / Cc, r0 = band * bt, rows = std::min(bt, R - r0);
+      const int64_t c0 = (t % Cc) * kCols, n = std::min(kCols, C - c0);
+      uint32_t amax[kCols] = {};
+      float s[kCols];
+      for (int64_t r = 0; r < rows; ++r) amax_cols(amax, x + (r0 + r) * C + c0, n);
+      for (int64_t j = 0; j < n; ++j) {
+        s[j] = amax[j] >= 0x7f800000u ? float_of(0x7fc00000u)
+                                      : block_scale(amax[j], fmax, pow2_scale);
+        scales_t[(c0 + j) * Rb + band] = s[j];
+      }
+      for (int64_t r = 0; r < rows; ++r) encode(tile.data() + r * kCols, x + (r0 + r) * C + c0, s, n);
+      for (int64_t j = 0; j < n; ++j) {
+        uint8_t* dst = codes_t + (c0 + j) * R + r0;
+        for (int64_t r = 0; r < rows; ++r) dst[r] = tile[(size_t)(r * kCols + j)];
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t b = 0; b < Rb; ++b)
+      if (!(scales_t[c * Rb + b] == scales_t[c * Rb + b]))
+        throw_nonfinite(c, b, Fp8Block{1, bt}, C, R);
 }
 
 void fp8_dequantize(float* out, const uint8_t* codes, const float* scales, int64_t R, int64_t C,

@@ -79,6 +79,15 @@ struct Fp8Block {
 void fp8_quantize(uint8_t* codes, float* scales, const float* x, int64_t R, int64_t C,
                   Fp8Block block, Fp8Format fmt, bool pow2_scale);
 
+// The quantization of x^T in tiles 1 x bt along R, without forming x^T: each scale covers bt
+// consecutive rows of one column of x. Equals fp8_quantize(x^T, {1, bt}) bit for bit (same
+// blocks, same amax, same division), including its NonFiniteError (block indices and rows /
+// columns named in x^T's coordinates).     x[R,C]  codes_t[C,R] uint8  scales_t[C, ceil(R/bt)]
+// The weight-gradient GEMM's operands dy^T and x^T (fp8_linear.h) are made this way: one pass
+// over x, codes written transposed (bytes, not fp32).
+void fp8_quantize_transposed(uint8_t* codes_t, float* scales_t, const float* x, int64_t R,
+                             int64_t C, int64_t bt, Fp8Format fmt, bool pow2_scale);
+
 // out[r,c] = decode(codes[r,c]) * scales[r/br, c/bc]      (fp32)
 //                                      codes[R,C]  scales[Rb,Cb]  out[R,C]
 void fp8_dequantize(float* out, const uint8_t* codes, const float* scales, int64_t R, int64_t C,

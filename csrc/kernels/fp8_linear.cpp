@@ -12,16 +12,16 @@ namespace {
 
 constexpr int64_t kTile = 128;  // the recipe's tile / block edge
 
-// dst[C,R] = src[R,C]^T, in 32x32 blocks.
-void transpose(float* dst, const float* src, int64_t R, int64_t C) {
-  constexpr int64_t T = 32;
+// dst[C,R] = src[R,C]^T for bytes, in 64x64 blocks.
+void transpose_bytes(uint8_t* dst, const uint8_t* src, int64_t R, int64_t C) {
+  constexpr int64_t T = 64;
   const int64_t rb = fp8_blocks(R, T), cb = fp8_blocks(C, T);
-  parallel_for(rb * cb, 16, [&](int64_t t0, int64_t t1) {
+  parallel_for(rb * cb, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = (t / cb) * T, c0 = (t % cb) * T;
       const int64_t r1 = std::min(R, r0 + T), c1 = std::min(C, c0 + T);
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = c0; c < c1; ++c) dst[c * R + r] = src[r * C + c];
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * R + r] = src[r * C + c];
     }
   });
 }
@@ -30,12 +30,40 @@ void transpose(float* dst, const float* src, int64_t R, int64_t C) {
 struct Quantized {
   std::vector<uint8_t> codes;
   std::vector<float> scales;
-  Fp8Operand op;
+  Fp8Operand op;  // points into codes / scales (moves keep the buffers; no copies)
+  Quantized(const Quantized&) = delete;
+  Quantized(Quantized&&) = default;
   Quantized(const float* x, int64_t rows, int64_t cols, Fp8Block block, Fp8Format fmt,
             bool pow2)
       : codes((size_t)(rows * cols)),
         scales((size_t)(fp8_blocks(rows, block.rows) * fp8_blocks(cols, block.cols))) {
     fp8_quantize(codes.data(), scales.data(), x, rows, cols, block, fmt, pow2);
+    point(block, fmt);
+  }
+  // Q(x^T) in tiles 1 x kTile along R, from x[R,C] itself (fp8_quantize_transposed)
+  Quantized(const float* x, int64_t R, int64_t C, Fp8Format fmt, bool pow2)
+      : codes((size_t)(R * C)), scales((size_t)(C * fp8_blocks(R, kTile))) {
+    fp8_quantize_transposed(codes.data(), scales.data(), x, R, C, kTile, fmt, pow2);
+    point({1, kTile}, fmt);
+  }
+  // Q(W^T) in 128x128 blocks from Q(W): a block of W^T holds the elements of the transposed
+  // block of W, so its amax, scale and codes are those of W's block, transposed (bit for bit
+  // what quantizing the transposed fp32 matrix gives, at a byte transpose's cost).
+  static Quantized transposed(const Quantized& q, int64_t rows, int64_t cols) {
+    Quantized t;
+    const int64_t rb = fp8_blocks(rows, kTile), cb = fp8_blocks(cols, kTile);
+    t.codes.resize(q.codes.size());
+    t.scales.resize(q.scales.size());
+    transpose_bytes(t.codes.data(), q.codes.data(), rows, cols);
+    for (int64_t i = 0; i < rb; ++i)
+      for (int64_t j = 0; j < cb; ++j) t.scales[(size_t)(j * rb + i)] = q.scales[(size_t)(i * cb + j)];
+    t.point(q.op.block, q.op.fmt);
+    return t;
+  }
+
+ private:
+  Quantized() = default;
+  void point(Fp8Block block, Fp8Format fmt) {
     op.codes = codes.data();
     op.scales = scales.data();
     op.block = block;
@@ -63,18 +91,14 @@ void fp8_linear_backward(float* dx, float* dw, const float* dy, const float* x, 
                          int64_t R, int64_t K, int64_t O, const Fp8LinearOptions& opts) {
   check_sizes(R, K, O, "linear_backward");
   if (dx && R > 0 && K > 0) {  // dx[R,K] += dy[R,O] @ W[O,K]: inner dimension O
-    std::vector<float> wt((size_t)(K * O));
-    transpose(wt.data(), w, O, K);
-    Quantized qdy(dy, R, O, {1, kTile}, opts.grad_fmt, opts.pow2_scale);
-    Quantized qwt(wt.data(), K, O, {kTile, kTile}, opts.weight_fmt, opts.pow2_scale);
+    const Quantized qdy(dy, R, O, {1, kTile}, opts.grad_fmt, opts.pow2_scale);
+    const Quantized qwt = Quantized::transposed(
+        Quantized(w, O, K, {kTile, kTile}, opts.weight_fmt, opts.pow2_scale), O, K);
     fp8_gemm(dx, qdy.op, qwt.op, R, K, O, opts.gemm, true);
   }
   if (dw && O > 0 && K > 0) {  // dW[O,K] += dy^T[O,R] @ x[R,K]: inner dimension R
-    std::vector<float> dyt((size_t)(O * R)), xt((size_t)(K * R));
-    transpose(dyt.data(), dy, R, O);
-    transpose(xt.data(), x, R, K);
-    Quantized qdyt(dyt.data(), O, R, {1, kTile}, opts.grad_fmt, opts.pow2_scale);
-    Quantized qxt(xt.data(), K, R, {1, kTile}, opts.act_fmt, opts.pow2_scale);
+    const Quantized qdyt(dy, R, O, opts.grad_fmt, opts.pow2_scale);
+    const Quantized qxt(x, R, K, opts.act_fmt, opts.pow2_scale);
     fp8_gemm(dw, qdyt.op, qxt.op, O, K, R, opts.gemm, true);
   }
 }
