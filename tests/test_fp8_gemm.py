@@ -225,3 +225,15 @@ def test_fp8_linear_leading_dims_and_limited_mode(rng):
         fp8.linear(x, w.astype(np.float64))
     with pytest.raises(ValueError, match=r"grad_fmt must be"):
         fp8.linear_backward(dy, x, w, grad_fmt="bf16")
+
+
+def test_fp8_linear_backward_non_finite_x_raises_in_the_weight_gradient():
+    # x is quantized for dW only (as x^T, tiles of 128 tokens): a NaN there must raise, naming
+    # the tile of x^T that holds it (row = x's column 7, columns = tokens 128..255)
+    x = np.ones((300, 140), np.float32)
+    x[200, 7] = np.nan
+    w = np.ones((70, 140), np.float32)
+    dy = np.ones((300, 70), np.float32)
+    with pytest.raises(ValueError, match=r"must be finite: scale block \(7, 1\) \(rows 7\.\.7, "
+                                         r"columns 128\.\.255\)"):
+        fp8.linear_backward(dy, x, w)
