@@ -45,6 +45,10 @@ struct ResidentWeights {
   std::shared_ptr<const void> keep_alive;                // owns held's memory (may be null)
 };
 
+// Whether a weight may be given held (ResidentWeights::held): a resident-capable projection
+// (layout.h) or kv_b_proj (dequantized into the slab, see kernels/mla.h).
+bool may_be_held(const std::string& name);
+
 class Model {
  public:
   Model(const ModelConfig& c, uint64_t seed);

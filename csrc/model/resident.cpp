@@ -24,15 +24,23 @@
 namespace dsv3 {
 
 namespace {
+bool is_kv_b_proj(const std::string& n) {
+  const std::string s = ".kv_b_proj.weight";
+  return n.size() > s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
+}
+}  // namespace
+
+bool may_be_held(const std::string& name) { return resident_capable(name) || is_kv_b_proj(name); }
+
+namespace {
 
 // The views of held whose names stay resident (checked against the layout).
 ResidentViews resident_part(const ParamLayout& L, const ResidentWeights& w) {
   ResidentViews r;
   for (const auto& [name, v] : w.held) {
     const ParamEntry& e = L.at(name);
-    const bool kv_b = e.name.size() > 17 &&
-                      e.name.compare(e.name.size() - 17, 17, ".kv_b_proj.weight") == 0;
-    DSV3_CHECK(resident_capable(name) || kv_b, "[Model.from_resident] '", name,
+    const bool kv_b = is_kv_b_proj(name);
+    DSV3_CHECK(may_be_held(name), "[Model.from_resident] '", name,
                "' cannot be resident (only projection matrices can; norms, biases and ",
                "router gates must be given as float32 arrays)");
     DSV3_CHECK(e.shape.size() == 2 && v.O == e.shape[0] && v.K == e.shape[1], "[Model.",
