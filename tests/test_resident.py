@@ -40,6 +40,8 @@ CONFIGS = {
     "mla_qlora_moe": dict(),
     "mla_no_qlora": dict(q_lora_rank=None),
     "mha": dict(attention_type="mha"),
+    "gqa_tied": dict(attention_type="gqa", num_attention_heads=4, num_key_value_heads=2,
+                     tie_word_embeddings=True),
 }
 
 
@@ -143,7 +145,7 @@ def tokens(cfg, B, T, seed=0):
 
 # ---------------------------------------------------------------- agreement with the reference
 CASES = [("mla_qlora_moe", "fp8"), ("mla_qlora_moe", "bf16"), ("mla_qlora_moe", "mixed"),
-         ("mla_no_qlora", "fp8"), ("mha", "fp8"), ("mha", "mixed")]
+         ("mla_no_qlora", "fp8"), ("mha", "fp8"), ("mha", "mixed"), ("gqa_tied", "bf16")]
 
 
 @pytest.mark.parametrize("kind,fmt", CASES)
@@ -152,7 +154,8 @@ def test_forward_and_cached_decoding_match_the_dequantized_reference(kind, fmt):
     assert res.is_resident and not ref.is_resident
     attn = "model.layers.0.self_attn."
     assert (attn + {"mla_qlora_moe": "q_a_proj.weight", "mla_no_qlora": "q_proj.weight",
-                    "mha": "k_proj.weight"}[kind]) in formats
+                    "mha": "k_proj.weight", "gqa_tied": "k_proj.weight"}[kind]) in formats
+    assert ("lm_head.weight" in formats) == (kind != "gqa_tied")  # tied: the embedding heads
     assert (attn + "q_a_proj.weight" in formats) == (kind == "mla_qlora_moe")
     tok = tokens(cfg, 2, 9)
     assert_close(res.forward(tok), ref.forward(tok), "forward")
