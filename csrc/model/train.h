@@ -6,6 +6,9 @@
 //   norm  = ||grads||_2 over the trainable entries;  if clip > 0 and norm > clip:
 //           grads *= clip / (norm + 1e-6)                      (torch.nn.utils.clip_grad_norm_)
 //   AdamW (optim.h) on every trainable entry, weight decay on the `decay` entries only
+//   parallel (dist/comm.h, set_parallel): each rank runs the lines above on its own micro-batches;
+//           grads, the loss parts and the expert loads are summed over the world before the
+//           norm (grads and losses then divided by W), so every rank takes the same step
 //   aux-free balancing (semantics §2.4), gamma > 0:  per MoE block, with load = the tokens routed
 //           to each expert over the whole step,  b_i += gamma * sign(mean(load) - load_i)
 //
@@ -17,6 +20,8 @@
 #include <shared_mutex>
 #include <vector>
 
+#include "dist/comm.h"
+#include "kernels/moe_ep.h"
 #include "kernels/optim.h"
 #include "kernels/precision.h"
 #include "model/model.h"
@@ -47,6 +52,11 @@ class Trainer {
   TrainStepStats step(const int64_t* tokens, int64_t B, int64_t N, const TrainStepOptions& o);
 
   Model& model() { return model_; }
+  // Data/expert-parallel training over these groups (null: single process).
+  // With ep > 1 the routed experts are computed by their owners (kernels/moe_ep.h).
+  void set_parallel(std::shared_ptr<ParallelGroups> g, bool fp8_dispatch);
+  const ParallelGroups* parallel() const { return par_.get(); }
+  ExpertParallel& expert_parallel() { return ep_; }
   bool bf16_moments() const { return bf16_; }
   int64_t steps_done = 0;  // optimizer steps applied (AdamW's t of the next step is this + 1)
   // Moments in the parameter slab's layout (entries that are not trainable stay 0).
@@ -61,6 +71,10 @@ class Trainer {
   bool bf16_;
   std::vector<float> grads_;
   std::vector<uint8_t> mode_;  // per slab element: 0 frozen, 1 no decay, 2 decay (optim.h)
+  std::shared_ptr<ParallelGroups> par_;
+  ExpertParallel ep_;
+  // Sums the step's gradients and statistics over the world (no-op for one process).
+  void reduce_over_world(TrainStepStats& st, int64_t n);
 };
 
 }  // namespace dsv3

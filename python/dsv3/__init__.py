@@ -20,6 +20,7 @@ from .generate import GenerationOutput
 from . import data
 from .tokenizer import Tokenizer
 from .train import TrainConfig, Trainer
+from . import distributed
 
 __version__ = "0.1.0"
 
