@@ -11,7 +11,7 @@ ParallelLayout parse_parallel_layout(const std::string& s) {
   ParallelLayout l;
   bool seen_dp = false, seen_ep = false;
   size_t i = 0;
-  while (i < s.size()) {
+  while (!s.empty() && i <= s.size()) {
     size_t j = s.find(',', i);
     if (j == std::string::npos) j = s.size();
     const std::string part = s.substr(i, j - i);

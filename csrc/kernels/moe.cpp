@@ -275,6 +275,12 @@ void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
     if (S > 0) moe_run_experts(nullptr, y, a, x, K, 0, nullptr, &p.shared_experts, T, D, F, S,
                                p.precision);
     moe_ep_forward(ye, a, x, p, c, T);
+  } else if (p.ep && p.ep->fp8_dispatch) {  // one process: the routed experts see Q(x)
+    if (S > 0) moe_run_experts(nullptr, y, a, x, K, 0, nullptr, &p.shared_experts, T, D, F, S,
+                               p.precision);
+    const std::vector<float> xq = fp8_dispatch_values(x, T, D);
+    moe_run_experts(ye, nullptr, a, xq.data(), K, E, p.experts.data(), nullptr, T, D, F, S,
+                    p.precision);
   } else {
     moe_run_experts(ye, y, a, x, K, E, p.experts.data(), S > 0 ? &p.shared_experts : nullptr, T,
                     D, F, S, p.precision);
@@ -309,11 +315,19 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
   std::vector<float> d_topk_weight((size_t)N);  // each slot written once, by its expert
   Buf dxs_local;
   float* dxs = dx ? workspace_rows(ws, dxs_local, N * D) : nullptr;
-  if (p.ep && p.ep->size() > 1) {
+  if (p.ep && (p.ep->size() > 1 || p.ep->fp8_dispatch)) {
     if (S > 0)
       moe_run_experts_backward(nullptr, dx, nullptr, nullptr, &g.shared_experts, dy, a, x, K,
                                0, nullptr, &p.shared_experts, T, D, F, S, p.precision);
-    moe_ep_backward(dxs, d_topk_weight.data(), g, dy, a, p, c, T);
+    if (p.ep->size() > 1) {
+      moe_ep_backward(dxs, d_topk_weight.data(), g, dy, a, p, c, T);
+    } else {
+      const std::vector<float> xq = fp8_dispatch_values(x, T, D);
+      moe_run_experts_backward(dxs, nullptr, d_topk_weight.data(),
+                               g.experts.empty() ? nullptr : g.experts.data(), nullptr, dy, a,
+                               xq.data(), K, E, p.experts.data(), nullptr, T, D, F, S,
+                               p.precision);
+    }
   } else {
     moe_run_experts_backward(dxs, dx, d_topk_weight.data(),
                              g.experts.empty() ? nullptr : g.experts.data(),

@@ -63,6 +63,17 @@ int64_t row_bytes(int64_t D, bool fp8) {
 
 }  // namespace
 
+std::vector<float> fp8_dispatch_values(const float* x, int64_t T, int64_t D) {
+  const int64_t nt = fp8_blocks(D, 128);
+  std::vector<float> out((size_t)(T * D));
+  std::vector<uint8_t> codes((size_t)(T * D));
+  std::vector<float> scales((size_t)(T * nt));
+  fp8_quantize(codes.data(), scales.data(), x, T, D, Fp8Block{1, 128}, Fp8Format::e4m3, false);
+  fp8_dequantize(out.data(), codes.data(), scales.data(), T, D, Fp8Block{1, 128},
+                 Fp8Format::e4m3);
+  return out;
+}
+
 void moe_ep_forward(float* ye, const MoeActs& a, const float* x, const MoeParams& p,
                     const MoeConfig& c, int64_t T) {
   ExpertParallel& ep = *p.ep;

@@ -72,6 +72,11 @@ void moe_run_experts_backward(float* dxs, float* dx_shared, float* d_topk_weight
                               const SwiGluParams* shared, int64_t T, int64_t D, int64_t F,
                               int64_t S, GemmPrecision prec);
 
+// The values the experts compute on with fp8_dispatch: Q(x) dequantized, E4M3 with one scale
+// per 1x128 tile of each row (fp8.h's quantizer). With ep == 1 (one process) moe_forward
+// uses them to emulate the dispatch exactly.
+std::vector<float> fp8_dispatch_values(const float* x, int64_t T, int64_t D);
+
 // ye[N,D] = the routed experts' outputs of this rank's dispatched rows (a: after dispatch).
 void moe_ep_forward(float* ye, const MoeActs& a, const float* x, const MoeParams& p,
                     const MoeConfig& c, int64_t T);

@@ -41,7 +41,8 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
   try {
     for (int64_t a = 0; a < A; ++a) {
       const LossParts lp = model_.loss(tokens + a * Bm * N, Bm, N, grads_.data(), o.alpha,
-                                       o.mtp_weight, o.precision, ep_.group ? &ep_ : nullptr);
+                                       o.mtp_weight, o.precision,
+                                       ep_.group || ep_.fp8_dispatch ? &ep_ : nullptr);
       st.loss += lp.loss / (double)A;
       st.main += lp.main / (double)A;
       st.mtp += lp.mtp / (double)A;

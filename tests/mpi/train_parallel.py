@@ -24,20 +24,31 @@ ap.add_argument("--fp8-dispatch", action="store_true")
 ap.add_argument("--save", default="")
 ap.add_argument("--load", default="")
 ap.add_argument("--fail-rank", type=int, default=-1, help="this rank raises at step 2")
+ap.add_argument("--pid-dir", default="", help="write this rank's pid there (kill tests)")
 ap.add_argument("--out", required=True)
 a = ap.parse_args()
 
 dsv3.set_num_threads(1)
 par = None if a.layout == "none" else dsv3.distributed.init(a.layout, fp8_dispatch=a.fp8_dispatch)
 rank = par.rank if par else 0
-cfg = getattr(dsv3.Config, a.config)()
+if a.pid_dir:
+    with open(os.path.join(a.pid_dir, f"pid{rank}"), "w") as f:
+        f.write(str(os.getpid()))
+if a.config == "dense":  # no routed experts: an expert-parallel layout must be refused
+    cfg = dsv3.Config.tiny().replace(n_routed_experts=0, first_k_dense_replace=2)
+else:
+    cfg = getattr(dsv3.Config, a.config)()
 tc = dsv3.TrainConfig(batch_size=a.batch, seq_len=a.seq, lr=3e-3, warmup_steps=0, schedule="constant",
                       precision=a.precision, grad_accum=a.grad_accum, grad_clip=1.0)
 if a.load:
     tr = dsv3.Trainer.load(a.load, parallel=par)
 else:
     tr = dsv3.Trainer(dsv3.Model(cfg, seed=1), tc, parallel=par)
-rng = np.random.default_rng(7 + tr.step_count)
+if par is None and a.fp8_dispatch:  # one process emulating the FP8 dispatch (the reference)
+    dsv3._core.trainer_set_parallel(tr._t, None, True)
+rng = np.random.default_rng(7)
+for _ in range(tr.step_count):  # a resumed run continues the same sequence of batches
+    rng.integers(0, cfg.vocab_size, size=(a.batch, a.seq + 1))
 rec = {"loss": [], "grad_norm": [], "expert_load": [], "main": [], "balance": [], "mtp": []}
 for s in range(a.steps):
     batch = rng.integers(0, cfg.vocab_size, size=(a.batch, a.seq + 1))
