@@ -165,7 +165,7 @@ std::shared_ptr<Comm> mpi_world() {
   MPI_Initialized(&init);
   if (!init) {
     int provided = 0;
-    check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided), "MPI_Init_thread");
+    check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread");
     g_we_initialised = true;
     std::atexit(finalize_at_exit);
   }

@@ -60,6 +60,7 @@ struct Model::LossState {
   double alpha = 0, mtp_weight = 0;
   GemmPrecision precision = GemmPrecision::fp32;  // of the blocks' and MTP's projections
   ExpertParallel* ep = nullptr;                   // expert-parallel training (moe_ep.h)
+  const LossHooks* hooks = nullptr;
   std::vector<int64_t> input;             // [B*T] t_0 .. t_{N-2} of each sequence
   std::vector<std::vector<float>> H;      // [layers+1][R,D] block inputs, then the last output
   std::vector<BlockActs> acts;            // [layers]
@@ -73,7 +74,8 @@ struct Model::LossState {
 };
 
 LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
-                      double mtp_weight, GemmPrecision precision, ExpertParallel* ep) {
+                      double mtp_weight, GemmPrecision precision, ExpertParallel* ep,
+                      const LossHooks* hooks) {
   const char* op = "Model.loss";
   DSV3_CHECK(B >= 1 && N >= 2, "[", op, "] tokens must be (batch, N) with N >= 2 (N tokens give ",
              "N-1 targets), got N=", N);
@@ -81,7 +83,9 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
   LossState st;
   st.precision = precision;
   st.ep = ep;
+  st.hooks = hooks;
   const LossParts out = loss_forward(st, tokens, B, N, alpha, mtp_weight, grads != nullptr);
+  if (grads && hooks && hooks->forward_done) hooks->forward_done();
   if (grads) loss_backward(grads, st);
   return out;
 }
@@ -201,6 +205,7 @@ void Model::loss_backward(float* g, const LossState& st) {
     block_backward(dprev.data(), block_grads(l, g), dH.data(), ds.empty() ? nullptr : ds.data(),
                    st.acts[l], st.H[l].data(), block_params(l, st.precision, st.ep), dims_);
     dH.swap(dprev);
+    if (st.hooks && st.hooks->block_grads_done) st.hooks->block_grads_done(l);
   }
   embedding_backward(layout_.ptr(g, hf::embed_tokens), dH.data(), st.input.data(), R, V, D);
 }

@@ -16,6 +16,7 @@
 //   loss = main + mtp + balance
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,6 +29,14 @@
 #include "model/mtp.h"
 
 namespace dsv3 {
+
+// Callbacks of a loss-with-backward call (the parallel Trainer's): forward_done after the
+// forward (before any backward work), block_grads_done(l) once main block l's gradients are
+// final (blocks come last to first).
+struct LossHooks {
+  std::function<void()> forward_done;
+  std::function<void(int64_t)> block_grads_done;
+};
 
 struct LossParts {
   double loss = 0, main = 0, mtp = 0, balance = 0;
@@ -56,7 +65,8 @@ class Model {
   // embedding, heads, router gates and attention core are fp32 in every precision.
   // ep: expert-parallel training (kernels/moe_ep.h; null: every expert computed here).
   LossParts loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
-                 double mtp_weight, GemmPrecision precision, ExpertParallel* ep = nullptr);
+                 double mtp_weight, GemmPrecision precision, ExpertParallel* ep = nullptr,
+                 const LossHooks* hooks = nullptr);
   std::shared_ptr<KvCache> new_cache(int64_t batch, int64_t max_len) const;
   std::string cache_kind() const { return dims_.mla ? "latent" : "kv"; }
   int64_t cache_width() const;

@@ -35,14 +35,16 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
   const int64_t E = model_.config().E, A = o.grad_accum, Bm = B / A;
   grads_.assign((size_t)L.total, 0.f);
   TrainStepStats st;
-  // A rank whose local work fails tells the others before they wait for its gradients: every
-  // rank then raises (the failing one its own error) instead of hanging in the all-reduce.
-  std::string failure;
+  const bool par = par_ && par_->world->size() > 1;
+  ParallelStep ps;  // the parallel bookkeeping of this step (train_parallel.cpp)
   try {
     for (int64_t a = 0; a < A; ++a) {
+      LossHooks hooks;
+      if (par) hooks = parallel_hooks(ps, a == A - 1);
       const LossParts lp = model_.loss(tokens + a * Bm * N, Bm, N, grads_.data(), o.alpha,
                                        o.mtp_weight, o.precision,
-                                       ep_.group || ep_.fp8_dispatch ? &ep_ : nullptr);
+                                       ep_.group || ep_.fp8_dispatch ? &ep_ : nullptr,
+                                       par ? &hooks : nullptr);
       st.loss += lp.loss / (double)A;
       st.main += lp.main / (double)A;
       st.mtp += lp.mtp / (double)A;
@@ -54,19 +56,13 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
       for (size_t i = 0; i < lp.expert_load.size(); ++i) st.expert_load[i] += lp.expert_load[i];
     }
   } catch (const std::exception& e) {
-    if (!par_ || par_->world->size() == 1) throw;
-    failure = e.what();
+    if (!par) throw;
+    parallel_failed(ps, e.what());  // raises on every rank, or aborts the job
   }
-  if (par_ && par_->world->size() > 1) {
-    int64_t failed[2] = {failure.empty() ? 0 : 1, failure.empty() ? 0 : par_->world->rank()};
-    par_->world->allreduce_sum(failed, 2);
-    if (!failure.empty()) throw std::runtime_error(failure);
-    if (failed[0] > 0)
-      throw std::runtime_error(str_cat("[Trainer.step] ", failed[0], " rank(s) failed this step ",
-                                       "(e.g. rank ", failed[1], " if only one); nothing applied"));
-  }
-  if (A > 1) scale_inplace(grads_.data(), L.total, 1.f / (float)A);
-  reduce_over_world(st, L.total);
+  if (par)
+    reduce_over_world(ps, st, (float)(1.0 / ((double)A * par_->world->size())));
+  else if (A > 1)
+    scale_inplace(grads_.data(), L.total, 1.f / (float)A);
   // Frozen entries (the gate biases) have no gradient: their slots stay 0, so the norm over
   // the whole slab is the norm over the trainable entries (one parallel pass).
   st.grad_norm = std::sqrt(sum_squares(grads_.data(), L.total));
@@ -94,33 +90,6 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
   }
   ++steps_done;
   return st;
-}
-
-void Trainer::set_parallel(std::shared_ptr<ParallelGroups> g, bool fp8_dispatch) {
-  if (g) {
-    const int64_t E = model_.config().E;
-    DSV3_CHECK(g->layout.ep == 1 || (E > 0 && E % g->layout.ep == 0), "[Trainer] ep (",
-               g->layout.ep, ") must divide n_routed_experts (", E, ")");
-  }
-  par_ = std::move(g);
-  ep_ = ExpertParallel{};
-  ep_.group = par_ && par_->layout.ep > 1 ? par_->ep_group.get() : nullptr;
-  ep_.fp8_dispatch = fp8_dispatch;
-}
-
-void Trainer::reduce_over_world(TrainStepStats& st, int64_t n) {
-  if (!par_ || par_->world->size() == 1) return;
-  Comm& w = *par_->world;
-  const double W = (double)w.size();
-  w.allreduce_sum(grads_.data(), n);
-  scale_inplace(grads_.data(), n, (float)(1.0 / W));
-  double parts[4] = {st.loss, st.main, st.mtp, st.balance};
-  w.allreduce_sum(parts, 4);
-  st.loss = parts[0] / W;
-  st.main = parts[1] / W;
-  st.mtp = parts[2] / W;
-  st.balance = parts[3] / W;
-  if (!st.expert_load.empty()) w.allreduce_sum(st.expert_load.data(), (int64_t)st.expert_load.size());
 }
 
 }  // namespace dsv3

@@ -17,10 +17,14 @@
 // and reports finite = false, so the caller can stop with the last good state intact.
 #pragma once
 #include <cstdint>
+#include <future>
+#include <string>
+#include <utility>
 #include <shared_mutex>
 #include <vector>
 
 #include "dist/comm.h"
+#include "dist/comm_queue.h"
 #include "kernels/moe_ep.h"
 #include "kernels/optim.h"
 #include "kernels/precision.h"
@@ -40,6 +44,9 @@ struct TrainStepOptions {
 
 struct TrainStepStats {
   double loss = 0, main = 0, mtp = 0, balance = 0, grad_norm = 0;
+  // parallel: seconds the communication thread spent in the gradient all-reduce, and
+  // seconds the step waited for it after its backward (the rest was hidden behind compute)
+  double allreduce_seconds = 0, allreduce_wait_seconds = 0;
   std::vector<int64_t> expert_load;  // [moe_blocks, E], summed over the micro-batches
   int64_t moe_blocks = 0;
   bool finite = true;
@@ -71,10 +78,23 @@ class Trainer {
   bool bf16_;
   std::vector<float> grads_;
   std::vector<uint8_t> mode_;  // per slab element: 0 frozen, 1 no decay, 2 decay (optim.h)
+  // ---- parallel training (train_parallel.cpp)
   std::shared_ptr<ParallelGroups> par_;
   ExpertParallel ep_;
-  // Sums the step's gradients and statistics over the world (no-op for one process).
-  void reduce_over_world(TrainStepStats& st, int64_t n);
+  std::shared_ptr<CommQueue> queue_;           // the communication thread
+  std::shared_ptr<Comm> ep_queued_;            // the EP group, its calls run on queue_
+  std::vector<std::pair<int64_t, int64_t>> block_range_;  // [lo, hi) of main block l's grads
+  std::vector<std::pair<int64_t, int64_t>> rest_range_;   // the slab outside the main blocks
+  struct ParallelStep {
+    bool agreed = false;  // the failure agreement of this step is done
+    std::vector<std::shared_future<void>> pending;  // block all-reduces in flight
+    double busy0 = 0;
+  };
+  LossHooks parallel_hooks(ParallelStep& ps, bool last_micro_batch);
+  [[noreturn]] void parallel_failed(ParallelStep& ps, const std::string& what);
+  void agree(ParallelStep& ps, bool failed_here);
+  // Sums the step's gradients (times scale) and statistics over the world.
+  void reduce_over_world(ParallelStep& ps, TrainStepStats& st, float scale);
 };
 
 }  // namespace dsv3

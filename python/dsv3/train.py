@@ -184,7 +184,10 @@ class Trainer:
         """One optimizer step on int tokens (B, T+1). Returns loss, main, mtp, balance,
         grad_norm (before clipping), lr, expert_load int64 [moe blocks (main MoE layers, then
         MTP), n_routed], max_violation (mean over MoE blocks of max_i load_i/mean(load) - 1),
-        tokens_per_second (B*T / wall time) and step (1-based). A non-finite loss or gradient
+        tokens_per_second (B*T / wall time) and step (1-based). In parallel training ``batch``
+        is the global batch (this rank trains on its rows) and ``time_split`` gives the
+        step's seconds in compute, all-reduce and dispatch/combine (the collectives' time
+        includes waiting for the slowest rank) and the bytes this rank sent. A non-finite loss or gradient
         raises FloatingPointError naming the step and leaves the model untouched."""
         arr = np.asarray(batch)
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
@@ -206,6 +209,7 @@ class Trainer:
         _memory.activations("Trainer.step", self.model.config, arr, "grad", self.config.grad_accum)
         n = self.step_count
         lr = self.config.lr_at(n)
+        comm0 = par.stats() if par is not None else None
         t0 = time.perf_counter()
         try:
             st = self._t.step(np.ascontiguousarray(arr, dtype=np.int64), self._options(lr), n)
@@ -213,10 +217,22 @@ class Trainer:
             raise FloatingPointError(f"[Trainer.step] non-finite values at step {n + 1}: {e}; "
                                      "the update was not applied") from e
         dt = time.perf_counter() - t0
+        ar, ar_wait = st.pop("allreduce_seconds"), st.pop("allreduce_wait_seconds")
         if not st.pop("finite"):
             raise FloatingPointError(
                 f"[Trainer.step] non-finite loss or gradient at step {n + 1} (loss={st['loss']},"
                 f" grad_norm={st['grad_norm']}); the update was not applied")
+        if comm0 is not None:  # this step's time split (seconds)
+            comm = {k: v - comm0[k] for k, v in par.stats().items()}
+            # the all-reduce runs on the communication thread, mostly during the backward:
+            # only the time the step waited for it is off the compute path
+            st["time_split"] = {
+                "step": dt, "all_reduce": ar, "all_reduce_waited": ar_wait,
+                "all_reduce_hidden_fraction": max(0.0, 1 - ar_wait / ar) if ar > 0 else 0.0,
+                "dispatch_combine": comm["alltoall_seconds"],
+                "compute": dt - ar_wait - comm["alltoall_seconds"],
+                "all_reduce_bytes": comm["allreduce_bytes"],
+                "dispatch_combine_bytes": comm["alltoall_bytes"]}
         load = st["expert_load"]
         vios = [float(r.max() / r.mean() - 1) for r in load if r.mean() > 0]
         st.update(lr=lr, step=n + 1, tokens_per_second=global_rows * (arr.shape[1] - 1) / dt,
