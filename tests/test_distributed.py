@@ -109,6 +109,40 @@ def test_wrong_gradients_would_fail_the_comparison(tmp_path, single_tiny):
         assert_same_run([other], single, ow, sw)
 
 
+def test_gradients_equal_single_process_elementwise(tmp_path):
+    """One step without clipping: the applied gradient (the global batch's mean) of every
+    layout equals the single process's, element by element, to 1e-5 of each tensor's largest
+    entry; the gradient of one rank's half of the batch (a missing all-reduce) is far off."""
+    import dsv3 as d
+    (single,), _ = run(tmp_path, "s", steps=1, clip=0, grads=True)
+    g1 = np.load(os.path.join(str(tmp_path), "s", "grads.npy"))
+    for np_, layout in [(2, "dp=2"), (4, "dp=2,ep=2")]:
+        run(tmp_path, layout, np_, layout, steps=1, clip=0, grads=True)
+        g = np.load(os.path.join(str(tmp_path), layout, "grads.npy"))
+        assert np.max(np.abs(g - g1)) <= 1e-5 * np.max(np.abs(g1)), layout
+    run(tmp_path, "half", steps=1, clip=0, grads=True, batch=4)
+    gh = np.load(os.path.join(str(tmp_path), "half", "grads.npy"))
+    assert np.max(np.abs(gh - g1)) > 1e-2 * np.max(np.abs(g1))
+    del d
+
+
+def test_a_cpp_failure_on_one_rank_raises_on_every_rank(tmp_path):
+    """dp: rank 1's C++ step fails (a token out of range in its rows only): rank 1 raises its
+    own IndexError, rank 0 a RuntimeError naming rank 1, nothing is applied, and the run goes
+    on: the weights equal a single-process run that skipped that step."""
+    par, pw = run(tmp_path, "par", 2, "dp=2", steps=3, fail_rank_cpp=1)
+    assert par[1]["error"][0] == "IndexError" and "vocab" in par[1]["error"][1]  # its own type
+    assert par[0]["error"][0] == "RuntimeError" and "rank 1" in par[0]["error"][1]
+    (single,), sw = run(tmp_path, "single", steps=3, skip_step=1)
+    assert_same_run(par, single, pw, sw)
+
+
+def test_a_cpp_failure_with_expert_parallel_ends_the_job(tmp_path):
+    p = run(tmp_path, "ep", 2, "ep=2", steps=3, fail_rank_cpp=1, check=False, timeout=120)
+    assert p.returncode != 0
+    assert "aborting the job" in p.stderr + p.stdout
+
+
 def test_small_config_with_grad_accum(tmp_path):
     (single,), sw = run(tmp_path, "s", config="small", batch=8, seq=16, steps=2, grad_accum=2)
     par, pw = run(tmp_path, "p", 4, "dp=2,ep=2", config="small", batch=8, seq=16, steps=2,

@@ -82,6 +82,13 @@ void bind_dist(py::module_& m) {
     BusyGuard guard(t.busy, true, "Trainer");
     t.set_parallel(std::move(g), fp8_dispatch);
   }, arg("trainer"), arg("groups").none(true), arg("fp8_dispatch") = false);
+  m.def("trainer_last_gradients", [](Trainer& t) {  // tests: the last step's gradient
+    BusyGuard guard(t.busy, false, "Trainer");
+    const std::vector<float>& g = t.last_gradients();
+    py::array_t<float> out((py::ssize_t)g.size());
+    std::copy(g.begin(), g.end(), out.mutable_data());
+    return out;
+  }, arg("trainer"));
   m.def("trainer_ep_stats", [](Trainer& t) {  // expert-parallel statistics since the start
     BusyGuard guard(t.busy, false, "Trainer");
     const ExpertParallel& e = t.expert_parallel();

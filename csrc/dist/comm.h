@@ -72,6 +72,9 @@ ParallelGroups make_groups(const std::shared_ptr<Comm>& world, const ParallelLay
 // MPI_Finalize at exit in that case); null when dsv3 was built without MPI.
 std::shared_ptr<Comm> mpi_world();
 bool mpi_available();
+// The thread support MPI granted: 0 single, 1 funneled, 2 serialized, 3 multiple (3 without
+// MPI). dsv3 asks for MULTIPLE; the communication thread needs SERIALIZED (Trainer).
+int mpi_thread_level();
 std::string mpi_library_version();  // "" without MPI
 // MPI_Abort of the world (a rank that fails stops the others instead of leaving them in a
 // collective); nothing when MPI is not initialised.

@@ -149,6 +149,15 @@ void finalize_at_exit() {
 
 bool mpi_available() { return true; }
 
+int mpi_thread_level() {
+  int init = 0, level = MPI_THREAD_SINGLE;
+  MPI_Initialized(&init);
+  if (!init) return 0;
+  MPI_Query_thread(&level);
+  return level >= MPI_THREAD_MULTIPLE ? 3 : level >= MPI_THREAD_SERIALIZED ? 2
+         : level >= MPI_THREAD_FUNNELED ? 1 : 0;
+}
+
 std::string mpi_library_version() {
   char v[MPI_MAX_LIBRARY_VERSION_STRING];
   int len = 0;
@@ -165,7 +174,7 @@ std::shared_ptr<Comm> mpi_world() {
   MPI_Initialized(&init);
   if (!init) {
     int provided = 0;
-    check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_SERIALIZED, &provided), "MPI_Init_thread");
+    check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided), "MPI_Init_thread");
     g_we_initialised = true;
     std::atexit(finalize_at_exit);
   }

@@ -253,7 +253,7 @@ void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
   // 1. Gate (also validates the gate weight and the bias).
   moe_gate_forward(a.topk_idx, a.topk_weight, a.scores, x, p.gate_weight,
                    p.gate_e_score_correction_bias, c, T);
-  if (T == 0) return;
+  if (T == 0 && !(p.ep && p.ep->size() > 1)) return;  // EP: still take part in the exchange
 
   // 2. Dispatch: counting sort of the slots by expert, stable in (t, k).
   expert_load(a.expert_count, a.topk_idx, T, K, E);
@@ -308,7 +308,7 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
   DSV3_CHECK(g.experts.empty() || (int64_t)g.experts.size() == c.n_routed_experts, "[", op,
              "] grads.experts must be empty or hold ", c.n_routed_experts, " entries, got ",
              g.experts.size());
-  if (T <= 0) return;
+  if (T <= 0 && !(p.ep && p.ep->size() > 1)) return;  // EP: still take part
   const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, D = c.hidden_size;
   const int64_t F = c.moe_intermediate_size, S = c.shared_width(), N = T * K;
 

@@ -2,6 +2,7 @@
 #include "kernels/moe_ep.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <vector>
 
@@ -27,6 +28,15 @@ struct Plan {
   }
   int64_t total() const { return count.empty() ? 0 : displ.back() + count.back(); }
 };
+
+// comm.alltoallv timed into ep.comm_seconds
+void exchange(ExpertParallel& ep, const void* send, const int64_t* sc, const int64_t* sd,
+              void* recv, const int64_t* rc, const int64_t* rd) {
+  const auto t0 = std::chrono::steady_clock::now();
+  ep.group->alltoallv(send, sc, sd, recv, rc, rd);
+  ep.comm_seconds +=
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
 
 // Rows this rank sends to each EP rank (its dispatch order groups them by owner).
 std::vector<int64_t> rows_to(const MoeActs& a, int ep, int64_t El) {
@@ -88,17 +98,16 @@ void moe_ep_forward(float* ye, const MoeActs& a, const float* x, const MoeParams
 
   // statistics: distinct owner ranks per token
   ep.tokens += T;
-  for (int64_t t = 0; t < T; ++t) {
-    uint64_t seen = 0;
-    int distinct = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const int q = (int)(a.topk_idx[t * K + k] / El);
-      if (q < 64 && !(seen >> q & 1)) {
-        seen |= uint64_t(1) << q;
-        ++distinct;
+  {
+    std::vector<int64_t> seen_at((size_t)R, -1);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t q = a.topk_idx[t * K + k] / El;
+        if (seen_at[q] != t) {
+          seen_at[q] = t;
+          ++ep.rank_visits;
+        }
       }
-    }
-    ep.rank_visits += distinct;
   }
 
   // 1. counts per (source, local expert)
@@ -106,7 +115,7 @@ void moe_ep_forward(float* ye, const MoeActs& a, const float* x, const MoeParams
   {
     std::vector<int64_t> sc(R, El * 8), sd(R), rc(R, El * 8), rd(R);
     for (int q = 0; q < R; ++q) sd[q] = rd[q] = q * El * 8;
-    comm.alltoallv(a.expert_count, sc.data(), sd.data(), s.recv_cnt.data(), rc.data(), rd.data());
+    exchange(ep, a.expert_count, sc.data(), sd.data(), s.recv_cnt.data(), rc.data(), rd.data());
   }
   const std::vector<int64_t> out_rows = rows_to(a, R, El), in_rows = rows_from(s, R);
   int64_t Nr = 0;
@@ -118,16 +127,14 @@ void moe_ep_forward(float* ye, const MoeActs& a, const float* x, const MoeParams
   const int64_t rb = row_bytes(D, fp8), nt = fp8_blocks(D, 128);
   std::vector<uint8_t> send((size_t)(N * rb)), recv((size_t)(Nr * rb));
   parallel_for(N, 64, [&](int64_t p0, int64_t p1) {
+    std::vector<float> sc((size_t)nt);
     for (int64_t q = p0; q < p1; ++q) {
       const int64_t slot = a.dispatch_slot[q];
       uint8_t* row = send.data() + q * rb;
       const float* xr = x + (slot / K) * D;
       if (fp8) {
-        float* scales = (float*)nullptr;
-        std::vector<float> sc((size_t)nt);
         fp8_quantize(row, sc.data(), xr, 1, D, Fp8Block{1, 128}, Fp8Format::e4m3, false);
-        scales = sc.data();
-        std::memcpy(row + D, scales, 4 * nt);
+        std::memcpy(row + D, sc.data(), 4 * nt);
         std::memcpy(row + D + 4 * nt, &a.topk_weight[slot], 4);
       } else {
         std::memcpy(row, xr, 4 * D);
@@ -138,8 +145,8 @@ void moe_ep_forward(float* ye, const MoeActs& a, const float* x, const MoeParams
   const Plan sp(out_rows, rb), rp(in_rows, rb);
   for (int q = 0; q < R; ++q)
     if (q != me) ep.dispatch_bytes += sp.count[q];
-  comm.alltoallv(send.data(), sp.count.data(), sp.displ.data(), recv.data(), rp.count.data(),
-                 rp.displ.data());
+  exchange(ep, send.data(), sp.count.data(), sp.displ.data(), recv.data(), rp.count.data(),
+           rp.displ.data());
 
   // 3. expert-major order: expert j = source 0's rows for j, then source 1's, ...
   s.count.assign((size_t)El, 0);
@@ -149,9 +156,10 @@ void moe_ep_forward(float* ye, const MoeActs& a, const float* x, const MoeParams
   for (int64_t i = 0; i < Nr; ++i) s.ident[i] = i;
   {
     std::vector<int64_t> src_start(R);  // first received row of source q for expert j
-    for (int q = 0, o = 0; q < R; ++q) {
+    int64_t o = 0;
+    for (int q = 0; q < R; ++q) {
       src_start[q] = o;
-      o += (int)in_rows[q];
+      o += in_rows[q];
     }
     int64_t em = 0;
     for (int64_t j = 0; j < El; ++j) {
@@ -170,11 +178,11 @@ void moe_ep_forward(float* ye, const MoeActs& a, const float* x, const MoeParams
   s.gate.resize((size_t)(Nr * F));
   s.up.resize((size_t)(Nr * F));
   parallel_for(Nr, 64, [&](int64_t i0, int64_t i1) {
+    std::vector<float> sc((size_t)nt);
     for (int64_t i = i0; i < i1; ++i) {
       const uint8_t* row = recv.data() + s.perm[i] * rb;
       float* xr = s.x.data() + i * D;
       if (fp8) {
-        std::vector<float> sc((size_t)nt);
         std::memcpy(sc.data(), row + D, 4 * nt);
         fp8_dequantize(xr, row, sc.data(), 1, D, Fp8Block{1, 128}, Fp8Format::e4m3);
         std::memcpy(&s.w[i], row + D + 4 * nt, 4);
@@ -197,13 +205,14 @@ void moe_ep_forward(float* ye, const MoeActs& a, const float* x, const MoeParams
   const Plan bs(in_rows, 4 * D), br(out_rows, 4 * D);
   for (int q = 0; q < R; ++q)
     if (q != me) ep.combine_bytes += bs.count[q];
-  comm.alltoallv(back.data(), bs.count.data(), bs.displ.data(), ye, br.count.data(),
-                 br.displ.data());
+  exchange(ep, back.data(), bs.count.data(), bs.displ.data(), ye, br.count.data(),
+           br.displ.data());
 }
 
 void moe_ep_backward(float* dxs, float* d_topk_weight, const MoeGrads& g, const float* dy,
                      const MoeActs& a, const MoeParams& p, const MoeConfig& c, int64_t T) {
-  Comm& comm = *p.ep->group;
+  ExpertParallel& ep = *p.ep;
+  Comm& comm = *ep.group;
   const int R = comm.size(), me = comm.rank();
   const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, D = c.hidden_size;
   const int64_t F = c.moe_intermediate_size, N = T * K, El = E / R;
@@ -220,8 +229,8 @@ void moe_ep_backward(float* dxs, float* d_topk_weight, const MoeGrads& g, const 
       std::memcpy(send.data() + q * D, dy + (a.dispatch_slot[q] / K) * D, 4 * D);
   });
   const Plan sp(out_rows, 4 * D), rp(in_rows, 4 * D);
-  comm.alltoallv(send.data(), sp.count.data(), sp.displ.data(), recv.data(), rp.count.data(),
-                 rp.displ.data());
+  exchange(ep, send.data(), sp.count.data(), sp.displ.data(), recv.data(), rp.count.data(),
+           rp.displ.data());
   parallel_for(Nr, 64, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i)
       std::memcpy(dyr.data() + i * D, recv.data() + s.perm[i] * D, 4 * D);
@@ -246,8 +255,8 @@ void moe_ep_backward(float* dxs, float* d_topk_weight, const MoeGrads& g, const 
     }
   });
   const Plan bs(in_rows, 4 * rb), br(out_rows, 4 * rb);
-  comm.alltoallv(back.data(), bs.count.data(), bs.displ.data(), got.data(), br.count.data(),
-                 br.displ.data());
+  exchange(ep, back.data(), bs.count.data(), bs.displ.data(), got.data(), br.count.data(),
+           br.displ.data());
   for (int64_t q = 0; q < N; ++q) {
     const float* row = got.data() + q * rb;
     if (dxs) std::memcpy(dxs + q * D, row, 4 * D);

@@ -46,6 +46,7 @@ struct ExpertParallel {
   // statistics since the last reset (forwards only)
   int64_t tokens = 0, rank_visits = 0;  // rank_visits: sum over tokens of distinct owner ranks
   int64_t dispatch_bytes = 0, combine_bytes = 0;  // bytes this rank sent to other ranks
+  double comm_seconds = 0;  // inside the dispatch/combine collectives (forward and backward)
 };
 
 // What one layer's forward keeps for the backward (owner side, expert-major rows).

@@ -37,6 +37,7 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
   TrainStepStats st;
   const bool par = par_ && par_->world->size() > 1;
   ParallelStep ps;  // the parallel bookkeeping of this step (train_parallel.cpp)
+  const double ep_seconds0 = ep_.comm_seconds;
   try {
     for (int64_t a = 0; a < A; ++a) {
       LossHooks hooks;
@@ -55,12 +56,14 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
       }
       for (size_t i = 0; i < lp.expert_load.size(); ++i) st.expert_load[i] += lp.expert_load[i];
     }
-  } catch (const std::exception& e) {
+  } catch (...) {
     if (!par) throw;
-    parallel_failed(ps, e.what());  // raises on every rank, or aborts the job
+    parallel_failed(ps, std::current_exception());  // raises on every rank, or aborts the job
   }
-  if (par)
+  if (par) {
     reduce_over_world(ps, st, (float)(1.0 / ((double)A * par_->world->size())));
+    st.dispatch_seconds = ep_.comm_seconds - ep_seconds0;
+  }
   else if (A > 1)
     scale_inplace(grads_.data(), L.total, 1.f / (float)A);
   // Frozen entries (the gate biases) have no gradient: their slots stay 0, so the norm over

@@ -17,6 +17,8 @@
 // and reports finite = false, so the caller can stop with the last good state intact.
 #pragma once
 #include <cstdint>
+#include <exception>
+#include <functional>
 #include <future>
 #include <string>
 #include <utility>
@@ -47,6 +49,7 @@ struct TrainStepStats {
   // parallel: seconds the communication thread spent in the gradient all-reduce, and
   // seconds the step waited for it after its backward (the rest was hidden behind compute)
   double allreduce_seconds = 0, allreduce_wait_seconds = 0;
+  double dispatch_seconds = 0;  // inside expert dispatch/combine calls (ep > 1)
   std::vector<int64_t> expert_load;  // [moe_blocks, E], summed over the micro-batches
   int64_t moe_blocks = 0;
   bool finite = true;
@@ -64,6 +67,8 @@ class Trainer {
   void set_parallel(std::shared_ptr<ParallelGroups> g, bool fp8_dispatch);
   const ParallelGroups* parallel() const { return par_.get(); }
   ExpertParallel& expert_parallel() { return ep_; }
+  // The last step's gradient as applied (averaged over the global batch, clipped), slab layout.
+  const std::vector<float>& last_gradients() const { return grads_; }
   bool bf16_moments() const { return bf16_; }
   int64_t steps_done = 0;  // optimizer steps applied (AdamW's t of the next step is this + 1)
   // Moments in the parameter slab's layout (entries that are not trainable stay 0).
@@ -88,11 +93,12 @@ class Trainer {
   struct ParallelStep {
     bool agreed = false;  // the failure agreement of this step is done
     std::vector<std::shared_future<void>> pending;  // block all-reduces in flight
-    double busy0 = 0;
+    double allreduce_busy = 0;  // their durations (written on the communication thread)
   };
   LossHooks parallel_hooks(ParallelStep& ps, bool last_micro_batch);
-  [[noreturn]] void parallel_failed(ParallelStep& ps, const std::string& what);
+  [[noreturn]] void parallel_failed(ParallelStep& ps, std::exception_ptr error);
   void agree(ParallelStep& ps, bool failed_here);
+  void world_call(const std::function<void()>& fn);  // on the queue when there is one
   // Sums the step's gradients (times scale) and statistics over the world.
   void reduce_over_world(ParallelStep& ps, TrainStepStats& st, float scale);
 };

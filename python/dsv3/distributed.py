@@ -19,9 +19,10 @@ dispatch and combine, optionally with FP8 dispatch of the activations). When ``e
 token visits by ``topk_group``. Every rank holds all weights (not sharded); rank 0 writes logs
 and checkpoints, which are ordinary single-process checkpoints.
 
-A rank that raises an uncaught exception aborts the job (``MPI_Abort``) instead of leaving
-the others waiting in a collective; a rank that dies is detected by ``mpirun``, which ends the
-others.
+A rank whose C++ step fails before its backward (data parallel) makes every rank raise (it its
+own error, the others RuntimeError) with nothing applied; later failures, failures with
+``ep > 1`` and uncaught exceptions abort the job (``MPI_Abort``) instead of leaving the others
+waiting in a collective; a rank that dies is detected by ``mpirun``, which ends the others.
 """
 from __future__ import annotations
 

@@ -218,19 +218,21 @@ class Trainer:
                                      "the update was not applied") from e
         dt = time.perf_counter() - t0
         ar, ar_wait = st.pop("allreduce_seconds"), st.pop("allreduce_wait_seconds")
+        disp = st.pop("dispatch_seconds")
         if not st.pop("finite"):
             raise FloatingPointError(
                 f"[Trainer.step] non-finite loss or gradient at step {n + 1} (loss={st['loss']},"
                 f" grad_norm={st['grad_norm']}); the update was not applied")
         if comm0 is not None:  # this step's time split (seconds)
             comm = {k: v - comm0[k] for k, v in par.stats().items()}
-            # the all-reduce runs on the communication thread, mostly during the backward:
-            # only the time the step waited for it is off the compute path
+            # the gradient all-reduce runs on the communication thread, mostly during the
+            # backward: only the time the step waited for it is off the compute path; the
+            # layers' dispatch/combine time includes queueing behind those all-reduces
             st["time_split"] = {
                 "step": dt, "all_reduce": ar, "all_reduce_waited": ar_wait,
                 "all_reduce_hidden_fraction": max(0.0, 1 - ar_wait / ar) if ar > 0 else 0.0,
-                "dispatch_combine": comm["alltoall_seconds"],
-                "compute": dt - ar_wait - comm["alltoall_seconds"],
+                "dispatch_combine": disp,
+                "compute": dt - ar_wait - disp,
                 "all_reduce_bytes": comm["allreduce_bytes"],
                 "dispatch_combine_bytes": comm["alltoall_bytes"]}
         load = st["expert_load"]
@@ -346,9 +348,19 @@ class Trainer:
         moments and step count are copied at one moment (no step of another thread in
         between: a step running at that moment raises RuntimeError here)."""
         if self.parallel is not None:  # rank 0 writes (the replicas are identical)
+            error = None
             if self.parallel.is_main:
-                self._save(directory)
-            self.parallel.barrier()
+                try:
+                    self._save(directory)
+                except BaseException as e:  # told to every rank below, then raised here
+                    error = e
+            ok = np.array([int(self.parallel.is_main and error is None)], dtype=np.int64)
+            self.parallel.allreduce_sum(ok)  # also the barrier: rank 0 has finished
+            if error is not None:
+                raise error
+            if ok[0] != 1:
+                raise OSError(f"[Trainer.save] rank 0 failed to save {directory!r} (its error "
+                              "is on its stderr)")
             return
         self._save(directory)
 

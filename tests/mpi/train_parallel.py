@@ -24,6 +24,12 @@ ap.add_argument("--fp8-dispatch", action="store_true")
 ap.add_argument("--save", default="")
 ap.add_argument("--load", default="")
 ap.add_argument("--fail-rank", type=int, default=-1, help="this rank raises at step 2")
+ap.add_argument("--fail-rank-cpp", type=int, default=-1,
+                help="at step 2 this rank's C++ step gets an out-of-range token (only it fails); "
+                     "every rank records the error it raised and the run goes on")
+ap.add_argument("--clip", type=float, default=1.0)
+ap.add_argument("--skip-step", type=int, default=-1, help="draw this step's batch, do not step")
+ap.add_argument("--grads", action="store_true", help="rank 0 saves the last step's gradient")
 ap.add_argument("--pid-dir", default="", help="write this rank's pid there (kill tests)")
 ap.add_argument("--out", required=True)
 a = ap.parse_args()
@@ -39,7 +45,7 @@ if a.config == "dense":  # no routed experts: an expert-parallel layout must be 
 else:
     cfg = getattr(dsv3.Config, a.config)()
 tc = dsv3.TrainConfig(batch_size=a.batch, seq_len=a.seq, lr=3e-3, warmup_steps=0, schedule="constant",
-                      precision=a.precision, grad_accum=a.grad_accum, grad_clip=1.0)
+                      precision=a.precision, grad_accum=a.grad_accum, grad_clip=a.clip)
 if a.load:
     tr = dsv3.Trainer.load(a.load, parallel=par)
 else:
@@ -54,6 +60,19 @@ for s in range(a.steps):
     batch = rng.integers(0, cfg.vocab_size, size=(a.batch, a.seq + 1))
     if rank == a.fail_rank and s == 1:
         raise RuntimeError(f"rank {rank} fails on purpose")
+    if s == a.skip_step:
+        continue
+    if a.fail_rank_cpp >= 0 and s == 1:  # past the Python checks: only one rank's C++ step fails
+        local = batch[par.local_rows(a.batch)] if par else batch
+        local = np.ascontiguousarray(local, dtype=np.int64)
+        if rank == a.fail_rank_cpp:
+            local[0, 0] = cfg.vocab_size
+        try:
+            tr._t.step(local, tr._options(tr.config.lr_at(tr.step_count)), tr.step_count)
+            rec["error"] = None
+        except Exception as e:
+            rec["error"] = [type(e).__name__, str(e)]
+        continue
     st = tr.step(batch)
     for k in ("loss", "grad_norm", "main", "balance", "mtp"):
         rec[k].append(st[k])
@@ -72,5 +91,7 @@ with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
     json.dump(rec, f)
 if rank == 0:
     np.savez(os.path.join(a.out, "weights.npz"), **state)
+    if a.grads:
+        np.save(os.path.join(a.out, "grads.npy"), dsv3._core.trainer_last_gradients(tr._t))
 if a.save:
     tr.save(a.save)
