@@ -1,4 +1,5 @@
 // dsv3._core build and threading info.
+#include "dist/comm.h"
 #include "bindings/arrays.h"
 #include "bindings/convert.h"
 #include "core/blas.h"
@@ -42,6 +43,8 @@ void bind_info(py::module_& m) {
     lowp["tier"] = lowp_tier_name(lowp_tier());
     lowp["reason"] = lowp_tier_reason();
     d["lowp"] = lowp;
+    // MPI for dsv3.distributed: the library built against ("" = built without MPI)
+    d["mpi"] = mpi_available() ? mpi_library_version() : std::string();
 #ifdef __OPTIMIZE__
     d["optimized"] = true;
 #else

@@ -120,6 +120,9 @@ void bind_train(py::module_& m) {
         d["mtp"] = st.mtp;
         d["balance"] = st.balance;
         d["grad_norm"] = st.grad_norm;
+        d["allreduce_seconds"] = st.allreduce_seconds;
+        d["allreduce_wait_seconds"] = st.allreduce_wait_seconds;
+        d["dispatch_seconds"] = st.dispatch_seconds;
         d["finite"] = st.finite;
         const int64_t E = t.model().config().E;
         py::array_t<int64_t> load({(py::ssize_t)st.moe_blocks, (py::ssize_t)E});

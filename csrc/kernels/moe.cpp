@@ -14,6 +14,7 @@
 #include "core/parallel.h"
 #include "core/simd.h"
 #include "kernels/balance.h"
+#include "kernels/moe_ep.h"
 #include "kernels/nn.h"
 #include "kernels/precision.h"
 
@@ -96,6 +97,105 @@ DSV3_SIMD_CLONES float swiglu_backward_row(float* __restrict__ h, float* __restr
 
 }  // namespace
 
+void moe_run_experts(float* ye, float* y_shared, const MoeActs& a, const float* x, int64_t K,
+                     int64_t E, const SwiGluParams* experts, const SwiGluParams* shared,
+                     int64_t T, int64_t D, int64_t F, int64_t S, GemmPrecision prec) {
+  // item e < E is routed expert e, item E the shared expert (writes y_shared directly)
+  std::vector<int64_t> rows(a.expert_count, a.expert_count + E);
+  if (shared) rows.push_back(T);
+  for_each_expert(rows, [&](int64_t e) {
+    if (e == E) {
+      const SwiGluParams& w = *shared;
+      Buf h = buf(T * S);
+      linear_forward(a.shared_gate, x, w.gate_proj, T, D, S, prec);
+      linear_forward(a.shared_up, x, w.up_proj, T, D, S, prec);
+      swiglu_forward(h.get(), a.shared_gate, a.shared_up, T * S);
+      linear_forward(y_shared, h.get(), w.down_proj, T, S, D, prec);
+      return;
+    }
+    const SwiGluParams& w = experts[e];
+    const int64_t o = a.expert_offset[e], n = a.expert_count[e];
+    Buf xs = buf(n * D), h = buf(n * F);
+    gather_rows(xs.get(), x, a.dispatch_slot + o, n, K, D);
+    float *g = a.expert_gate + o * F, *u = a.expert_up + o * F;
+    linear_forward(g, xs.get(), w.gate_proj, n, D, F, prec);
+    linear_forward(u, xs.get(), w.up_proj, n, D, F, prec);
+    swiglu_forward(h.get(), g, u, n * F);
+    linear_forward(ye + o * D, h.get(), w.down_proj, n, F, D, prec);
+  });
+}
+
+void moe_run_experts_backward(float* dxs, float* dx_shared, float* d_topk_weight,
+                              const SwiGluGrads* expert_grads, const SwiGluGrads* shared_grads,
+                              const float* dy, const MoeActs& a, const float* x, int64_t K,
+                              int64_t E, const SwiGluParams* experts,
+                              const SwiGluParams* shared, int64_t T, int64_t D, int64_t F,
+                              int64_t S, GemmPrecision prec) {
+  std::vector<int64_t> rows(a.expert_count, a.expert_count + E);
+  if (shared) rows.push_back(T);
+  for_each_expert(rows, [&](int64_t e) {
+    const bool is_shared = e == E;
+    const SwiGluParams& w = is_shared ? *shared : experts[e];
+    const float *wg = w.gate_proj.as_f32(), *wu = w.up_proj.as_f32(), *wd = w.down_proj.as_f32();
+    const SwiGluGrads gw = is_shared ? (shared_grads ? *shared_grads : SwiGluGrads{})
+                                     : (expert_grads ? expert_grads[e] : SwiGluGrads{});
+    const int64_t n = is_shared ? T : a.expert_count[e], o = is_shared ? 0 : a.expert_offset[e];
+    const int64_t W = is_shared ? S : F;
+    const float* gg = is_shared ? a.shared_gate : a.expert_gate + o * F;
+    const float* uu = is_shared ? a.shared_up : a.expert_up + o * F;
+    const int64_t* slots = a.dispatch_slot + o;
+    Buf dys, A = buf(n * W), h = buf(n * W), dg = buf(n * W), du = buf(n * W);
+    const float* dY = dy;  // dL/d(expert output), this item's rows
+    if (!is_shared) {
+      dys = buf(n * D);
+      gather_rows(dys.get(), dy, slots, n, K, D);
+      dY = dys.get();
+    }
+    const bool lowp = prec != GemmPrecision::fp32;
+    if (lowp) {
+      std::fill(A.get(), A.get() + n * W, 0.f);
+      lowp_linear_backward(A.get(), nullptr, dY, nullptr, wd, n, W, D, prec);
+    } else {
+      sgemm(false, false, n, W, D, 1.f, dY, D, wd, W, 0.f, A.get(), W);  // dY Wd
+    }
+    // The routing weight w_p scales row p's output: dL/dw_p = <dY_p Wd, h_p>, dh_p = w_p dY_p Wd
+    for (int64_t q = 0; q < n; ++q) {
+      const float wp = is_shared ? 1.f : a.topk_weight[slots[q]];
+      const float d_w = swiglu_backward_row(h.get() + q * W, dg.get() + q * W, du.get() + q * W,
+                                            A.get() + q * W, gg + q * W, uu + q * W, wp, W);
+      if (!is_shared) {
+        d_topk_weight[slots[q]] = d_w;
+        float* dq = dys.get() + q * D;
+        for (int64_t j = 0; j < D; ++j) dq[j] *= wp;  // dL/d(weighted output) for dWd
+      }
+    }
+    if (gw.down_proj && lowp)
+      lowp_linear_backward(nullptr, gw.down_proj, dY, h.get(), wd, n, W, D, prec);
+    else if (gw.down_proj)
+      sgemm(true, false, D, W, n, 1.f, dY, D, h.get(), W, 1.f, gw.down_proj, W);
+    const float* xs = x;
+    if (!is_shared && (gw.gate_proj || gw.up_proj)) {
+      gather_rows(dys.get(), x, slots, n, K, D);  // dys is free again: reuse it for x rows
+      xs = dys.get();
+    }
+    if (lowp) {
+      float* dst = is_shared ? dx_shared : dxs ? dxs + o * D : nullptr;
+      if (dst && !is_shared) std::fill(dst, dst + n * D, 0.f);
+      lowp_linear_backward(dst, gw.gate_proj, dg.get(), xs, wg, n, D, W, prec);
+      lowp_linear_backward(dst, gw.up_proj, du.get(), xs, wu, n, D, W, prec);
+      return;
+    }
+    if (gw.gate_proj) sgemm(true, false, W, D, n, 1.f, dg.get(), W, xs, D, 1.f, gw.gate_proj, D);
+    if (gw.up_proj) sgemm(true, false, W, D, n, 1.f, du.get(), W, xs, D, 1.f, gw.up_proj, D);
+    if (is_shared ? dx_shared != nullptr : dxs != nullptr) {
+      float* dst = is_shared ? dx_shared : dxs + o * D;  // shared: accumulate straight into dx
+      const float beta = is_shared ? 1.f : 0.f;
+      sgemm(false, false, n, D, W, 1.f, dg.get(), W, wg, D, beta, dst, D);
+      sgemm(false, false, n, D, W, 1.f, du.get(), W, wu, D, 1.f, dst, D);
+    }
+  });
+}
+
 MoeActsSize moe_acts_size(const MoeConfig& c, int64_t T) {
   const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, N = T * K;
   const int64_t F = c.moe_intermediate_size, S = c.shared_width();
@@ -155,7 +255,7 @@ void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
   // 1. Gate (also validates the gate weight and the bias).
   moe_gate_forward(a.topk_idx, a.topk_weight, a.scores, x, p.gate_weight,
                    p.gate_e_score_correction_bias, c, T);
-  if (T == 0) return;
+  if (T == 0 && !(p.ep && p.ep->size() > 1)) return;  // EP: still take part in the exchange
 
   // 2. Dispatch: counting sort of the slots by expert, stable in (t, k).
   expert_load(a.expert_count, a.topk_idx, T, K, E);
@@ -170,31 +270,23 @@ void moe_forward(float* y, const MoeActs& a, const float* x, const MoeParams& p,
     }
   }
 
-  // 3. Experts: item e < E is routed expert e, item E the shared expert (writes y directly).
+  // 3. Experts: here, or (expert parallel) on the ranks that own them (moe_ep.h).
   Buf ye_local;
   float* ye = workspace_rows(ws, ye_local, N * D);
-  std::vector<int64_t> rows(a.expert_count, a.expert_count + E);
-  if (S > 0) rows.push_back(T);
-  for_each_expert(rows, [&](int64_t e) {
-    if (e == E) {
-      const SwiGluParams& w = p.shared_experts;
-      Buf h = buf(T * S);
-      linear_forward(a.shared_gate, x, w.gate_proj, T, D, S, p.precision);
-      linear_forward(a.shared_up, x, w.up_proj, T, D, S, p.precision);
-      swiglu_forward(h.get(), a.shared_gate, a.shared_up, T * S);
-      linear_forward(y, h.get(), w.down_proj, T, S, D, p.precision);
-      return;
-    }
-    const SwiGluParams& w = p.experts[e];
-    const int64_t o = a.expert_offset[e], n = a.expert_count[e];
-    Buf xs = buf(n * D), h = buf(n * F);
-    gather_rows(xs.get(), x, a.dispatch_slot + o, n, K, D);
-    float *g = a.expert_gate + o * F, *u = a.expert_up + o * F;
-    linear_forward(g, xs.get(), w.gate_proj, n, D, F, p.precision);
-    linear_forward(u, xs.get(), w.up_proj, n, D, F, p.precision);
-    swiglu_forward(h.get(), g, u, n * F);
-    linear_forward(ye + o * D, h.get(), w.down_proj, n, F, D, p.precision);
-  });
+  if (p.ep && p.ep->size() > 1) {
+    if (S > 0) moe_run_experts(nullptr, y, a, x, K, 0, nullptr, &p.shared_experts, T, D, F, S,
+                               p.precision);
+    moe_ep_forward(ye, a, x, p, c, T);
+  } else if (p.ep && p.ep->fp8_dispatch) {  // one process: the routed experts see Q(x)
+    if (S > 0) moe_run_experts(nullptr, y, a, x, K, 0, nullptr, &p.shared_experts, T, D, F, S,
+                               p.precision);
+    const std::vector<float> xq = fp8_dispatch_values(x, T, D);
+    moe_run_experts(ye, nullptr, a, xq.data(), K, E, p.experts.data(), nullptr, T, D, F, S,
+                    p.precision);
+  } else {
+    moe_run_experts(ye, y, a, x, K, E, p.experts.data(), S > 0 ? &p.shared_experts : nullptr, T,
+                    D, F, S, p.precision);
+  }
 
   // 4. Combine in k order.
   parallel_for(T, std::max<int64_t>(1, 8192 / (K * D)), [&](int64_t t0, int64_t t1) {
@@ -224,77 +316,33 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
   };
   for (const SwiGluParams& w : p.experts) check_f32(w);
   if (c.shared_width() > 0) check_f32(p.shared_experts);
-  if (T <= 0) return;
+  if (T <= 0 && !(p.ep && p.ep->size() > 1)) return;  // EP: still take part
   const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, D = c.hidden_size;
   const int64_t F = c.moe_intermediate_size, S = c.shared_width(), N = T * K;
 
   std::vector<float> d_topk_weight((size_t)N);  // each slot written once, by its expert
   Buf dxs_local;
   float* dxs = dx ? workspace_rows(ws, dxs_local, N * D) : nullptr;
-  std::vector<int64_t> rows(a.expert_count, a.expert_count + E);
-  if (S > 0) rows.push_back(T);
-  for_each_expert(rows, [&](int64_t e) {
-    const bool shared = e == E;
-    const SwiGluParams& w = shared ? p.shared_experts : p.experts[e];
-    const float *wg = w.gate_proj.as_f32(), *wu = w.up_proj.as_f32(), *wd = w.down_proj.as_f32();
-    const SwiGluGrads gw = shared ? g.shared_experts
-                                  : (g.experts.empty() ? SwiGluGrads{} : g.experts[e]);
-    const int64_t n = shared ? T : a.expert_count[e], o = shared ? 0 : a.expert_offset[e];
-    const int64_t W = shared ? S : F;
-    const float* gg = shared ? a.shared_gate : a.expert_gate + o * F;
-    const float* uu = shared ? a.shared_up : a.expert_up + o * F;
-    const int64_t* slots = a.dispatch_slot + o;
-    Buf dys, A = buf(n * W), h = buf(n * W), dg = buf(n * W), du = buf(n * W);
-    const float* dY = dy;  // dL/d(expert output), this item's rows
-    if (!shared) {
-      dys = buf(n * D);
-      gather_rows(dys.get(), dy, slots, n, K, D);
-      dY = dys.get();
-    }
-    const GemmPrecision prec = p.precision;  // fp32, or the training step's bf16/fp8
-    const bool lowp = prec != GemmPrecision::fp32;
-    if (lowp) {
-      std::fill(A.get(), A.get() + n * W, 0.f);
-      lowp_linear_backward(A.get(), nullptr, dY, nullptr, wd, n, W, D, prec);
+  if (p.ep && (p.ep->size() > 1 || p.ep->fp8_dispatch)) {
+    if (S > 0)
+      moe_run_experts_backward(nullptr, dx, nullptr, nullptr, &g.shared_experts, dy, a, x, K,
+                               0, nullptr, &p.shared_experts, T, D, F, S, p.precision);
+    if (p.ep->size() > 1) {
+      moe_ep_backward(dxs, d_topk_weight.data(), g, dy, a, p, c, T);
     } else {
-      sgemm(false, false, n, W, D, 1.f, dY, D, wd, W, 0.f, A.get(), W);  // dY Wd
+      const std::vector<float> xq = fp8_dispatch_values(x, T, D);
+      moe_run_experts_backward(dxs, nullptr, d_topk_weight.data(),
+                               g.experts.empty() ? nullptr : g.experts.data(), nullptr, dy, a,
+                               xq.data(), K, E, p.experts.data(), nullptr, T, D, F, S,
+                               p.precision);
     }
-    // The routing weight w_p scales row p's output: dL/dw_p = <dY_p Wd, h_p>, dh_p = w_p dY_p Wd
-    for (int64_t q = 0; q < n; ++q) {
-      const float wp = shared ? 1.f : a.topk_weight[slots[q]];
-      const float d_w = swiglu_backward_row(h.get() + q * W, dg.get() + q * W, du.get() + q * W,
-                                            A.get() + q * W, gg + q * W, uu + q * W, wp, W);
-      if (!shared) {
-        d_topk_weight[slots[q]] = d_w;
-        float* dq = dys.get() + q * D;
-        for (int64_t j = 0; j < D; ++j) dq[j] *= wp;  // dL/d(weighted output) for dWd
-      }
-    }
-    if (gw.down_proj && lowp)
-      lowp_linear_backward(nullptr, gw.down_proj, dY, h.get(), wd, n, W, D, prec);
-    else if (gw.down_proj)
-      sgemm(true, false, D, W, n, 1.f, dY, D, h.get(), W, 1.f, gw.down_proj, W);
-    const float* xs = x;
-    if (!shared && (gw.gate_proj || gw.up_proj)) {
-      gather_rows(dys.get(), x, slots, n, K, D);  // dys is free again: reuse it for x rows
-      xs = dys.get();
-    }
-    if (lowp) {
-      float* dst = !dx ? nullptr : shared ? dx : dxs + o * D;
-      if (dst && !shared) std::fill(dst, dst + n * D, 0.f);
-      lowp_linear_backward(dst, gw.gate_proj, dg.get(), xs, wg, n, D, W, prec);
-      lowp_linear_backward(dst, gw.up_proj, du.get(), xs, wu, n, D, W, prec);
-      return;
-    }
-    if (gw.gate_proj) sgemm(true, false, W, D, n, 1.f, dg.get(), W, xs, D, 1.f, gw.gate_proj, D);
-    if (gw.up_proj) sgemm(true, false, W, D, n, 1.f, du.get(), W, xs, D, 1.f, gw.up_proj, D);
-    if (dx) {
-      float* dst = shared ? dx : dxs + o * D;  // shared: accumulate straight into dx
-      const float beta = shared ? 1.f : 0.f;
-      sgemm(false, false, n, D, W, 1.f, dg.get(), W, wg, D, beta, dst, D);
-      sgemm(false, false, n, D, W, 1.f, du.get(), W, wu, D, 1.f, dst, D);
-    }
-  });
+  } else {
+    moe_run_experts_backward(dxs, dx, d_topk_weight.data(),
+                             g.experts.empty() ? nullptr : g.experts.data(),
+                             S > 0 ? &g.shared_experts : nullptr, dy, a, x, K, E,
+                             p.experts.data(), S > 0 ? &p.shared_experts : nullptr, T, D, F, S,
+                             p.precision);
+  }
 
   if (dx)  // routed input gradients back to tokens, in k order
     parallel_for(T, std::max<int64_t>(1, 8192 / (K * D)), [&](int64_t t0, int64_t t1) {

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "kernels/mlp.h"
+#include "kernels/moe_ep.h"
 #include "kernels/moe_gate.h"
 
 namespace dsv3 {
@@ -40,6 +41,7 @@ struct MoeParams {
   SwiGluParams shared_experts;                          // width S (unused when S == 0)
   GemmPrecision precision = GemmPrecision::fp32;  // of every expert's projections (not the
                                                   // router gate, always fp32; precision.h)
+  ExpertParallel* ep = nullptr;  // expert-parallel training (moe_ep.h); null: all experts here
 };
 // The correction bias gets no gradient (it is moved by update_expert_bias, balance.h).
 struct MoeGrads {
@@ -61,6 +63,7 @@ struct MoeActs {
   float* expert_up = nullptr;        // [N,F]  up_proj output per dispatched row
   float* shared_gate = nullptr;      // [T,S]
   float* shared_up = nullptr;        // [T,S]
+  MoeEpState* ep_state = nullptr;    // expert parallel (MoeParams::ep): the owner's saved rows
 };
 struct MoeActsSize {
   int64_t floats, ints;

@@ -73,6 +73,7 @@ void block_forward(float* h_out, BlockActs& a, const float* h_in, const BlockPar
     a.moe_f.resize(sz.floats);
     a.moe_i.resize(sz.ints);
     a.moe = moe_acts_view(a.moe_f.data(), a.moe_i.data(), d.moe, R);
+    a.moe.ep_state = &a.moe_ep;
     moe_forward(tmp.get(), a.moe, a.ln2.data(), p.experts, d.moe, R);
   } else {
     mlp_forward(tmp.get(), a.mlp, a.ln2.data(), p.mlp, R, D, d.inter);

@@ -58,6 +58,7 @@ struct BlockActs {
   std::vector<float> moe_f;      // MoE saved floats (moe_acts_size)
   std::vector<int64_t> moe_i;    // MoE saved ints
   MoeActs moe;                   // views into moe_f / moe_i
+  MoeEpState moe_ep;             // expert-parallel training: the owner's rows (moe_ep.h)
   // before a forward whose backward will run: keep what makes the backward cheaper
   void keep_for_backward() { mla.keep_probs = mha.keep_probs = true; }
 };

@@ -60,6 +60,8 @@ struct Model::LossState {
   int64_t B = 0, N = 0, T = 0;
   double alpha = 0, mtp_weight = 0;
   GemmPrecision precision = GemmPrecision::fp32;  // of the blocks' and MTP's projections
+  ExpertParallel* ep = nullptr;                   // expert-parallel training (moe_ep.h)
+  const LossHooks* hooks = nullptr;
   std::vector<int64_t> input;             // [B*T] t_0 .. t_{N-2} of each sequence
   std::vector<std::vector<float>> H;      // [layers+1][R,D] block inputs, then the last output
   std::vector<BlockActs> acts;            // [layers]
@@ -73,7 +75,8 @@ struct Model::LossState {
 };
 
 LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
-                      double mtp_weight, GemmPrecision precision) {
+                      double mtp_weight, GemmPrecision precision, ExpertParallel* ep,
+                      const LossHooks* hooks) {
   const char* op = "Model.loss";
   DSV3_CHECK(B >= 1 && N >= 2, "[", op, "] tokens must be (batch, N) with N >= 2 (N tokens give ",
              "N-1 targets), got N=", N);
@@ -83,7 +86,10 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
              "to train)");
   LossState st;
   st.precision = precision;
+  st.ep = ep;
+  st.hooks = hooks;
   const LossParts out = loss_forward(st, tokens, B, N, alpha, mtp_weight, grads != nullptr);
+  if (grads && hooks && hooks->forward_done) hooks->forward_done();
   if (grads) loss_backward(grads, st);
   return out;
 }
@@ -112,7 +118,7 @@ LossParts Model::loss_forward(LossState& st, const int64_t* tokens, int64_t B, i
   embedding_forward(st.H[0].data(), st.input.data(), embed(), R, V, D);
   for (int64_t l = 0; l < Lm; ++l) {
     if (keep) st.acts[l].keep_for_backward();
-    block_forward(st.H[l + 1].data(), st.acts[l], st.H[l].data(), block_params(l, st.precision), dims_, B, T, 0);
+    block_forward(st.H[l + 1].data(), st.acts[l], st.H[l].data(), block_params(l, st.precision, st.ep), dims_, B, T, 0);
     if (cfg_.is_moe_layer(l)) st.moes.push_back({&st.acts[l], T});
   }
   st.hn.resize(R * D);
@@ -130,7 +136,7 @@ LossParts Model::loss_forward(LossState& st, const int64_t* tokens, int64_t B, i
     const int64_t L = T - k + 1;
     const float* h_prev = k == 1 ? st.hn.data() : st.mtp[k - 2].hk.data();
     const int64_t ld_h = k == 1 ? T : st.mtp[k - 2].L;
-    mtp_forward(m, h_prev, ld_h, tokens + k, N, mtp_params(k, st.precision), dims_, V, B, L, keep);
+    mtp_forward(m, h_prev, ld_h, tokens + k, N, mtp_params(k, st.precision, st.ep), dims_, V, B, L, keep);
     HeadLoss& h = st.mtp_head[k - 1];
     h.targets.resize((size_t)(B * L));
     for (int64_t b = 0; b < B; ++b)
@@ -189,7 +195,7 @@ void Model::loss_backward(float* g, const LossState& st) {
     if (k > 1) dprev.assign((size_t)(B * ld_prev * D), 0.f);
     mtp_backward(k == 1 ? dhn.data() : dprev.data(), ld_prev, mtp_grads(k, g), dout.data(),
                  dnext.empty() ? nullptr : dnext.data(), ds.empty() ? nullptr : ds.data(), m,
-                 mtp_params(k, st.precision), dims_, V);
+                 mtp_params(k, st.precision, st.ep), dims_, V);
     dnext.swap(dprev);
   }
   // main model, last piece first (its head ran first, above)
@@ -201,8 +207,9 @@ void Model::loss_backward(float* g, const LossState& st) {
     const std::vector<float> ds =
         cfg_.is_moe_layer(l) ? balance_grad(st, st.acts[l], T) : std::vector<float>();
     block_backward(dprev.data(), block_grads(l, g), dH.data(), ds.empty() ? nullptr : ds.data(),
-                   st.acts[l], st.H[l].data(), block_params(l, st.precision), dims_);
+                   st.acts[l], st.H[l].data(), block_params(l, st.precision, st.ep), dims_);
     dH.swap(dprev);
+    if (st.hooks && st.hooks->block_grads_done) st.hooks->block_grads_done(l);
   }
   embedding_backward(layout_.ptr(g, hf::embed_tokens), dH.data(), st.input.data(), R, V, D);
 }

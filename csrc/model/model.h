@@ -16,6 +16,7 @@
 //   loss = main + mtp + balance
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,6 +29,14 @@
 #include "model/mtp.h"
 
 namespace dsv3 {
+
+// Callbacks of a loss-with-backward call (the parallel Trainer's): forward_done after the
+// forward (before any backward work), block_grads_done(l) once main block l's gradients are
+// final (blocks come last to first).
+struct LossHooks {
+  std::function<void()> forward_done;
+  std::function<void(int64_t)> block_grads_done;
+};
 
 struct LossParts {
   double loss = 0, main = 0, mtp = 0, balance = 0;
@@ -81,8 +90,10 @@ class Model {
   // alpha: weight of the sequence-wise balance loss (0 disables it).
   // precision: the GEMMs of the blocks' and MTP's projections (kernels/precision.h); the
   // embedding, heads, router gates and attention core are fp32 in every precision.
+  // ep: expert-parallel training (kernels/moe_ep.h; null: every expert computed here).
   LossParts loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
-                 double mtp_weight, GemmPrecision precision);
+                 double mtp_weight, GemmPrecision precision, ExpertParallel* ep = nullptr,
+                 const LossHooks* hooks = nullptr);
   std::shared_ptr<KvCache> new_cache(int64_t batch, int64_t max_len) const;
   std::string cache_kind() const { return dims_.mla ? "latent" : "kv"; }
   int64_t cache_width() const;
@@ -127,9 +138,11 @@ class Model {
   void block_decode(float* h, const BlockParams& p, KvCache& cache, int64_t cache_layer,
                     int64_t B, int64_t S, int64_t start_pos, DecodeScratch& s) const;
   void check_cache(const KvCache& cache, int64_t layers, int64_t B, const char* op) const;
-  BlockParams block_params(int64_t i, GemmPrecision p = GemmPrecision::fp32) const;
+  BlockParams block_params(int64_t i, GemmPrecision p = GemmPrecision::fp32,
+                           ExpertParallel* ep = nullptr) const;
   BlockGrads block_grads(int64_t i, float* g) const;
-  MtpParams mtp_params(int64_t k, GemmPrecision p = GemmPrecision::fp32) const;  // k 1-based
+  MtpParams mtp_params(int64_t k, GemmPrecision p = GemmPrecision::fp32,
+                       ExpertParallel* ep = nullptr) const;  // k 1-based
   MtpGrads mtp_grads(int64_t k, float* g) const;
   void check_tokens(const int64_t* tokens, int64_t n, const char* op) const;
   const char* head_name() const;  // lm_head.weight, or the embedding when tied

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "core/check.h"
 #include "kernels/balance.h"
@@ -34,10 +35,17 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
   const int64_t E = model_.config().E, A = o.grad_accum, Bm = B / A;
   grads_.assign((size_t)L.total, 0.f);
   TrainStepStats st;
-  {
+  const bool par = par_ && par_->world->size() > 1;
+  ParallelStep ps;  // the parallel bookkeeping of this step (train_parallel.cpp)
+  const double ep_seconds0 = ep_.comm_seconds;
+  try {
     for (int64_t a = 0; a < A; ++a) {
+      LossHooks hooks;
+      if (par) hooks = parallel_hooks(ps, a == A - 1);
       const LossParts lp = model_.loss(tokens + a * Bm * N, Bm, N, grads_.data(), o.alpha,
-                                       o.mtp_weight, o.precision);
+                                       o.mtp_weight, o.precision,
+                                       ep_.group || ep_.fp8_dispatch ? &ep_ : nullptr,
+                                       par ? &hooks : nullptr);
       st.loss += lp.loss / (double)A;
       st.main += lp.main / (double)A;
       st.mtp += lp.mtp / (double)A;
@@ -48,8 +56,16 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
       }
       for (size_t i = 0; i < lp.expert_load.size(); ++i) st.expert_load[i] += lp.expert_load[i];
     }
+  } catch (...) {
+    if (!par) throw;
+    parallel_failed(ps, std::current_exception());  // raises on every rank, or aborts the job
   }
-  if (A > 1) scale_inplace(grads_.data(), L.total, 1.f / (float)A);
+  if (par) {
+    reduce_over_world(ps, st, (float)(1.0 / ((double)A * par_->world->size())));
+    st.dispatch_seconds = ep_.comm_seconds - ep_seconds0;
+  }
+  else if (A > 1)
+    scale_inplace(grads_.data(), L.total, 1.f / (float)A);
   // Frozen entries (the gate biases) have no gradient: their slots stay 0, so the norm over
   // the whole slab is the norm over the trainable entries (one parallel pass).
   st.grad_norm = std::sqrt(sum_squares(grads_.data(), L.total));

@@ -6,6 +6,9 @@
 //   norm  = ||grads||_2 over the trainable entries;  if clip > 0 and norm > clip:
 //           grads *= clip / (norm + 1e-6)                      (torch.nn.utils.clip_grad_norm_)
 //   AdamW (optim.h) on every trainable entry, weight decay on the `decay` entries only
+//   parallel (dist/comm.h, set_parallel): each rank runs the lines above on its own micro-batches;
+//           grads, the loss parts and the expert loads are summed over the world before the
+//           norm (grads and losses then divided by W), so every rank takes the same step
 //   aux-free balancing (semantics §2.4), gamma > 0:  per MoE block, with load = the tokens routed
 //           to each expert over the whole step,  b_i += gamma * sign(mean(load) - load_i)
 //
@@ -14,9 +17,17 @@
 // and reports finite = false, so the caller can stop with the last good state intact.
 #pragma once
 #include <cstdint>
+#include <exception>
+#include <functional>
+#include <future>
+#include <string>
+#include <utility>
 #include <shared_mutex>
 #include <vector>
 
+#include "dist/comm.h"
+#include "dist/comm_queue.h"
+#include "kernels/moe_ep.h"
 #include "kernels/optim.h"
 #include "kernels/precision.h"
 #include "model/model.h"
@@ -35,6 +46,10 @@ struct TrainStepOptions {
 
 struct TrainStepStats {
   double loss = 0, main = 0, mtp = 0, balance = 0, grad_norm = 0;
+  // parallel: seconds the communication thread spent in the gradient all-reduce, and
+  // seconds the step waited for it after its backward (the rest was hidden behind compute)
+  double allreduce_seconds = 0, allreduce_wait_seconds = 0;
+  double dispatch_seconds = 0;  // inside expert dispatch/combine calls (ep > 1)
   std::vector<int64_t> expert_load;  // [moe_blocks, E], summed over the micro-batches
   int64_t moe_blocks = 0;
   bool finite = true;
@@ -47,6 +62,13 @@ class Trainer {
   TrainStepStats step(const int64_t* tokens, int64_t B, int64_t N, const TrainStepOptions& o);
 
   Model& model() { return model_; }
+  // Data/expert-parallel training over these groups (null: single process).
+  // With ep > 1 the routed experts are computed by their owners (kernels/moe_ep.h).
+  void set_parallel(std::shared_ptr<ParallelGroups> g, bool fp8_dispatch);
+  const ParallelGroups* parallel() const { return par_.get(); }
+  ExpertParallel& expert_parallel() { return ep_; }
+  // The last step's gradient as applied (averaged over the global batch, clipped), slab layout.
+  const std::vector<float>& last_gradients() const { return grads_; }
   bool bf16_moments() const { return bf16_; }
   int64_t steps_done = 0;  // optimizer steps applied (AdamW's t of the next step is this + 1)
   // Moments in the parameter slab's layout (entries that are not trainable stay 0).
@@ -61,6 +83,24 @@ class Trainer {
   bool bf16_;
   std::vector<float> grads_;
   std::vector<uint8_t> mode_;  // per slab element: 0 frozen, 1 no decay, 2 decay (optim.h)
+  // ---- parallel training (train_parallel.cpp)
+  std::shared_ptr<ParallelGroups> par_;
+  ExpertParallel ep_;
+  std::shared_ptr<CommQueue> queue_;           // the communication thread
+  std::shared_ptr<Comm> ep_queued_;            // the EP group, its calls run on queue_
+  std::vector<std::pair<int64_t, int64_t>> block_range_;  // [lo, hi) of main block l's grads
+  std::vector<std::pair<int64_t, int64_t>> rest_range_;   // the slab outside the main blocks
+  struct ParallelStep {
+    bool agreed = false;  // the failure agreement of this step is done
+    std::vector<std::shared_future<void>> pending;  // block all-reduces in flight
+    double allreduce_busy = 0;  // their durations (written on the communication thread)
+  };
+  LossHooks parallel_hooks(ParallelStep& ps, bool last_micro_batch);
+  [[noreturn]] void parallel_failed(ParallelStep& ps, std::exception_ptr error);
+  void agree(ParallelStep& ps, bool failed_here);
+  void world_call(const std::function<void()>& fn);  // on the queue when there is one
+  // Sums the step's gradients (times scale) and statistics over the world.
+  void reduce_over_world(ParallelStep& ps, TrainStepStats& st, float scale);
 };
 
 }  // namespace dsv3

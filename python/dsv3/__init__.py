@@ -20,6 +20,7 @@ from .generate import GenerationOutput
 from . import data
 from .tokenizer import Tokenizer
 from .train import TrainConfig, Trainer
+from . import distributed
 
 __version__ = "0.1.0"
 
@@ -35,7 +36,8 @@ def build_info() -> Dict[str, Any]:
     (openmp | pthreads | serial) and ``blas_threads`` (how dsv3 calls it); ``num_threads`` and
     ``threads_default`` (where the default came from), ``spin_us`` (the pool's wait policy) and
     ``spin_budget_us`` (the spin in effect now: 0 when the threads outnumber the CPUs the
-    affinity mask or a fractional cgroup quota allows); the SIMD level the CPU gives the hot loops."""
+    affinity mask or a fractional cgroup quota allows); the SIMD level the CPU gives the hot loops;
+    ``mpi``: the MPI library dsv3.distributed uses ("" when built without MPI)."""
     info = dict(_core.build_info())
     info["version"] = __version__
     return info

@@ -180,6 +180,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         from . import set_num_threads
         set_num_threads(args.threads)
     from .checkpoint import check_target
+    par = _parallel(args)
+    main = par is None or par.is_main
     check_target(args.out, "train --out")  # refuse a file / foreign directory before training
     cfg = load_config(args.config)
     tok = data_mod.ByteTokenizer()
@@ -193,17 +195,64 @@ def cmd_train(args: argparse.Namespace) -> int:
                      seq_len=args.seq, balance=args.balance, total_steps=max(1, args.steps),
                      eval_interval=args.eval_interval,
                      log_path=args.log or os.path.join(os.path.abspath(args.out) + ".log.jsonl"))
-    trainer = Trainer(model, tc)
-    print(f"dsv3 train: {model.num_parameters():,} parameters, {len(ds):,} tokens "
-          f"({'default corpus' if args.data is None else args.data}), precision {args.precision}, "
-          f"{args.steps} steps of {args.batch}x{args.seq}", flush=True)
-    trainer.fit(ds, args.steps, progress=not args.no_progress, checkpoint_dir=args.out,
-                checkpoint_interval=args.save_every)
-    val = trainer.evaluate(ds, batches=8)
+    trainer = Trainer(model, tc, parallel=par)
+    if main:
+        print(f"dsv3 train: {model.num_parameters():,} parameters, {len(ds):,} tokens "
+              f"({'default corpus' if args.data is None else args.data}), precision "
+              f"{args.precision}, {args.steps} steps of {args.batch}x{args.seq}"
+              + (f", {par.size} processes (dp={par.dp}, ep={par.ep})" if par else ""),
+              flush=True)
+    try:
+        trainer.fit(ds, args.steps, progress=not args.no_progress, checkpoint_dir=args.out,
+                    checkpoint_interval=args.save_every)
+        val = trainer.evaluate(ds, batches=8)
+    except BaseException:
+        if par is not None and par.size > 1:  # the others may wait for this rank: end them
+            import traceback
+            traceback.print_exc()
+            _core_abort()
+        raise
     base = ds.unigram_entropy()
-    print(f"saved to {args.out}\nvalidation loss {val:.4f} nats/token "
-          f"(unigram baseline {base:.4f}, {val / base:.1%} of it)")
+    if main:
+        print(f"saved to {args.out}\nvalidation loss {val:.4f} nats/token "
+              f"(unigram baseline {base:.4f}, {val / base:.1%} of it)")
+        if par is not None and par.ep > 1:
+            st = trainer.expert_parallel_stats()
+            print(f"expert parallel: {st['ranks_per_token']:.2f} ranks per token (rank 0), "
+                  f"dispatch {st['dispatch_bytes']:,} B, combine {st['combine_bytes']:,} B sent")
     return 0
+
+
+def _core_abort() -> None:
+    from . import _core
+    sys.stderr.flush()
+    _core.mpi_abort(1)
+
+
+def _launched_ranks() -> int:
+    """Processes of this job as the MPI launcher announces them (1 outside mpirun)."""
+    for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS"):
+        if os.environ.get(k, "").isdigit():
+            return int(os.environ[k])
+    return 1
+
+
+def _parallel(args: argparse.Namespace):
+    """The parallel layout of --parallel (None: one process). Under mpirun without --parallel
+    every rank would train the same model into the same --out: refused."""
+    if args.parallel is None:
+        n = _launched_ranks()
+        if n > 1:
+            raise ValueError(f"started as {n} MPI processes: pass --parallel (e.g. "
+                             f"--parallel dp={n}) or run a single process")
+        if args.fp8_dispatch:
+            raise ValueError("--fp8-dispatch needs --parallel with ep > 1")
+        return None
+    from . import distributed
+    par = distributed.init(args.parallel, fp8_dispatch=args.fp8_dispatch)
+    if args.fp8_dispatch and par.ep == 1:
+        raise ValueError("--fp8-dispatch needs ep > 1 in --parallel")
+    return par
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -240,6 +289,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--log", default=None, help="JSON-lines log (default: OUT.log.jsonl)")
     p.add_argument("--threads", type=_int_in(0), default=0, help="0: the default")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--parallel", default=None, metavar="dp=N,ep=M",
+                   help="data/expert-parallel layout under mpirun (dp*ep = processes); "
+                        "--batch stays the global batch, rank 0 writes")
+    p.add_argument("--fp8-dispatch", action="store_true",
+                   help="expert parallel: dispatch activations as FP8 E4M3 (1x128 tiles)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("bench", help="run a benchmark suite from bench/ (e.g. fp8)")
     p.add_argument("suite", help="suite name: bench/bench_<suite>.py")

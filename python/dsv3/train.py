@@ -22,6 +22,11 @@ Balancing (``TrainConfig.balance``):
 * ``"none"``: neither.
 
 MTP lambda is ``config.mtp_loss_weight`` (0 disables the MTP modules in training).
+
+Parallel training (``Trainer(..., parallel=dsv3.distributed.init("dp=2,ep=2"))`` under
+mpirun, :mod:`dsv3.distributed`): ``batch_size`` stays the GLOBAL batch; each rank steps on its
+rows, the C++ step sums gradients and statistics over the world; rank 0 writes logs and
+checkpoints.
 """
 from __future__ import annotations
 
@@ -133,7 +138,7 @@ class Trainer:
     """``Trainer(model, TrainConfig(...))``; ``step(batch)``, ``fit(data, steps)``,
     ``save(dir)``, ``Trainer.load(dir)``."""
 
-    def __init__(self, model: Model, config: Optional[TrainConfig] = None):
+    def __init__(self, model: Model, config: Optional[TrainConfig] = None, parallel=None):
         if not isinstance(model, Model):
             raise TypeError(f"[Trainer] model must be a dsv3.Model, got {type(model).__name__}")
         self.model = model
@@ -143,6 +148,21 @@ class Trainer:
         model._refuse_training("Trainer")
         _memory.trainer(model.config, self.config.moment_dtype == "bfloat16")
         self._t = _core.Trainer(model._m, self.config.moment_dtype == "bfloat16")
+        self.parallel = parallel
+        if parallel is not None:
+            from .distributed import Parallel
+            if not isinstance(parallel, Parallel):
+                raise TypeError("[Trainer] parallel must come from dsv3.distributed.init(), got "
+                                f"{type(parallel).__name__}")
+            E = model.config.n_routed_experts or 0
+            if parallel.ep > 1 and (E == 0 or E % parallel.ep):
+                raise ValueError(f"[Trainer] ep={parallel.ep} must divide n_routed_experts "
+                                 f"({E})")
+            if self.config.batch_size % (parallel.size * self.config.grad_accum):
+                raise ValueError(f"[Trainer] batch_size ({self.config.batch_size}, the global "
+                                 f"batch) must be divisible by processes x grad_accum = "
+                                 f"{parallel.size} x {self.config.grad_accum}")
+            _core.trainer_set_parallel(self._t, parallel._g, parallel.fp8_dispatch)
         self._data_state: Optional[Dict] = None  # restored into the dataset by fit()
         self.history: List[Dict[str, Any]] = []
 
@@ -165,7 +185,10 @@ class Trainer:
         """One optimizer step on int tokens (B, T+1). Returns loss, main, mtp, balance,
         grad_norm (before clipping), lr, expert_load int64 [moe blocks (main MoE layers, then
         MTP), n_routed], max_violation (mean over MoE blocks of max_i load_i/mean(load) - 1),
-        tokens_per_second (B*T / wall time) and step (1-based). A non-finite loss or gradient
+        tokens_per_second (B*T / wall time) and step (1-based). In parallel training ``batch``
+        is the global batch (this rank trains on its rows) and ``time_split`` gives the
+        step's seconds in compute, all-reduce and dispatch/combine (the collectives' time
+        includes waiting for the slowest rank) and the bytes this rank sent. A non-finite loss or gradient
         raises FloatingPointError naming the step and leaves the model untouched."""
         arr = np.asarray(batch)
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer):
@@ -179,9 +202,15 @@ class Trainer:
             bad = arr.max() if arr.max() >= V else arr.min()
             raise ValueError(f"[Trainer.step] token id {int(bad)} is out of range "
                              f"[0, vocab_size={V})")
+        global_rows = arr.shape[0]
+        par = self.parallel
+        if par is not None:  # every rank checked the whole global batch above: all agree
+            par.check_batch(global_rows, self.config.grad_accum, "Trainer.step")
+            arr = arr[par.local_rows(global_rows)]
         _memory.activations("Trainer.step", self.model.config, arr, "grad", self.config.grad_accum)
         n = self.step_count
         lr = self.config.lr_at(n)
+        comm0 = par.stats() if par is not None else None
         t0 = time.perf_counter()
         try:
             st = self._t.step(np.ascontiguousarray(arr, dtype=np.int64), self._options(lr), n)
@@ -189,15 +218,41 @@ class Trainer:
             raise FloatingPointError(f"[Trainer.step] non-finite values at step {n + 1}: {e}; "
                                      "the update was not applied") from e
         dt = time.perf_counter() - t0
+        ar, ar_wait = st.pop("allreduce_seconds"), st.pop("allreduce_wait_seconds")
+        disp = st.pop("dispatch_seconds")
         if not st.pop("finite"):
             raise FloatingPointError(
                 f"[Trainer.step] non-finite loss or gradient at step {n + 1} (loss={st['loss']},"
                 f" grad_norm={st['grad_norm']}); the update was not applied")
+        if comm0 is not None:  # this step's time split (seconds)
+            comm = {k: v - comm0[k] for k, v in par.stats().items()}
+            # the gradient all-reduce runs on the communication thread, mostly during the
+            # backward: only the time the step waited for it is off the compute path; the
+            # layers' dispatch/combine time includes queueing behind those all-reduces
+            st["time_split"] = {
+                "step": dt, "all_reduce": ar, "all_reduce_waited": ar_wait,
+                "all_reduce_hidden_fraction": max(0.0, 1 - ar_wait / ar) if ar > 0 else 0.0,
+                "dispatch_combine": disp,
+                "compute": dt - ar_wait - disp,
+                "all_reduce_bytes": comm["allreduce_bytes"],
+                "dispatch_combine_bytes": comm["alltoall_bytes"]}
         load = st["expert_load"]
         vios = [float(r.max() / r.mean() - 1) for r in load if r.mean() > 0]
-        st.update(lr=lr, step=n + 1, tokens_per_second=arr.shape[0] * (arr.shape[1] - 1) / dt,
+        st.update(lr=lr, step=n + 1, tokens_per_second=global_rows * (arr.shape[1] - 1) / dt,
                   max_violation=float(np.mean(vios)) if vios else 0.0)
         return st
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes logs and checkpoints (rank 0, or no parallel)."""
+        return self.parallel is None or self.parallel.is_main
+
+    def expert_parallel_stats(self) -> Dict[str, float]:
+        """Expert-parallel statistics of this rank since the start: tokens routed, mean
+        distinct owner ranks per token, dispatch / combine bytes sent to other ranks."""
+        d = dict(_core.trainer_ep_stats(self._t))
+        d["ranks_per_token"] = d["rank_visits"] / d["tokens"] if d["tokens"] else 0.0
+        return d
 
     def moments(self) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
         """AdamW's (m, v) by parameter name, as float32 (decoded from bf16 when stored so)."""
@@ -243,7 +298,8 @@ class Trainer:
             data.load_state_dict(self._data_state)
             self._data_state = None
         self._data = data
-        log_path = log_path or c.log_path
+        log_path = (log_path or c.log_path) if self.is_main else None
+        progress = progress and self.is_main
         if log_path:
             os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
         log = open(log_path, "a", encoding="utf-8") if log_path else None
@@ -292,6 +348,24 @@ class Trainer:
         replaces ``directory`` in one step (:func:`dsv3.checkpoint.publish_dir`). Weights,
         moments and step count are copied at one moment (no step of another thread in
         between: a step running at that moment raises RuntimeError here)."""
+        if self.parallel is not None:  # rank 0 writes (the replicas are identical)
+            error = None
+            if self.parallel.is_main:
+                try:
+                    self._save(directory)
+                except BaseException as e:  # told to every rank below, then raised here
+                    error = e
+            ok = np.array([int(self.parallel.is_main and error is None)], dtype=np.int64)
+            self.parallel.allreduce_sum(ok)  # also the barrier: rank 0 has finished
+            if error is not None:
+                raise error
+            if ok[0] != 1:
+                raise OSError(f"[Trainer.save] rank 0 failed to save {directory!r} (its error "
+                              "is on its stderr)")
+            return
+        self._save(directory)
+
+    def _save(self, directory: str) -> None:
         from . import checkpoint
         directory = os.fspath(directory)
         parent = os.path.dirname(os.path.abspath(directory))
@@ -324,7 +398,7 @@ class Trainer:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
-    def load(cls, directory: str) -> "Trainer":
+    def load(cls, directory: str, parallel=None) -> "Trainer":
         """A Trainer restored from :meth:`save`: continuing it gives bit-identically the run
         that was never interrupted (pass the same dataset to ``fit``; its generator state is
         restored)."""
@@ -333,7 +407,7 @@ class Trainer:
         state, cfg, stored, moments = checkpoint.read_snapshot(
             directory, "Trainer.load", lambda fd: _read_trainer_at(directory, fd))
         model = checkpoint.build(cfg, stored, directory, Model, strict=False)
-        t = cls(model, TrainConfig(**state["train_config"]))
+        t = cls(model, TrainConfig(**state["train_config"]), parallel=parallel)
         t._t.set_moments(*moments)
         t._t.steps_done = int(state["step"])
         t._data_state = state.get("data_state")
