@@ -94,11 +94,17 @@ def read(path: str, dir_fd: Optional[int] = None,
         return _read_open(f, shown)
 
 
-def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """:func:`read` of the open binary file ``f`` (named ``path`` in messages)."""
+def parse_header(f, path: str):
+    """The checked header of the open binary safetensors file ``f`` (named ``path`` in
+    messages), read before any byte of data is mapped: ``(entries, metadata, data_start,
+    data_len)`` with ``entries = {name: (dtype, shape, begin, end)}`` (offsets relative to
+    ``data_start``). Every tensor's dtype, shape, offsets and length are checked against the
+    header and the file size, and no two tensors overlap; any failure raises ValueError naming
+    the file and the tensor."""
     size = os.fstat(f.fileno()).st_size
     if size < 8:
         raise ValueError(f"[safetensors] {path}: file of {size} bytes is too short for a header")
+    f.seek(0)
     (n,) = struct.unpack("<Q", f.read(8))
     if n > MAX_HEADER or 8 + n > size:
         raise ValueError(f"[safetensors] {path}: header length {n} exceeds the file "
@@ -112,10 +118,8 @@ def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
         raise ValueError(f"[safetensors] {path}: header must be a JSON object")
     meta = header.pop("__metadata__", {}) or {}
     data_len = size - 8 - n
-    buf = np.memmap(f, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,)) \
-        if data_len > 0 else np.zeros(0, np.uint8)
     spans = []
-    out: Dict[str, Tensor] = {}
+    entries: Dict[str, Tuple[str, Tuple[int, ...], int, int]] = {}
     for name, info in header.items():
         where = f"[safetensors] {path}: tensor '{name}'"
         try:
@@ -124,7 +128,7 @@ def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
             raise ValueError(f"{where}: entry must have dtype, shape and data_offsets") from None
         if dtype not in _DTYPES:
             raise ValueError(f"{where}: unsupported dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ValueError(f"{where}: bad shape {list(shape)}")
         if not (isinstance(b, int) and isinstance(e, int) and 0 <= b <= e <= data_len):
             raise ValueError(f"{where}: data_offsets [{b}, {e}] outside the data section "
@@ -134,13 +138,28 @@ def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
             raise ValueError(f"{where}: {e - b} bytes do not match dtype {dtype} x shape "
                              f"{list(shape)}")
         spans.append((b, e, name))
-        arr = buf[b:e].view(_DTYPES[dtype]).reshape(shape)
-        out[name] = Tensor(dtype, shape, arr)
+        entries[name] = (dtype, shape, b, e)
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise ValueError(f"[safetensors] {path}: tensors '{n0}' and '{n1}' overlap")
-    return out, {str(k): str(v) for k, v in meta.items()}
+    return entries, {str(k): str(v) for k, v in meta.items()}, 8 + n, data_len
+
+
+def element_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of a stored element of safetensors ``dtype`` (F8_*: uint8 codes)."""
+    return _DTYPES[dtype]
+
+
+def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """:func:`read` of the open binary file ``f`` (named ``path`` in messages)."""
+    entries, meta, start, data_len = parse_header(f, path)
+    buf = np.memmap(f, dtype=np.uint8, mode="r", offset=start, shape=(data_len,)) \
+        if data_len > 0 else np.zeros(0, np.uint8)
+    out: Dict[str, Tensor] = {}
+    for name, (dtype, shape, b, e) in entries.items():
+        out[name] = Tensor(dtype, shape, buf[b:e].view(_DTYPES[dtype]).reshape(shape))
+    return out, meta
 
 
 def write(path: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
@@ -149,7 +168,11 @@ def write(path: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
     path = os.fspath(path)
     header: Dict[str, object] = {}
     offset = 0
-    order = sorted(tensors)
+    # wider elements first (as the Rust safetensors writer does): with the 8-byte aligned
+    # data section every tensor then starts at a multiple of its element size, so memory
+    # maps of it are aligned views (dsv3.resident)
+    width = lambda k: _DTYPES[tensors[k][0]].itemsize if tensors[k][0] in _DTYPES else 1
+    order = sorted(tensors, key=lambda k: (-width(k), k))
     for name in order:
         dtype, arr = tensors[name]
         if dtype not in _DTYPES:
