@@ -165,24 +165,35 @@ def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
 def write(path: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
           metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write ``{name: (safetensors dtype, array of the stored element type)}`` atomically."""
+    for name, (dtype, arr) in tensors.items():
+        if dtype in _DTYPES and arr.dtype.itemsize != _DTYPES[dtype].itemsize:
+            raise ValueError(f"[safetensors] tensor '{name}': array of {arr.dtype} cannot be "
+                             f"stored as {dtype}")
+    write_stream(path, {k: (d, a.shape) for k, (d, a) in tensors.items()},
+                 lambda name: tensors[name][1], metadata)
+
+
+def write_stream(path: str, specs: Mapping[str, Tuple[str, Tuple[int, ...]]], produce,
+                 metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write a file of ``specs = {name: (safetensors dtype, shape)}`` atomically, asking
+    ``produce(name)`` for each tensor's array (of the stored element type) only when it is
+    written: one tensor in memory at a time."""
     path = os.fspath(path)
     header: Dict[str, object] = {}
     offset = 0
     # wider elements first (as the Rust safetensors writer does): with the 8-byte aligned
     # data section every tensor then starts at a multiple of its element size, so memory
     # maps of it are aligned views (dsv3.resident)
-    width = lambda k: _DTYPES[tensors[k][0]].itemsize if tensors[k][0] in _DTYPES else 1
-    order = sorted(tensors, key=lambda k: (-width(k), k))
-    for name in order:
-        dtype, arr = tensors[name]
+    for name, (dtype, _) in specs.items():
         if dtype not in _DTYPES:
             raise ValueError(f"[safetensors] tensor '{name}': unsupported dtype {dtype!r}")
-        if arr.dtype.itemsize != _DTYPES[dtype].itemsize:
-            raise ValueError(f"[safetensors] tensor '{name}': array of {arr.dtype} cannot be "
-                             f"stored as {dtype}")
-        header[name] = {"dtype": dtype, "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+    order = sorted(specs, key=lambda k: (-_DTYPES[specs[k][0]].itemsize, k))
+    for name in order:
+        dtype, shape = specs[name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -193,7 +204,11 @@ def write(path: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
             f.write(struct.pack("<Q", len(hdr)))
             f.write(hdr)
             for name in order:
-                arr = tensors[name][1]
+                dtype, shape = specs[name]
+                arr = np.asarray(produce(name))
+                if arr.shape != tuple(shape) or arr.dtype.itemsize != _DTYPES[dtype].itemsize:
+                    raise ValueError(f"[safetensors] tensor '{name}': produced {arr.dtype} "
+                                     f"{arr.shape}, declared {dtype} {tuple(shape)}")
                 f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"),
                                                          copy=False).tobytes())
             f.flush()
@@ -202,6 +217,20 @@ def write(path: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_index(directory: str, weight_map: Mapping[str, str], total: int,
+                stem: str = "model") -> str:
+    """Write ``{stem}.safetensors.index.json`` atomically; returns its file name."""
+    index = {"metadata": {"total_size": int(total)}, "weight_map": dict(weight_map)}
+    ipath = os.path.join(directory, f"{stem}.safetensors.index.json")
+    tmp = temp_name(ipath)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ipath)
+    return os.path.basename(ipath)
 
 
 def numpy_dtype_name(arr: np.ndarray) -> str:
@@ -236,15 +265,7 @@ def write_sharded(directory: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
         write(os.path.join(directory, fname), shard, metadata)
         names.append(fname)
         weight_map.update({k: fname for k in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    ipath = os.path.join(directory, f"{stem}.safetensors.index.json")
-    tmp = temp_name(ipath)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ipath)
-    return names + [os.path.basename(ipath)]
+    return names + [write_index(directory, weight_map, total, stem)]
 
 
 def _check_shard_name(index: str, fname) -> str:
