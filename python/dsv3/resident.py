@@ -247,9 +247,12 @@ def _read_headers(directory: str, dir_fd: int):
                 if weight_map is None:
                     raise FileNotFoundError(f"[safetensors] {directory} has neither "
                                             f"model.safetensors nor {index}") from None
-                raise ValueError(f"[safetensors] {shown_index} names shard {fname}, which is "
-                                 "missing") from None
+                first = sorted(n for n, v in weight_map.items() if v == fname)[0]
+                raise ValueError(f"[safetensors] {shown_index} names shard {fname} (for "
+                                 f"tensor '{first}' ...), which is missing") from None
             files.append(fh)
+        for i, (fname, fh) in enumerate(zip(names, files)):  # every shard exists: read them
+            shown = os.path.join(directory, fname)
             entries, _, start, _ = st.parse_header(fh, shown)
             for name, (dtype, shape, b, e) in entries.items():
                 if name in tensors:
@@ -294,8 +297,8 @@ def _select(cfg: Config, tensors: Dict[str, _Stored], directory: str, strict: bo
                        f"tensors {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} "
                        f"({len(unexpected)})")
     block = tuple((cfg.quantization_config or {}).get("weight_block_size", ck.FP8_BLOCK))
-    for name, t in keep.items():
-        where = f"[{OP}] {t.file}: tensor '{name}'"
+    for name, t in sorted(keep.items(), key=lambda kv: kv[0].endswith("_scale_inv")):
+        where = f"[{OP}] {t.file}: tensor '{name}'"  # weights first, then their scales
         if name.endswith("_scale_inv"):
             w = name[:-len("_scale_inv")]
             if w not in keep:
@@ -329,6 +332,19 @@ def _check_aligned(name: str, t: _Stored) -> None:
         raise ValueError(f"[{OP}] {t.file}: tensor '{name}' starts at byte {t.begin}, not a "
                          f"multiple of its {t.dtype} element size {size} (misaligned "
                          "offsets): it cannot be mapped; load with mmap=False")
+
+
+def inspect(directory, strict: bool = False):
+    """``(config, {name: (safetensors dtype, shape)})`` of the tensors a checkpoint's model
+    takes, from its headers alone (every check of loading but the data scans); for
+    :func:`plan` and ``python -m dsv3 info``."""
+    directory = os.fspath(directory)
+    cfg, tensors, files = ck.read_snapshot(directory, OP,
+                                           lambda fd: _read_headers(directory, fd))
+    for f in files:
+        f.close()
+    cfg, keep, _ = _select(cfg, tensors, directory, strict)
+    return cfg, {n: (t.dtype, t.shape) for n, t in keep.items()}
 
 
 # ---------------------------------------------------------------------- loading
