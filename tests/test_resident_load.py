@@ -168,6 +168,26 @@ def test_quantize_on_load_equals_full_tensor_quantizer(wide, which):
     assert checked >= 3  # several matrices of more than one band
 
 
+def test_quantize_on_load_streams_in_bands(tmp_path):
+    """Converting bf16 matrices of 4096 x 1024 to fp8 never holds one in fp32 (16 MiB): the
+    numpy transients (tracemalloc) stay within the plan's few 128-row bands."""
+    import tracemalloc
+    cfg = make_checkpoint.config("moonlight_16b_a3b", tiny=True).replace(
+        intermediate_size=4096, hidden_size=1024, num_hidden_layers=1)
+    d = str(tmp_path / "ck")
+    make_checkpoint.write(d, cfg, "bfloat16", 1 << 30)
+    full = 4096 * cfg.hidden_size * 4
+    tracemalloc.start()
+    try:
+        _, w, plan = resident.resident_tensors(d, "fp8")
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert w["model.layers.0.mlp.gate_proj.weight"][1].shape == (4096, cfg.hidden_size)
+    assert plan.transient_bytes < full / 2
+    assert peak - current <= plan.transient_bytes, (peak - current, plan.transient_bytes)
+
+
 def test_fp32_to_bf16_is_rne(wide):
     d = wide[1]
     _, w, _ = resident.resident_tensors(d, "bf16")
