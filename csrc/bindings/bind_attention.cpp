@@ -37,12 +37,12 @@ struct LayerWeights {
       specs = mha_param_specs(mha_d);
     }
     check_param_keys(params, specs, op);
-    std::map<std::string, const float*> ptr;
+    std::map<std::string, ParamRef> ptr;
     for (const ParamSpec& s : specs)
-      ptr[s.name] = dict.get(s.name, Shape(s.shape.begin(), s.shape.end()));
-    const auto at = [&](const std::string& n) -> const float* {
+      ptr[s.name] = f32_ref(dict.get(s.name, Shape(s.shape.begin(), s.shape.end())), s.shape);
+    const auto at = [&](const std::string& n) -> ParamRef {
       auto it = ptr.find(n);
-      return it == ptr.end() ? nullptr : it->second;
+      return it == ptr.end() ? ParamRef{} : it->second;
     };
     if (mla_layer)
       mla = mla_params(at);

@@ -55,6 +55,29 @@ py::list param_layout_py(py::object cfg) {
   return out;
 }
 
+// A resident model's weights are not written in place (they may be memory maps shared with
+// others): load_state_dict / set_param refuse it.
+void check_writable(const Model& md) {
+  DSV3_CHECK(!md.is_resident(), "[load_state_dict] this model holds resident inference ",
+             "weights, which are read-only; load it with Model.from_pretrained(dir) (fp32 ",
+             "weights) to change or train them");
+}
+
+// {name: float32 copy} of every weight, the resident ones dequantized.
+py::dict state_copy(const Model& md) {
+  if (!md.is_resident()) return named_copy(md.layout(), md.params().data(), false);
+  py::dict d;
+  std::vector<std::pair<const ParamEntry*, float*>> todo;
+  for (const ParamEntry& e : md.layout().entries) {
+    F32 a(Shape(e.shape.begin(), e.shape.end()));
+    todo.emplace_back(&e, a.mutable_data());
+    d[py::str(e.name)] = a;
+  }
+  py::gil_scoped_release nogil;
+  for (auto& [e, out] : todo) md.copy_param(out, e->name);
+  return d;
+}
+
 }  // namespace
 
 // One registration list of the Model class (each entry a few-line adapter): longer than ~80
@@ -82,9 +105,10 @@ void bind_model(py::module_& m) {
       })
       .def("state_dict", [](const Model& md) {
         BusyGuard guard(md.busy, false, "Model");
-        return named_copy(md.layout(), md.params().data(), false);
+        return state_copy(md);
       })
       .def("set_param", [](Model& md, const std::string& name, py::handle value) {
+        check_writable(md);
         BusyGuard guard(md.busy, true, "Model");
         const ParamEntry& e = md.layout().at(name);
         F32 a = f32(value, "load_state_dict", name.c_str());
@@ -95,6 +119,7 @@ void bind_model(py::module_& m) {
       }, arg("name"), arg("value"))
       .def("set_params", [](Model& md, py::dict values) {
         // every check first, then one copy under one exclusive hold: all or nothing
+        check_writable(md);
         std::vector<std::pair<const ParamEntry*, F32>> todo;
         for (auto item : values) {
           const std::string name = py::str(item.first);

@@ -87,9 +87,11 @@ LayerParams layer_params(py::handle params_h, const MoeConfig& c, const char* op
     check_shape(a, Shape(s.shape.begin(), s.shape.end()), op, s.name);
     lp.keep.emplace(s.name, std::move(a));
   }
-  lp.p = moe_params([&](const std::string& n) -> const float* {
+  lp.p = moe_params([&](const std::string& n) -> ParamRef {
     auto it = lp.keep.find(n);
-    return it == lp.keep.end() ? nullptr : it->second.data();
+    if (it == lp.keep.end()) return ParamRef{};
+    const F32& a = it->second;
+    return f32_ref(a.data(), std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
   }, c.n_routed_experts);
   return lp;
 }

@@ -78,6 +78,9 @@ py::tuple moments_copy(const Trainer& t) {
 void bind_train(py::module_& m) {
   py::class_<Trainer, std::shared_ptr<Trainer>>(m, "Trainer")
       .def(py::init([](std::shared_ptr<Model> md, bool bf16) {
+             DSV3_CHECK(!md->is_resident(), "[Trainer] this model holds resident inference ",
+                        "weights; training needs fp32 weights (load it with ",
+                        "Model.from_pretrained(dir) to train)");
              return std::make_shared<Trainer>(*md, bf16);
            }),
            arg("model"), arg("bf16_moments"), py::keep_alive<1, 2>())

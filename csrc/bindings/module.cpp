@@ -12,6 +12,7 @@ void bind_ops(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_moe(pybind11::module_& m);
 void bind_model(pybind11::module_& m);
+void bind_resident(pybind11::module_& m);
 void bind_train(pybind11::module_& m);
 }  // namespace dsv3
 
@@ -25,6 +26,7 @@ PYBIND11_MODULE(_core, m) {
   dsv3::bind_attention(m);
   dsv3::bind_moe(m);
   dsv3::bind_model(m);
+  dsv3::bind_resident(m);
   dsv3::bind_train(m);
   dsv3::bind_fp8(m);
   dsv3::bind_lowp(m);

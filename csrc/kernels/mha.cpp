@@ -20,7 +20,7 @@ void mha_check_dims(const MhaDims& d) {
 }
 
 void mha_check_params(const MhaParams& p) {
-  DSV3_CHECK(p.q_proj && p.k_proj && p.v_proj && p.o_proj,
+  DSV3_CHECK(p.q_proj.data && p.k_proj.data && p.v_proj.data && p.o_proj.data,
              "[mha] q_proj, k_proj, v_proj and o_proj are required");
 }
 

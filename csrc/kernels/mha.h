@@ -16,6 +16,7 @@
 #include "kernels/attention.h"
 #include "kernels/precision.h"
 #include "kernels/rope.h"
+#include "kernels/wlinear.h"
 
 namespace dsv3 {
 
@@ -27,11 +28,11 @@ struct MhaDims {
   int64_t cache_width() const { return Hkv * (Dn + Dr + Dv); }
 };
 
-struct MhaParams {
-  const float* q_proj = nullptr;  // [H*(Dn+Dr), D]
-  const float* k_proj = nullptr;  // [Hkv*(Dn+Dr), D]
-  const float* v_proj = nullptr;  // [Hkv*Dv, D]
-  const float* o_proj = nullptr;  // [D, H*Dv]
+struct MhaParams {  // weight views (kernels/wlinear.h: fp32 or resident bf16 / fp8)
+  WeightView q_proj;  // [H*(Dn+Dr), D]
+  WeightView k_proj;  // [Hkv*(Dn+Dr), D]
+  WeightView v_proj;  // [Hkv*Dv, D]
+  WeightView o_proj;  // [D, H*Dv]
   GemmPrecision precision = GemmPrecision::fp32;  // of every projection (kernels/precision.h)
 };
 struct MhaGrads {

@@ -27,11 +27,11 @@ void mla_check_dims(const MlaDims& d) {
 
 void mla_check_params(const MlaParams& p, const MlaDims& d) {
   if (d.Dq > 0)
-    DSV3_CHECK(p.q_a_proj && p.q_a_layernorm && p.q_b_proj,
+    DSV3_CHECK(p.q_a_proj.data && p.q_a_layernorm && p.q_b_proj.data,
                "[mla] q_lora_rank > 0 needs q_a_proj, q_a_layernorm and q_b_proj");
   else
-    DSV3_CHECK(p.q_proj, "[mla] q_lora_rank == 0 needs q_proj");
-  DSV3_CHECK(p.kv_a_proj_with_mqa && p.kv_a_layernorm && p.kv_b_proj && p.o_proj,
+    DSV3_CHECK(p.q_proj.data, "[mla] q_lora_rank == 0 needs q_proj");
+  DSV3_CHECK(p.kv_a_proj_with_mqa.data && p.kv_a_layernorm && p.kv_b_proj && p.o_proj.data,
              "[mla] kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj and o_proj are required");
 }
 

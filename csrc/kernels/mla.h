@@ -27,6 +27,7 @@
 #include "kernels/precision.h"
 #include "kernels/attention.h"
 #include "kernels/rope.h"
+#include "kernels/wlinear.h"
 
 namespace dsv3 {
 
@@ -40,16 +41,20 @@ struct MlaDims {
 void mla_check_dims(const MlaDims& d);
 
 // Weights, Hugging Face names and shapes ([out, in]). With Dq == 0 use q_proj; else q_a_proj,
-// q_a_layernorm, q_b_proj.
+// q_a_layernorm, q_b_proj. The projections are weight views (kernels/wlinear.h: fp32, or a
+// resident bf16 / fp8 inference weight); the norms and kv_b_proj are fp32 pointers. kv_b_proj
+// stays fp32 because the absorbed decode slices it per head (W_UK_h, W_UV_h) into its own
+// products; a resident model holds it dequantized (as DeepSeek's inference code does for the
+// absorbed form).
 struct MlaParams {
-  const float* q_a_proj = nullptr;            // [Dq, D]
+  WeightView q_a_proj;                        // [Dq, D]
   const float* q_a_layernorm = nullptr;       // [Dq]
-  const float* q_b_proj = nullptr;            // [H*(Dn+Dr), Dq]
-  const float* q_proj = nullptr;              // [H*(Dn+Dr), D]
-  const float* kv_a_proj_with_mqa = nullptr;  // [Dc+Dr, D]
+  WeightView q_b_proj;                        // [H*(Dn+Dr), Dq]
+  WeightView q_proj;                          // [H*(Dn+Dr), D]
+  WeightView kv_a_proj_with_mqa;              // [Dc+Dr, D]
   const float* kv_a_layernorm = nullptr;      // [Dc]
   const float* kv_b_proj = nullptr;           // [H*(Dn+Dv), Dc]
-  const float* o_proj = nullptr;              // [D, H*Dv]
+  WeightView o_proj;                          // [D, H*Dv]
   GemmPrecision precision = GemmPrecision::fp32;  // of every projection (kernels/precision.h)
 };
 void mla_check_params(const MlaParams& p, const MlaDims& d);  // the weights d needs are set

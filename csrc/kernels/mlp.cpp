@@ -7,8 +7,8 @@ namespace dsv3 {
 
 void mlp_forward(float* y, MlpActs& a, const float* x, const SwiGluParams& p, int64_t R,
                  int64_t D, int64_t W) {
-  DSV3_CHECK(p.gate_proj && p.up_proj && p.down_proj, "[mlp] gate_proj, up_proj and down_proj ",
-             "are required");
+  DSV3_CHECK(p.gate_proj.data && p.up_proj.data && p.down_proj.data,
+             "[mlp] gate_proj, up_proj and down_proj are required");
   a.g.resize(R * W);
   a.u.resize(R * W);
   a.h.resize(R * W);

@@ -9,13 +9,14 @@
 
 #include "kernels/precision.h"
 #include "core/memory.h"
+#include "kernels/wlinear.h"
 
 namespace dsv3 {
 
-struct SwiGluParams {
-  const float* gate_proj = nullptr;  // [W,D]
-  const float* up_proj = nullptr;    // [W,D]
-  const float* down_proj = nullptr;  // [D,W]
+struct SwiGluParams {  // weight views (kernels/wlinear.h: fp32 or resident bf16 / fp8)
+  WeightView gate_proj;  // [W,D]
+  WeightView up_proj;    // [W,D]
+  WeightView down_proj;  // [D,W]
   GemmPrecision precision = GemmPrecision::fp32;  // of the three projections (precision.h)
 };
 struct SwiGluGrads {  // null members are skipped

@@ -134,11 +134,12 @@ void moe_layer_check(const MoeConfig& c, const MoeParams& p, const char* op) {
   DSV3_CHECK((int64_t)p.experts.size() == c.n_routed_experts, "[", op, "] expected ",
              c.n_routed_experts, " routed experts, got ", p.experts.size());
   for (size_t j = 0; j < p.experts.size(); ++j)
-    DSV3_CHECK(p.experts[j].gate_proj && p.experts[j].up_proj && p.experts[j].down_proj, "[", op,
+    DSV3_CHECK(p.experts[j].gate_proj.data && p.experts[j].up_proj.data &&
+                   p.experts[j].down_proj.data, "[", op,
                "] experts.", j, " is missing a projection");
   if (c.shared_width() > 0)
-    DSV3_CHECK(p.shared_experts.gate_proj && p.shared_experts.up_proj &&
-                   p.shared_experts.down_proj,
+    DSV3_CHECK(p.shared_experts.gate_proj.data && p.shared_experts.up_proj.data &&
+                   p.shared_experts.down_proj.data,
                "[", op, "] shared_experts is missing a projection");
 }
 
@@ -217,6 +218,12 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
   DSV3_CHECK(g.experts.empty() || (int64_t)g.experts.size() == c.n_routed_experts, "[", op,
              "] grads.experts must be empty or hold ", c.n_routed_experts, " entries, got ",
              g.experts.size());
+  // a training path: fp32 weights only (f32_weight refuses a resident bf16 / fp8 expert)
+  const auto check_f32 = [&](const SwiGluParams& w) {
+    f32_weight(w.gate_proj, op), f32_weight(w.up_proj, op), f32_weight(w.down_proj, op);
+  };
+  for (const SwiGluParams& w : p.experts) check_f32(w);
+  if (c.shared_width() > 0) check_f32(p.shared_experts);
   if (T <= 0) return;
   const int64_t E = c.n_routed_experts, K = c.num_experts_per_tok, D = c.hidden_size;
   const int64_t F = c.moe_intermediate_size, S = c.shared_width(), N = T * K;
@@ -229,6 +236,7 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
   for_each_expert(rows, [&](int64_t e) {
     const bool shared = e == E;
     const SwiGluParams& w = shared ? p.shared_experts : p.experts[e];
+    const float *wg = w.gate_proj.as_f32(), *wu = w.up_proj.as_f32(), *wd = w.down_proj.as_f32();
     const SwiGluGrads gw = shared ? g.shared_experts
                                   : (g.experts.empty() ? SwiGluGrads{} : g.experts[e]);
     const int64_t n = shared ? T : a.expert_count[e], o = shared ? 0 : a.expert_offset[e];
@@ -247,9 +255,9 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
     const bool lowp = prec != GemmPrecision::fp32;
     if (lowp) {
       std::fill(A.get(), A.get() + n * W, 0.f);
-      lowp_linear_backward(A.get(), nullptr, dY, nullptr, w.down_proj, n, W, D, prec);
+      lowp_linear_backward(A.get(), nullptr, dY, nullptr, wd, n, W, D, prec);
     } else {
-      sgemm(false, false, n, W, D, 1.f, dY, D, w.down_proj, W, 0.f, A.get(), W);  // dY Wd
+      sgemm(false, false, n, W, D, 1.f, dY, D, wd, W, 0.f, A.get(), W);  // dY Wd
     }
     // The routing weight w_p scales row p's output: dL/dw_p = <dY_p Wd, h_p>, dh_p = w_p dY_p Wd
     for (int64_t q = 0; q < n; ++q) {
@@ -263,7 +271,7 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
       }
     }
     if (gw.down_proj && lowp)
-      lowp_linear_backward(nullptr, gw.down_proj, dY, h.get(), w.down_proj, n, W, D, prec);
+      lowp_linear_backward(nullptr, gw.down_proj, dY, h.get(), wd, n, W, D, prec);
     else if (gw.down_proj)
       sgemm(true, false, D, W, n, 1.f, dY, D, h.get(), W, 1.f, gw.down_proj, W);
     const float* xs = x;
@@ -274,8 +282,8 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
     if (lowp) {
       float* dst = !dx ? nullptr : shared ? dx : dxs + o * D;
       if (dst && !shared) std::fill(dst, dst + n * D, 0.f);
-      lowp_linear_backward(dst, gw.gate_proj, dg.get(), xs, w.gate_proj, n, D, W, prec);
-      lowp_linear_backward(dst, gw.up_proj, du.get(), xs, w.up_proj, n, D, W, prec);
+      lowp_linear_backward(dst, gw.gate_proj, dg.get(), xs, wg, n, D, W, prec);
+      lowp_linear_backward(dst, gw.up_proj, du.get(), xs, wu, n, D, W, prec);
       return;
     }
     if (gw.gate_proj) sgemm(true, false, W, D, n, 1.f, dg.get(), W, xs, D, 1.f, gw.gate_proj, D);
@@ -283,8 +291,8 @@ void moe_backward(float* dx, const MoeGrads& g, const float* dy, const float* d_
     if (dx) {
       float* dst = shared ? dx : dxs + o * D;  // shared: accumulate straight into dx
       const float beta = shared ? 1.f : 0.f;
-      sgemm(false, false, n, D, W, 1.f, dg.get(), W, w.gate_proj, D, beta, dst, D);
-      sgemm(false, false, n, D, W, 1.f, du.get(), W, w.up_proj, D, 1.f, dst, D);
+      sgemm(false, false, n, D, W, 1.f, dg.get(), W, wg, D, beta, dst, D);
+      sgemm(false, false, n, D, W, 1.f, du.get(), W, wu, D, 1.f, dst, D);
     }
   });
 

@@ -11,11 +11,16 @@
 #include <cstdint>
 
 #include "kernels/precision.h"
+#include "kernels/wlinear.h"
 
 namespace dsv3 {
 
 // out[r,:] = weight[ids[r],:]             ids[R] in [0,V)   weight[V,D]   out[R,D]
 void embedding_forward(float* out, const int64_t* ids, const float* weight, int64_t R, int64_t V,
+                       int64_t D);
+// The same rows of a weight in any storage format (kernels/wlinear.h): an fp32 view is the
+// call above; bf16 / fp8 rows are dequantized (wlinear_rows). w must be [V, D].
+void embedding_forward(float* out, const int64_t* ids, const WeightView& w, int64_t R, int64_t V,
                        int64_t D);
 // d_weight[ids[r],:] += d_out[r,:]        (deterministic: columns split across threads)
 void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids, int64_t R,
@@ -29,6 +34,18 @@ void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t
 // dx += dy W ;  dW += dy^T x              dy[R,O]   (set_dx: dx = dy W, dx need not be zeroed)
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
                      int64_t R, int64_t K, int64_t O, GemmPrecision p, bool set_dx = false);
+// The same over a weight view (the parameter structs hold views, kernels/wlinear.h); w must be
+// [O, K]. Forward: an fp32 view is the call above (any precision, bit-identical); a bf16 / fp8
+// view is a resident inference weight and needs p == fp32 (wlinear_forward dequantizes on
+// the fly). Backward: fp32 views only (training needs fp32 master weights); a resident bf16 /
+// fp8 view throws std::invalid_argument.
+void linear_forward(float* y, const float* x, const WeightView& w, int64_t R, int64_t K,
+                    int64_t O, GemmPrecision p);
+void linear_backward(float* dx, float* dw, const float* dy, const float* x, const WeightView& w,
+                     int64_t R, int64_t K, int64_t O, GemmPrecision p, bool set_dx = false);
+// w as an fp32 pointer for the training paths; a bf16 / fp8 view throws std::invalid_argument
+// naming op.
+const float* f32_weight(const WeightView& w, const char* op);
 
 // y = w * x / sqrt(mean(x^2) + eps), in fp32; rstd[R] = 1/sqrt(mean(x^2)+eps) is saved
 //                                         x[R,D]  w[D]  y[R,D]  rstd[R] (either may be null)

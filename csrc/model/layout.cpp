@@ -224,28 +224,59 @@ MoeGrads moe_grads(const GradLookup& at, int64_t E) {
   return g;
 }
 
+ParamRef::operator const float*() const {
+  DSV3_CHECK(view.fmt == WeightFormat::fp32, "[Model] this weight is held in ",
+             weight_format_name(view.fmt), " but is read as fp32 (only projection matrices ",
+             "may be resident)");
+  return view.as_f32();
+}
+
+ParamRef f32_ref(const float* w, const std::vector<int64_t>& shape) {
+  if (!w) return ParamRef{};
+  const int64_t O = shape.empty() ? 1 : shape[0], K = shape.size() > 1 ? shape[1] : 1;
+  return ParamRef{WeightView::f32(w, O, K)};
+}
+
 namespace {
 
-// at(relative name) over the slab entries under prefix (null when absent)
-template <class T>
-std::function<T*(const std::string&)> slab_lookup(const ParamLayout& L, T* slab,
-                                                  const std::string& prefix) {
-  return [&L, slab, prefix](const std::string& n) -> T* {
+// at(relative name) over the gradient slab's entries under prefix (null when absent)
+std::function<float*(const std::string&)> grad_lookup(const ParamLayout& L, float* slab,
+                                                       const std::string& prefix) {
+  return [&L, slab, prefix](const std::string& n) -> float* {
     auto it = L.index.find(prefix + n);
     return it == L.index.end() ? nullptr : slab + L.entries[it->second].offset;
   };
 }
 
-template <class S, class T, class Attn, class Moe, class Mlp>
-S block_views(const ParamLayout& L, T* slab, const ModelConfig& c, int64_t i, Attn attn, Moe moe,
+// at(relative name) over the weights under prefix: the resident view of the name when there
+// is one, else the fp32 view of its slab entry, else absent
+ParamLookup param_lookup(const ParamLayout& L, const float* slab, const ResidentViews* resident,
+                         const std::string& prefix) {
+  return [&L, slab, resident, prefix](const std::string& n) -> ParamRef {
+    const std::string full = prefix + n;
+    if (resident) {
+      auto r = resident->find(full);
+      if (r != resident->end()) return ParamRef{r->second};
+    }
+    auto it = L.index.find(full);
+    if (it == L.index.end()) return ParamRef{};
+    const ParamEntry& e = L.entries[it->second];
+    DSV3_ASSERT(!e.resident, "resident weight '", full, "' has no view");
+    return f32_ref(slab + e.offset, e.shape);
+  };
+}
+
+// mk(prefix) makes the lookup of the names under prefix
+template <class S, class MakeLookup, class Attn, class Moe, class Mlp>
+S block_views(const MakeLookup& mk, const ModelConfig& c, int64_t i, Attn attn, Moe moe,
               Mlp mlp) {
   const std::string p = hf::layer(i);
-  const auto at = slab_lookup(L, slab, p);
+  const auto at = mk(p);
   S s;
   s.input_layernorm = at(name::input_layernorm);
   s.post_attention_layernorm = at(name::post_attention_layernorm);
-  attn(s, slab_lookup(L, slab, p + name::self_attn));
-  const auto m = slab_lookup(L, slab, p + name::mlp);
+  attn(s, mk(p + name::self_attn));
+  const auto m = mk(p + name::mlp);
   if (c.is_moe_layer(i))
     s.experts = moe(m, c.E);
   else
@@ -256,9 +287,9 @@ S block_views(const ParamLayout& L, T* slab, const ModelConfig& c, int64_t i, At
 }  // namespace
 
 BlockParams block_params(const ParamLayout& L, const float* slab, const ModelConfig& c,
-                         int64_t i) {
+                         int64_t i, const ResidentViews* resident) {
   BlockParams b = block_views<BlockParams>(
-      L, slab, c, i,
+      [&](const std::string& p) { return param_lookup(L, slab, resident, p); }, c, i,
       [&](BlockParams& s, const ParamLookup& at) {
         if (c.attention == "mla") s.mla = mla_params(at);
         else s.mha = mha_params(at);
@@ -270,7 +301,7 @@ BlockParams block_params(const ParamLayout& L, const float* slab, const ModelCon
 
 BlockGrads block_grads(const ParamLayout& L, float* grads, const ModelConfig& c, int64_t i) {
   return block_views<BlockGrads>(
-      L, grads, c, i,
+      [&](const std::string& p) { return grad_lookup(L, grads, p); }, c, i,
       [&](BlockGrads& s, const GradLookup& at) {
         s.mla = mla_grads(at);
         s.mha = mha_grads(at);
@@ -279,23 +310,32 @@ BlockGrads block_grads(const ParamLayout& L, float* grads, const ModelConfig& c,
 }
 
 namespace {
-// MTP module k's views: its own weights (missing ones throw), the main embedding, block i
-template <class S, class T, class Block>
-S mtp_views(const ParamLayout& L, T* slab, const ModelConfig& c, int64_t k, Block block) {
+// MTP module k's views: its own weights (missing ones throw), the main embedding, block i.
+// at(full name) finds one weight; block(i) makes block i's views.
+template <class S, class At, class Block>
+S mtp_views(const ParamLayout& L, const At& at, const ModelConfig& c, int64_t k,
+            const Block& block) {
   const int64_t i = c.layers + k - 1;
   const std::string p = hf::layer(i);
-  return S{L.ptr(slab, hf::embed_tokens), L.ptr(slab, p + name::enorm),
-           L.ptr(slab, p + name::hnorm), L.ptr(slab, p + name::eh_proj),
-           L.ptr(slab, p + name::shared_head_norm), block(L, slab, c, i)};
+  const auto get = [&](const std::string& n) {
+    L.at(n);  // throws when absent
+    return at(n);
+  };
+  return S{get(hf::embed_tokens), get(p + name::enorm), get(p + name::hnorm),
+           get(p + name::eh_proj), get(p + name::shared_head_norm), block(i)};
 }
 }  // namespace
 
-MtpParams mtp_params(const ParamLayout& L, const float* slab, const ModelConfig& c, int64_t k) {
-  return mtp_views<MtpParams>(L, slab, c, k, block_params);
+MtpParams mtp_params(const ParamLayout& L, const float* slab, const ModelConfig& c, int64_t k,
+                     const ResidentViews* resident) {
+  return mtp_views<MtpParams>(L, param_lookup(L, slab, resident, ""), c, k, [&](int64_t i) {
+    return block_params(L, slab, c, i, resident);
+  });
 }
 
 MtpGrads mtp_grads(const ParamLayout& L, float* grads, const ModelConfig& c, int64_t k) {
-  return mtp_views<MtpGrads>(L, grads, c, k, block_grads);
+  return mtp_views<MtpGrads>(L, grad_lookup(L, grads, ""), c, k,
+                             [&](int64_t i) { return block_grads(L, grads, c, i); });
 }
 
 ParamLayout build_layout(const ModelConfig& c) {
@@ -313,6 +353,31 @@ ParamLayout build_layout(const ModelConfig& c) {
   b.add(hf::norm, {c.D}, ParamEntry::Ones);
   if (!c.tie_embeddings) b.add(hf::lm_head, {c.V, c.D});
   return b.L;
+}
+
+ParamLayout compact_layout(const ParamLayout& L, const ResidentViews& resident) {
+  ParamLayout out = L;
+  out.total = 0;
+  for (ParamEntry& e : out.entries) {
+    e.resident = resident.count(e.name) != 0;
+    e.offset = e.resident ? -1 : out.total;
+    if (!e.resident) out.total += (e.size + 15) / 16 * 16;  // 64-byte aligned, as build_layout
+  }
+  return out;
+}
+
+bool resident_capable(const std::string& n) {
+  if (n == hf::embed_tokens || n == hf::lm_head) return true;
+  const auto ends = [&](const std::string& suffix) {
+    return n.size() > suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(),
+                                                 suffix) == 0 && n[n.size() - suffix.size() - 1] == '.';
+  };
+  for (const char* m : {name::q_a_proj, name::q_b_proj, name::q_proj, name::kv_a_proj_with_mqa,
+                        name::o_proj, name::k_proj, name::v_proj, name::eh_proj})
+    if (ends(m)) return true;
+  for (const char* m : name::swiglu)
+    if (ends(m)) return true;
+  return false;
 }
 
 ParamCounts param_counts(const ModelConfig& c) {

@@ -24,6 +24,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kernels/wlinear.h"
 #include "model/config.h"
 #include "model/mtp.h"
 
@@ -39,6 +40,8 @@ struct ParamEntry {
   bool trainable = true;   // false for e_score_correction_bias (moved by the balancer)
   int64_t block = -1;      // block index (main layers then MTP), -1 outside the blocks
   int64_t expert = -1;     // routed expert index inside an MoE block, else -1
+  bool resident = false;   // held outside the slab in its storage format (offset -1, the
+                           // entry keeps its shape and size for counting)
 };
 
 struct ParamLayout {
@@ -54,7 +57,19 @@ struct ParamLayout {
   }
 };
 
+// Resident weights by full name (a model built from weights held in their storage format,
+// model/resident.h): their entries have no slab storage.
+using ResidentViews = std::unordered_map<std::string, WeightView>;
+
 ParamLayout build_layout(const ModelConfig& c);
+// The same entries with those named in resident marked resident (offset -1) and the others'
+// offsets compacted: the slab of a resident model holds only the non-resident weights.
+ParamLayout compact_layout(const ParamLayout& L, const ResidentViews& resident);
+// Whether a weight may be held resident in bf16 / fp8 (the projection matrices: attention
+// q/kv_a/o (MLA) and q/k/v/o (MHA) projections, the dense, routed and shared experts'
+// gate/up/down_proj, eh_proj, the embedding and lm_head). Not: norms, biases, router gates,
+// kv_b_proj (see kernels/mla.h).
+bool resident_capable(const std::string& name);
 
 // Names outside the blocks, and the prefix of block i ("model.layers.{i}.").
 namespace hf {
@@ -77,9 +92,21 @@ std::vector<ParamSpec> mla_param_specs(const MlaDims& d);    // relative to "sel
 std::vector<ParamSpec> mha_param_specs(const MhaDims& d);    // relative to "self_attn."
 std::vector<ParamSpec> moe_param_specs(const MoeConfig& c);  // relative to "mlp."
 
-// Views of one module's weights (or gradients) by relative name: at(name) is the pointer, or
-// null when the module has no such weight.
-using ParamLookup = std::function<const float*(const std::string&)>;
+// One weight found by a lookup: its view (kernels/wlinear.h; data null when absent), which
+// converts to what the parameter struct's member is: a WeightView for the projections, an fp32
+// pointer for the norms, biases, router gates and kv_b_proj (the conversion refuses a
+// resident bf16 / fp8 weight: those members are fp32 in every model).
+struct ParamRef {
+  WeightView view;
+  operator WeightView() const { return view; }
+  operator const float*() const;  // std::invalid_argument unless fp32 (or absent: null)
+};
+// The fp32 view of w with this shape ([n] vectors as [n, 1]); null w gives an absent ref.
+ParamRef f32_ref(const float* w, const std::vector<int64_t>& shape);
+
+// Views of one module's weights (or gradients) by relative name: at(name) is the weight, or
+// absent (null) when the module has no such weight.
+using ParamLookup = std::function<ParamRef(const std::string&)>;
 using GradLookup = std::function<float*(const std::string&)>;
 MlaParams mla_params(const ParamLookup& at);
 MlaGrads mla_grads(const GradLookup& at);
@@ -88,11 +115,13 @@ MhaGrads mha_grads(const GradLookup& at);
 MoeParams moe_params(const ParamLookup& at, int64_t n_routed_experts);
 MoeGrads moe_grads(const GradLookup& at, int64_t n_routed_experts);
 
-// Views of block i / MTP module k (1-based) of a slab with this layout.
+// Views of block i / MTP module k (1-based) of a slab with this layout; a name in resident
+// (may be null) takes its view from there instead of the slab.
 BlockParams block_params(const ParamLayout& L, const float* slab, const ModelConfig& c,
-                         int64_t i);
+                         int64_t i, const ResidentViews* resident = nullptr);
 BlockGrads block_grads(const ParamLayout& L, float* grads, const ModelConfig& c, int64_t i);
-MtpParams mtp_params(const ParamLayout& L, const float* slab, const ModelConfig& c, int64_t k);
+MtpParams mtp_params(const ParamLayout& L, const float* slab, const ModelConfig& c, int64_t k,
+                     const ResidentViews* resident = nullptr);
 MtpGrads mtp_grads(const ParamLayout& L, float* grads, const ModelConfig& c, int64_t k);
 
 // Parameter counts by kind of piece, from the builders above (dsv3.Config.num_parameters

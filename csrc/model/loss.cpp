@@ -18,10 +18,11 @@ namespace dsv3 {
 namespace {
 
 // lm_head stays fp32 in every training precision (docs/semantics.md §2.6).
-void head_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O) {
+void head_forward(float* y, const float* x, const WeightView& w, int64_t R, int64_t K,
+                  int64_t O) {
   linear_forward(y, x, w, R, K, O, GemmPrecision::fp32);
 }
-void head_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
+void head_backward(float* dx, float* dw, const float* dy, const float* x, const WeightView& w,
                    int64_t R, int64_t K, int64_t O) {
   linear_backward(dx, dw, dy, x, w, R, K, O, GemmPrecision::fp32);
 }
@@ -33,7 +34,7 @@ struct HeadLoss {
 };
 
 // logits = head(x[R,D]); returns the sum of the rows' cross-entropies.
-double head_loss_forward(HeadLoss& h, const float* x, const float* w, int64_t R, int64_t D,
+double head_loss_forward(HeadLoss& h, const float* x, const WeightView& w, int64_t R, int64_t D,
                          int64_t V) {
   h.logits.resize(R * V);
   h.lse.resize(R);
@@ -46,7 +47,7 @@ double head_loss_forward(HeadLoss& h, const float* x, const float* w, int64_t R,
 }
 // dx[R,D] += ..., dw += ... for the loss scale * (sum of the rows' cross-entropies).
 void head_loss_backward(float* dx, float* dw, double scale, const HeadLoss& h, const float* x,
-                        const float* w, int64_t R, int64_t D, int64_t V) {
+                        const WeightView& w, int64_t R, int64_t D, int64_t V) {
   std::vector<float> dl((size_t)(R * V), 0.f);
   cross_entropy_backward(dl.data(), h.lse.data(), h.logits.data(), h.targets.data(), R, V, -1,
                          (float)scale);
@@ -77,6 +78,9 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
   DSV3_CHECK(B >= 1 && N >= 2, "[", op, "] tokens must be (batch, N) with N >= 2 (N tokens give ",
              "N-1 targets), got N=", N);
   check_tokens(tokens, B * N, op);
+  DSV3_CHECK(!grads || !resident_model_, "[", op, "] gradients need fp32 weights: this model ",
+             "holds resident weights for inference (load it with Model.from_pretrained(dir) ",
+             "to train)");
   LossState st;
   st.precision = precision;
   const LossParts out = loss_forward(st, tokens, B, N, alpha, mtp_weight, grads != nullptr);

@@ -17,12 +17,12 @@ Model::Model(const ModelConfig& c, uint64_t seed) : cfg_(c), layout_(build_layou
 const char* Model::head_name() const {
   return cfg_.tie_embeddings ? hf::embed_tokens : hf::lm_head;
 }
-const float* Model::head() const { return layout_.ptr(w_.data(), head_name()); }
-const float* Model::embed() const { return layout_.ptr(w_.data(), hf::embed_tokens); }
+WeightView Model::head() const { return param_view(head_name()); }
+WeightView Model::embed() const { return param_view(hf::embed_tokens); }
 const float* Model::final_norm() const { return layout_.ptr(w_.data(), hf::norm); }
 
 BlockParams Model::block_params(int64_t i, GemmPrecision p) const {
-  BlockParams b = dsv3::block_params(layout_, w_.data(), cfg_, i);
+  BlockParams b = dsv3::block_params(layout_, w_.data(), cfg_, i, resident_views());
   set_precision(b, p);
   return b;
 }
@@ -30,7 +30,7 @@ BlockGrads Model::block_grads(int64_t i, float* g) const {
   return dsv3::block_grads(layout_, g, cfg_, i);
 }
 MtpParams Model::mtp_params(int64_t k, GemmPrecision p) const {
-  MtpParams m = dsv3::mtp_params(layout_, w_.data(), cfg_, k);
+  MtpParams m = dsv3::mtp_params(layout_, w_.data(), cfg_, k, resident_views());
   m.precision = p;
   set_precision(m.block, p);
   return m;

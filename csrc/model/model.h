@@ -35,9 +35,36 @@ struct LossParts {
   int64_t moe_blocks = 0;
 };
 
+// Weights given to a resident model (resident.cpp), by full name; together they must name
+// every entry of the layout exactly once.
+struct ResidentWeights {
+  // Views in their storage format (memory owned by the caller). A resident-capable name
+  // (layout.h) stays resident (no slab storage); kv_b_proj is dequantized into the slab.
+  ResidentViews held;
+  std::unordered_map<std::string, const float*> copied;  // fp32 arrays copied into the slab
+  std::shared_ptr<const void> keep_alive;                // owns held's memory (may be null)
+};
+
+// Whether a weight may be given held (ResidentWeights::held): a resident-capable projection
+// (layout.h) or kv_b_proj (dequantized into the slab, see kernels/mla.h).
+bool may_be_held(const std::string& name);
+
 class Model {
  public:
   Model(const ModelConfig& c, uint64_t seed);
+  // A model over resident weights (inference: forward, cached decoding, MTP drafting and the
+  // loss without gradients). Throws std::invalid_argument naming the weight on a wrong shape,
+  // a weight that cannot be resident, or a non-finite fp8 scale_inv.
+  Model(const ModelConfig& c, const ResidentWeights& w);
+
+  // Built from resident weights (even if all of them are fp32).
+  bool is_resident() const { return resident_model_; }
+  // The storage format of a weight (fp32 for every slab entry); std::out_of_range if unknown.
+  WeightFormat weight_format(const std::string& name) const;
+  // Bytes of the weights: the resident ones in their format (incl. scales) plus the slab.
+  int64_t weight_bytes() const;
+  // out[size] = the weight as fp32 (a resident one dequantized); std::out_of_range if unknown.
+  void copy_param(float* out, const std::string& name) const;
 
   const ModelConfig& config() const { return cfg_; }
   const ParamLayout& layout() const { return layout_; }
@@ -84,6 +111,11 @@ class Model {
   ParamLayout layout_;
   std::vector<float> w_;
   BlockDims dims_;
+  bool resident_model_ = false;
+  ResidentViews resident_;                 // name -> view, the layout's resident entries
+  std::shared_ptr<const void> keep_alive_; // owns the resident views' memory
+  WeightView param_view(const std::string& name) const;  // resident view, or the slab's fp32
+  const ResidentViews* resident_views() const { return resident_.empty() ? nullptr : &resident_; }
 
   struct DecodeScratch {
     std::vector<float> ln, tmp, hm, mf;
@@ -101,8 +133,8 @@ class Model {
   MtpGrads mtp_grads(int64_t k, float* g) const;
   void check_tokens(const int64_t* tokens, int64_t n, const char* op) const;
   const char* head_name() const;  // lm_head.weight, or the embedding when tied
-  const float* head() const;
-  const float* embed() const;
+  WeightView head() const;
+  WeightView embed() const;
   const float* final_norm() const;
 
   // The loss (loss.cpp): a forward driver keeping what the mirroring backward driver reads.

@@ -21,11 +21,11 @@
 
 namespace dsv3 {
 
-struct MtpParams {
-  const float* embed_tokens = nullptr;      // [V, D], the main model's (shared)
+struct MtpParams {  // embed_tokens and eh_proj are weight views (kernels/wlinear.h)
+  WeightView embed_tokens;                  // [V, D], the main model's (shared)
   const float* enorm = nullptr;             // [D]
   const float* hnorm = nullptr;             // [D]
-  const float* eh_proj = nullptr;           // [D, 2D]
+  WeightView eh_proj;                       // [D, 2D]
   const float* shared_head_norm = nullptr;  // [D]
   BlockParams block;
   GemmPrecision precision = GemmPrecision::fp32;  // of eh_proj (the block's are in block)

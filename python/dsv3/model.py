@@ -3,6 +3,13 @@
 The parameters live in one C++ slab under their Hugging Face names; ``state_dict`` copies them
 out and ``load_state_dict`` copies them in. Checkpoints are Hugging Face-style directories
 (``config.json`` + safetensors; see :mod:`dsv3.checkpoint`).
+
+A model built by ``Model._from_resident(config, weights)`` keeps its projection matrices
+RESIDENT in their storage format (fp32, bf16, or DeepSeek's FP8 E4M3 with a float32
+``weight_scale_inv`` per 128x128 block), in arrays or memory maps it keeps alive, dequantized
+on the fly inside the linear kernels: inference only (forward, cached decoding, MTP drafting,
+generate, ``loss`` without gradients). ``state_dict`` returns dequantized fp32 copies and
+``save_pretrained`` writes those; training and ``load_state_dict`` refuse such a model.
 """
 from __future__ import annotations
 
@@ -27,8 +34,60 @@ class Model:
         self._config = config.replace()  # a private copy: later edits of cfg do not desync
         _memory.model(self._config)
         self._m = _core.Model(self._config, seed)
+        self._set_info()
+
+    def _set_info(self):
         self._info = {name: (tuple(shape), trainable, decay)
                       for name, shape, trainable, decay in self._m.param_info()}
+
+    @classmethod
+    def _from_resident(cls, config: Config, weights: Dict[str, object]) -> "Model":
+        """A model over ``weights`` = ``{hf_name: value}`` naming every weight of ``config``
+        once, each value either a float32 array (copied) or a tuple ``(fmt, data, scale_inv)``
+        held RESIDENT without a copy (the model keeps the arrays alive; do not modify them):
+        ``("fp32", float32 [O, K], None)``, ``("bf16", uint16 bit patterns [O, K], None)`` or
+        ``("fp8", uint8 E4M3 codes [O, K], float32 scale_inv [ceil(O/128), ceil(K/128)])``
+        (w = e4m3(code) * scale_inv of its 128x128 block). Tuples are allowed for the
+        projection matrices (attention q/kv_a/o or q/k/v/o, dense, routed and shared experts'
+        gate/up/down_proj, eh_proj, embed_tokens, lm_head) and kv_b_proj, which is
+        dequantized to fp32 at construction (the absorbed MLA decode slices it per head).
+        Missing or unknown names raise KeyError; wrong dtypes TypeError; wrong shapes,
+        non-contiguous arrays, a non-finite scale_inv or a norm given as a tuple ValueError.
+        Inference only: training entry points refuse the model."""
+        if not isinstance(config, Config):
+            raise TypeError(f"[Model.from_resident] config must be a dsv3.Config, got "
+                            f"{type(config).__name__}")
+        self = cls.__new__(cls)
+        self._config = config.replace()
+        self._m = _core.Model.from_resident(self._config, weights)
+        self._set_info()
+        return self
+
+    # ------------------------------------------------------------------ storage formats
+    @property
+    def is_resident(self) -> bool:
+        """Built by :meth:`_from_resident` (inference only)."""
+        return self._m.is_resident()
+
+    def weight_format(self, name: str) -> str:
+        """Storage format of weight ``name``: "fp32", "bf16" or "fp8" (KeyError if unknown)."""
+        return self._m.weight_format(name)
+
+    def weight_formats(self) -> Dict[str, str]:
+        """``{name: format}`` for every matrix (kv_b_proj, router gates: always "fp32")."""
+        return self._m.weight_formats()
+
+    def resident_bytes(self) -> int:
+        """Bytes of the weights as held: resident ones in their format (fp8 incl. its
+        scales), plus the fp32 slab of the others."""
+        return self._m.resident_bytes()
+
+    def _refuse_training(self, op: str) -> None:
+        if self._m.is_resident():
+            fmts = sorted(set(self._m.weight_formats().values()))
+            raise ValueError(f"[{op}] this model holds resident inference weights "
+                             f"({'/'.join(fmts)}), which cannot be trained or overwritten; "
+                             f"load it with Model.from_pretrained(dir) (fp32 weights) to train")
 
     # ------------------------------------------------------------------ structure
     @property
@@ -51,7 +110,8 @@ class Model:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, np.ndarray]:
         """``{hf_name: float32 array}`` (copies), including the gates'
-        ``e_score_correction_bias`` and the MTP layers at ``num_hidden_layers + k``."""
+        ``e_score_correction_bias`` and the MTP layers at ``num_hidden_layers + k``. A
+        resident model's bf16 / fp8 weights come out dequantized to fp32."""
         return self._m.state_dict()
 
     def load_state_dict(self, state: Dict[str, np.ndarray], strict: bool = True):
@@ -59,6 +119,7 @@ class Model:
         ``strict=True`` missing or unexpected keys raise ``KeyError`` listing them (nothing is
         loaded); with ``strict=False`` the present keys load and ``(missing, unexpected)`` is
         returned."""
+        self._refuse_training("load_state_dict")
         if not isinstance(state, dict):
             raise TypeError(f"[load_state_dict] state must be a dict, got {type(state).__name__}")
         missing = sorted(set(self._info) - set(state))
@@ -92,7 +153,7 @@ class Model:
         ``architectures`` and the rope settings as transformers 4.x keys, 5.x
         ``rope_parameters``, or both (``rope_format`` "v4", "v5", "both"), so
         ``transformers.AutoModelForCausalLM.from_pretrained`` opens it. Atomic: see
-        :mod:`dsv3.checkpoint`."""
+        :mod:`dsv3.checkpoint`. A resident model writes its dequantized ``state_dict``."""
         from . import checkpoint
         checkpoint.save(self, directory, dtype, max_shard_bytes, rope_format)
 
@@ -213,6 +274,7 @@ class Model:
                       mtp_weight: Optional[float] = None):
         """``(losses, grads)``: grads ``{hf_name: float32 array}`` for every trainable
         parameter (all but the gates' correction biases, which the balancer moves)."""
+        self._refuse_training("Model.loss_and_grad")
         _memory.activations("Model.loss_and_grad", self._config, tokens, "grad")
         return self._m.loss(tokens, *self._weights(alpha, mtp_weight), True)
 

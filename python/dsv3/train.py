@@ -140,6 +140,7 @@ class Trainer:
         self.config = config if config is not None else TrainConfig()
         if not isinstance(self.config, TrainConfig):
             raise TypeError("[Trainer] config must be a dsv3.TrainConfig")
+        model._refuse_training("Trainer")
         _memory.trainer(model.config, self.config.moment_dtype == "bfloat16")
         self._t = _core.Trainer(model._m, self.config.moment_dtype == "bfloat16")
         self._data_state: Optional[Dict] = None  # restored into the dataset by fit()
