@@ -264,6 +264,19 @@ def test_mmap_load_adds_little_anonymous_memory(big_fp8):
     del w
 
 
+@needs_res
+def test_fp8_resident_model_adds_little_anonymous_memory(big_fp8):
+    size = os.path.getsize(os.path.join(big_fp8, "model.safetensors"))
+    before = rss_anon()
+    m = dsv3.Model.from_pretrained(big_fp8, weights="auto")
+    grown = rss_anon() - before
+    assert grown < 0.1 * size, (grown, size)
+    assert set(m.weight_formats().values()) >= {"fp8", "bf16"}
+    assert m.resident_bytes() > 0.95 * size
+    logits = m.forward(np.array([[1, 2, 3]]))
+    assert logits.shape == (1, 3, m.config.vocab_size) and np.isfinite(logits).all()
+
+
 def test_memory_refusal(tmp_path, model, monkeypatch):
     d = saved(tmp_path, model, "fp8")
     monkeypatch.setattr(_memory, "UNCHECKED", 0)
