@@ -89,3 +89,22 @@ def test_generate_weights_flag():
     assert r.returncode == 0 and "--weights" in r.stdout and "auto" in r.stdout
     r = run("generate", "/nonexistent", "--weights", "int4")
     assert r.returncode == 2 and "--weights" in r.stderr
+
+
+def test_generate_fp8_checkpoint_runs_resident_by_default(tmp_path):
+    import dsv3
+    m = dsv3.Model(dsv3.Config.tiny(), seed=4)
+    ck = str(tmp_path / "ck")
+    m.save_pretrained(ck, dtype="fp8")
+    args = ("generate", ck, "--prompt-ids", "3,4,5", "--max-new-tokens", "6",
+            "--eos-token-id", "-1", "--no-stats")
+    want = {w: " ".join(map(str, dsv3.Model.from_pretrained(ck, weights=w).generate(
+        np.array([3, 4, 5]), max_new_tokens=6).tokens)) for w in ("fp8", "fp32")}
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want["fp8"]
+    assert dsv3.Model.from_pretrained(ck, weights="auto").weight_format(
+        "model.layers.0.self_attn.q_b_proj.weight") == "fp8"
+    r = run(*args, "--weights", "fp32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == want["fp32"]
