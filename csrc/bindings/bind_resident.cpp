@@ -151,7 +151,8 @@ void bind_resident(py::module_& m) {
       .def("weight_formats", [](const Model& md) {
         py::dict d;
         for (const ParamEntry& e : md.layout().entries)
-          if (e.shape.size() == 2) d[py::str(e.name)] = weight_format_name(md.weight_format(e.name));
+          if (e.shape.size() == 2)
+            d[py::str(e.name)] = weight_format_name(md.weight_format(e.name));
         return d;
       })
       .def("resident_bytes", &Model::weight_bytes);

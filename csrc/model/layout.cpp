@@ -368,9 +368,9 @@ ParamLayout compact_layout(const ParamLayout& L, const ResidentViews& resident) 
 
 bool resident_capable(const std::string& n) {
   if (n == hf::embed_tokens || n == hf::lm_head) return true;
-  const auto ends = [&](const std::string& suffix) {
-    return n.size() > suffix.size() && n.compare(n.size() - suffix.size(), suffix.size(),
-                                                 suffix) == 0 && n[n.size() - suffix.size() - 1] == '.';
+  const auto ends = [&](const std::string& suffix) {  // "<prefix>.<suffix>"
+    const size_t k = suffix.size();
+    return n.size() > k && n[n.size() - k - 1] == '.' && n.compare(n.size() - k, k, suffix) == 0;
   };
   for (const char* m : {name::q_a_proj, name::q_b_proj, name::q_proj, name::kv_a_proj_with_mqa,
                         name::o_proj, name::k_proj, name::v_proj, name::eh_proj})

@@ -36,25 +36,23 @@ namespace {
 
 // The views of held whose names stay resident (checked against the layout).
 ResidentViews resident_part(const ParamLayout& L, const ResidentWeights& w) {
+  const char* op = "[Model.from_resident] '";
   ResidentViews r;
   for (const auto& [name, v] : w.held) {
     const ParamEntry& e = L.at(name);
-    const bool kv_b = is_kv_b_proj(name);
-    DSV3_CHECK(may_be_held(name), "[Model.from_resident] '", name,
-               "' cannot be resident (only projection matrices can; norms, biases and ",
-               "router gates must be given as float32 arrays)");
-    DSV3_CHECK(e.shape.size() == 2 && v.O == e.shape[0] && v.K == e.shape[1], "[Model.",
-               "from_resident] '", name, "' must be [", e.shape[0], ", ", e.shape[1], "], got a [", v.O, ", ", v.K, "] view");
-    DSV3_CHECK(v.data && (v.fmt != WeightFormat::fp8_e4m3 || v.scale_inv), "[Model.",
-               "from_resident] '", name, "' has no data (or, fp8, no scale_inv)");
+    DSV3_CHECK(may_be_held(name), op, name, "' cannot be resident (only projection matrices ",
+               "can; norms, biases and router gates must be given as float32 arrays)");
+    DSV3_CHECK(v.O == e.shape[0] && v.K == e.shape[1], op, name, "' must be [", e.shape[0],
+               ", ", e.shape[1], "], got a [", v.O, ", ", v.K, "] view");
+    DSV3_CHECK(v.data && (v.fmt != WeightFormat::fp8_e4m3 || v.scale_inv), op, name,
+               "' has no data (or, fp8, no scale_inv)");
     if (v.fmt == WeightFormat::fp8_e4m3) {
-      const int64_t n = ((v.O + 127) / 128) * ((v.K + 127) / 128);
+      const int64_t KB = (v.K + 127) / 128, n = ((v.O + 127) / 128) * KB;
       for (int64_t j = 0; j < n; ++j)
-        DSV3_CHECK(std::isfinite(v.scale_inv[j]), "[Model.from_resident] '", name,
-                   "' has a non-finite weight_scale_inv (block ", j / ((v.K + 127) / 128), ", ",
-                   j % ((v.K + 127) / 128), ")");
+        DSV3_CHECK(std::isfinite(v.scale_inv[j]), op, name, "' has a non-finite ",
+                   "weight_scale_inv (block ", j / KB, ", ", j % KB, ")");
     }
-    if (!kv_b) r.emplace(name, v);
+    if (!is_kv_b_proj(name)) r.emplace(name, v);
   }
   return r;
 }
