@@ -142,12 +142,19 @@ class Plan:
             d["mapped" if mapped else "anonymous"] += b
         return out
 
+    @property
+    def float32_bytes(self) -> int:
+        """The float32 tensors, which Model._from_resident copies into its slab."""
+        return sum(b for f, _, b in self.tensors.values() if f == "float32")
+
     def require(self) -> None:
-        """MemoryBudgetError when the anonymous part (+ transient) does not fit."""
+        """MemoryBudgetError when the anonymous part does not fit: the arrays made here, the
+        largest conversion transient, and the engine's copy of the float32 tensors."""
         _memory.require(OP, f"the {self.weights}-resident weights ({self.anonymous_bytes} "
-                            f"anonymous bytes + {self.transient_bytes} conversion transient; "
-                            f"{self.mapped_bytes} bytes mapped from the files)",
-                        self.anonymous_bytes + self.transient_bytes)
+                            f"anonymous bytes + {self.transient_bytes} conversion transient + "
+                            f"{self.float32_bytes} copied into the model; {self.mapped_bytes} "
+                            "bytes mapped from the files)",
+                        self.anonymous_bytes + self.transient_bytes + self.float32_bytes)
 
 
 def own_format(stored: Dict[str, Tuple[str, Tuple[int, ...]]]) -> str:
