@@ -41,6 +41,8 @@ MTP layers the files do not hold are dropped with a warning as in checkpoint.loa
 scale shapes against quantization_config.weight_block_size. Then, while converting or
 scanning band by band: NaN / Inf in weights, scales and codes (as checkpoint.decode_tensors),
 power-of-two scales for ue8m0. Each failure raises ValueError naming the file and the tensor.
+The scan reads every mapped page once (a 15 GiB checkpoint: seconds to tens of seconds, from
+the disk when not cached); the pages then stay in the page cache, not in anonymous memory.
 ``rope_interleave: false`` checkpoints get their q/k rope rows permuted to adjacent pairs
 (checkpoint.permute_rope's permutation); for resident fp8 codes that is a row copy, valid only
 when every row stays in its 128-row scale block (true for DeepSeek's dims), else ValueError.
