@@ -70,15 +70,12 @@ def _fmt_count(n: int) -> str:
     return str(n)
 
 
-def _resident_rows(args: argparse.Namespace, cfg: Config):
+def _resident_rows(cfg: Config, stored):
     """({fmt: {mapped, anonymous, total, fits}}, own format or None, available bytes or None):
-    the resident weights of a checkpoint directory per format (from its headers), or, for a
-    preset / config.json, of a checkpoint stored in each format."""
+    the resident weights per format of a checkpoint's tensors ``stored`` (resident.inspect),
+    or, with ``stored`` None (a preset / config.json), of a checkpoint stored in each format."""
     from . import _memory, resident
-    from .checkpoint import is_checkpoint_dir
-    path = args.path
-    if path is not None and os.path.isdir(path) and is_checkpoint_dir(path):
-        _, stored = resident.inspect(path)
+    if stored is not None:
         per = {f: stored for f in resident.FORMATS}
         own = resident.own_format(stored)
     else:
@@ -87,8 +84,8 @@ def _resident_rows(args: argparse.Namespace, cfg: Config):
         own = None
     have = _memory.available()
     rows = {}
-    for fmt, stored in per.items():
-        p = resident.plan(cfg, stored, fmt)
+    for fmt, tensors in per.items():
+        p = resident.plan(cfg, tensors, fmt)
         total = p.mapped_bytes + p.anonymous_bytes
         rows[fmt] = {"mapped": p.mapped_bytes, "anonymous": p.anonymous_bytes, "total": total,
                      "fits": None if have is None else total + p.transient_bytes <= have[0]}
@@ -103,14 +100,13 @@ def _fmt_bytes(n: int) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    spec = args.config if args.path is None else args.path
-    if args.path is not None and os.path.isdir(args.path):
-        from .checkpoint import is_checkpoint_dir
+    from .checkpoint import is_checkpoint_dir
+    stored = None
+    if args.path is not None and os.path.isdir(args.path) and is_checkpoint_dir(args.path):
         from . import resident
-        cfg = resident.inspect(args.path)[0] if is_checkpoint_dir(args.path) \
-            else load_config(spec)
+        cfg, stored = resident.inspect(args.path)  # the headers, checked as loading does
     else:
-        cfg = load_config(spec)
+        cfg = load_config(args.config if args.path is None else args.path)
     total = cfg.num_parameters()
     active = cfg.num_parameters(active=True)
     with_mtp = cfg.num_parameters(mtp=True)
@@ -122,7 +118,7 @@ def cmd_info(args: argparse.Namespace) -> int:
          cfg.kv_cache_bytes_per_token("bfloat16", "gqa", gqa_heads, cfg.v_head_dim)),
     ]
     latent = {d: cfg.kv_cache_bytes_per_token(d, "mla") for d in ("float32", "bfloat16")}
-    res, own, have = _resident_rows(args, cfg)
+    res, own, have = _resident_rows(cfg, stored)
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), "parameters": {
             "total": total, "active": active, "mtp": with_mtp - total},
