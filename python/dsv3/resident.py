@@ -65,7 +65,6 @@ place; copy or publish by rename instead.
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Tuple
 
