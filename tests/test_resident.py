@@ -9,6 +9,7 @@ reassociation (per-K-block sums times the block scale vs sgemm over the dequanti
 Tolerance: |a - b| <= 2e-5 * max|b| on every compared tensor; one doubled scale block breaks it.
 """
 import gc
+import threading
 
 import numpy as np
 import pytest
@@ -346,3 +347,21 @@ def test_training_entry_points_refuse_a_resident_model(tmp_path):
     back = dsv3.Model.from_pretrained(tmp_path / "ck")
     assert not back.is_resident
     assert close(back.forward(tok), res.forward(tok))
+
+
+def test_deterministic_across_runs_and_concurrent_readers():
+    # (same thread count: the fp32 parts of the model split work by thread count)
+    cfg, _, _, _, _, res = build("mla_qlora_moe", "mixed")
+    tok = tokens(cfg, 2, 9)
+    want = res.forward(tok)
+    assert np.array_equal(res.forward(tok), want)
+    out = [None] * 2
+
+    def run(i):
+        out[i] = res.forward(tok)
+    ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert all(np.array_equal(o, want) for o in out)
