@@ -45,6 +45,16 @@ py::dict param_counts_py(py::object cfg) {
   return d;
 }
 
+// The layout's (name, shape) list, without allocating the slab (the tensor list of a
+// checkpoint of this config: dsv3.resident, bench/make_checkpoint.py).
+py::list param_layout_py(py::object cfg) {
+  const ParamLayout L = build_layout(model_config(cfg));
+  py::list out;
+  for (const ParamEntry& e : L.entries)
+    out.append(py::make_tuple(e.name, py::tuple(py::cast(e.shape))));
+  return out;
+}
+
 // A resident model's weights are not written in place (they may be memory maps shared with
 // others): load_state_dict / set_param refuse it.
 void check_writable(const Model& md) {
@@ -74,6 +84,7 @@ py::dict state_copy(const Model& md) {
 // lines only because the class has that many methods.
 void bind_model(py::module_& m) {
   m.def("param_counts", &param_counts_py, arg("cfg"));
+  m.def("param_layout", &param_layout_py, arg("cfg"));
   py::class_<Model, std::shared_ptr<Model>>(m, "Model")
       .def(py::init([](py::object cfg, uint64_t seed) {
              ModelConfig c = model_config(cfg);

@@ -70,8 +70,43 @@ def _fmt_count(n: int) -> str:
     return str(n)
 
 
+def _resident_rows(cfg: Config, stored):
+    """({fmt: {mapped, anonymous, total, fits}}, own format or None, available bytes or None):
+    the resident weights per format of a checkpoint's tensors ``stored`` (resident.inspect),
+    or, with ``stored`` None (a preset / config.json), of a checkpoint stored in each format."""
+    from . import _memory, resident
+    if stored is not None:
+        per = {f: stored for f in resident.FORMATS}
+        own = resident.own_format(stored)
+    else:
+        names = {"fp8": "fp8", "bf16": "bfloat16", "fp32": "float32"}
+        per = {f: resident.layout_stored(cfg, names[f]) for f in resident.FORMATS}
+        own = None
+    have = _memory.available()
+    rows = {}
+    for fmt, tensors in per.items():
+        p = resident.plan(cfg, tensors, fmt)
+        total = p.mapped_bytes + p.anonymous_bytes
+        rows[fmt] = {"mapped": p.mapped_bytes, "anonymous": p.anonymous_bytes, "total": total,
+                     "fits": None if have is None else total + p.transient_bytes <= have[0]}
+    return rows, own, None if have is None else have[0]
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= div:
+            return f"{n / div:8.2f} {unit}"
+    return f"{n / 2**10:8.2f} KiB"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config if args.path is None else args.path)
+    from .checkpoint import is_checkpoint_dir
+    stored = None
+    if args.path is not None and os.path.isdir(args.path) and is_checkpoint_dir(args.path):
+        from . import resident
+        cfg, stored = resident.inspect(args.path)  # the headers, checked as loading does
+    else:
+        cfg = load_config(args.config if args.path is None else args.path)
     total = cfg.num_parameters()
     active = cfg.num_parameters(active=True)
     with_mtp = cfg.num_parameters(mtp=True)
@@ -82,10 +117,14 @@ def cmd_info(args: argparse.Namespace) -> int:
         (f"GQA ({gqa_heads} kv heads x {cfg.v_head_dim})",
          cfg.kv_cache_bytes_per_token("bfloat16", "gqa", gqa_heads, cfg.v_head_dim)),
     ]
+    latent = {d: cfg.kv_cache_bytes_per_token(d, "mla") for d in ("float32", "bfloat16")}
+    res, own, have = _resident_rows(cfg, stored)
     if args.json:
         print(json.dumps({"config": cfg.to_dict(), "parameters": {
             "total": total, "active": active, "mtp": with_mtp - total},
             "kv_cache_bytes_per_token_bf16": {name: b for name, b in rows},
+            "kv_cache_bytes_per_token_latent": latent,
+            "resident_bytes": res, "checkpoint_format": own, "available_bytes": have,
             "build": build_info()}, indent=2, sort_keys=True))
         return 0
     print(f"dsv3 {build_info()['version']}  {cfg!r}")
@@ -97,6 +136,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     mla = rows[0][1]
     for name, b in rows:
         print(f"  {name:<34} {b:>12,} B  ({b / mla:6.1f}x MLA)")
+    if cfg.attention_type == "mla":
+        print(f"\nMLA latent cache per token ((kv_lora_rank + qk_rope_head_dim) x "
+              f"{cfg.num_hidden_layers} layers)")
+        for d, b in latent.items():
+            print(f"  {d:<10} {b:>12,} B")
+    where = (f"this checkpoint ({own}; mapped = views of its files)" if own is not None
+             else "a checkpoint stored in each format")
+    avail = "unknown" if have is None else f"{have / 2**30:.1f} GiB"
+    print(f"\nResident weights, loaded from {where}; available RAM {avail}")
+    for fmt, r in res.items():
+        fits = "?" if r["fits"] is None else ("fits" if r["fits"] else "does NOT fit")
+        print(f"  {fmt:<5} mapped {_fmt_bytes(r['mapped'])}  anonymous "
+              f"{_fmt_bytes(r['anonymous'])}  total {_fmt_bytes(r['total'])}  {fits}"
+              f"{'  (own format)' if fmt == own else ''}")
     print("\nBuild")
     for k, v in build_info().items():
         print(f"  {k:<14} {v}")
@@ -136,7 +189,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .model import Model
     if not os.path.isdir(args.checkpoint):
         raise SystemExit(f"dsv3: checkpoint directory {args.checkpoint!r} not found")
-    model = Model.from_pretrained(args.checkpoint)
+    model = Model.from_pretrained(args.checkpoint, weights=args.weights)
     cfg = model.config
     tok = None
     if args.prompt_ids is not None:
@@ -305,6 +358,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--prompt", default="", help="prompt text (encoded with the checkpoint's "
                                                 "tokenizer.json, else as UTF-8 bytes after BOS)")
     p.add_argument("--prompt-ids", default=None, help="prompt as token ids '1,2,3' instead")
+    p.add_argument("--weights", choices=("auto", "fp8", "bf16", "fp32"), default="auto",
+                   help="resident weight format (default auto: the checkpoint's own, so an "
+                        "FP8 checkpoint runs FP8-resident, memory-mapped)")
     p.add_argument("--max-new-tokens", type=_int_in(0), default=64)
     p.add_argument("--temperature", type=_float_in(0), default=0.0,
                    help="0 = greedy (default)")

@@ -78,6 +78,18 @@ def is_fp8_linear(name: str, shape: Tuple[int, ...]) -> bool:
     return ".self_attn." in name or ".mlp." in name
 
 
+def stored_dtype(name: str, shape: Tuple[int, ...], dtype: str) -> str:
+    """The safetensors dtype a save of ``dtype`` gives tensor ``name``: "F32", "BF16" or
+    "F8_E4M3" (with a ``<name>_scale_inv`` F32 beside it)."""
+    if dtype == "float32" or name.endswith("e_score_correction_bias"):
+        # the correction bias moves in steps of gamma = 1e-3, finer than bf16 resolves
+        # near 1, so it is kept in float32 in every dtype (as in DeepSeek's release)
+        return "F32"
+    if dtype == "bfloat16" or not is_fp8_linear(name, shape):
+        return "BF16"
+    return "F8_E4M3"
+
+
 def encode_state(state: Dict[str, np.ndarray], dtype: str,
                  pow2_scale: bool = False) -> Dict[str, Tuple[str, np.ndarray]]:
     """{name: float32} -> {stored name: (safetensors dtype, stored array)}; ``pow2_scale``:
@@ -86,11 +98,10 @@ def encode_state(state: Dict[str, np.ndarray], dtype: str,
         raise ValueError(f"[save_pretrained] dtype must be one of {DTYPES}, got {dtype!r}")
     out: Dict[str, Tuple[str, np.ndarray]] = {}
     for name, w in state.items():
-        if dtype == "float32" or name.endswith("e_score_correction_bias"):
-            # the correction bias moves in steps of gamma = 1e-3, finer than bf16 resolves
-            # near 1, so it is kept in float32 in every dtype (as in DeepSeek's release)
+        stored = stored_dtype(name, w.shape, dtype)
+        if stored == "F32":
             out[name] = ("F32", w)
-        elif dtype == "bfloat16" or not is_fp8_linear(name, w.shape):
+        elif stored == "BF16":
             out[name] = ("BF16", st.bf16_bits(w))
         else:
             from . import fp8

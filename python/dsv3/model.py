@@ -158,15 +158,31 @@ class Model:
         checkpoint.save(self, directory, dtype, max_shard_bytes, rope_format)
 
     @classmethod
-    def from_pretrained(cls, directory, strict: bool = False) -> "Model":
+    def from_pretrained(cls, directory, strict: bool = False, weights: Optional[str] = None,
+                        mmap: bool = True) -> "Model":
         """Load a checkpoint written by :meth:`save_pretrained`, by transformers
         (``DeepseekV3ForCausalLM`` / ``DeepseekV2ForCausalLM``, 4.x or 5.x config keys) or in
         DeepSeek-V3's format (float32 / bfloat16 / E4M3 + weight_scale_inv, single file or
         sharded). A config that declares MTP layers the files do not hold loads the main model
         with MTP disabled and a ``UserWarning``; ``strict=True`` raises ``KeyError`` instead.
-        Every other missing or unexpected tensor raises either way."""
+        Every other missing or unexpected tensor raises either way.
+
+        ``weights=None`` (the default) expands every weight to float32 in the model's slab, as
+        before: the model can be trained and saved in any dtype. ``weights`` "fp8", "bf16",
+        "fp32" or "auto" (the checkpoint's own format) builds an inference model whose
+        projection matrices stay resident in that format (:mod:`dsv3.resident`): with
+        ``mmap=True`` a tensor stored in that format is a read-only view of the mapped file
+        (zero-copy, no anonymous memory), others are converted while loading."""
         from . import checkpoint
-        return checkpoint.load(directory, cls, strict=strict)
+        if weights is None:
+            return checkpoint.load(directory, cls, strict=strict)
+        from . import resident
+        if weights not in ("auto",) + resident.FORMATS:
+            raise ValueError(f"[from_pretrained] weights must be None (float32, trainable), "
+                             f"'auto' or one of {resident.FORMATS}, got {weights!r}")
+        cfg, tensors, _ = resident.resident_tensors(
+            directory, None if weights == "auto" else weights, mmap=bool(mmap), strict=strict)
+        return cls._from_resident(cfg, tensors)
 
     # ------------------------------------------------------------------ compute
     def new_cache(self, batch: int = 1, max_len: int = 1024) -> KVCache:

@@ -94,11 +94,17 @@ def read(path: str, dir_fd: Optional[int] = None,
         return _read_open(f, shown)
 
 
-def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
-    """:func:`read` of the open binary file ``f`` (named ``path`` in messages)."""
+def parse_header(f, path: str):
+    """The checked header of the open binary safetensors file ``f`` (named ``path`` in
+    messages), read before any byte of data is mapped: ``(entries, metadata, data_start,
+    data_len)`` with ``entries = {name: (dtype, shape, begin, end)}`` (offsets relative to
+    ``data_start``). Every tensor's dtype, shape, offsets and length are checked against the
+    header and the file size, and no two tensors overlap; any failure raises ValueError naming
+    the file and the tensor."""
     size = os.fstat(f.fileno()).st_size
     if size < 8:
         raise ValueError(f"[safetensors] {path}: file of {size} bytes is too short for a header")
+    f.seek(0)
     (n,) = struct.unpack("<Q", f.read(8))
     if n > MAX_HEADER or 8 + n > size:
         raise ValueError(f"[safetensors] {path}: header length {n} exceeds the file "
@@ -112,10 +118,8 @@ def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
         raise ValueError(f"[safetensors] {path}: header must be a JSON object")
     meta = header.pop("__metadata__", {}) or {}
     data_len = size - 8 - n
-    buf = np.memmap(f, dtype=np.uint8, mode="r", offset=8 + n, shape=(data_len,)) \
-        if data_len > 0 else np.zeros(0, np.uint8)
     spans = []
-    out: Dict[str, Tensor] = {}
+    entries: Dict[str, Tuple[str, Tuple[int, ...], int, int]] = {}
     for name, info in header.items():
         where = f"[safetensors] {path}: tensor '{name}'"
         try:
@@ -124,7 +128,7 @@ def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
             raise ValueError(f"{where}: entry must have dtype, shape and data_offsets") from None
         if dtype not in _DTYPES:
             raise ValueError(f"{where}: unsupported dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape):
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise ValueError(f"{where}: bad shape {list(shape)}")
         if not (isinstance(b, int) and isinstance(e, int) and 0 <= b <= e <= data_len):
             raise ValueError(f"{where}: data_offsets [{b}, {e}] outside the data section "
@@ -134,32 +138,62 @@ def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
             raise ValueError(f"{where}: {e - b} bytes do not match dtype {dtype} x shape "
                              f"{list(shape)}")
         spans.append((b, e, name))
-        arr = buf[b:e].view(_DTYPES[dtype]).reshape(shape)
-        out[name] = Tensor(dtype, shape, arr)
+        entries[name] = (dtype, shape, b, e)
     spans.sort()
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise ValueError(f"[safetensors] {path}: tensors '{n0}' and '{n1}' overlap")
-    return out, {str(k): str(v) for k, v in meta.items()}
+    return entries, {str(k): str(v) for k, v in meta.items()}, 8 + n, data_len
+
+
+def element_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype of a stored element of safetensors ``dtype`` (F8_*: uint8 codes)."""
+    return _DTYPES[dtype]
+
+
+def _read_open(f, path: str) -> Tuple[Dict[str, Tensor], Dict[str, str]]:
+    """:func:`read` of the open binary file ``f`` (named ``path`` in messages)."""
+    entries, meta, start, data_len = parse_header(f, path)
+    buf = np.memmap(f, dtype=np.uint8, mode="r", offset=start, shape=(data_len,)) \
+        if data_len > 0 else np.zeros(0, np.uint8)
+    out: Dict[str, Tensor] = {}
+    for name, (dtype, shape, b, e) in entries.items():
+        out[name] = Tensor(dtype, shape, buf[b:e].view(_DTYPES[dtype]).reshape(shape))
+    return out, meta
 
 
 def write(path: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
           metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write ``{name: (safetensors dtype, array of the stored element type)}`` atomically."""
+    for name, (dtype, arr) in tensors.items():
+        if dtype in _DTYPES and arr.dtype.itemsize != _DTYPES[dtype].itemsize:
+            raise ValueError(f"[safetensors] tensor '{name}': array of {arr.dtype} cannot be "
+                             f"stored as {dtype}")
+    write_stream(path, {k: (d, a.shape) for k, (d, a) in tensors.items()},
+                 lambda name: tensors[name][1], metadata)
+
+
+def write_stream(path: str, specs: Mapping[str, Tuple[str, Tuple[int, ...]]], produce,
+                 metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write a file of ``specs = {name: (safetensors dtype, shape)}`` atomically, asking
+    ``produce(name)`` for each tensor's array (of the stored element type) only when it is
+    written: one tensor in memory at a time."""
     path = os.fspath(path)
     header: Dict[str, object] = {}
     offset = 0
-    order = sorted(tensors)
-    for name in order:
-        dtype, arr = tensors[name]
+    # wider elements first (as the Rust safetensors writer does): with the 8-byte aligned
+    # data section every tensor then starts at a multiple of its element size, so memory
+    # maps of it are aligned views (dsv3.resident)
+    for name, (dtype, _) in specs.items():
         if dtype not in _DTYPES:
             raise ValueError(f"[safetensors] tensor '{name}': unsupported dtype {dtype!r}")
-        if arr.dtype.itemsize != _DTYPES[dtype].itemsize:
-            raise ValueError(f"[safetensors] tensor '{name}': array of {arr.dtype} cannot be "
-                             f"stored as {dtype}")
-        header[name] = {"dtype": dtype, "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+    order = sorted(specs, key=lambda k: (-_DTYPES[specs[k][0]].itemsize, k))
+    for name in order:
+        dtype, shape = specs[name]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     hdr = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -170,7 +204,11 @@ def write(path: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
             f.write(struct.pack("<Q", len(hdr)))
             f.write(hdr)
             for name in order:
-                arr = tensors[name][1]
+                dtype, shape = specs[name]
+                arr = np.asarray(produce(name))
+                if arr.shape != tuple(shape) or arr.dtype.itemsize != _DTYPES[dtype].itemsize:
+                    raise ValueError(f"[safetensors] tensor '{name}': produced {arr.dtype} "
+                                     f"{arr.shape}, declared {dtype} {tuple(shape)}")
                 f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"),
                                                          copy=False).tobytes())
             f.flush()
@@ -179,6 +217,20 @@ def write(path: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_index(directory: str, weight_map: Mapping[str, str], total: int,
+                stem: str = "model") -> str:
+    """Write ``{stem}.safetensors.index.json`` atomically; returns its file name."""
+    index = {"metadata": {"total_size": int(total)}, "weight_map": dict(weight_map)}
+    ipath = os.path.join(directory, f"{stem}.safetensors.index.json")
+    tmp = temp_name(ipath)
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ipath)
+    return os.path.basename(ipath)
 
 
 def numpy_dtype_name(arr: np.ndarray) -> str:
@@ -213,15 +265,7 @@ def write_sharded(directory: str, tensors: Mapping[str, Tuple[str, np.ndarray]],
         write(os.path.join(directory, fname), shard, metadata)
         names.append(fname)
         weight_map.update({k: fname for k in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    ipath = os.path.join(directory, f"{stem}.safetensors.index.json")
-    tmp = temp_name(ipath)
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ipath)
-    return names + [os.path.basename(ipath)]
+    return names + [write_index(directory, weight_map, total, stem)]
 
 
 def _check_shard_name(index: str, fname) -> str:
