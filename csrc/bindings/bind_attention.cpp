@@ -131,7 +131,10 @@ py::tuple layer_backward(py::handle dout_h, py::handle x_h, py::handle params, p
 }
 
 std::shared_ptr<KvCache> make_cache(py::object cfg, py::handle batch_h, py::handle max_len_h,
-                                    py::object layers) {
+                                    py::object layers, const std::string& dtype) {
+  DSV3_CHECK(dtype == "float32" || dtype == "bfloat16", "[KVCache] dtype must be 'float32' or ",
+             "'bfloat16', got '", dtype, "'");
+  const bool bf16 = dtype == "bfloat16";
   const int64_t batch = int_arg(batch_h, "KVCache", "batch", 1);
   const int64_t max_len = int_arg(max_len_h, "KVCache", "max_len", 1);
   const int64_t L = layers.is_none() ? cfg_get<int64_t>(cfg, "num_hidden_layers")
@@ -139,10 +142,10 @@ std::shared_ptr<KvCache> make_cache(py::object cfg, py::handle batch_h, py::hand
   if (is_mla(cfg)) {
     const int64_t w =
         cfg_get<int64_t>(cfg, "kv_lora_rank") + cfg_get<int64_t>(cfg, "qk_rope_head_dim");
-    return std::make_shared<KvCache>("latent", L, batch, max_len, w);
+    return std::make_shared<KvCache>("latent", L, batch, max_len, w, bf16);
   }
   MhaDims d = mha_dims(cfg);
-  return std::make_shared<KvCache>("kv", L, batch, max_len, d.cache_width());
+  return std::make_shared<KvCache>("kv", L, batch, max_len, d.cache_width(), bf16);
 }
 
 F32 layer_decode(py::handle x_h, py::handle params, py::object cfg, KvCache& cache,
@@ -175,11 +178,11 @@ F32 layer_decode(py::handle x_h, py::handle params, py::object cfg, KvCache& cac
   F32 out = empty(shape_of(a.x));
   float* po = out.mutable_data();
   const float* px = a.x.data();
-  float* base = cache.layer(layer);
+  float* base = cache.begin_layer(layer, start_pos);
   if (w.mla_layer) {
     const MlaDims& d = w.mla_d;
     py::gil_scoped_release nogil;
-    const LatentCacheView v{base, cache.max_len};
+    const LatentCacheView v{base, cache.max_len, cache.bf16};
     if (absorbed)
       mla_decode_absorbed(po, px, w.mla, d, v, a.B, a.T, start_pos);
     else
@@ -187,8 +190,10 @@ F32 layer_decode(py::handle x_h, py::handle params, py::object cfg, KvCache& cac
   } else {
     const MhaDims& d = w.mha_d;
     py::gil_scoped_release nogil;
-    mha_decode(po, px, w.mha, d, KvCacheView{base, cache.max_len}, a.B, a.T, start_pos);
+    mha_decode(po, px, w.mha, d, KvCacheView{base, cache.max_len, cache.bf16}, a.B, a.T,
+               start_pos);
   }
+  cache.end_layer(layer, start_pos, a.T);
   cache.end_write(layer, layer + 1, start_pos, a.T);
   return out;
 }
@@ -198,7 +203,8 @@ F32 layer_decode(py::handle x_h, py::handle params, py::object cfg, KvCache& cac
 void bind_attention(py::module_& m) {
   py::class_<KvCache, std::shared_ptr<KvCache>>(m, "KVCache")
       .def(py::init(&make_cache), arg("cfg"), arg("batch") = 1, arg("max_len") = 1024,
-           arg("layers") = py::none())
+           arg("layers") = py::none(), arg("dtype") = "float32")
+      .def_property_readonly("dtype", [](const KvCache& c) { return std::string(c.dtype()); })
       .def_readonly("kind", &KvCache::kind)
       .def_readonly("layers", &KvCache::layers)
       .def_readonly("batch", &KvCache::batch)
@@ -224,11 +230,13 @@ void bind_attention(py::module_& m) {
         DSV3_INDEX_CHECK(l >= 0 && l < c.layers, "[KVCache] layer ", l, " out of range");
         BusyGuard guard(c.busy, false, "KVCache");
         F32 a({(py::ssize_t)c.batch, (py::ssize_t)c.max_len, (py::ssize_t)c.width});
-        std::copy(c.layer(l), c.layer(l) + c.batch * c.max_len * c.width, a.mutable_data());
+        const std::vector<float> v = c.layer_values(l);  // the stored values (bf16: decoded)
+        std::copy(v.begin(), v.end(), a.mutable_data());
         return a;
       }, arg("layer"))
       .def("__repr__", [](const KvCache& c) {
-        return str_cat("KVCache(kind='", c.kind, "', layers=", c.layers, ", batch=", c.batch,
+        return str_cat("KVCache(kind='", c.kind, "', dtype='", c.dtype(), "', layers=", c.layers,
+                       ", batch=", c.batch,
                        ", max_len=", c.max_len, ", bytes_per_token=", c.bytes_per_token(),
                        ", nbytes=", c.nbytes(), ")");
       });

@@ -160,12 +160,12 @@ void bind_model(py::module_& m) {
         }
         return want_hidden ? py::object(py::make_tuple(out, hid)) : py::object(out);
       }, arg("tokens"), arg("cache"), arg("start_pos"), arg("want_hidden"))
-      .def("new_cache", [](const Model& md, int64_t batch, int64_t max_len) {
-        return md.new_cache(batch, max_len);
-      }, arg("batch"), arg("max_len"))
-      .def("new_mtp_cache", [](const Model& md, int64_t batch, int64_t max_len) {
-        return md.new_mtp_cache(batch, max_len);
-      }, arg("batch"), arg("max_len"))
+      .def("new_cache", [](const Model& md, int64_t batch, int64_t max_len, bool bf16) {
+        return md.new_cache(batch, max_len, bf16);
+      }, arg("batch"), arg("max_len"), arg("bf16") = false)
+      .def("new_mtp_cache", [](const Model& md, int64_t batch, int64_t max_len, bool bf16) {
+        return md.new_mtp_cache(batch, max_len, bf16);
+      }, arg("batch"), arg("max_len"), arg("bf16") = false)
       .def("mtp_forward_cached", [](Model& md, py::handle h_prev, py::handle tok, KvCache& cache,
                                     int64_t start_pos, int64_t k) {
         const char* op = "Model.mtp_forward";

@@ -2,6 +2,7 @@
 
 #include <cstring>
 
+#include "core/bf16.h"
 #include "core/check.h"
 #include "core/memory.h"
 #include "kernels/attention.h"
@@ -96,6 +97,10 @@ void mha_decode(float* out, const float* x, const MhaParams& p, const MhaDims& d
     float* vc = kc + cache.max_len * K;
     std::memcpy(kc + start_pos * K, k.data() + b * S * K, sizeof(float) * S * K);
     std::memcpy(vc + start_pos * V, v.data() + b * S * V, sizeof(float) * S * V);
+    if (cache.round_bf16) {
+      for (int64_t j = start_pos * K; j < L * K; ++j) kc[j] = bf16_decode(bf16_encode(kc[j]));
+      for (int64_t j = start_pos * V; j < L * V; ++j) vc[j] = bf16_decode(bf16_encode(vc[j]));
+    }
     const AttnShape s{1, S, L, d.H, d.Hkv, d.dqk(), d.Dv, start_pos, d.scale};
     attention_forward(o.data() + b * S * d.H * d.Dv, nullptr,
                       {q.data() + b * S * d.H * d.dqk(), kc, vc}, s);

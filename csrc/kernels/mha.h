@@ -59,6 +59,7 @@ void mha_backward(float* dx, const MhaGrads& g, const float* d_out, const MhaAct
 struct KvCacheView {
   float* data;
   int64_t max_len;
+  bool round_bf16 = false;  // the cache stores bf16: write the new rows rounded to bf16
 };
 void mha_decode(float* out, const float* x, const MhaParams& p, const MhaDims& d,
                 const KvCacheView& cache, int64_t B, int64_t S, int64_t start_pos);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "core/bf16.h"
 #include "core/blas.h"
 #include "core/check.h"
 #include "core/memory.h"
@@ -225,6 +226,8 @@ DecodeStep decode_prologue(const float* x, const MlaParams& p, const MlaDims& d,
       float* row = cache.data + (b * cache.max_len + start_pos + s) * W;
       std::memcpy(row, c.data() + (b * S + s) * d.Dc, sizeof(float) * d.Dc);
       std::memcpy(row + d.Dc, kpe.data() + (b * S + s) * d.Dr, sizeof(float) * d.Dr);
+      if (cache.round_bf16)
+        for (int64_t j = 0; j < W; ++j) row[j] = bf16_decode(bf16_encode(row[j]));
     }
   return st;
 }

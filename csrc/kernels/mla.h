@@ -91,6 +91,7 @@ void mla_backward(float* dx, const MlaGrads& g, const float* d_out, const MlaAct
 struct LatentCacheView {
   float* data;
   int64_t max_len;
+  bool round_bf16 = false;  // the cache stores bf16: write the new rows rounded to bf16
 };
 
 // Cached decoding, absorbed form. x[B,S,D] are the tokens at positions start_pos..start_pos+S-1

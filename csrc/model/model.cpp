@@ -83,14 +83,15 @@ int64_t Model::cache_width() const {
   return dims_.mla ? cfg_.Dc + cfg_.Dr : dims_.mha_dims.cache_width();
 }
 
-std::shared_ptr<KvCache> Model::new_cache(int64_t batch, int64_t max_len) const {
-  return std::make_shared<KvCache>(cache_kind(), cfg_.layers, batch, max_len, cache_width());
+std::shared_ptr<KvCache> Model::new_cache(int64_t batch, int64_t max_len, bool bf16) const {
+  return std::make_shared<KvCache>(cache_kind(), cfg_.layers, batch, max_len, cache_width(),
+                                   bf16);
 }
 
-std::shared_ptr<KvCache> Model::new_mtp_cache(int64_t batch, int64_t max_len) const {
+std::shared_ptr<KvCache> Model::new_mtp_cache(int64_t batch, int64_t max_len, bool bf16) const {
   DSV3_CHECK(cfg_.mtp >= 1, "[Model.new_mtp_cache] the model has no MTP module ",
              "(num_nextn_predict_layers = 0)");
-  return std::make_shared<KvCache>(cache_kind(), cfg_.mtp, batch, max_len, cache_width());
+  return std::make_shared<KvCache>(cache_kind(), cfg_.mtp, batch, max_len, cache_width(), bf16);
 }
 
 void Model::check_cache(const KvCache& cache, int64_t layers, int64_t B, const char* op) const {
@@ -108,12 +109,14 @@ void Model::block_decode(float* h, const BlockParams& p, KvCache& cache, int64_t
   s.tmp.resize((size_t)(R * D));
   s.hm.resize((size_t)(R * D));
   rmsnorm_forward(s.ln.data(), nullptr, h, p.input_layernorm, R, D, cfg_.eps);
+  float* rows = cache.begin_layer(cache_layer, start_pos);  // fp32 (a bf16 cache: staged)
   if (dims_.mla)
     mla_decode_absorbed(s.tmp.data(), s.ln.data(), p.mla, dims_.mla_dims,
-                        LatentCacheView{cache.layer(cache_layer), cache.max_len}, B, S, start_pos);
+                        LatentCacheView{rows, cache.max_len, cache.bf16}, B, S, start_pos);
   else
     mha_decode(s.tmp.data(), s.ln.data(), p.mha, dims_.mha_dims,
-               KvCacheView{cache.layer(cache_layer), cache.max_len}, B, S, start_pos);
+               KvCacheView{rows, cache.max_len, cache.bf16}, B, S, start_pos);
+  cache.end_layer(cache_layer, start_pos, S);
   for (int64_t j = 0; j < R * D; ++j) s.hm[j] = h[j] + s.tmp[j];
   rmsnorm_forward(s.ln.data(), nullptr, s.hm.data(), p.post_attention_layernorm, R, D, cfg_.eps);
   if (p.moe) {

@@ -94,7 +94,8 @@ class Model {
   LossParts loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
                  double mtp_weight, GemmPrecision precision, ExpertParallel* ep = nullptr,
                  const LossHooks* hooks = nullptr);
-  std::shared_ptr<KvCache> new_cache(int64_t batch, int64_t max_len) const;
+  // bf16: the cache stores bf16 values (kv_cache.h), else fp32.
+  std::shared_ptr<KvCache> new_cache(int64_t batch, int64_t max_len, bool bf16 = false) const;
   std::string cache_kind() const { return dims_.mla ? "latent" : "kv"; }
   int64_t cache_width() const;
 
@@ -108,7 +109,7 @@ class Model {
                           const int64_t* tokens, int64_t B, int64_t S, KvCache& mtp_cache,
                           int64_t start_pos, int64_t k);
   // A cache with one layer per MTP module (num_nextn_predict_layers layers).
-  std::shared_ptr<KvCache> new_mtp_cache(int64_t batch, int64_t max_len) const;
+  std::shared_ptr<KvCache> new_mtp_cache(int64_t batch, int64_t max_len, bool bf16 = false) const;
 
   // The MoE blocks in order (main layers then MTP), for balancing: bias pointers [E] each.
   std::vector<float*> expert_biases();

@@ -203,7 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   speculative=args.speculative, eos_token_id=eos,
-                  num_draft_tokens=args.num_draft_tokens)
+                  num_draft_tokens=args.num_draft_tokens, cache_dtype=args.cache_dtype)
         from .tokenizer import TextStream
         stream = TextStream(tok, sys.stdout) if args.stream and tok is not None else None
         out = model.generate(np.array(prompt, np.int64), callback=stream, **kw)
@@ -370,6 +370,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="MTP speculative decoding")
     p.add_argument("--num-draft-tokens", type=_int_in(1), default=1)
+    p.add_argument("--cache-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="KV cache storage (bfloat16: half the bytes, rows rounded to bf16)")
     p.add_argument("--eos-token-id", type=_int_in(-1), default=None,
                    help="stop token (default: the config's; -1 = none)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come")

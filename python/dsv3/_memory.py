@@ -163,14 +163,14 @@ def trainer(config, bf16_moments: bool) -> None:
             n * ((4 if bf16_moments else 8) + 4 + 1))
 
 
-def cache(op: str, config, batch, max_len, mtp: bool = False) -> None:
-    """A decoding cache: fp32 rows per token of every main layer (``mtp``: of every MTP
-    module)."""
+def cache(op: str, config, batch, max_len, mtp: bool = False, dtype: str = "float32") -> None:
+    """A decoding cache: fp32 (or bf16) rows per token of every main layer (``mtp``: of every
+    MTP module)."""
     v = _ints(batch, max_len)
     L = config.num_hidden_layers
     if v is None or L <= 0:
         return
-    per_layer = config.kv_cache_bytes_per_token("float32") // L
+    per_layer = config.kv_cache_bytes_per_token(dtype) // L
     require(op, f"a cache of batch {v[0]} x max_len {v[1]}",
             v[0] * v[1] * per_layer * (config.num_nextn_predict_layers if mtp else L))
 

@@ -42,6 +42,8 @@ class GenerationOutput:
     per_prompt: Optional[List[Dict[str, float]]] = None
 
 
+CACHE_DTYPES = ("float32", "bfloat16")
+
 # ---------------------------------------------------------------------- sampling
 def check_sampling(temperature, top_k, top_p) -> None:
     if not isinstance(temperature, (int, float, np.floating)) or not 0 <= temperature < np.inf:
@@ -96,8 +98,10 @@ class _Decoder:
 
     def __init__(self, model, prompt: np.ndarray, max_new_tokens: int, temperature: float,
                  top_k: int, top_p: float, seed: int, speculative: Optional[str],
-                 eos_token_id: Optional[int], num_draft_tokens: int):
+                 eos_token_id: Optional[int], num_draft_tokens: int,
+                 cache_dtype: str = "float32"):
         self.m, self.core, self.cfg = model, model._m, model.config
+        self.cache_dtype = cache_dtype
         self.prompt = prompt
         self.max_new = max_new_tokens
         self.T, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
@@ -120,14 +124,14 @@ class _Decoder:
         P = len(self.prompt)
         limit = min(self.max_new, self.cfg.max_position_embeddings - P)
         cap = P + limit + self.D + 1
-        self.cache = cache = self.m.new_cache(1, cap)  # kept for inspection (tests)
+        self.cache = cache = self.m.new_cache(1, cap, self.cache_dtype)  # kept for inspection
         t0 = time.perf_counter()
         logits, hidden = self.core.forward_cached(self.prompt[None], cache, 0, True)
         self.stats["main_forwards"] += 1
         nxt = draw(self._p(logits[0, -1]), self.rng, self.greedy)
         q = mtp_cache = None
         if self.spec:
-            self.mtp_cache = mtp_cache = self.m.new_mtp_cache(1, cap)
+            self.mtp_cache = mtp_cache = self.m.new_mtp_cache(1, cap, self.cache_dtype)
             toks = np.append(self.prompt[1:], nxt)[None]
             ql, qh = self.core.mtp_forward_cached(hidden, toks, mtp_cache, 0, 1)
             self.stats["mtp_forwards"] += 1
@@ -250,8 +254,11 @@ def _prompts(model, prompt):
 
 
 def _decoders(model, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-              speculative=None, eos_token_id=None, num_draft_tokens=1):
+              speculative=None, eos_token_id=None, num_draft_tokens=1, cache_dtype="float32"):
     check_sampling(temperature, top_k, top_p)
+    if cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"[generate] cache_dtype must be one of {CACHE_DTYPES}, got "
+                         f"{cache_dtype!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
             or max_new_tokens < 0:
         raise ValueError(f"[generate] max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -274,7 +281,8 @@ def _decoders(model, prompt, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
         raise ValueError(f"[generate] seed must be an integer >= 0, got {seed!r}")
     prompts, single = _prompts(model, prompt)
     decs = [_Decoder(model, p, int(max_new_tokens), temperature, top_k, top_p, int(seed),
-                     speculative, eos_token_id, int(num_draft_tokens)) for p in prompts]
+                     speculative, eos_token_id, int(num_draft_tokens), cache_dtype)
+            for p in prompts]
     return decs, single
 
 

@@ -185,14 +185,17 @@ class Model:
         return cls._from_resident(cfg, tensors)
 
     # ------------------------------------------------------------------ compute
-    def new_cache(self, batch: int = 1, max_len: int = 1024) -> KVCache:
+    def new_cache(self, batch: int = 1, max_len: int = 1024,
+                  dtype: str = "float32") -> KVCache:
         """A decoding cache for this model: MLA keeps only the normalised latent and the roped
         k_pe per token per layer (``cache.bytes_per_token`` = (kv_lora_rank + qk_rope_head_dim)
-        x num_hidden_layers x 4 bytes per sequence)."""
+        x num_hidden_layers x 4 bytes per sequence, 2 with ``dtype="bfloat16"``: the values are
+        then stored rounded to bf16, as DeepSeek-V3's inference does, and attention reads those)."""
         op = "Model.new_cache"
         batch, max_len = integer(batch, "batch", op, lo=1), integer(max_len, "max_len", op, lo=1)
-        _memory.cache(op, self._config, batch, max_len)
-        return self._m.new_cache(batch, max_len)
+        bf16 = _cache_dtype(dtype, op)
+        _memory.cache(op, self._config, batch, max_len, dtype=dtype)
+        return self._m.new_cache(batch, max_len, bf16)
 
     def forward(self, tokens: np.ndarray, cache: Optional[KVCache] = None,
                 start_pos: int = 0) -> np.ndarray:
@@ -216,12 +219,15 @@ class Model:
         start_pos = integer(start_pos, "start_pos", "Model.forward_with_hidden")
         return self._m.forward_cached(tokens, cache, start_pos, True)
 
-    def new_mtp_cache(self, batch: int = 1, max_len: int = 1024) -> KVCache:
-        """A cache for the MTP modules' attention: layer k-1 holds module k's latent rows."""
+    def new_mtp_cache(self, batch: int = 1, max_len: int = 1024,
+                      dtype: str = "float32") -> KVCache:
+        """A cache for the MTP modules' attention: layer k-1 holds module k's latent rows
+        (``dtype`` as :meth:`new_cache`)."""
         op = "Model.new_mtp_cache"
         batch, max_len = integer(batch, "batch", op, lo=1), integer(max_len, "max_len", op, lo=1)
-        _memory.cache(op, self._config, batch, max_len, mtp=True)
-        return self._m.new_mtp_cache(batch, max_len)
+        bf16 = _cache_dtype(dtype, op)
+        _memory.cache(op, self._config, batch, max_len, mtp=True, dtype=dtype)
+        return self._m.new_mtp_cache(batch, max_len, bf16)
 
     def mtp_forward(self, hidden: np.ndarray, tokens: np.ndarray, cache: KVCache,
                     start_pos: int, k: int = 1) -> Tuple[np.ndarray, np.ndarray]:
@@ -235,7 +241,7 @@ class Model:
     def generate(self, prompt, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  speculative: Optional[str] = None, eos_token_id: Optional[int] = None,
-                 num_draft_tokens: int = 1, callback=None):
+                 num_draft_tokens: int = 1, callback=None, cache_dtype: str = "float32"):
         """Generate after ``prompt`` (a 1-D int sequence, or a list of them of any lengths).
 
         Returns ``out`` with ``out.tokens`` the new tokens only (int64; a list for a list of
@@ -248,12 +254,13 @@ class Model:
         the same distribution). A list of prompts is decoded prompt by prompt, each with the
         same ``seed``, so each result equals running that prompt alone; stats are summed
         (``out.per_prompt`` keeps each). ``callback(prompt_index, tokens)`` sees tokens as
-        they come. Generation also stops at ``max_position_embeddings``."""
+        they come. Generation also stops at ``max_position_embeddings``. ``cache_dtype``:
+        "float32" or "bfloat16" (see :meth:`new_cache`)."""
         from .generate import generate
         return generate(self, prompt, callback=callback, max_new_tokens=max_new_tokens,
                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                         speculative=speculative, eos_token_id=eos_token_id,
-                        num_draft_tokens=num_draft_tokens)
+                        num_draft_tokens=num_draft_tokens, cache_dtype=cache_dtype)
 
     def stream(self, prompt, **kw):
         """Iterator over the new tokens of one prompt as they are produced; keywords as
@@ -287,3 +294,10 @@ class Model:
 
     def __repr__(self) -> str:
         return f"dsv3.Model({self._config!r})"
+
+
+def _cache_dtype(dtype, op: str) -> bool:
+    """True for a bf16 cache; ValueError naming ``dtype`` otherwise."""
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"[{op}] dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    return dtype == "bfloat16"

@@ -160,7 +160,9 @@ def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, lse: np.ndar
 # ---------------------------------------------------------------- attention layers (MLA, MHA, GQA)
 KVCache = _core.KVCache
 KVCache.__doc__ = """Decoding cache for ``layers`` attention layers, ``batch`` sequences of up to
-``max_len`` tokens, fp32: ``KVCache(cfg, batch=1, max_len=1024, layers=None)``.
+``max_len`` tokens: ``KVCache(cfg, batch=1, max_len=1024, layers=None, dtype="float32")``;
+``dtype="bfloat16"`` stores the rows rounded to bf16 in half the bytes (the attention reads
+those values; ``layer_data`` returns them as float32).
 
 MLA configs get a latent cache (``kind == "latent"``): per token per layer only the normalised
 latent ``c`` (kv_lora_rank) and the roped ``k_pe`` (qk_rope_head_dim). MHA/GQA configs get a

@@ -40,11 +40,14 @@ def t_moe(torch, x, P, pre, cfg, stats):
     return y.view(B, T, D)
 
 
-def t_block(torch, h, P, i, cfg, stats):
+def t_block(torch, h, P, i, cfg, stats, cache_round=None):
     p = f"model.layers.{i}."
     a_in = t_rmsnorm(torch, h, P[p + "input_layernorm.weight"], cfg.rms_norm_eps)
     A = {k[len(p + "self_attn."):]: v for k, v in P.items() if k.startswith(p + "self_attn.")}
-    h = h + (t_mla if cfg.attention_type == "mla" else t_mha)(torch, a_in, A, cfg)
+    if cfg.attention_type == "mla":
+        h = h + t_mla(torch, a_in, A, cfg, cache_round=cache_round)
+    else:
+        h = h + t_mha(torch, a_in, A, cfg)
     f_in = t_rmsnorm(torch, h, P[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
     if is_moe(cfg, i):
         return h + t_moe(torch, f_in, P, p + "mlp.", cfg, stats)
@@ -60,9 +63,9 @@ def t_balance(torch, stats, cfg, alpha):
     return total / len(stats)
 
 
-def t_model(torch, P, cfg, tokens, alpha=0.0, mtp_weight=None):
+def t_model(torch, P, cfg, tokens, alpha=0.0, mtp_weight=None, cache_round=None):
     """tokens (B, N) int. Returns dict of float64 tensors: logits (main, (B,N-1,V)), main, mtp,
-    balance, loss."""
+    balance, loss. ``cache_round``: see t_mla (MLA layers)."""
     lam = cfg.mtp_loss_weight if mtp_weight is None else mtp_weight
     tokens = np.asarray(tokens)
     B, N = tokens.shape
@@ -72,7 +75,7 @@ def t_model(torch, P, cfg, tokens, alpha=0.0, mtp_weight=None):
     stats = []
     h = emb[torch.tensor(tokens[:, :T])]
     for i in range(cfg.num_hidden_layers):
-        h = t_block(torch, h, P, i, cfg, stats)
+        h = t_block(torch, h, P, i, cfg, stats, cache_round)
     hn = t_rmsnorm(torch, h, P["model.norm.weight"], cfg.rms_norm_eps)
     logits = hn @ head.T
     lsm = torch.log_softmax(logits, -1)

@@ -66,8 +66,10 @@ def t_causal_attention(torch, q, k, v, scale, start_pos=0, fast=False):
     return torch.einsum("bhqk,bkhd->bqhd", p, v)
 
 
-def t_mla(torch, x, P, cfg, start_pos=0, fast=False):
-    """MLA naive form (semantics §2.2). x (B,T,D); P: {hf name (relative to self_attn.): tensor}."""
+def t_mla(torch, x, P, cfg, start_pos=0, fast=False, cache_round=None):
+    """MLA naive form (semantics §2.2). x (B,T,D); P: {hf name (relative to self_attn.): tensor}.
+    ``cache_round``: applied to the latent c and the roped k_pe (what a decoding cache stores,
+    e.g. rounding to bf16) before keys and values are formed from them."""
     B, T, _ = x.shape
     H, Dn, Dr, Dv = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                      cfg.v_head_dim)
@@ -83,6 +85,8 @@ def t_mla(torch, x, P, cfg, start_pos=0, fast=False):
     kva = x @ P["kv_a_proj_with_mqa.weight"].T
     c = t_rmsnorm(torch, kva[..., :Dc], P["kv_a_layernorm.weight"], eps)
     kpe = t_rope(torch, kva[..., Dc:].view(B, T, 1, Dr), pos, cfg)  # one per token
+    if cache_round is not None:
+        c, kpe = cache_round(c), cache_round(kpe)
     kv = (c @ P["kv_b_proj.weight"].T).view(B, T, H, Dn + Dv)
     k = torch.cat([kv[..., :Dn], kpe.expand(B, T, H, Dr)], -1)
     o = t_causal_attention(torch, q, k, kv[..., Dn:], softmax_scale(cfg), 0, fast)
