@@ -7,6 +7,7 @@
 #include "core/parallel.h"
 #include "core/simd.h"
 #include "core/small_gemm.h"
+#include "kernels/wlinear.h"
 
 namespace dsv3 {
 
@@ -42,6 +43,8 @@ void bind_info(py::module_& m) {
     lowp["tier"] = lowp_tier_name(lowp_tier());
     lowp["reason"] = lowp_tier_reason();
     d["lowp"] = lowp;
+    d["wlinear_tier"] = wlinear_tier_name();  // resident-weight linears (kernels/wlinear.h)
+    d["wlinear_tier_reason"] = wlinear_tier_reason();
 #ifdef __OPTIMIZE__
     d["optimized"] = true;
 #else
