@@ -113,11 +113,15 @@ def test_long_k_and_leading_dims(fmt, R):
 
 
 @pytest.mark.parametrize("R", [1, 3, 17])
-@pytest.mark.parametrize("exp", [(-60, -40), (30, 40)])
+@pytest.mark.parametrize("exp", [(-60, -40), (30, 40), (119, 126)])
 def test_fp8_huge_and_tiny_scales(R, exp):
     rng = np.random.default_rng(3)
     data, sinv, dense = make_weight(rng, "fp8", 140, 300, scale_exp=exp)
     x = rng.standard_normal((R, 300)).astype(np.float32)
+    if exp[0] > 100:  # scales near the top of fp32 (sinv * 2^8 overflows): tiny activations
+        if R > 4:
+            pytest.skip("prefill dequantizes: e4m3 * sinv must be finite in fp32 (not here)")
+        x *= np.float32(2.0 ** -110)
     y = _core.wlinear(x, "fp8", data, sinv)
     assert np.all(np.isfinite(y))
     check(y, x, dense, f"scales 2^{exp} R={R}")
@@ -226,7 +230,8 @@ def test_bad_input_names_the_argument():
         _core.wlinear(x, "fp32", codes)
     with pytest.raises(ValueError, match="scale_inv is required"):
         _core.wlinear(x, "fp8", codes)
-    with pytest.raises(ValueError, match=r"scale_inv must have shape \(ceil\(O/128\), ceil\(K/128\)\) = \(1, 1\)"):
+    shape_msg = r"scale_inv must have shape \(ceil\(O/128\), ceil\(K/128\)\) = \(1, 1\)"
+    with pytest.raises(ValueError, match=shape_msg):
         _core.wlinear(x, "fp8", codes, np.ones((1, 2), np.float32))
     with pytest.raises(TypeError, match="scale_inv"):
         _core.wlinear(x, "fp8", codes, np.ones((1, 1), np.float64))
@@ -328,9 +333,21 @@ def test_tiers_agree_within_the_bound(tmp_path):
             _, _, dense = make_weight(rng, fmt, O, K)
             x = rng.standard_normal((R, K)).astype(np.float32)
             S = np.abs(x.astype(np.float64)) @ np.abs(dense).T
-            a, b, c = (runs[t][f"{fmt}{i}"].astype(np.float64) for t in ("avx512", "avx2", "scalar"))
+            a, b, c = (runs[t][f"{fmt}{i}"].astype(np.float64)
+                       for t in ("avx512", "avx2", "scalar"))
             bound = 2 * gamma(K + 2) * S + 1e-40
             assert np.all(np.abs(a - b) <= bound) and np.all(np.abs(a - c) <= bound)
         make_weight(rng, fmt, 300, 300)
         rows = [runs[t][f"{fmt}rows"] for t in ("avx512", "avx2", "scalar")]
         assert rows[0].tobytes() == rows[1].tobytes() == rows[2].tobytes()  # exact everywhere
+
+
+@pytest.mark.skipif(os.environ.get("DSV3_ISA") is not None, reason="already forced")
+@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+def test_forced_tier_runs_this_file(isa):
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, DSV3_ISA=isa)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        os.path.join(here, "test_wlinear.py"), "-k", "not tiers_agree"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=here)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]

@@ -15,6 +15,8 @@
 // e4m3(code) * sinv is rounded to fp32 once per element (the definition instead multiplies
 // each block's sum by sinv); bf16 / fp32 weights are exact. Both are within the fp32
 // reassociation bound gamma_{K+2} * sum_k |x w| of the linear of the dequantized weight.
+// (Prefill therefore needs every e4m3(code) * sinv finite in fp32; decode does not: its block
+// sums meet sinv only after the sum.)
 // Decode and prefill differ in summation order, so y depends on R through the path taken
 // (R <= kMaxGemvR or not); for fixed (R, K, O, tier) every y element is computed by one
 // thread in a fixed order whatever the thread count: the groups, tasks, panels and K chunks
@@ -62,16 +64,17 @@ TierChoice choose() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+           __builtin_cpu_supports("avx512vl");
+  has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 #endif
   if (has512 && cap >= 2) {
     c = {Tier::avx512, wlin::kernels_avx512(), "avx512: AVX-512F/BW/VL, 16 lanes" + note};
   } else if ((has512 || has2) && cap >= 1) {
-    c = {Tier::avx2, wlin::kernels_avx2(), "avx2: AVX2 + FMA, 8 lanes" + note};
+    c = {Tier::avx2, wlin::kernels_avx2(), "avx2: AVX2 + FMA + F16C, 8 lanes" + note};
   } else {
-    c = {Tier::scalar, wlin::kernels_scalar(),
-         std::string("scalar: ") + (cap < 2 ? "forced" + note : "the CPU has no AVX2 + FMA")};
+    const std::string why = cap < 2 ? "forced" + note : "the CPU has no AVX2 + FMA + F16C";
+    c = {Tier::scalar, wlin::kernels_scalar(), "scalar: " + why};
   }
   if (!c.k.gemv) c = {Tier::scalar, wlin::kernels_scalar(), "scalar: tier not built"};
   return c;

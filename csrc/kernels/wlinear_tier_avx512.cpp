@@ -4,7 +4,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define WL_ISA 512
-#define WL_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
+#define WL_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 #define WL_KERNELS kernels_avx512
 #include "kernels/wlinear_tier_body.inc"
 #else
