@@ -4,8 +4,8 @@ m/8 * 2^-6, NaN at 0x7f / 0xff, no infinities), bf16 (the top 16 bits of an fp32
 w = e4m3(code) * scale_inv[o // 128, k // 128]. The bound is the fp32 reassociation bound
 |y - y_exact| <= gamma(K + 2) * sum_k |x w| + (K + 2) * (1 + max|x|) * 2^-149
 (gamma(n) = n u / (1 - n u), u = 2^-24; the second term covers products in the subnormal
-range under tiny scales). Decode (R <= 4, GEMV) and prefill (R > 4, dequantized panels +
-sgemm) are both covered; each tier is forced with DSV3_ISA in a subprocess and compared."""
+range under tiny scales). Decode (R <= 16, GEMV in register blocks of <= 4 rows) and prefill
+(R > 16, dequantized panels + sgemm) are both covered; each tier is forced with DSV3_ISA in a subprocess and compared."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ import dsv3
 from dsv3 import _core
 
 SIZES = (1, 16, 31, 33, 127, 128, 129, 300)
-ROWS = (1, 2, 3, 4, 5, 17, 64)
+ROWS = (1, 2, 3, 4, 5, 7, 16, 17, 64)
 U = 2.0 ** -24
 
 
@@ -102,7 +102,7 @@ def test_sizes_against_float64(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
-@pytest.mark.parametrize("R", [1, 4, 5])
+@pytest.mark.parametrize("R", [1, 4, 5, 20])
 def test_long_k_and_leading_dims(fmt, R):
     rng = np.random.default_rng(2)
     data, sinv, dense = make_weight(rng, fmt, 261, 1411)
@@ -119,7 +119,7 @@ def test_fp8_huge_and_tiny_scales(R, exp):
     data, sinv, dense = make_weight(rng, "fp8", 140, 300, scale_exp=exp)
     x = rng.standard_normal((R, 300)).astype(np.float32)
     if exp[0] > 100:  # scales near the top of fp32 (sinv * 2^8 overflows): tiny activations
-        if R > 4:
+        if R > 16:
             pytest.skip("prefill dequantizes: e4m3 * sinv must be finite in fp32 (not here)")
         x *= np.float32(2.0 ** -110)
     y = _core.wlinear(x, "fp8", data, sinv)
@@ -128,7 +128,7 @@ def test_fp8_huge_and_tiny_scales(R, exp):
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
-@pytest.mark.parametrize("R", [1, 2, 6])
+@pytest.mark.parametrize("R", [1, 2, 6, 20])
 def test_zeros(fmt, R):
     O, K = 33, 129
     x = np.random.default_rng(4).standard_normal((R, K)).astype(np.float32)
@@ -141,7 +141,7 @@ def test_zeros(fmt, R):
     assert np.all(_core.wlinear(np.zeros_like(x), fmt, data, sinv) == 0)
 
 
-@pytest.mark.parametrize("R", [1, 2, 3, 4, 5, 17])
+@pytest.mark.parametrize("R", [1, 2, 3, 4, 6, 17])
 @pytest.mark.parametrize("code", [0x7F, 0xFF])
 def test_fp8_nan_codes_propagate(R, code):
     rng = np.random.default_rng(5)
@@ -164,7 +164,7 @@ def test_fp8_nan_codes_propagate(R, code):
 def test_nonfinite_x_propagates(fmt):
     rng = np.random.default_rng(6)
     data, sinv, _ = make_weight(rng, fmt, 20, 40)
-    for R in (1, 5):
+    for R in (1, 5, 20):
         x = rng.standard_normal((R, 40)).astype(np.float32)
         x[0, 3] = np.nan
         y = _core.wlinear(x, fmt, data, sinv)
@@ -201,7 +201,7 @@ def test_rows_match_dequantized_weight(fmt, K):
 def test_bit_identical_across_threads_and_runs(fmt):
     rng = np.random.default_rng(8)
     data, sinv, _ = make_weight(rng, fmt, 1000, 333)
-    xs = [rng.standard_normal((R, 333)).astype(np.float32) for R in (1, 2, 3, 4, 9, 300)]
+    xs = [rng.standard_normal((R, 333)).astype(np.float32) for R in (1, 2, 3, 4, 9, 16, 17, 300)]
     n0 = dsv3.get_num_threads()
     try:
         dsv3.set_num_threads(1)
@@ -273,7 +273,7 @@ def test_build_info_names_the_tier():
         assert info["wlinear_tier"] == "scalar"
 
 
-TIER_CASES = [(R, O, K) for R in (1, 2, 3, 4, 5, 17) for (O, K) in
+TIER_CASES = [(R, O, K) for R in (1, 2, 3, 4, 7, 16, 17) for (O, K) in
               ((1, 1), (31, 33), (129, 300), (300, 127), (16, 128))]
 
 TIER_SCRIPT = """

@@ -3,9 +3,9 @@
 //
 // Legend:  tier    avx512 | avx2 | scalar: the best the CPU offers, capped by DSV3_ISA
 //                  (avx512* / amx* -> avx512, avx2 -> avx2, anything else -> scalar)
-//          decode  R <= kMaxGemvR: one GEMV pass streams every weight byte once for all R rows;
-//                  the O rows are cut into groups of OB (wlinear_tiers.h), groups split over
-//                  the pool
+//          decode  R <= kMaxGemvR: GEMV streaming every weight byte once from memory for all
+//                  R rows: super groups of kSuperRows weight rows split over the pool, each
+//                  visited by the x row blocks (<= 4 rows) in turn (wlinear_tiers.h)
 //          prefill R > kMaxGemvR: tasks (x row block of kRB rows) x (weight panel of kPB rows);
 //                  a task dequantizes its panel kKC columns at a time into a thread-local fp32
 //                  buffer and runs single-threaded sgemm on it (fp32 weights: sgemm on the
@@ -93,11 +93,11 @@ void check_view(const WeightView& w, const char* op) {
 
 void decode(float* y, const float* x, const WeightView& w, int64_t R) {
   const TierKernels& k = tier().k;
-  const int64_t OB = k.group_rows(w.fmt, R), groups = (w.O + OB - 1) / OB;
+  const int64_t supers = (w.O + wlin::kSuperRows - 1) / wlin::kSuperRows;
   // a chunk worth a thread: >= 64 KiB of weights
-  const int64_t row_bytes = weight_format_bytes(w.fmt, 1, w.K);
-  const int64_t grain = std::max<int64_t>(1, (65536 / row_bytes + OB - 1) / OB);
-  parallel_for(groups, grain, [&](int64_t g0, int64_t g1) { k.gemv(y, x, w, R, g0, g1); });
+  const int64_t super_bytes = weight_format_bytes(w.fmt, wlin::kSuperRows, w.K);
+  const int64_t grain = std::max<int64_t>(1, 65536 / super_bytes);
+  parallel_for(supers, grain, [&](int64_t s0, int64_t s1) { k.gemv(y, x, w, R, s0, s1); });
 }
 
 void prefill(float* y, const float* x, const WeightView& w, int64_t R) {
