@@ -18,7 +18,8 @@
 // (Prefill therefore needs every e4m3(code) * sinv finite in fp32; decode does not: its block
 // sums meet sinv only after the sum.)
 // Decode and prefill differ in summation order, so y depends on R through the path taken
-// (R <= kMaxGemvR or not); for fixed (R, K, O, tier) every y element is computed by one
+// (R <= kMaxGemvR or not) and, in decode, through the size of each x row's register block
+// (R mod 4 for the last block); for fixed (R, K, O, tier) every y element is computed by one
 // thread in a fixed order whatever the thread count: the groups, tasks, panels and K chunks
 // are fixed by the shape.
 #include "kernels/wlinear.h"
