@@ -253,6 +253,16 @@ def test_bad_input_names_the_argument():
         _core.wlinear_rows(np.array([0.0]), "fp32", w)
 
 
+def test_public_wrappers():
+    rng = np.random.default_rng(10)
+    data, sinv, dense = make_weight(rng, "fp8", 130, 200)
+    x = rng.standard_normal((3, 200)).astype(np.float32)
+    assert dsv3.ops.wlinear(x, "fp8", data, sinv).tobytes() == \
+        _core.wlinear(x, "fp8", data, sinv).tobytes()
+    rows = dsv3.ops.wlinear_rows(np.array([1, 129]), "fp8", data, sinv)
+    assert np.array_equal(rows, dense[[1, 129]].astype(np.float32))
+
+
 def test_noncontiguous_and_empty_inputs():
     rng = np.random.default_rng(9)
     w = rng.standard_normal((20, 64)).astype(np.float32)
