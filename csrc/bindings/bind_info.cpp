@@ -8,6 +8,7 @@
 #include "core/parallel.h"
 #include "core/simd.h"
 #include "core/small_gemm.h"
+#include "kernels/wlinear.h"
 
 namespace dsv3 {
 
@@ -45,6 +46,8 @@ void bind_info(py::module_& m) {
     d["lowp"] = lowp;
     // MPI for dsv3.distributed: the library built against ("" = built without MPI)
     d["mpi"] = mpi_available() ? mpi_library_version() : std::string();
+    d["wlinear_tier"] = wlinear_tier_name();  // resident-weight linears (kernels/wlinear.h)
+    d["wlinear_tier_reason"] = wlinear_tier_reason();
 #ifdef __OPTIMIZE__
     d["optimized"] = true;
 #else

@@ -8,6 +8,7 @@ namespace dsv3 {
 void bind_info(pybind11::module_& m);
 void bind_fp8(pybind11::module_& m);
 void bind_lowp(pybind11::module_& m);
+void bind_wlinear(pybind11::module_& m);
 void bind_ops(pybind11::module_& m);
 void bind_attention(pybind11::module_& m);
 void bind_moe(pybind11::module_& m);
@@ -32,4 +33,5 @@ PYBIND11_MODULE(_core, m) {
   dsv3::bind_dist(m);
   dsv3::bind_fp8(m);
   dsv3::bind_lowp(m);
+  dsv3::bind_wlinear(m);
 }

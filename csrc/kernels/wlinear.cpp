@@ -1,22 +1,90 @@
-// Reference bodies of wlinear.h: one weight row dequantized to fp32 at a time, then dotted with
-// every activation row (correct for every format and size; the fast kernels replace these).
+// wlinear.h: argument checks, the tier choice, the decode / prefill split and the prefill and
+// embedding-row paths. The per-tier kernels are in wlinear_tier_body.inc (wlinear_tiers.h).
+//
+// Legend:  tier    avx512 | avx2 | scalar: the best the CPU offers, capped by DSV3_ISA
+//                  (avx512* / amx* -> avx512, avx2 -> avx2, anything else -> scalar)
+//          decode  R <= kMaxGemvR: GEMV streaming every weight byte once from memory for all
+//                  R rows: super groups of kSuperRows weight rows split over the pool, each
+//                  visited by the x row blocks (<= 4 rows) in turn (wlinear_tiers.h)
+//          prefill R > kMaxGemvR: tasks (x row block of kRB rows) x (weight panel of kPB rows);
+//                  a task dequantizes its panel kKC columns at a time into a thread-local fp32
+//                  buffer and runs single-threaded sgemm on it (fp32 weights: sgemm on the
+//                  weight rows in place, whole K)
+//
+// Exactness of prefill against the definition in wlinear.h: the dequantized weight
+// e4m3(code) * sinv is rounded to fp32 once per element (the definition instead multiplies
+// each block's sum by sinv); bf16 / fp32 weights are exact. Both are within the fp32
+// reassociation bound gamma_{K+2} * sum_k |x w| of the linear of the dequantized weight.
+// (Prefill therefore needs every e4m3(code) * sinv finite in fp32; decode does not: its block
+// sums meet sinv only after the sum.)
+// Decode and prefill differ in summation order, so y depends on R through the path taken
+// (R <= kMaxGemvR or not) and, in decode, through the size of each x row's register block
+// (R mod 4 for the last block); for fixed (R, K, O, tier) every y element is computed by one
+// thread in a fixed order whatever the thread count: the groups, tasks, panels and K chunks
+// are fixed by the shape.
 #include "kernels/wlinear.h"
 
 #include <algorithm>
-#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "core/bf16.h"
+#include "core/blas.h"
 #include "core/parallel.h"
-#include "kernels/fp8.h"
+#include "kernels/wlinear_tiers.h"
 
 namespace dsv3 {
 
 namespace {
-constexpr int64_t kBk = 128;
+using wlin::kBk;
+using wlin::Tier;
+using wlin::TierKernels;
+
+constexpr int64_t kRB = 256;   // prefill: x rows per task
+constexpr int64_t kPB = 64;    // prefill: weight rows per panel
+constexpr int64_t kKC = 2048;  // prefill: K columns dequantized at a time (kPB x kKC = 512 KiB)
+
+struct TierChoice {
+  Tier tier = Tier::scalar;
+  TierKernels k{};
+  std::string reason;
+};
+
+TierChoice choose() {
+  TierChoice c;
+  int cap = 2;
+  std::string note;
+  if (const char* isa = std::getenv("DSV3_ISA"); isa && *isa) {
+    const std::string s(isa);
+    note = " (DSV3_ISA=" + s + ")";
+    cap = s.rfind("avx512", 0) == 0 || s.rfind("amx", 0) == 0 ? 2 : s == "avx2" ? 1 : 0;
+  }
+  bool has512 = false, has2 = false;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+#endif
+  if (has512 && cap >= 2) {
+    c = {Tier::avx512, wlin::kernels_avx512(), "avx512: AVX-512F/BW/VL, 16 lanes" + note};
+  } else if ((has512 || has2) && cap >= 1) {
+    c = {Tier::avx2, wlin::kernels_avx2(), "avx2: AVX2 + FMA + F16C, 8 lanes" + note};
+  } else {
+    const std::string why = cap < 2 ? "forced" + note : "the CPU has no AVX2 + FMA + F16C";
+    c = {Tier::scalar, wlin::kernels_scalar(), "scalar: " + why};
+  }
+  if (!c.k.gemv) c = {Tier::scalar, wlin::kernels_scalar(), "scalar: tier not built"};
+  return c;
+}
+
+const TierChoice& tier() {
+  static const TierChoice t = choose();
+  return t;
+}
 
 void check_view(const WeightView& w, const char* op) {
   if (!w.data || w.O < 1 || w.K < 1 || (w.fmt == WeightFormat::fp8_e4m3 && !w.scale_inv))
@@ -24,23 +92,38 @@ void check_view(const WeightView& w, const char* op) {
                                 "scales (fp8 needs scale_inv)");
 }
 
-// row o of W as fp32 into out[K]
-void dequant_row(float* out, const WeightView& w, int64_t o) {
-  const int64_t K = w.K;
-  switch (w.fmt) {
-    case WeightFormat::fp32:
-      std::memcpy(out, (const float*)w.data + o * K, sizeof(float) * K);
-      break;
-    case WeightFormat::bf16: {
-      const uint16_t* b = (const uint16_t*)w.data + o * K;
-      for (int64_t k = 0; k < K; ++k) out[k] = bf16_decode(b[k]);
-      break;
+void decode(float* y, const float* x, const WeightView& w, int64_t R) {
+  const TierKernels& k = tier().k;
+  const int64_t supers = (w.O + wlin::kSuperRows - 1) / wlin::kSuperRows;
+  // a chunk worth a thread: >= 64 KiB of weights
+  const int64_t super_bytes = weight_format_bytes(w.fmt, wlin::kSuperRows, w.K);
+  const int64_t grain = std::max<int64_t>(1, 65536 / super_bytes);
+  parallel_for(supers, grain, [&](int64_t s0, int64_t s1) { k.gemv(y, x, w, R, s0, s1); });
+}
+
+void prefill(float* y, const float* x, const WeightView& w, int64_t R) {
+  const int64_t O = w.O, K = w.K;
+  const int64_t nrb = (R + kRB - 1) / kRB, np = (O + kPB - 1) / kPB;
+  const TierKernels& tk = tier().k;
+  parallel_for(nrb * np, 1, [&](int64_t t0, int64_t t1) {
+    static thread_local std::vector<float> buf;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = (t / np) * kRB, o0 = (t % np) * kPB;
+      const int64_t rn = std::min(kRB, R - r0), on = std::min(kPB, O - o0);
+      float* yt = y + r0 * O + o0;
+      const float* xt = x + r0 * K;
+      if (w.fmt == WeightFormat::fp32) {
+        sgemm(false, true, rn, on, K, 1.f, xt, K, (const float*)w.data + o0 * K, K, 0.f, yt, O);
+        continue;
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += kKC) {
+        const int64_t kn = std::min(kKC, K - k0);
+        buf.resize((size_t)(kPB * kKC));
+        for (int64_t i = 0; i < on; ++i) tk.dequant(buf.data() + i * kn, w, o0 + i, k0, kn);
+        sgemm(false, true, rn, on, kn, 1.f, xt + k0, K, buf.data(), kn, k0 ? 1.f : 0.f, yt, O);
+      }
     }
-    case WeightFormat::fp8_e4m3: {
-      fp8_decode(out, (const uint8_t*)w.data + o * K, K, Fp8Format::e4m3);
-      break;
-    }
-  }
+  });
 }
 }  // namespace
 
@@ -71,42 +154,36 @@ int64_t weight_format_bytes(WeightFormat f, int64_t O, int64_t K) {
   return 0;
 }
 
+const char* wlinear_tier_name() {
+  switch (tier().tier) {
+    case Tier::avx512: return "avx512";
+    case Tier::avx2: return "avx2";
+    case Tier::scalar: return "scalar";
+  }
+  return "?";
+}
+const std::string& wlinear_tier_reason() { return tier().reason; }
+
 void wlinear_forward(float* y, const float* x, const WeightView& w, int64_t R) {
   check_view(w, "wlinear_forward");
-  const int64_t K = w.K, O = w.O, KB = (K + kBk - 1) / kBk;
-  parallel_for(O, 8, [&](int64_t o0, int64_t o1) {
-    std::vector<float> row(K);
-    for (int64_t o = o0; o < o1; ++o) {
-      dequant_row(row.data(), w, o);
-      for (int64_t r = 0; r < R; ++r) {
-        const float* xr = x + r * K;
-        float acc = 0;
-        if (w.fmt == WeightFormat::fp8_e4m3) {
-          for (int64_t kb = 0; kb < KB; ++kb) {
-            float part = 0;
-            for (int64_t k = kb * kBk; k < std::min(K, (kb + 1) * kBk); ++k) part += xr[k] * row[k];
-            acc += part * w.scale_inv[(o / kBk) * KB + kb];
-          }
-        } else {
-          for (int64_t k = 0; k < K; ++k) acc += xr[k] * row[k];
-        }
-        y[r * O + o] = acc;
-      }
-    }
-  });
+  if (R < 0) throw std::invalid_argument("[wlinear_forward] R must be >= 0");
+  if (R == 0) return;
+  if (R <= wlin::kMaxGemvR)
+    decode(y, x, w, R);
+  else
+    prefill(y, x, w, R);
 }
 
 void wlinear_rows(float* out, const int64_t* ids, const WeightView& w, int64_t R) {
   check_view(w, "wlinear_rows");
-  const int64_t K = w.K, KB = (K + kBk - 1) / kBk;
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t o = ids[r];
-    if (o < 0 || o >= w.O) throw std::out_of_range("[wlinear_rows] id out of range");
-    float* dst = out + r * K;
-    dequant_row(dst, w, o);
-    if (w.fmt == WeightFormat::fp8_e4m3)
-      for (int64_t k = 0; k < K; ++k) dst[k] *= w.scale_inv[(o / kBk) * KB + k / kBk];
-  }
+  const int64_t K = w.K;
+  for (int64_t r = 0; r < R; ++r)
+    if (ids[r] < 0 || ids[r] >= w.O) throw std::out_of_range("[wlinear_rows] id out of range");
+  const TierKernels& tk = tier().k;
+  const int64_t grain = std::max<int64_t>(1, 16384 / K);
+  parallel_for(R, grain, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) tk.dequant(out + r * K, w, ids[r], 0, K);
+  });
 }
 
 }  // namespace dsv3

@@ -23,6 +23,7 @@
 // and the ISA tier, independent of the thread count.
 #pragma once
 #include <cstdint>
+#include <string>
 
 namespace dsv3 {
 
@@ -51,5 +52,10 @@ void wlinear_forward(float* y, const float* x, const WeightView& w, int64_t R);
 
 // out[r,:] = W[ids[r],:] as fp32 (embedding rows of a resident matrix; ids in [0, O)).
 void wlinear_rows(float* out, const int64_t* ids, const WeightView& w, int64_t R);
+
+// The kernel tier in use ("avx512" | "avx2" | "scalar": CPU features capped by DSV3_ISA, chosen
+// once per process) and why (build_info's "wlinear_tier").
+const char* wlinear_tier_name();
+const std::string& wlinear_tier_reason();
 
 }  // namespace dsv3

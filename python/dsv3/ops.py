@@ -21,7 +21,8 @@ from ._args import integer, real
 from .config import Config
 
 __all__ = [
-    "embedding", "embedding_backward", "linear", "linear_backward", "bf16_matmul", "rmsnorm",
+    "embedding", "embedding_backward", "linear", "linear_backward", "wlinear", "wlinear_rows",
+    "bf16_matmul", "rmsnorm",
     "rmsnorm_backward", "swiglu", "swiglu_backward", "rope", "rope_backward", "rope_table",
     "yarn_mscale", "attention", "attention_backward", "cross_entropy",
     "cross_entropy_backward", "KVCache", "attention_layer", "attention_layer_backward",
@@ -51,6 +52,26 @@ def linear(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
 def linear_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(dx, dweight) = (dy @ weight, dy^T @ x) over all leading dims."""
     return _core.linear_backward(dy, x, weight)
+
+
+def wlinear(x: np.ndarray, fmt: str, data: np.ndarray,
+            scale_inv: Optional[np.ndarray] = None) -> np.ndarray:
+    """``x @ W.T`` over a weight kept in its storage format (the inference linear of resident
+    weights, csrc/kernels/wlinear.h). fmt "fp32": data float32 (O, K); "bf16": data uint16
+    bf16 bit patterns (O, K); "fp8": data uint8 E4M3 codes (O, K) with float32 scale_inv
+    (ceil(O/128), ceil(K/128)), W = e4m3(code) * scale_inv[o // 128, k // 128], each 128-wide
+    K block's sum multiplied by its scale. x: float32 (..., K) -> (..., O). Within the fp32
+    reassociation bound of the dequantized-weight linear; the kernel tier is
+    ``dsv3.build_info()["wlinear_tier"]``."""
+    return _core.wlinear(x, fmt, data, scale_inv)
+
+
+def wlinear_rows(ids: np.ndarray, fmt: str, data: np.ndarray,
+                 scale_inv: Optional[np.ndarray] = None) -> np.ndarray:
+    """Rows ``W[ids]`` as float32 (..., K) of a weight given as for :func:`wlinear` (fp8:
+    e4m3(code) * scale_inv rounded once; NaN codes give NaN). ids out of [0, O) raise
+    IndexError."""
+    return _core.wlinear_rows(ids, fmt, data, scale_inv)
 
 
 def bf16_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
