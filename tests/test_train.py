@@ -304,7 +304,10 @@ def test_nan_loss_names_step_and_keeps_last_good_checkpoint(tmp_path, poison, pr
 
 def test_grad_accumulation_matches_full_batch():
     """Two micro-batches of 2 = one batch of 4 (the loss is a mean over equal-size
-    sequences): same loss; weights within fp32 summation-order noise."""
+    sequences): same loss and gradient norm; weights within fp32 summation-order noise, except
+    where Adam's first update (~ lr g / (|g| + eps)) magnifies it: an element whose gradient is
+    ~0 may move by up to 2 lr (the micro-batches' GEMMs have other row counts, and a linear of
+    <= 16 rows sums in the GEMV's order, one of more rows in sgemm's: kernels/nn.h)."""
     cfg = tiny()
     b = batches(cfg, 1)[0]
     out = []
@@ -315,8 +318,12 @@ def test_grad_accumulation_matches_full_batch():
     assert out[0][0]["loss"] == pytest.approx(out[1][0]["loss"], rel=1e-6)
     assert out[0][0]["grad_norm"] == pytest.approx(out[1][0]["grad_norm"], rel=1e-5)
     np.testing.assert_array_equal(out[0][0]["expert_load"], out[1][0]["expert_load"])
-    for k, v in out[0][1].items():
-        np.testing.assert_allclose(out[1][1][k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    a, b = out[0][1], out[1][1]
+    off = sum(int(np.sum(~np.isclose(b[k], v, rtol=1e-5, atol=1e-6))) for k, v in a.items())
+    n = sum(v.size for v in a.values())
+    assert off <= 1e-3 * n, (off, n)
+    for k, v in a.items():
+        assert np.max(np.abs(b[k] - v)) <= 2e-3, k  # 2 lr
 
 
 def test_cli_train(tmp_path):

@@ -1,3 +1,5 @@
+#include "kernels/wlinear.h"
+#include "kernels/wlinear_tiers.h"
 #include "kernels/nn.h"
 
 #include <algorithm>
@@ -135,9 +137,17 @@ void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids,
   });
 }
 
+static_assert(kLinearGemvRows <= wlin::kMaxGemvR, "linear's GEMV rows must be the GEMV's");
+
 void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O,
                     GemmPrecision p) {
   if (p != GemmPrecision::fp32) return lowp_linear_forward(y, x, w, R, K, O, p);
+  // A few rows (batch-1 decoding, speculative verification, an expert with few tokens): the
+  // memory-bound GEMV of kernels/wlinear.h, which streams w once at the machine's bandwidth
+  // whatever OpenBLAS build is loaded (the pthreads and serial builds' sgemv fell to 0.68x /
+  // 0.82x of the OpenMP build's decode speed, README "Threads, OpenBLAS builds").
+  if (R >= 1 && R <= kLinearGemvRows)
+    return wlinear_forward(y, x, WeightView::f32(w, O, K), R);
   sgemm(false, true, R, O, K, 1.f, x, K, w, K, 0.f, y, O);
 }
 
