@@ -5,7 +5,8 @@ w = e4m3(code) * scale_inv[o // 128, k // 128]. The bound is the fp32 reassociat
 |y - y_exact| <= gamma(K + 2) * sum_k |x w| + (K + 2) * (1 + max|x|) * 2^-149
 (gamma(n) = n u / (1 - n u), u = 2^-24; the second term covers products in the subnormal
 range under tiny scales). Decode (R <= 16, GEMV in register blocks of <= 4 rows) and prefill
-(R > 16, dequantized panels + sgemm) are both covered; each tier is forced with DSV3_ISA in a subprocess and compared."""
+(R > 16, dequantized panels + sgemm) are both covered; each tier is forced with DSV3_ISA in a
+subprocess and compared."""
 from __future__ import annotations
 
 import json
@@ -125,6 +126,37 @@ def test_fp8_huge_and_tiny_scales(R, exp):
     y = _core.wlinear(x, "fp8", data, sinv)
     assert np.all(np.isfinite(y))
     check(y, x, dense, f"scales 2^{exp} R={R}")
+
+
+@pytest.mark.parametrize("R", [1, 4, 9, 17])
+@pytest.mark.parametrize("xexp", [-100, -30, 5, 7, 20, 100, 125])
+def test_fp8_activation_ranges(R, xexp):
+    """The fp8 GEMV scales x by 2^a chosen from max|x| (a = 120 down to 0): every range of x."""
+    if xexp > 112 and _core.wlinear_tier() == "scalar":
+        pytest.skip("sum x * e4m3(code) over a block exceeds fp32 before sinv (the scalar tier "
+                    "sums unscaled codes; the vector tiers scale them by 2^-120)")
+    rng = np.random.default_rng(12)
+    data, sinv, dense = make_weight(rng, "fp8", 70, 300, scale_exp=(-30, -20) if xexp > 100
+                                    else (-8, 8))
+    x = (rng.standard_normal((R, 300)) * 2.0 ** xexp).astype(np.float32)
+    x[0, :50] *= np.float32(2.0 ** -40)  # small entries beside the large ones
+    y = _core.wlinear(x, "fp8", data, sinv)
+    assert np.all(np.isfinite(y))
+    check(y, x, dense, f"x ~ 2^{xexp} R={R}")
+
+
+@pytest.mark.parametrize("R", [1, 3, 17])
+def test_fp8_infinite_x(R):
+    rng = np.random.default_rng(13)
+    data, sinv, dense = make_weight(rng, "fp8", 50, 200)
+    x = rng.standard_normal((R, 200)).astype(np.float32)
+    x[0, 7] = np.inf
+    y = _core.wlinear(x, "fp8", data, sinv)
+    with np.errstate(invalid="ignore"):
+        ref = x.astype(np.float64) @ dense.T
+    assert np.array_equal(np.isnan(y[0]), np.isnan(ref[0]))
+    assert np.array_equal(y[0][~np.isnan(ref[0])], ref[0][~np.isnan(ref[0])])  # +-inf
+    check(y[1:], x[1:], dense, "finite rows beside an infinite one")
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])

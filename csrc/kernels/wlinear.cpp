@@ -25,6 +25,7 @@
 #include "kernels/wlinear.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -92,13 +93,37 @@ void check_view(const WeightView& w, const char* op) {
                                 "scales (fp8 needs scale_inv)");
 }
 
+// fp8 on a prescaled tier: x times 2^a, a = min(120, 126 - e) for max|x| in [2^(e-1), 2^e)
+// (0 when max|x| >= 2^126 or is inf; NaN entries are skipped: they propagate anyway); returns
+// the unscale 2^(120 - a) (wlinear_tier_body.inc's legend)
+float prescale_x(std::vector<float>& out, const float* x, int64_t n) {
+  float mx = 0.f;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(x[i]));
+  int e = 0;
+  if (mx > 0.f) std::frexp(mx, &e);  // inf: e is unspecified; clamped below
+  int a = 120;
+  if (!std::isfinite(mx)) a = 0;
+  else if (mx > 0.f) a = std::max(0, std::min(120, 126 - e));
+  out.resize((size_t)n);
+  const float s = std::ldexp(1.f, a);
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * s;
+  return std::ldexp(1.f, 120 - a);
+}
+
 void decode(float* y, const float* x, const WeightView& w, int64_t R) {
   const TierKernels& k = tier().k;
+  float unscale = 1.f;
+  std::vector<float> xs;
+  if (w.fmt == WeightFormat::fp8_e4m3 && k.prescaled) {
+    unscale = prescale_x(xs, x, R * w.K);
+    x = xs.data();
+  }
   const int64_t supers = (w.O + wlin::kSuperRows - 1) / wlin::kSuperRows;
   // a chunk worth a thread: >= 64 KiB of weights
   const int64_t super_bytes = weight_format_bytes(w.fmt, wlin::kSuperRows, w.K);
   const int64_t grain = std::max<int64_t>(1, 65536 / super_bytes);
-  parallel_for(supers, grain, [&](int64_t s0, int64_t s1) { k.gemv(y, x, w, R, s0, s1); });
+  parallel_for(supers, grain,
+               [&](int64_t s0, int64_t s1) { k.gemv(y, x, w, unscale, R, s0, s1); });
 }
 
 void prefill(float* y, const float* x, const WeightView& w, int64_t R) {

@@ -26,9 +26,12 @@ constexpr int64_t kSuperRows = 24;
 
 struct TierKernels {
   // y[r, o] for r < R (1 <= R <= kMaxGemvR), o in [s0 * kSuperRows, min(O, s1 * kSuperRows))
-  void (*gemv)(float* y, const float* x, const WeightView& w, int64_t R, int64_t s0, int64_t s1);
+  // (fp8 with prescaled: x is the activations times 2^a, unscale = 2^(120 - a); else 1)
+  void (*gemv)(float* y, const float* x, const WeightView& w, float unscale, int64_t R,
+               int64_t s0, int64_t s1);
   // dst[0:n] = w[o, k0:k0+n] as fp32 (fp8: e4m3(code) * sinv, one rounding; NaN codes -> NaN)
   void (*dequant)(float* dst, const WeightView& w, int64_t o, int64_t k0, int64_t n);
+  bool prescaled;  // the fp8 GEMV wants x prescaled (the vector tiers)
 };
 
 // The kernels of one tier; nullptr fields when this build has no such tier (non-x86).
