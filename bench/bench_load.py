@@ -7,7 +7,14 @@ per weight format.
 
 For each format: seconds to build the model (Model.from_pretrained(weights=...)), the growth
 of RssAnon (anonymous memory: what a memory-mapped load avoids) against the plan's mapped /
-anonymous bytes, and greedy decode tokens/s (a memory-bound GEMV per projection). A format
+anonymous bytes, the process's peak RSS, greedy decode tokens/s (a memory-bound GEMV per
+projection) against the bytes-moved floor, and prefill tokens/s.
+
+Floor: the bytes one decoded token reads (every attention / dense / shared-expert matrix in its
+resident format with its scales, kv_b_proj and the router gates in fp32, the routed experts
+times num_experts_per_tok / n_routed_experts, the norms, lm_head, and the KV cache rows at the
+mean context), divided by the measured copy bandwidth (bench/common.memory_bandwidth: read +
+write counted); "floor %" = measured tok/s / (bandwidth / bytes per token). A format
 whose plan does not fit the available memory is skipped with its refusal. Timings on a shared
 machine are indicative.
 """
@@ -20,11 +27,14 @@ import sys
 import tempfile
 import time
 
+import re
+import resource
+
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsv3  # noqa: E402
-from common import machine_line, print_table, set_threads  # noqa: E402
+from common import machine_line, memory_bandwidth, print_table, set_threads  # noqa: E402
 from dsv3 import _memory, resident  # noqa: E402
 
 
@@ -36,7 +46,31 @@ def rss_anon() -> int:
     return 0
 
 
-def run(ckpt: str, fmt: str, tokens: int):
+ELEM = {"fp32": 4, "bf16": 2, "fp8": 1}
+EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
+
+
+def token_bytes(m, context: int) -> int:
+    """Bytes one batch-1 decode step reads (the floor's numerator, see the module docstring)."""
+    cfg, shapes, fmts = m.config, m.parameter_shapes(), m.weight_formats()
+    E, K = cfg.n_routed_experts or 1, cfg.num_experts_per_tok or 0
+    total = 0
+    for name, shape in shapes.items():
+        if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
+            continue  # one row per token
+        if ".layers." in name and int(name.split(".")[2]) >= cfg.num_hidden_layers:
+            continue  # MTP modules: not run by plain decoding
+        n = int(np.prod(shape))
+        f = fmts.get(name, "fp32")
+        b = n * ELEM[f]
+        if f == "fp8":
+            b += 4 * (-(-shape[0] // 128)) * (-(-shape[1] // 128))
+        total += b * K / E if EXPERT.search(name) else b
+    cache = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4 * context
+    return int(total + cache)
+
+
+def run(ckpt: str, fmt: str, tokens: int, bw: float, prefill: int):
     plan = resident.plan(*resident.inspect(ckpt), None if fmt == "auto" else fmt)
     before, t0 = rss_anon(), time.perf_counter()
     try:
@@ -46,11 +80,24 @@ def run(ckpt: str, fmt: str, tokens: int):
     load = time.perf_counter() - t0
     grown = rss_anon() - before
     prompt = np.array([1, 2, 3])
+    t0 = time.perf_counter()
     m.generate(prompt, max_new_tokens=1)  # warm the mapped pages
+    first = time.perf_counter() - t0
     out = m.generate(prompt, max_new_tokens=tokens, eos_token_id=None)
-    return [f"{fmt} ({plan.weights})", f"{load:.2f}", f"{grown / 2**20:.0f}",
-            f"{plan.mapped_bytes / 2**20:.0f}", f"{plan.anonymous_bytes / 2**20:.0f}",
-            f"{out.stats['tokens_per_second']:.1f}"]
+    tps = out.stats["tokens_per_second"]
+    per_tok = token_bytes(m, len(prompt) + tokens // 2)
+    floor = bw * 1e9 / per_tok
+    pf = ""
+    if prefill:
+        ids = np.arange(prefill) % m.config.vocab_size
+        t1 = time.perf_counter()
+        m.forward(ids[None], m.new_cache(1, prefill))
+        pf = f"{prefill / (time.perf_counter() - t1):.0f}"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return [f"{fmt} ({plan.weights})", f"{load:.2f}", f"{load + first:.2f}",
+            f"{grown / 2**20:.0f}", f"{plan.mapped_bytes / 2**20:.0f}",
+            f"{plan.anonymous_bytes / 2**20:.0f}", f"{peak:.2f}", f"{tps:.2f}",
+            f"{per_tok / 2**20:.0f}", f"{floor:.2f}", f"{100 * tps / floor:.0f}%", pf]
 
 
 def main(argv=None) -> int:
@@ -63,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="auto,fp8,bf16,fp32")
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--prefill", type=int, default=0, help="also time a prefill of N tokens")
     a = p.parse_args(argv)
     if a.threads:
         set_threads(a.threads)
@@ -76,10 +124,13 @@ def main(argv=None) -> int:
                               4 << 30)
     try:
         print(machine_line())
-        rows = [run(ckpt, f, a.tokens) for f in a.weights.split(",")]
+        bw = memory_bandwidth()
+        print(f"copy bandwidth {bw:.1f} GB/s (numpy copy, read + write)")
+        rows = [run(ckpt, f, a.tokens, bw, a.prefill) for f in a.weights.split(",")]
         print_table(f"resident loading of {ckpt}",
-                    ["weights", "load s", "RssAnon +MiB", "mapped MiB", "anon MiB", "tok/s"],
-                    rows)
+                    ["weights", "load s", "to 1st token s", "RssAnon +MiB", "mapped MiB",
+                     "anon MiB", "peak RSS GiB", "decode tok/s", "MiB/token", "floor tok/s",
+                     "floor %", "prefill tok/s"], rows)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
