@@ -9,6 +9,7 @@
 #include "core/check.h"
 #include "core/memory.h"
 #include "core/parallel.h"
+#include "core/small_gemm.h"
 #include "kernels/attention.h"
 #include "kernels/nn.h"
 #include "kernels/precision.h"
@@ -247,8 +248,10 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   const int64_t head_grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, R * d.Dn * d.Dc));
   parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      sgemm(false, false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q,
-            p.kv_b_proj + h * (d.Dn + d.Dv) * d.Dc, d.Dc, 0.f, qa.data() + h * W, d.H * W);
+      // one head's product (R x Dn x Dc): small_gemm, not a BLAS call per head (a row's value
+      // does not depend on R: speculative verification = plain decoding)
+      small_gemm(false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q,
+                 p.kv_b_proj + h * (d.Dn + d.Dv) * d.Dc, d.Dc, false, qa.data() + h * W, d.H * W);
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(qa.data() + (r * d.H + h) * W + d.Dc, st.q.data() + r * Q + h * d.dqk() + d.Dn,
                     sizeof(float) * d.Dr);
@@ -260,7 +263,7 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   // the context product reads it again after the scores product: the cache comes from memory
   // once, not twice. Shorter contexts are split only to give idle threads work (decoding one
   // sequence).
-  constexpr int64_t kRows = 64;
+  constexpr int64_t kRows = kLinearGemvRows;  // query rows per product (see the scores below)
   const int64_t M = S * d.H, blocks = (M + kRows - 1) / kRows;
   const int64_t nt = num_threads();
   constexpr int64_t kChunkKeys = 512;
@@ -278,8 +281,10 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
       const int64_t k0 = part * chunk, n = std::min(L, k0 + chunk) - k0;
       if (n <= 0) continue;
       const float* cb = cache.data + (b * cache.max_len + k0) * W;
-      sgemm(false, true, m, n, W, d.scale, qa.data() + (b * M + m0) * W, W, cb, W, 0.f,
-            sc.data(), n);
+      // scores = scale * q_abs c^T: the GEMV over the chunk's rows (kRows <= its 16 rows, so
+      // every call takes it and a row's scores do not depend on its block), no BLAS call
+      linear_forward(sc.data(), qa.data() + (b * M + m0) * W, cb, m, W, n, GemmPrecision::fp32);
+      for (int64_t i = 0; i < m * n; ++i) sc[i] *= d.scale;
       for (int64_t i = 0; i < m; ++i) {
         const int64_t s = (m0 + i) / d.H, visible = std::min(n, start_pos + s + 1 - k0);
         if (parts == 1)
@@ -288,8 +293,8 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
           piece[(part * B * M) + b * M + m0 + i] = softmax_piece(sc.data() + i * n, visible, n);
       }
       float* dst = parts == 1 ? ctx.data() : pctx.data() + part * R * d.H * d.Dc;
-      sgemm(false, false, m, d.Dc, n, 1.f, sc.data(), n, cb, W, 0.f,
-            dst + (b * M + m0) * d.Dc, d.Dc);
+      small_gemm(false, m, d.Dc, n, 1.f, sc.data(), n, cb, W, false, dst + (b * M + m0) * d.Dc,
+                 d.Dc);
     }
   });
   if (parts > 1) {  // merge the pieces in part order (deterministic)
@@ -314,13 +319,19 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
       }
     });
   }
-  // o_h = ctx_h @ W_UV_h^T, then o_proj
+  // o_h = ctx_h @ W_UV_h^T (the head's rows gathered, one fp32 linear: the GEMV for decoding's
+  // few rows, no BLAS call per head), then o_proj
   std::vector<float> o((size_t)(R * d.H * d.Dv));
   parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
-    for (int64_t h = h0; h < h1; ++h)
-      sgemm(false, true, R, d.Dv, d.Dc, 1.f, ctx.data() + h * d.Dc, d.H * d.Dc,
-            p.kv_b_proj + (h * (d.Dn + d.Dv) + d.Dn) * d.Dc, d.Dc, 0.f, o.data() + h * d.Dv,
-            d.H * d.Dv);
+    std::vector<float> xin((size_t)(R * d.Dc)), yout((size_t)(R * d.Dv));
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t r = 0; r < R; ++r)
+        std::memcpy(xin.data() + r * d.Dc, ctx.data() + (r * d.H + h) * d.Dc, 4 * d.Dc);
+      linear_forward(yout.data(), xin.data(), p.kv_b_proj + (h * (d.Dn + d.Dv) + d.Dn) * d.Dc,
+                     R, d.Dc, d.Dv, GemmPrecision::fp32);
+      for (int64_t r = 0; r < R; ++r)
+        std::memcpy(o.data() + (r * d.H + h) * d.Dv, yout.data() + r * d.Dv, 4 * d.Dv);
+    }
   });
   linear_forward(out, o.data(), p.o_proj, R, d.H * d.Dv, d.D, p.precision);
 }

@@ -12,6 +12,7 @@
 #include "core/mathfn.h"
 #include "core/parallel.h"
 #include "core/simd.h"
+#include "kernels/nn.h"
 
 namespace dsv3 {
 
@@ -197,7 +198,8 @@ void moe_gate_forward(int64_t* topk_idx, float* topk_weight, float* scores, cons
   if (bias) check_finite(bias, E, op, "bias");
   if (T == 0) return;
 
-  sgemm(false, true, T, E, D, 1.f, x, D, weight, D, 0.f, scores, E);  // logits
+  // logits (decoding's few rows: the GEMV, no BLAS call; kernels/nn.h)
+  linear_forward(scores, x, weight, T, D, E, GemmPrecision::fp32);
   parallel_for(T, std::max<int64_t>(1, 4096 / E), [&](int64_t t0, int64_t t1) {
     RouteScratch sc(c);
     for (int64_t t = t0; t < t1; ++t) {
