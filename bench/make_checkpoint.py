@@ -34,7 +34,10 @@ import zlib
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+try:  # the installed dsv3; a source tree's python/ only when none is importable (a prepended
+    import dsv3  # noqa: F401  source tree has no built _core and would shadow the install)
+except ImportError:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 from dsv3 import Config, _core, fp8  # noqa: E402
 from dsv3 import checkpoint as ck  # noqa: E402

@@ -60,7 +60,8 @@ def run(tmp_path, name, np_=1, layout="none", timeout=180, check=True, **kw):
         for r in range(max(np_, 1)):
             with open(os.path.join(out, f"rank{r}.json")) as f:
                 ranks.append(json.load(f))
-        w = dict(np.load(os.path.join(out, "weights.npz")))
+        with np.load(os.path.join(out, "weights.npz")) as z:  # closes the archive
+            w = dict(z)
         return ranks, w
     return p
 

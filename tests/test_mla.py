@@ -240,7 +240,8 @@ def test_kept_probabilities_equal_recomputed(tmp_path):
         e["PYTHONPATH"] = os.pathsep.join([here, e.get("PYTHONPATH", "")])
         subprocess.run([sys.executable, "-c", f"OUT = {str(path)!r}\n" + KEEP_SCRIPT], env=e,
                        check=True)
-        res[tag] = dict(np.load(path))
+        with np.load(path) as z:  # closes the archive
+            res[tag] = dict(z)
     for key, x in res["recomputed"].items():
         # gradients are sums of O(100) products of O(1) values: fp32 rounding ~1e-6 relative
         np.testing.assert_allclose(res["kept"][key], x, rtol=1e-4, atol=1e-5, err_msg=key)

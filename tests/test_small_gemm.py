@@ -126,7 +126,8 @@ def run_attention(tmp_path, tag, env_extra):
     env = dict(os.environ, MALLOC_PERTURB_="165", **env_extra)
     subprocess.run([sys.executable, "-c", f"OUT = {str(path)!r}\n" + FALLBACK_SCRIPT],
                    env=env, check=True)
-    return dict(np.load(path))
+    with np.load(path) as z:  # closes the archive
+        return dict(z)
 
 
 def test_attention_same_with_blas_fallback(tmp_path):

@@ -354,7 +354,8 @@ def run_tier(tmp_path, isa):
     r = subprocess.run([sys.executable, "-c", TIER_SCRIPT, str(out), here], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1]), dict(np.load(out))
+    with np.load(out) as z:  # closes the archive
+        return json.loads(r.stdout.strip().splitlines()[-1]), dict(z)
 
 
 def test_tiers_agree_within_the_bound(tmp_path):

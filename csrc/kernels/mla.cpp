@@ -248,10 +248,16 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   const int64_t head_grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, R * d.Dn * d.Dc));
   parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
-      // one head's product (R x Dn x Dc): small_gemm, not a BLAS call per head (a row's value
-      // does not depend on R: speculative verification = plain decoding)
-      small_gemm(false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q,
-                 p.kv_b_proj + h * (d.Dn + d.Dv) * d.Dc, d.Dc, false, qa.data() + h * W, d.H * W);
+      // one head's product (R x Dn x Dc): decoding's few rows on small_gemm, not a BLAS call
+      // per head (a row's value does not depend on R: speculative verification = plain
+      // decoding); a prefill on sgemm
+      if (R <= kLinearGemvRows)
+        small_gemm(false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q,
+                   p.kv_b_proj + h * (d.Dn + d.Dv) * d.Dc, d.Dc, false, qa.data() + h * W,
+                   d.H * W);
+      else
+        sgemm(false, false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q,
+              p.kv_b_proj + h * (d.Dn + d.Dv) * d.Dc, d.Dc, 0.f, qa.data() + h * W, d.H * W);
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(qa.data() + (r * d.H + h) * W + d.Dc, st.q.data() + r * Q + h * d.dqk() + d.Dn,
                     sizeof(float) * d.Dr);
@@ -263,7 +269,10 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   // the context product reads it again after the scores product: the cache comes from memory
   // once, not twice. Shorter contexts are split only to give idle threads work (decoding one
   // sequence).
-  constexpr int64_t kRows = kLinearGemvRows;  // query rows per product (see the scores below)
+  // query rows per product: decoding / verification calls (S <= 16) use blocks of the GEMV's
+  // 16 rows, so a row's scores do not depend on the call's other rows (speculative
+  // verification = plain decoding); a prompt's prefill uses blocks of 64 rows and sgemm
+  const int64_t kRows = S <= kLinearGemvRows ? kLinearGemvRows : 64;
   const int64_t M = S * d.H, blocks = (M + kRows - 1) / kRows;
   const int64_t nt = num_threads();
   constexpr int64_t kChunkKeys = 512;
@@ -281,10 +290,15 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
       const int64_t k0 = part * chunk, n = std::min(L, k0 + chunk) - k0;
       if (n <= 0) continue;
       const float* cb = cache.data + (b * cache.max_len + k0) * W;
-      // scores = scale * q_abs c^T: the GEMV over the chunk's rows (kRows <= its 16 rows, so
-      // every call takes it and a row's scores do not depend on its block), no BLAS call
-      linear_forward(sc.data(), qa.data() + (b * M + m0) * W, cb, m, W, n, GemmPrecision::fp32);
-      for (int64_t i = 0; i < m * n; ++i) sc[i] *= d.scale;
+      // scores = scale * q_abs c^T: decoding's <= 16-row blocks on the GEMV over the chunk's
+      // rows (no BLAS call), a prefill's 64-row blocks on sgemm
+      if (kRows <= kLinearGemvRows) {
+        linear_forward(sc.data(), qa.data() + (b * M + m0) * W, cb, m, W, n, GemmPrecision::fp32);
+        for (int64_t i = 0; i < m * n; ++i) sc[i] *= d.scale;
+      } else {
+        sgemm(false, true, m, n, W, d.scale, qa.data() + (b * M + m0) * W, W, cb, W, 0.f,
+              sc.data(), n);
+      }
       for (int64_t i = 0; i < m; ++i) {
         const int64_t s = (m0 + i) / d.H, visible = std::min(n, start_pos + s + 1 - k0);
         if (parts == 1)
@@ -323,6 +337,13 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   // few rows, no BLAS call per head), then o_proj
   std::vector<float> o((size_t)(R * d.H * d.Dv));
   parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
+    if (R > kLinearGemvRows) {  // a prefill: one strided sgemm per head
+      for (int64_t h = h0; h < h1; ++h)
+        sgemm(false, true, R, d.Dv, d.Dc, 1.f, ctx.data() + h * d.Dc, d.H * d.Dc,
+              p.kv_b_proj + (h * (d.Dn + d.Dv) + d.Dn) * d.Dc, d.Dc, 0.f,
+              o.data() + h * d.Dv, d.H * d.Dv);
+      return;
+    }
     std::vector<float> xin((size_t)(R * d.Dc)), yout((size_t)(R * d.Dv));
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t r = 0; r < R; ++r)

@@ -30,9 +30,10 @@ void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids,
 // (kernels/precision.h: fp32 sgemm, or the bf16/fp8 training GEMMs). fp32 with at most
 // kLinearGemvRows rows runs the GEMV of kernels/wlinear.h instead of sgemm (memory-bound
 // decoding at full bandwidth with any OpenBLAS build; the same fp32 sum up to reassociation).
-// Each side computes a row independently of the call's other rows (so a token's logits are
-// the same in a 1-row decode step and in a speculative verification of up to 16 rows), but
-// the two sides' summation orders differ: a row's bits depend on which side its call is.
+// The GEMV computes a row independently of the call's other rows (so a token's logits are the
+// same in a 1-row decode step and in a speculative verification of up to 16 rows); sgemm's
+// rows may depend on the call's row count (OpenBLAS picks kernels by shape), and the two sides
+// sum in different orders. The GEMV's order also depends on the ISA tier (DSV3_ISA).
 // y = x W^T                               x[R,K]  W[O,K]  y[R,O]
 constexpr int64_t kLinearGemvRows = 16;  // = the GEMV's limit (wlinear_tiers.h kMaxGemvR)
 void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O,
