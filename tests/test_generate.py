@@ -233,9 +233,8 @@ def test_cli_generate(tmp_path, trained):
 
 
 def test_speculative_greedy_equals_plain_greedy_small_config():
-    """Config.small(): here the S=2 verify forward and S=1 steps differ by ~1e-6 in the logits
-    (BLAS picks different kernels for different row counts), far below the top-2 margins, so
-    the tokens must still agree."""
+    """Config.small(): the verify forwards (S = 2 and 4) compute each row as the S = 1 steps do
+    (test_verification_rows_equal_single_decode_steps_bitwise), so the tokens agree."""
     m = dsv3.Model(dsv3.Config.small(), seed=1)
     for prompt in (np.array([256, 72, 101, 108]), np.arange(30, 60)):
         plain = m.generate(prompt, max_new_tokens=16)
@@ -249,8 +248,8 @@ def test_caches_after_speculative_decoding_equal_clean_caches(which, rand_model,
     """After a speculative run with rejections (random model: ~all drafts rejected; trained:
     mostly accepted), the main and MTP caches hold exactly the committed tokens: lengths, and
     rows < length equal caches built from the committed tokens alone (prefill + single steps;
-    the engine's row values depend on how many rows a call computes by ~1e-6, hence rtol
-    1e-4 / atol 1e-5)."""
+    the prompt's prefill (more than 16 rows: sgemm) and the decode steps (the GEMV) sum in
+    other orders, ~1e-6, hence rtol 1e-4 / atol 1e-5)."""
     from dsv3.generate import _decoders
     m = rand_model if which == "random" else trained
     cfg = m.config
@@ -283,3 +282,22 @@ def test_decode_time_excludes_the_callback(rand_model):
     out = rand_model.generate(np.array([1, 2]), max_new_tokens=5,
                               callback=lambda i, t: time.sleep(0.1))
     assert out.stats["decode_seconds"] < 0.3, out.stats  # 5 callbacks sleep 0.5 s in total
+
+
+@pytest.mark.parametrize("P", [40, 300, 600])
+def test_verification_rows_equal_single_decode_steps_bitwise(P):
+    """A cached forward of S <= 16 tokens (speculative verification) computes each token's
+    logits exactly as S single-token steps do, at contexts below and across the decode chunks
+    of 256 keys (kernels/mla.cpp): what makes greedy speculative decoding equal greedy."""
+    cfg = dsv3.Config.small()
+    m = dsv3.Model(cfg, seed=0)
+    prompt = (np.arange(P) * 7 + 1) % cfg.vocab_size
+    for S in (2, 5, 16):
+        c1, c2 = m.new_cache(1, P + 16), m.new_cache(1, P + 16)
+        m.forward(prompt[None], c1)
+        m.forward(prompt[None], c2)
+        toks = (np.arange(S) * 3 + 5) % cfg.vocab_size
+        ver = m.forward(toks[None], c1, start_pos=P)[0]
+        single = np.concatenate([m.forward(toks[i:i + 1][None], c2, start_pos=P + i)[0]
+                                 for i in range(S)])
+        np.testing.assert_array_equal(ver, single, err_msg=f"P={P} S={S}")

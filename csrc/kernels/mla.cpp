@@ -275,13 +275,20 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   const int64_t kRows = S <= kLinearGemvRows ? kLinearGemvRows : 64;
   const int64_t M = S * d.H, blocks = (M + kRows - 1) / kRows;
   const int64_t nt = num_threads();
-  constexpr int64_t kChunkKeys = 512;
+  constexpr int64_t kChunkKeys = 512, kDecodeChunk = 256;
+  // Decoding / verification calls (S <= 16) cut the keys at fixed multiples of kDecodeChunk and
+  // always merge softmax pieces: a query row's chunks, pieces and merge are then the same
+  // whatever the call's length, so speculative verification equals plain decoding at any
+  // context. A prefill sizes its chunks by its length and the idle threads.
+  const bool decode = S <= kLinearGemvRows;
   int64_t parts = (B * blocks < nt && L >= 512) ? std::min<int64_t>(nt, L / 256) : 1;
   parts = std::max(parts, (L + kChunkKeys - 1) / kChunkKeys);
-  const int64_t chunk = (L + parts - 1) / parts;
+  if (decode) parts = (L + kDecodeChunk - 1) / kDecodeChunk;
+  const int64_t chunk = decode ? kDecodeChunk : (L + parts - 1) / parts;
+  const bool pieces = decode || parts > 1;
   std::vector<float> ctx((size_t)(R * d.H * d.Dc));  // [R, H, Dc] latent context
-  std::vector<float> pctx(parts > 1 ? (size_t)(parts * R * d.H * d.Dc) : 0);
-  std::vector<SoftmaxPiece> piece(parts > 1 ? (size_t)(parts * R * d.H) : 0);
+  std::vector<float> pctx(pieces ? (size_t)(parts * R * d.H * d.Dc) : 0);
+  std::vector<SoftmaxPiece> piece(pieces ? (size_t)(parts * R * d.H) : 0);
   parallel_for(B * blocks * parts, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> sc((size_t)(kRows * chunk));
     for (int64_t t = t0; t < t1; ++t) {
@@ -301,17 +308,17 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
       }
       for (int64_t i = 0; i < m; ++i) {
         const int64_t s = (m0 + i) / d.H, visible = std::min(n, start_pos + s + 1 - k0);
-        if (parts == 1)
+        if (!pieces)
           softmax_row(sc.data() + i * n, visible, n);
         else
           piece[(part * B * M) + b * M + m0 + i] = softmax_piece(sc.data() + i * n, visible, n);
       }
-      float* dst = parts == 1 ? ctx.data() : pctx.data() + part * R * d.H * d.Dc;
+      float* dst = !pieces ? ctx.data() : pctx.data() + part * R * d.H * d.Dc;
       small_gemm(false, m, d.Dc, n, 1.f, sc.data(), n, cb, W, false, dst + (b * M + m0) * d.Dc,
                  d.Dc);
     }
   });
-  if (parts > 1) {  // merge the pieces in part order (deterministic)
+  if (pieces) {  // merge the pieces in part order (deterministic)
     const int64_t rows = B * M;
     parallel_for(rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
