@@ -9,6 +9,7 @@ import sys
 from typing import List, Optional
 
 from . import build_info
+from .ops import CACHE_DTYPES
 from .config import Config
 
 _PRESETS = {"tiny": Config.tiny, "small": Config.small, "deepseek_v3": Config.deepseek_v3,
@@ -370,7 +371,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--speculative", choices=["mtp"], default=None,
                    help="MTP speculative decoding")
     p.add_argument("--num-draft-tokens", type=_int_in(1), default=1)
-    p.add_argument("--cache-dtype", choices=("float32", "bfloat16"), default="float32",
+    p.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="float32",
                    help="KV cache storage (bfloat16: half the bytes, rows rounded to bf16)")
     p.add_argument("--eos-token-id", type=_int_in(-1), default=None,
                    help="stop token (default: the config's; -1 = none)")

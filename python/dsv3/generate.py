@@ -26,6 +26,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Unio
 
 import numpy as np
 
+from .ops import CACHE_DTYPES
+
 PromptLike = Union[Sequence[int], np.ndarray]
 
 
@@ -42,7 +44,6 @@ class GenerationOutput:
     per_prompt: Optional[List[Dict[str, float]]] = None
 
 
-CACHE_DTYPES = ("float32", "bfloat16")
 
 # ---------------------------------------------------------------------- sampling
 def check_sampling(temperature, top_k, top_p) -> None:

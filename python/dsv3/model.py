@@ -21,7 +21,7 @@ import numpy as np
 from . import _core, _memory
 from ._args import integer, real
 from .config import Config
-from .ops import KVCache
+from .ops import CACHE_DTYPES, KVCache
 
 
 class Model:
@@ -298,6 +298,6 @@ class Model:
 
 def _cache_dtype(dtype, op: str) -> bool:
     """True for a bf16 cache; ValueError naming ``dtype`` otherwise."""
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"[{op}] dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    if dtype not in CACHE_DTYPES:
+        raise ValueError(f"[{op}] dtype must be one of {CACHE_DTYPES}, got {dtype!r}")
     return dtype == "bfloat16"

@@ -180,6 +180,7 @@ def cross_entropy_backward(logits: np.ndarray, targets: np.ndarray, lse: np.ndar
 
 # ---------------------------------------------------------------- attention layers (MLA, MHA, GQA)
 KVCache = _core.KVCache
+CACHE_DTYPES = ("float32", "bfloat16")  # KVCache(dtype=...), Model.new_cache, generate
 KVCache.__doc__ = """Decoding cache for ``layers`` attention layers, ``batch`` sequences of up to
 ``max_len`` tokens: ``KVCache(cfg, batch=1, max_len=1024, layers=None, dtype="float32")``;
 ``dtype="bfloat16"`` stores the rows rounded to bf16 in half the bytes (the attention reads
