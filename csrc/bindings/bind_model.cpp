@@ -130,8 +130,11 @@ void bind_model(py::module_& m) {
                      shape_str(want), ", got ", shape_str(shape_of(a)));
           todo.emplace_back(&e, std::move(a));
         }
+        std::vector<std::pair<const ParamEntry*, const float*>> src;
+        for (auto& [e, a] : todo) src.emplace_back(e, a.data());
         BusyGuard guard(md.busy, true, "Model");
-        for (auto& [e, a] : todo) std::copy(a.data(), a.data() + e->size, md.params().data() + e->offset);
+        py::gil_scoped_release nogil;  // the arrays stay alive in todo; no Python object is touched
+        for (auto& [e, p] : src) std::copy(p, p + e->size, md.params().data() + e->offset);
       }, arg("values"))
       .def("forward", [](Model& md, py::handle tok) {
         Tokens t = tokens_arg(tok, "Model.forward", 1);

@@ -124,13 +124,17 @@ MhaDims mha_dims(const py::object& cfg) {
 }
 
 py::dict named_copy(const ParamLayout& L, const float* slab, bool trainable_only) {
+  // the arrays are made under the GIL, the copies (a whole model's bytes) run without it
   py::dict d;
+  std::vector<std::pair<const ParamEntry*, float*>> todo;
   for (const ParamEntry& e : L.entries) {
     if (trainable_only && !e.trainable) continue;
     F32 a(Shape(e.shape.begin(), e.shape.end()));
-    std::copy(slab + e.offset, slab + e.offset + e.size, a.mutable_data());
+    todo.emplace_back(&e, a.mutable_data());
     d[py::str(e.name)] = a;
   }
+  py::gil_scoped_release nogil;
+  for (auto& [e, out] : todo) std::copy(slab + e->offset, slab + e->offset + e->size, out);
   return d;
 }
 
