@@ -89,10 +89,82 @@ DSV3_SIMD_CLONES void round_contiguous(uint16_t* dst, const float* src, int64_t 
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_encode(src[i]);
 }
 
+// ---- codes -> bf16 with AVX-512BW (Bf16Src::signed_table) ------------------------------------
+// The 128 magnitudes of the table sit in four zmm of 32 words; vpermt2w looks up 32 codes in
+// two of them (index bits 0-5), bit 6 picks the pair, bit 7 is the sign (ORed into bit 15).
+#if DSV3_LOWP_X86
+#define DSV3_BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+struct CodeLut {
+  __m512i t[4];
+};
+DSV3_BW inline CodeLut code_lut(const uint16_t* table) {
+  CodeLut l;
+  for (int i = 0; i < 4; ++i) l.t[i] = _mm512_loadu_si512(table + 32 * i);
+  return l;
+}
+// c: 32 codes zero-extended to words
+DSV3_BW inline __m512i decode32(__m512i c, const CodeLut& l) {
+  const __m512i lo = _mm512_permutex2var_epi16(l.t[0], c, l.t[1]);
+  const __m512i hi = _mm512_permutex2var_epi16(l.t[2], c, l.t[3]);
+  const __m512i mag = _mm512_mask_blend_epi16(_mm512_test_epi16_mask(c, _mm512_set1_epi16(0x40)), lo, hi);
+  return _mm512_or_si512(mag, _mm512_slli_epi16(_mm512_and_si512(c, _mm512_set1_epi16(0x80)), 8));
+}
+DSV3_BW inline __m512i load_codes(const uint8_t* p, int64_t n) {  // n in [0, 32]; zeros past n
+  const __mmask32 m = n >= 32 ? ~(__mmask32)0 : (__mmask32)((1u << n) - 1u);
+  return _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(m, p));
+}
+DSV3_BW void decode_run_bw(uint16_t* dst, const uint8_t* src, int64_t n, const uint16_t* table) {
+  const CodeLut l = code_lut(table);
+  for (int64_t i = 0; i < n; i += 32) {
+    const int64_t w = std::min<int64_t>(32, n - i);
+    const __mmask32 m = w == 32 ? ~(__mmask32)0 : (__mmask32)((1u << w) - 1u);
+    _mm512_mask_storeu_epi16(dst + i, m, decode32(load_codes(src + i, w), l));
+  }
+}
+// One k pair of a B panel from a transposed code source: out[2l + h] = decode(rh[l]) for the
+// first w of 64 lanes (zeros beyond, and for h = 1 when r1 is null: K odd).
+DSV3_BW void pack_pair_bw(uint16_t* out, const uint8_t* r0, const uint8_t* r1, int64_t w,
+                          const uint16_t* table) {
+  const CodeLut l = code_lut(table);
+  alignas(64) static const uint16_t kIdx[2][32] = {
+      {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
+      {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+       24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
+  const __m512i ilo = _mm512_load_si512(kIdx[0]), ihi = _mm512_load_si512(kIdx[1]);
+  for (int64_t h = 0; h < 64; h += 32) {  // lanes h .. h+31
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(32, w - h));
+    const __mmask32 m = n >= 32 ? ~(__mmask32)0 : (__mmask32)((1u << n) - 1u);
+    const __m512i a = _mm512_maskz_mov_epi16(m, decode32(load_codes(r0 + h, n), l));
+    const __m512i b = r1 ? _mm512_maskz_mov_epi16(m, decode32(load_codes(r1 + h, n), l))
+                         : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + 2 * h, _mm512_permutex2var_epi16(a, ilo, b));
+    _mm512_storeu_si512(out + 2 * h + 32, _mm512_permutex2var_epi16(a, ihi, b));
+  }
+}
+#undef DSV3_BW
+#endif
+
+bool have_bw() {
+#if DSV3_LOWP_X86
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
 // dst[0:n] = elements (i, k0 .. k0+n) of s
 void convert_run(uint16_t* dst, const Bf16Src& s, int64_t i, int64_t k0, int64_t n) {
   const int64_t o = i * s.rs + k0 * s.cs;
   if (s.f32 && s.cs == 1) return round_contiguous(dst, s.f32 + o, n);
+#if DSV3_LOWP_X86
+  if (!s.f32 && s.cs == 1 && s.signed_table && have_bw())
+    return decode_run_bw(dst, s.codes + o, n, s.table);
+#endif
   if (s.f32)
     for (int64_t k = 0; k < n; ++k) dst[k] = bf16_encode(s.f32[o + k * s.cs]);
   else
@@ -162,6 +234,14 @@ void bf16_pack_b(Bf16PackedB& out, const Bf16Src& b, int64_t N, int64_t K) {
           for (int64_t q = q0; q < q1; ++q)
             std::memcpy(panel + (q * kNR + l) * 2, run + 2 * (q - q0), 4);
         }
+      } else if (!b.f32 && b.signed_table && have_bw()) {  // B^T codes: vector pairs
+#if DSV3_LOWP_X86
+        const int64_t w = std::min(kNR, N - j * kNR);
+        for (int64_t q = q0; q < q1; ++q) {
+          const uint8_t* r0 = b.codes + j * kNR + 2 * q * b.cs;
+          pack_pair_bw(panel + q * kNR * 2, r0, 2 * q + 1 < K ? r0 + b.cs : nullptr, w, b.table);
+        }
+#endif
       } else {  // B^T is stored (rs == 1): lanes are contiguous in the source
         for (int64_t q = q0; q < q1; ++q)
           for (int64_t h = 0; h < 2; ++h)

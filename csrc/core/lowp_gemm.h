@@ -54,6 +54,9 @@ struct Bf16Src {
   const float* f32 = nullptr;        // fp32 values, rounded RNE, or
   const uint8_t* codes = nullptr;    // 8-bit codes mapped through table
   const uint16_t* table = nullptr;   //   (256 bf16 bit patterns, e.g. an exact fp8 decode)
+  bool signed_table = false;         // table[c | 0x80] == table[c] | 0x8000 for c < 128 (a
+                                     //   sign-magnitude code, as E4M3/E5M2): lets AVX-512BW
+                                     //   decode 32 codes per instruction pair
   int64_t rs = 0, cs = 1;
 };
 

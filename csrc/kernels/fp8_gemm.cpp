@@ -154,9 +154,27 @@ const uint16_t* bf16_table(Fp8Format fmt) {
   return fmt == Fp8Format::e5m2 ? e5m2.data() : e4m3.data();
 }
 
-bool fast_exact(int64_t K, const Fp8GemmOptions& opts) {
-  const int64_t P = opts.promotion_interval == 0 ? K : opts.promotion_interval;
-  return lowp_tier() != LowpTier::fp32 && (P % 2 == 0 || P >= K);
+// table[c | 0x80] == table[c] | 0x8000: true of both formats (sign-magnitude codes, NaN kept
+// with its sign); checked once per table rather than assumed
+bool table_is_signed(const uint16_t* t) {
+  static const auto check = [](const uint16_t* u) {
+    for (int c = 0; c < 128; ++c)
+      if (u[c | 0x80] != (uint16_t)(u[c] | 0x8000)) return false;
+    return true;
+  };
+  static const bool e4m3 = check(bf16_table(Fp8Format::e4m3)),
+                    e5m2 = check(bf16_table(Fp8Format::e5m2));
+  return t == bf16_table(Fp8Format::e4m3) ? e4m3 : t == bf16_table(Fp8Format::e5m2) ? e5m2 : check(t);
+}
+
+Bf16Src code_src(const uint8_t* codes, Fp8Format fmt, int64_t rs, int64_t cs) {
+  Bf16Src s;
+  s.codes = codes;
+  s.table = bf16_table(fmt);
+  s.signed_table = table_is_signed(s.table);
+  s.rs = rs;
+  s.cs = cs;
+  return s;
 }
 
 LowpScales lowp_scales(const Fp8Operand& a, const Fp8Operand& b, int64_t K,
@@ -218,26 +236,39 @@ void fp8_gemm(float* C, const Fp8Operand& a, const Fp8Operand& b, int64_t M, int
     emulated_gemm(C, a, b, M, N, K, opts, accumulate);
     return;
   }
-  if (fast_exact(K, opts)) {
-    Bf16Src sa, sb;
-    sa.codes = a.codes;
-    sa.table = bf16_table(a.fmt);
-    sa.rs = K;
-    sb.codes = b.codes;
-    sb.table = bf16_table(b.fmt);
-    sb.rs = K;
-    std::vector<uint16_t> pa;
+  if (fp8_gemm_packable(K, opts)) {
     Bf16PackedB pb;
-    bf16_pack_a(pa, sa, M, K);
-    bf16_pack_b(pb, sb, N, K);
-    const LowpScales s = lowp_scales(a, b, K, opts);
-    bf16_gemm_packed(C, N, pa.data(), M, pb, &s, accumulate);
+    fp8_pack_b(pb, b.codes, b.fmt, N, K, false);
+    fp8_gemm(C, a, b, pb, M, N, K, opts, accumulate);
     return;
   }
   std::vector<float> A((size_t)(M * K)), B((size_t)(N * K));
   fp8_dequantize(A.data(), a.codes, a.scales, M, K, a.block, a.fmt);
   fp8_dequantize(B.data(), b.codes, b.scales, N, K, b.block, b.fmt);
   sgemm(false, true, M, N, K, 1.f, A.data(), K, B.data(), K, accumulate ? 1.f : 0.f, C, N);
+}
+
+bool fp8_gemm_packable(int64_t K, const Fp8GemmOptions& opts) {
+  const int64_t P = opts.promotion_interval == 0 ? K : opts.promotion_interval;
+  return opts.accumulator_bits == 0 && lowp_tier() != LowpTier::fp32 && (P % 2 == 0 || P >= K);
+}
+
+void fp8_pack_b(Bf16PackedB& out, const uint8_t* codes, Fp8Format fmt, int64_t N, int64_t K,
+                bool transposed) {
+  bf16_pack_b(out, transposed ? code_src(codes, fmt, 1, N) : code_src(codes, fmt, K, 1), N, K);
+}
+
+void fp8_gemm(float* C, const Fp8Operand& a, const Fp8Operand& b, const Bf16PackedB& b_panels,
+              int64_t M, int64_t N, int64_t K, const Fp8GemmOptions& opts, bool accumulate) {
+  fp8_gemm_check(a, b, M, N, K, opts);
+  DSV3_CHECK(fp8_gemm_packable(K, opts) && b_panels.N == N && b_panels.K == K,
+             "[fp8.gemm] packed B of ", b_panels.N, "x", b_panels.K, " used for ", N, "x", K,
+             " or outside the packable case");
+  if (M == 0 || N == 0) return;
+  std::vector<uint16_t> pa;
+  bf16_pack_a(pa, code_src(a.codes, a.fmt, K, 1), M, K);
+  const LowpScales s = lowp_scales(a, b, K, opts);
+  bf16_gemm_packed(C, N, pa.data(), M, b_panels, &s, accumulate);
 }
 
 }  // namespace dsv3

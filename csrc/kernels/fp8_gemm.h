@@ -31,6 +31,7 @@
 #pragma once
 #include <cstdint>
 
+#include "core/lowp_gemm.h"
 #include "kernels/fp8.h"
 
 namespace dsv3 {
@@ -53,6 +54,19 @@ struct Fp8GemmOptions {
 // C = A @ B^T (or C += when accumulate)       a: [M,K]  b: [N,K]  C[M,N] fp32
 void fp8_gemm(float* C, const Fp8Operand& a, const Fp8Operand& b, int64_t M, int64_t N,
               int64_t K, const Fp8GemmOptions& opts, bool accumulate);
+
+// B packed once for several products: the panels of core/lowp_gemm.h holding b's codes decoded
+// to bf16. Only where fp8_gemm_packable(K, opts) (a bf16 tier, exact accumulation, an even
+// promotion interval or one covering K); fp8_gemm with the panels is then bit-identical to
+// fp8_gemm without them. transposed: b.codes hold B^T [K,N] row-major (element (n,k) at
+// codes[k*N + n]); the panels are those of B itself.
+bool fp8_gemm_packable(int64_t K, const Fp8GemmOptions& opts);
+void fp8_pack_b(Bf16PackedB& out, const uint8_t* codes, Fp8Format fmt, int64_t N, int64_t K,
+                bool transposed);
+// C = (or +=) A @ B^T with B given as panels (fp8_pack_b) and its scales in b (b.codes unused
+// beyond the checks)
+void fp8_gemm(float* C, const Fp8Operand& a, const Fp8Operand& b, const Bf16PackedB& b_panels,
+              int64_t M, int64_t N, int64_t K, const Fp8GemmOptions& opts, bool accumulate);
 
 // Checks the option/layout combination (std::invalid_argument "[fp8.gemm] ..."); fp8_gemm
 // calls it, bindings may call it early.

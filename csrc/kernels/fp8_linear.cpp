@@ -1,6 +1,7 @@
 #include "kernels/fp8_linear.h"
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "core/check.h"
@@ -76,25 +77,65 @@ void check_sizes(int64_t R, int64_t K, int64_t O, const char* op) {
              " O=", O);
 }
 
+// The cache applies to the training step's recipe (lowp_weights.h); other options (the
+// research knobs of dsv3.fp8.linear) prepare per call.
+bool cacheable(const Fp8LinearOptions& o, int64_t K) {
+  const Fp8LinearOptions d;
+  return o.weight_fmt == d.weight_fmt && o.pow2_scale == d.pow2_scale &&
+         fp8_gemm_packable(K, o.gemm);
+}
+
 }  // namespace
 
 void fp8_linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K,
-                        int64_t O, const Fp8LinearOptions& opts) {
+                        int64_t O, const Fp8LinearOptions& opts, LowpWeightCache* weights) {
   check_sizes(R, K, O, "linear");
   if (R == 0 || O == 0) return;
   Quantized qx(x, R, K, {1, kTile}, opts.act_fmt, opts.pow2_scale);
+  if (weights && cacheable(opts, K)) {
+    const Fp8PreparedWeight& pw = weights->fp8(w, O, K);
+    const Fp8Operand b{pw.codes.data(), pw.scales.data(), {kTile, kTile}, Fp8Format::e4m3};
+    fp8_gemm(y, qx.op, b, pw.panels, R, O, K, opts.gemm, false);
+    return;
+  }
   Quantized qw(w, O, K, {kTile, kTile}, opts.weight_fmt, opts.pow2_scale);
   fp8_gemm(y, qx.op, qw.op, R, O, K, opts.gemm, false);
 }
 
 void fp8_linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                         int64_t R, int64_t K, int64_t O, const Fp8LinearOptions& opts) {
+                         int64_t R, int64_t K, int64_t O, const Fp8LinearOptions& opts,
+                         LowpWeightCache* weights) {
   check_sizes(R, K, O, "linear_backward");
   if (dx && R > 0 && K > 0) {  // dx[R,K] += dy[R,O] @ W[O,K]: inner dimension O
     const Quantized qdy(dy, R, O, {1, kTile}, opts.grad_fmt, opts.pow2_scale);
-    const Quantized qwt = Quantized::transposed(
-        Quantized(w, O, K, {kTile, kTile}, opts.weight_fmt, opts.pow2_scale), O, K);
-    fp8_gemm(dx, qdy.op, qwt.op, R, K, O, opts.gemm, true);
+    if (fp8_gemm_packable(O, opts.gemm)) {
+      // Q(W^T)'s panels straight from Q(W)'s codes read transposed; its scales transposed
+      std::unique_ptr<Quantized> own;
+      const uint8_t* codes;
+      const float* scales;
+      if (weights && cacheable(opts, O)) {
+        const Fp8PreparedWeight& pw = weights->fp8(w, O, K);
+        codes = pw.codes.data();
+        scales = pw.scales.data();
+      } else {
+        own = std::make_unique<Quantized>(w, O, K, Fp8Block{kTile, kTile}, opts.weight_fmt,
+                                          opts.pow2_scale);
+        codes = own->op.codes;
+        scales = own->op.scales;
+      }
+      const int64_t ob = fp8_blocks(O, kTile), kb = fp8_blocks(K, kTile);
+      std::vector<float> st((size_t)(ob * kb));
+      for (int64_t i = 0; i < ob; ++i)
+        for (int64_t j = 0; j < kb; ++j) st[(size_t)(j * ob + i)] = scales[i * kb + j];
+      Bf16PackedB panels;
+      fp8_pack_b(panels, codes, opts.weight_fmt, K, O, true);
+      const Fp8Operand b{codes, st.data(), {kTile, kTile}, opts.weight_fmt};
+      fp8_gemm(dx, qdy.op, b, panels, R, K, O, opts.gemm, true);
+    } else {
+      const Quantized qwt = Quantized::transposed(
+          Quantized(w, O, K, {kTile, kTile}, opts.weight_fmt, opts.pow2_scale), O, K);
+      fp8_gemm(dx, qdy.op, qwt.op, R, K, O, opts.gemm, true);
+    }
   }
   if (dw && O > 0 && K > 0) {  // dW[O,K] += dy^T[O,R] @ x[R,K]: inner dimension R
     const Quantized qdyt(dy, R, O, opts.grad_fmt, opts.pow2_scale);

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "kernels/fp8_gemm.h"
+#include "kernels/lowp_weights.h"
 
 namespace dsv3 {
 
@@ -29,10 +30,14 @@ struct Fp8LinearOptions {
 };
 
 // y = Q(x) Q(W)^T                               x[R,K]  w[O,K]  y[R,O]
+// weights: the per-step cache (kernels/lowp_weights.h), used with the default options on a
+// bf16 tier; results are bit-identical with or without it.
 void fp8_linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K,
-                        int64_t O, const Fp8LinearOptions& opts);
+                        int64_t O, const Fp8LinearOptions& opts,
+                        LowpWeightCache* weights = nullptr);
 // dx += Q(dy) Q(W^T)^T ; dw += Q(dy^T) Q(x^T)^T  dy[R,O]  dx[R,K]  dw[O,K]
 void fp8_linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                         int64_t R, int64_t K, int64_t O, const Fp8LinearOptions& opts);
+                         int64_t R, int64_t K, int64_t O, const Fp8LinearOptions& opts,
+                         LowpWeightCache* weights = nullptr);
 
 }  // namespace dsv3

@@ -99,7 +99,7 @@ DSV3_SIMD_CLONES float swiglu_backward_row(float* __restrict__ h, float* __restr
 
 void moe_run_experts(float* ye, float* y_shared, const MoeActs& a, const float* x, int64_t K,
                      int64_t E, const SwiGluParams* experts, const SwiGluParams* shared,
-                     int64_t T, int64_t D, int64_t F, int64_t S, GemmPrecision prec) {
+                     int64_t T, int64_t D, int64_t F, int64_t S, const LinearMode& prec) {
   // item e < E is routed expert e, item E the shared expert (writes y_shared directly)
   std::vector<int64_t> rows(a.expert_count, a.expert_count + E);
   if (shared) rows.push_back(T);
@@ -130,7 +130,7 @@ void moe_run_experts_backward(float* dxs, float* dx_shared, float* d_topk_weight
                               const float* dy, const MoeActs& a, const float* x, int64_t K,
                               int64_t E, const SwiGluParams* experts,
                               const SwiGluParams* shared, int64_t T, int64_t D, int64_t F,
-                              int64_t S, GemmPrecision prec) {
+                              int64_t S, const LinearMode& prec) {
   std::vector<int64_t> rows(a.expert_count, a.expert_count + E);
   if (shared) rows.push_back(T);
   for_each_expert(rows, [&](int64_t e) {

@@ -63,7 +63,7 @@ struct MoeEpState {
 // p is x[dispatch_slot[p] / K]) and the shared expert (when shared is set; writes y_shared).
 void moe_run_experts(float* ye, float* y_shared, const MoeActs& a, const float* x, int64_t K,
                      int64_t E, const SwiGluParams* experts, const SwiGluParams* shared,
-                     int64_t T, int64_t D, int64_t F, int64_t S, GemmPrecision prec);
+                     int64_t T, int64_t D, int64_t F, int64_t S, const LinearMode& prec);
 // Its backward: dxs[N,D] routed input gradients per dispatched row (set; may be null),
 // dx_shared += the shared expert's (may be null), d_topk_weight[slot] = dL/dw.
 void moe_run_experts_backward(float* dxs, float* dx_shared, float* d_topk_weight,
@@ -71,7 +71,7 @@ void moe_run_experts_backward(float* dxs, float* dx_shared, float* d_topk_weight
                               const float* dy, const MoeActs& a, const float* x, int64_t K,
                               int64_t E, const SwiGluParams* experts,
                               const SwiGluParams* shared, int64_t T, int64_t D, int64_t F,
-                              int64_t S, GemmPrecision prec);
+                              int64_t S, const LinearMode& prec);
 
 // The values the experts compute on with fp8_dispatch: Q(x) dequantized, E4M3 with one scale
 // per 1x128 tile of each row (fp8.h's quantizer). With ep == 1 (one process) moe_forward

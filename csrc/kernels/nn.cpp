@@ -140,7 +140,7 @@ void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids,
 static_assert(kLinearGemvRows <= wlin::kMaxGemvR, "linear's GEMV rows must be the GEMV's");
 
 void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O,
-                    GemmPrecision p) {
+                    const LinearMode& p) {
   if (p != GemmPrecision::fp32) return lowp_linear_forward(y, x, w, R, K, O, p);
   // A few rows (batch-1 decoding, speculative verification, an expert with few tokens): the
   // memory-bound GEMV of kernels/wlinear.h, which streams w once at the machine's bandwidth
@@ -152,7 +152,7 @@ void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t
 }
 
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                     int64_t R, int64_t K, int64_t O, GemmPrecision p, bool set_dx) {
+                     int64_t R, int64_t K, int64_t O, const LinearMode& p, bool set_dx) {
   if (p != GemmPrecision::fp32) {
     if (dx && set_dx) std::fill_n(dx, R * K, 0.f);  // the low-precision GEMMs accumulate
     return lowp_linear_backward(dx, dw, dy, x, w, R, K, O, p);

@@ -37,19 +37,19 @@ void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids,
 // y = x W^T                               x[R,K]  W[O,K]  y[R,O]
 constexpr int64_t kLinearGemvRows = 16;  // = the GEMV's limit (wlinear_tiers.h kMaxGemvR)
 void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O,
-                    GemmPrecision p);
+                    const LinearMode& p);
 // dx += dy W ;  dW += dy^T x              dy[R,O]   (set_dx: dx = dy W, dx need not be zeroed)
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                     int64_t R, int64_t K, int64_t O, GemmPrecision p, bool set_dx = false);
+                     int64_t R, int64_t K, int64_t O, const LinearMode& p, bool set_dx = false);
 // The same over a weight view (the parameter structs hold views, kernels/wlinear.h); w must be
 // [O, K]. Forward: an fp32 view is the call above (any precision, bit-identical); a bf16 / fp8
 // view is a resident inference weight and needs p == fp32 (wlinear_forward dequantizes on
 // the fly). Backward: fp32 views only (training needs fp32 master weights); a resident bf16 /
 // fp8 view throws std::invalid_argument.
 void linear_forward(float* y, const float* x, const WeightView& w, int64_t R, int64_t K,
-                    int64_t O, GemmPrecision p);
+                    int64_t O, const LinearMode& p);
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const WeightView& w,
-                     int64_t R, int64_t K, int64_t O, GemmPrecision p, bool set_dx = false);
+                     int64_t R, int64_t K, int64_t O, const LinearMode& p, bool set_dx = false);
 // w as an fp32 pointer for the training paths; a bf16 / fp8 view throws std::invalid_argument
 // naming op.
 const float* f32_weight(const WeightView& w, const char* op);

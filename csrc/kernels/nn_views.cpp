@@ -34,7 +34,7 @@ const float* f32_weight(const WeightView& w, const char* op) {
 }
 
 void linear_forward(float* y, const float* x, const WeightView& w, int64_t R, int64_t K,
-                    int64_t O, GemmPrecision p) {
+                    int64_t O, const LinearMode& p) {
   check_shape(w, O, K, "linear");
   if (w.fmt == WeightFormat::fp32) return linear_forward(y, x, w.as_f32(), R, K, O, p);
   DSV3_CHECK(p == GemmPrecision::fp32, "[linear] a resident ", weight_format_name(w.fmt),
@@ -44,7 +44,7 @@ void linear_forward(float* y, const float* x, const WeightView& w, int64_t R, in
 }
 
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const WeightView& w,
-                     int64_t R, int64_t K, int64_t O, GemmPrecision p, bool set_dx) {
+                     int64_t R, int64_t K, int64_t O, const LinearMode& p, bool set_dx) {
   check_shape(w, O, K, "linear_backward");
   linear_backward(dx, dw, dy, x, f32_weight(w, "linear_backward"), R, K, O, p, set_dx);
 }

@@ -8,6 +8,7 @@
 #include "core/bf16.h"
 #include "core/check.h"
 #include "core/parallel.h"
+#include "core/simd.h"
 
 namespace dsv3 {
 
@@ -35,14 +36,59 @@ Coeffs coeffs(const AdamWParams& p, const char* op) {
           {1.f, 1.f, 1.f - p.lr * p.weight_decay}};
 }
 
-inline void update(float& w, float g, float m, float v, const Coeffs& c, int mode, float* mo,
-                   float* vo) {
-  m = c.b1 * m + (1.f - c.b1) * g;
-  v = c.b2 * v + (1.f - c.b2) * (g * g);
-  const float mh = m * c.c1, vh = v * c.c2;
-  w = w * c.decay[mode] - c.lr * (mh / (std::sqrt(vh) + c.eps));
-  *mo = m;
-  *vo = v;
+
+// update() over n elements, branch-free so that the SIMD clones vectorize it (the optimizer
+// is a pass over the whole slab: scalar sqrt and division made it the step's second-largest
+// cost). A frozen element (mode 0) is computed and discarded: its old values are stored back.
+// The same IEEE operations per element as the scalar form (no contraction: simd.h), so the
+// results are bit-identical to it in every clone.
+DSV3_SIMD_CLONES void adamw_run(float* __restrict__ w, const float* __restrict__ g,
+                                float* __restrict__ m, float* __restrict__ v,
+                                const uint8_t* __restrict__ mode, int64_t n, const Coeffs& cr) {
+  const Coeffs c = cr;
+  const float keep_decay = c.decay[2];
+  for (int64_t i = 0; i < n; ++i) {
+    const int md = mode ? mode[i] : 2;
+    const float mi = c.b1 * m[i] + (1.f - c.b1) * g[i];
+    const float vi = c.b2 * v[i] + (1.f - c.b2) * (g[i] * g[i]);
+    const float mh = mi * c.c1, vh = vi * c.c2;
+    const float wi = w[i] * (md == 2 ? keep_decay : 1.f) - c.lr * (mh / (std::sqrt(vh) + c.eps));
+    w[i] = md ? wi : w[i];
+    m[i] = md ? mi : m[i];
+    v[i] = md ? vi : v[i];
+  }
+}
+
+// adamw_run with bf16 moments: decoded, updated in fp32, re-encoded (RNE)
+DSV3_SIMD_CLONES void adamw_run_bf16(float* __restrict__ w, const float* __restrict__ g,
+                                     uint16_t* __restrict__ m, uint16_t* __restrict__ v,
+                                     const uint8_t* __restrict__ mode, int64_t n,
+                                     const Coeffs& cr) {
+  const Coeffs c = cr;
+  const float keep_decay = c.decay[2];
+  for (int64_t i = 0; i < n; ++i) {
+    const int md = mode ? mode[i] : 2;
+    const float mi = c.b1 * bf16_decode(m[i]) + (1.f - c.b1) * g[i];
+    const float vi = c.b2 * bf16_decode(v[i]) + (1.f - c.b2) * (g[i] * g[i]);
+    const float mh = mi * c.c1, vh = vi * c.c2;
+    const float wi = w[i] * (md == 2 ? keep_decay : 1.f) - c.lr * (mh / (std::sqrt(vh) + c.eps));
+    w[i] = md ? wi : w[i];
+    m[i] = md ? bf16_encode(mi) : m[i];
+    v[i] = md ? bf16_encode(vi) : v[i];
+  }
+}
+
+// sum of x^2 in double over n elements: 8 partial sums (element i into lane i % 8, in order),
+// then added lane 0 .. 7; vectorizable, and the same for every clone and thread count
+DSV3_SIMD_CLONES double sum_squares_run(const float* __restrict__ x, int64_t n) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) lane[l] += (double)x[i + l] * (double)x[i + l];
+  for (int l = 0; i + l < n; ++l) lane[l] += (double)x[i + l] * (double)x[i + l];
+  double s = 0;
+  for (int l = 0; l < 8; ++l) s += lane[l];
+  return s;
 }
 
 }  // namespace
@@ -52,10 +98,7 @@ void adamw_update(float* w, const float* g, float* m, float* v, int64_t n, const
                   const uint8_t* mode) {
   const Coeffs c = coeffs(p, "adamw");
   parallel_for(n, kGrain, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const int md = mode ? mode[i] : 2;
-      if (md) update(w[i], g[i], m[i], v[i], c, md, &m[i], &v[i]);
-    }
+    adamw_run(w + a, g + a, m + a, v + a, mode ? mode + a : nullptr, b - a, c);
   });
 }
 
@@ -63,14 +106,7 @@ void adamw_update_bf16(float* w, const float* g, uint16_t* m, uint16_t* v, int64
                        const AdamWParams& p, const uint8_t* mode) {
   const Coeffs c = coeffs(p, "adamw");
   parallel_for(n, kGrain, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const int md = mode ? mode[i] : 2;
-      if (!md) continue;
-      float mo, vo;
-      update(w[i], g[i], bf16_decode(m[i]), bf16_decode(v[i]), c, md, &mo, &vo);
-      m[i] = bf16_encode(mo);
-      v[i] = bf16_encode(vo);
-    }
+    adamw_run_bf16(w + a, g + a, m + a, v + a, mode ? mode + a : nullptr, b - a, c);
   });
 }
 
@@ -79,12 +115,7 @@ double sum_squares(const float* g, int64_t n) {
   const int64_t chunks = (n + C - 1) / C;
   std::vector<double> part((size_t)chunks, 0.0);
   parallel_for(chunks, 4, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double s = 0;
-      const int64_t e = std::min(n, (c + 1) * C);
-      for (int64_t i = c * C; i < e; ++i) s += (double)g[i] * (double)g[i];
-      part[c] = s;
-    }
+    for (int64_t c = c0; c < c1; ++c) part[c] = sum_squares_run(g + c * C, std::min(n, (c + 1) * C) - c * C);
   });
   double s = 0;
   for (double x : part) s += x;

@@ -28,8 +28,8 @@ void adamw_update(float* w, const float* g, float* m, float* v, int64_t n, const
 void adamw_update_bf16(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n,
                        const AdamWParams& p, const uint8_t* mode = nullptr);
 
-// sum_i g_i^2 in double over fixed 4096-element chunks combined in order: the same value for
-// every thread count.
+// sum_i g_i^2 in double over fixed 4096-element chunks combined in order (inside a chunk 8
+// interleaved partial sums): the same value for every thread count and ISA.
 double sum_squares(const float* g, int64_t n);
 
 // x[n] *= s

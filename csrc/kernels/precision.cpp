@@ -8,6 +8,7 @@
 #include "core/lowp_gemm.h"
 #include "core/parallel.h"
 #include "kernels/fp8_linear.h"
+#include "kernels/lowp_weights.h"
 
 namespace dsv3 {
 
@@ -43,13 +44,19 @@ GemmPrecision parse_gemm_precision(const char* s) {
 }
 
 void lowp_linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K,
-                         int64_t O, GemmPrecision p) {
+                         int64_t O, const LinearMode& p) {
   if (R == 0 || O == 0) return;
-  if (p == GemmPrecision::fp8) {
-    fp8_linear_forward(y, x, w, R, K, O, Fp8LinearOptions{});
+  if (p.kind == GemmPrecision::fp8) {
+    fp8_linear_forward(y, x, w, R, K, O, Fp8LinearOptions{}, p.weights);
     return;
   }
   if (lowp_tier() != LowpTier::fp32) {  // y = x W^T on the bf16 units (core/lowp_gemm.h)
+    if (p.weights && K > 0) {            // W's panels once per loss call (lowp_weights.h)
+      std::vector<uint16_t> pa;
+      bf16_pack_a(pa, src(x, K, 1), R, K);
+      bf16_gemm_packed(y, O, pa.data(), R, p.weights->bf16(w, O, K), nullptr, false);
+      return;
+    }
     bf16_gemm(y, O, src(x, K, 1), src(w, K, 1), R, O, K, false);
     return;
   }
@@ -58,9 +65,9 @@ void lowp_linear_forward(float* y, const float* x, const float* w, int64_t R, in
 }
 
 void lowp_linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                          int64_t R, int64_t K, int64_t O, GemmPrecision p) {
-  if (p == GemmPrecision::fp8) {
-    fp8_linear_backward(dx, dw, dy, x, w, R, K, O, Fp8LinearOptions{});
+                          int64_t R, int64_t K, int64_t O, const LinearMode& p) {
+  if (p.kind == GemmPrecision::fp8) {
+    fp8_linear_backward(dx, dw, dy, x, w, R, K, O, Fp8LinearOptions{}, p.weights);
     return;
   }
   if (R == 0 || K == 0 || O == 0) return;

@@ -20,13 +20,28 @@ namespace dsv3 {
 
 enum class GemmPrecision : int { fp32 = 0, bf16 = 1, fp8 = 2 };
 
+class LowpWeightCache;  // kernels/lowp_weights.h
+
+// What the parameter structs carry and the linear path takes: the precision of the call and,
+// in a training step, the cache of weights prepared once per loss call (null: each call
+// prepares its own; results are bit-identical either way). Converts implicitly from
+// GemmPrecision, so an fp32 call site just passes GemmPrecision::fp32.
+struct LinearMode {
+  GemmPrecision kind = GemmPrecision::fp32;
+  LowpWeightCache* weights = nullptr;
+  LinearMode() = default;
+  LinearMode(GemmPrecision k, LowpWeightCache* w = nullptr) : kind(k), weights(w) {}  // NOLINT
+  bool operator==(GemmPrecision k) const { return kind == k; }
+  bool operator!=(GemmPrecision k) const { return kind != k; }
+};
+
 GemmPrecision parse_gemm_precision(const char* s);  // "fp32" | "bf16" | "fp8", else ValueError
 
 // The low-precision forms of linear_forward / linear_backward (nn.h), same shapes and
 // accumulate semantics: y = x W^T (overwrites);  dx += dy W ;  dW += dy^T x.
 void lowp_linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K,
-                         int64_t O, GemmPrecision p);
+                         int64_t O, const LinearMode& p);
 void lowp_linear_backward(float* dx, float* dw, const float* dy, const float* x, const float* w,
-                          int64_t R, int64_t K, int64_t O, GemmPrecision p);
+                          int64_t R, int64_t K, int64_t O, const LinearMode& p);
 
 }  // namespace dsv3

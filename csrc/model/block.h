@@ -37,7 +37,7 @@ struct BlockParams {
   MoeParams experts; // MoE layers (gate, bias, experts, shared_experts)
 };
 // The GEMM precision of every projection of the block (attention, dense MLP or experts).
-inline void set_precision(BlockParams& b, GemmPrecision p) {
+inline void set_precision(BlockParams& b, const LinearMode& p) {
   b.mla.precision = b.mha.precision = b.mlp.precision = b.experts.precision = p;
 }
 struct BlockGrads {

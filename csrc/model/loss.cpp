@@ -10,6 +10,7 @@
 #include "core/check.h"
 #include "kernels/balance.h"
 #include "kernels/nn.h"
+#include "kernels/lowp_weights.h"
 #include "kernels/precision.h"
 #include "model/model.h"
 
@@ -59,7 +60,8 @@ void head_loss_backward(float* dx, float* dw, double scale, const HeadLoss& h, c
 struct Model::LossState {
   int64_t B = 0, N = 0, T = 0;
   double alpha = 0, mtp_weight = 0;
-  GemmPrecision precision = GemmPrecision::fp32;  // of the blocks' and MTP's projections
+  LinearMode precision;       // of the blocks' and MTP's projections
+  LowpWeightCache weights;    // their weights prepared once for this call (bf16 / fp8)
   ExpertParallel* ep = nullptr;                   // expert-parallel training (moe_ep.h)
   const LossHooks* hooks = nullptr;
   std::vector<int64_t> input;             // [B*T] t_0 .. t_{N-2} of each sequence
@@ -85,7 +87,7 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
              "holds resident weights for inference (load it with Model.from_pretrained(dir) ",
              "to train)");
   LossState st;
-  st.precision = precision;
+  st.precision = LinearMode(precision, precision == GemmPrecision::fp32 ? nullptr : &st.weights);
   st.ep = ep;
   st.hooks = hooks;
   const LossParts out = loss_forward(st, tokens, B, N, alpha, mtp_weight, grads != nullptr);

@@ -21,7 +21,7 @@ WeightView Model::head() const { return param_view(head_name()); }
 WeightView Model::embed() const { return param_view(hf::embed_tokens); }
 const float* Model::final_norm() const { return layout_.ptr(w_.data(), hf::norm); }
 
-BlockParams Model::block_params(int64_t i, GemmPrecision p, ExpertParallel* ep) const {
+BlockParams Model::block_params(int64_t i, const LinearMode& p, ExpertParallel* ep) const {
   BlockParams b = dsv3::block_params(layout_, w_.data(), cfg_, i, resident_views());
   set_precision(b, p);
   b.experts.ep = ep;
@@ -30,7 +30,7 @@ BlockParams Model::block_params(int64_t i, GemmPrecision p, ExpertParallel* ep) 
 BlockGrads Model::block_grads(int64_t i, float* g) const {
   return dsv3::block_grads(layout_, g, cfg_, i);
 }
-MtpParams Model::mtp_params(int64_t k, GemmPrecision p, ExpertParallel* ep) const {
+MtpParams Model::mtp_params(int64_t k, const LinearMode& p, ExpertParallel* ep) const {
   MtpParams m = dsv3::mtp_params(layout_, w_.data(), cfg_, k, resident_views());
   m.precision = p;
   set_precision(m.block, p);

@@ -139,10 +139,10 @@ class Model {
   void block_decode(float* h, const BlockParams& p, KvCache& cache, int64_t cache_layer,
                     int64_t B, int64_t S, int64_t start_pos, DecodeScratch& s) const;
   void check_cache(const KvCache& cache, int64_t layers, int64_t B, const char* op) const;
-  BlockParams block_params(int64_t i, GemmPrecision p = GemmPrecision::fp32,
+  BlockParams block_params(int64_t i, const LinearMode& p = LinearMode(),
                            ExpertParallel* ep = nullptr) const;
   BlockGrads block_grads(int64_t i, float* g) const;
-  MtpParams mtp_params(int64_t k, GemmPrecision p = GemmPrecision::fp32,
+  MtpParams mtp_params(int64_t k, const LinearMode& p = LinearMode(),
                        ExpertParallel* ep = nullptr) const;  // k 1-based
   MtpGrads mtp_grads(int64_t k, float* g) const;
   void check_tokens(const int64_t* tokens, int64_t n, const char* op) const;

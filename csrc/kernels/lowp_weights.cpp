@@ -1,0 +1,54 @@
+#include "kernels/lowp_weights.h"
+
+#include "core/check.h"
+#include "kernels/fp8.h"
+#include "kernels/fp8_gemm.h"
+
+namespace dsv3 {
+
+namespace {
+constexpr int64_t kTile = 128;  // the recipe's weight block edge (fp8_linear.h)
+}
+
+LowpWeightCache::Entry& LowpWeightCache::entry(const float* w, int kind) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto& e = map_[Key{w, kind}];
+  if (!e) e = std::make_unique<Entry>();
+  return *e;
+}
+
+const Fp8PreparedWeight& LowpWeightCache::fp8(const float* w, int64_t O, int64_t K) {
+  Entry& e = entry(w, 0);
+  std::call_once(e.once, [&] {
+    Fp8PreparedWeight& p = e.fp8;
+    p.codes.resize((size_t)(O * K));
+    p.scales.resize((size_t)(fp8_blocks(O, kTile) * fp8_blocks(K, kTile)));
+    fp8_quantize(p.codes.data(), p.scales.data(), w, O, K, {kTile, kTile}, Fp8Format::e4m3,
+                 false);
+    fp8_pack_b(p.panels, p.codes.data(), Fp8Format::e4m3, O, K, false);
+    p.O = O;
+    p.K = K;
+  });
+  // one address, one shape (after call_once the entry is complete and visible)
+  DSV3_CHECK(e.fp8.O == O && e.fp8.K == K, "[lowp weights] one weight used with two shapes");
+  return e.fp8;
+}
+
+const Bf16PackedB& LowpWeightCache::bf16(const float* w, int64_t O, int64_t K) {
+  Entry& e = entry(w, 1);
+  std::call_once(e.once, [&] {
+    Bf16Src s;
+    s.f32 = w;
+    s.rs = K;
+    bf16_pack_b(e.bf16, s, O, K);
+  });
+  DSV3_CHECK(e.bf16.N == O && e.bf16.K == K, "[lowp weights] one weight used with two shapes");
+  return e.bf16;
+}
+
+size_t LowpWeightCache::entries() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return map_.size();
+}
+
+}  // namespace dsv3
