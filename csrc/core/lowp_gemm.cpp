@@ -89,6 +89,17 @@ DSV3_SIMD_CLONES void round_contiguous(uint16_t* dst, const float* src, int64_t 
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_encode(src[i]);
 }
 
+// One k pair of a B panel from a transposed fp32 source (lanes contiguous): word pair l =
+// (round(r0[l]), round(r1[l])) for l < w, zeros beyond (and r1 null: K odd, zero high half)
+DSV3_SIMD_CLONES void pack_pair_f32(uint16_t* __restrict__ dst, const float* __restrict__ r0,
+                                    const float* __restrict__ r1, int64_t w, int64_t lanes) {
+  for (int64_t l = 0; l < w; ++l) {
+    dst[2 * l] = bf16_encode(r0[l]);
+    dst[2 * l + 1] = r1 ? bf16_encode(r1[l]) : 0;
+  }
+  for (int64_t l = 2 * w; l < 2 * lanes; ++l) dst[l] = 0;
+}
+
 // ---- codes -> bf16 with AVX-512BW (Bf16Src::signed_table) ------------------------------------
 // The 128 magnitudes of the table sit in four zmm of 32 words; vpermt2w looks up 32 codes in
 // two of them (index bits 0-5), bit 6 picks the pair, bit 7 is the sign (ORed into bit 15).
@@ -157,18 +168,21 @@ bool have_bw() {
 #endif
 }
 
-// dst[0:n] = elements (i, k0 .. k0+n) of s
-void convert_run(uint16_t* dst, const Bf16Src& s, int64_t i, int64_t k0, int64_t n) {
-  const int64_t o = i * s.rs + k0 * s.cs;
-  if (s.f32 && s.cs == 1) return round_contiguous(dst, s.f32 + o, n);
+// dst[0:n] = elements (i, k0 .. k0+n) of s; along_i: elements (k0 .. k0+n, i) instead (a run
+// down a column: contiguous when rs == 1)
+void convert_run(uint16_t* dst, const Bf16Src& s, int64_t i, int64_t k0, int64_t n,
+                 bool along_i = false) {
+  const int64_t o = along_i ? k0 * s.rs + i * s.cs : i * s.rs + k0 * s.cs;
+  const int64_t step = along_i ? s.rs : s.cs;
+  if (s.f32 && step == 1) return round_contiguous(dst, s.f32 + o, n);
 #if DSV3_LOWP_X86
-  if (!s.f32 && s.cs == 1 && s.signed_table && have_bw())
+  if (!s.f32 && step == 1 && s.signed_table && have_bw())
     return decode_run_bw(dst, s.codes + o, n, s.table);
 #endif
   if (s.f32)
-    for (int64_t k = 0; k < n; ++k) dst[k] = bf16_encode(s.f32[o + k * s.cs]);
+    for (int64_t k = 0; k < n; ++k) dst[k] = bf16_encode(s.f32[o + k * step]);
   else
-    for (int64_t k = 0; k < n; ++k) dst[k] = s.table[s.codes[o + k * s.cs]];
+    for (int64_t k = 0; k < n; ++k) dst[k] = s.table[s.codes[o + k * step]];
 }
 
 void check_src(const Bf16Src& s) {
@@ -202,11 +216,14 @@ void bf16_pack_a(std::vector<uint16_t>& out, const Bf16Src& a, int64_t M, int64_
   constexpr int64_t RB = 16, KB = 64;  // columns are runs (a transposed view)
   const int64_t rb = (M + RB - 1) / RB, kb = (K + KB - 1) / KB;
   parallel_for(rb * kb, 4, [&](int64_t t0, int64_t t1) {
+    uint16_t tmp[KB * RB];  // the block converted column by column (contiguous runs), then
+                            // transposed as words
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t m0 = (t / kb) * RB, k0 = (t % kb) * KB;
       const int64_t m1 = std::min(M, m0 + RB), k1 = std::min(K, k0 + KB);
-      for (int64_t k = k0; k < k1; ++k)
-        for (int64_t m = m0; m < m1; ++m) out[m * Kp + k] = fetch(a, m, k);
+      for (int64_t k = k0; k < k1; ++k) convert_run(tmp + (k - k0) * RB, a, k, m0, m1 - m0, true);
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t k = k0; k < k1; ++k) out[m * Kp + k] = tmp[(k - k0) * RB + (m - m0)];
       if (k1 == K && Kp != K)
         for (int64_t m = m0; m < m1; ++m) out[m * Kp + K] = 0;
     }
@@ -242,6 +259,12 @@ void bf16_pack_b(Bf16PackedB& out, const Bf16Src& b, int64_t N, int64_t K) {
           pack_pair_bw(panel + q * kNR * 2, r0, 2 * q + 1 < K ? r0 + b.cs : nullptr, w, b.table);
         }
 #endif
+      } else if (b.f32) {  // B^T fp32: vector pairs
+        const int64_t w = std::max<int64_t>(0, std::min(kNR, N - j * kNR));
+        for (int64_t q = q0; q < q1; ++q) {
+          const float* r0 = b.f32 + j * kNR + 2 * q * b.cs;
+          pack_pair_f32(panel + q * kNR * 2, r0, 2 * q + 1 < K ? r0 + b.cs : nullptr, w, kNR);
+        }
       } else {  // B^T is stored (rs == 1): lanes are contiguous in the source
         for (int64_t q = q0; q < q1; ++q)
           for (int64_t h = 0; h < 2; ++h)
