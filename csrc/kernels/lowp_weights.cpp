@@ -34,15 +34,17 @@ const Fp8PreparedWeight& LowpWeightCache::fp8(const float* w, int64_t O, int64_t
   return e.fp8;
 }
 
-const Bf16PackedB& LowpWeightCache::bf16(const float* w, int64_t O, int64_t K) {
-  Entry& e = entry(w, 1);
+const Bf16PackedB& LowpWeightCache::bf16(const float* w, int64_t O, int64_t K, bool transposed) {
+  Entry& e = entry(w, transposed ? 2 : 1);
+  const int64_t N = transposed ? K : O, Kd = transposed ? O : K;
   std::call_once(e.once, [&] {
-    Bf16Src s;
+    Bf16Src s;  // element (n, k) of B: W[n, k], or W[k, n] for W^T
     s.f32 = w;
-    s.rs = K;
-    bf16_pack_b(e.bf16, s, O, K);
+    s.rs = transposed ? 1 : K;
+    s.cs = transposed ? K : 1;
+    bf16_pack_b(e.bf16, s, N, Kd);
   });
-  DSV3_CHECK(e.bf16.N == O && e.bf16.K == K, "[lowp weights] one weight used with two shapes");
+  DSV3_CHECK(e.bf16.N == N && e.bf16.K == Kd, "[lowp weights] one weight used with two shapes");
   return e.bf16;
 }
 

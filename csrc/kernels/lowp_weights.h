@@ -9,14 +9,14 @@
 //   fp8   Q(W): codes [O,K] and block scales, then the forward's panels decoded from the
 //         codes; the backward packs Q(W^T)'s panels from the same codes read transposed (a
 //         block of W^T holds the transposed block of W: same amax, scale and codes)
-//   bf16  the forward's panels of round(W) (the backward reads W in place, as without cache)
+//   bf16  the panels of round(W) for the forward and of round(W)^T for the backward
 // Results are bit-identical to preparing per call: same codes, same panels, same kernel.
 // Used only on a bf16 tier (lowp_tier() != fp32) with the default recipe (Fp8LinearOptions{}:
 // E4M3 weights, linear scales, exact accumulation): the training step's configuration.
 // Keyed by the weight's address; thread-safe (routed experts run on several threads, each
 // looking up its own weights); entries are built once (std::call_once) outside the map lock.
-// Memory: about 3 bytes per fp8 weight element (codes + panels), 2 per bf16 one, freed with
-// the cache.
+// Memory: about 3 bytes per fp8 weight element (codes + panels), 4 per bf16 one (both
+// orientations), freed with the cache.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -38,7 +38,8 @@ struct Fp8PreparedWeight {
 class LowpWeightCache {
  public:
   const Fp8PreparedWeight& fp8(const float* w, int64_t O, int64_t K);
-  const Bf16PackedB& bf16(const float* w, int64_t O, int64_t K);  // panels of round(W) [O,K]
+  // panels of round(W) [O,K] (transposed: of round(W)^T [K,O], the B of dx = dy W)
+  const Bf16PackedB& bf16(const float* w, int64_t O, int64_t K, bool transposed = false);
   size_t entries() const;
 
  private:

@@ -72,7 +72,13 @@ void lowp_linear_backward(float* dx, float* dw, const float* dy, const float* x,
   }
   if (R == 0 || K == 0 || O == 0) return;
   if (lowp_tier() != LowpTier::fp32) {  // both products read their transposed operands in place
-    if (dx) bf16_gemm(dx, K, src(dy, O, 1), src(w, 1, K), R, K, O, true);  // dx += dy W
+    if (dx && p.weights) {  // dx += dy W with round(W)^T's panels from the cache
+      std::vector<uint16_t> pa;
+      bf16_pack_a(pa, src(dy, O, 1), R, O);
+      bf16_gemm_packed(dx, K, pa.data(), R, p.weights->bf16(w, O, K, true), nullptr, true);
+    } else if (dx) {
+      bf16_gemm(dx, K, src(dy, O, 1), src(w, 1, K), R, K, O, true);  // dx += dy W
+    }
     if (dw) bf16_gemm(dw, K, src(dy, 1, O), src(x, 1, K), O, K, R, true);  // dW += dy^T x
     return;
   }
