@@ -95,7 +95,7 @@ void fp8_linear_forward(float* y, const float* x, const float* w, int64_t R, int
   if (weights && cacheable(opts, K)) {
     const Fp8PreparedWeight& pw = weights->fp8(w, O, K);
     const Fp8Operand b{pw.codes.data(), pw.scales.data(), {kTile, kTile}, Fp8Format::e4m3};
-    fp8_gemm(y, qx.op, b, pw.panels, R, O, K, opts.gemm, false);
+    fp8_gemm(y, qx.op, b, weights->forward_panels(pw.panels, O, K), R, O, K, opts.gemm, false);
     return;
   }
   Quantized qw(w, O, K, {kTile, kTile}, opts.weight_fmt, opts.pow2_scale);

@@ -25,7 +25,7 @@ const Fp8PreparedWeight& LowpWeightCache::fp8(const float* w, int64_t O, int64_t
     p.scales.resize((size_t)(fp8_blocks(O, kTile) * fp8_blocks(K, kTile)));
     fp8_quantize(p.codes.data(), p.scales.data(), w, O, K, {kTile, kTile}, Fp8Format::e4m3,
                  false);
-    fp8_pack_b(p.panels, p.codes.data(), Fp8Format::e4m3, O, K, false);
+    if (!forward_done_) fp8_pack_b(p.panels, p.codes.data(), Fp8Format::e4m3, O, K, false);
     p.O = O;
     p.K = K;
   });
@@ -46,6 +46,22 @@ const Bf16PackedB& LowpWeightCache::bf16(const float* w, int64_t O, int64_t K, b
   });
   DSV3_CHECK(e.bf16.N == N && e.bf16.K == Kd, "[lowp weights] one weight used with two shapes");
   return e.bf16;
+}
+
+void LowpWeightCache::end_forward() {
+  std::lock_guard<std::mutex> lock(mu_);
+  forward_done_ = true;
+  for (auto& [key, e] : map_) {
+    if (key.kind == 0) e->fp8.panels = Bf16PackedB{};
+    if (key.kind == 1) e->bf16 = Bf16PackedB{};
+  }
+}
+
+const Bf16PackedB& LowpWeightCache::forward_panels(const Bf16PackedB& p, int64_t N,
+                                                   int64_t K) const {
+  DSV3_CHECK(!forward_done_ && p.N == N && p.K == K, "[lowp weights] forward panels of a ", N,
+             "x", K, " weight requested after end_forward()");
+  return p;
 }
 
 size_t LowpWeightCache::entries() const {

@@ -15,8 +15,9 @@
 // E4M3 weights, linear scales, exact accumulation): the training step's configuration.
 // Keyed by the weight's address; thread-safe (routed experts run on several threads, each
 // looking up its own weights); entries are built once (std::call_once) outside the map lock.
-// Memory: about 3 bytes per fp8 weight element (codes + panels), 4 per bf16 one (both
-// orientations), freed with the cache.
+// Memory: during the forward about 3 bytes per fp8 weight element (codes + panels) and 2 per
+// bf16 one; end_forward() frees the panels, leaving 1 byte (the codes) for fp8 and round(W)^T's
+// panels (2 bytes, built as the backward reaches each weight) for bf16.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -32,7 +33,7 @@ struct Fp8PreparedWeight {
   int64_t O = 0, K = 0;
   std::vector<uint8_t> codes;  // Q(W) [O,K], E4M3
   std::vector<float> scales;   // [ceil(O/128), ceil(K/128)]
-  Bf16PackedB panels;          // B of y = x W^T
+  Bf16PackedB panels;          // B of y = x W^T (until LowpWeightCache::end_forward)
 };
 
 class LowpWeightCache {
@@ -41,6 +42,12 @@ class LowpWeightCache {
   // panels of round(W) [O,K] (transposed: of round(W)^T [K,O], the B of dx = dy W)
   const Bf16PackedB& bf16(const float* w, int64_t O, int64_t K, bool transposed = false);
   size_t entries() const;
+  // The forward pass is over: its panels (fp8 panels, bf16 round(W) panels) are freed, about 2
+  // bytes per weight element; the backward keeps the codes and builds round(W)^T's panels.
+  // A forward after this throws (forward_panels).
+  void end_forward();
+  // p itself, after checking it is a live forward panel set of an N x K weight
+  const Bf16PackedB& forward_panels(const Bf16PackedB& p, int64_t N, int64_t K) const;
 
  private:
   struct Entry {
@@ -50,6 +57,7 @@ class LowpWeightCache {
   };
   Entry& entry(const float* w, int kind);
   mutable std::mutex mu_;
+  bool forward_done_ = false;
   struct Key {
     const float* w;
     int kind;

@@ -54,7 +54,8 @@ void lowp_linear_forward(float* y, const float* x, const float* w, int64_t R, in
     if (p.weights && K > 0) {            // W's panels once per loss call (lowp_weights.h)
       std::vector<uint16_t> pa;
       bf16_pack_a(pa, src(x, K, 1), R, K);
-      bf16_gemm_packed(y, O, pa.data(), R, p.weights->bf16(w, O, K), nullptr, false);
+      bf16_gemm_packed(y, O, pa.data(), R,
+                       p.weights->forward_panels(p.weights->bf16(w, O, K), O, K), nullptr, false);
       return;
     }
     bf16_gemm(y, O, src(x, K, 1), src(w, K, 1), R, O, K, false);

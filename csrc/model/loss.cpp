@@ -91,6 +91,7 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
   st.ep = ep;
   st.hooks = hooks;
   const LossParts out = loss_forward(st, tokens, B, N, alpha, mtp_weight, grads != nullptr);
+  st.weights.end_forward();  // the backward needs no forward panels (lowp_weights.h)
   if (grads && hooks && hooks->forward_done) hooks->forward_done();
   if (grads) loss_backward(grads, st);
   return out;
