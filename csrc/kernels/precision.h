@@ -12,7 +12,10 @@
 //         inner dimension (activations and gradients 1x128, weights 128x128), fp32 promotion
 //
 // No state outside the call: a forward running on another thread during an fp8 training step
-// builds its own (fp32) views and computes in fp32.
+// builds its own (fp32) views and computes in fp32. Within one training loss call the
+// parameter structs also carry that call's weight cache (LinearMode::weights,
+// kernels/lowp_weights.h), so each weight is quantized / rounded and packed once per step
+// rather than once per GEMM.
 #pragma once
 #include <cstdint>
 
