@@ -33,7 +33,7 @@ struct MhaParams {  // weight views (kernels/wlinear.h: fp32 or resident bf16 / 
   WeightView k_proj;  // [Hkv*(Dn+Dr), D]
   WeightView v_proj;  // [Hkv*Dv, D]
   WeightView o_proj;  // [D, H*Dv]
-  LinearMode precision;  // of every projection (kernels/precision.h)
+  LinearMode precision = LinearMode();  // of every projection (kernels/precision.h)
 };
 struct MhaGrads {
   float *q_proj = nullptr, *k_proj = nullptr, *v_proj = nullptr, *o_proj = nullptr;

@@ -55,7 +55,7 @@ struct MlaParams {
   const float* kv_a_layernorm = nullptr;      // [Dc]
   const float* kv_b_proj = nullptr;           // [H*(Dn+Dv), Dc]
   WeightView o_proj;                          // [D, H*Dv]
-  LinearMode precision;  // of every projection (kernels/precision.h)
+  LinearMode precision = LinearMode();  // of every projection (kernels/precision.h)
 };
 void mla_check_params(const MlaParams& p, const MlaDims& d);  // the weights d needs are set
 struct MlaGrads {  // same layout; accumulated into

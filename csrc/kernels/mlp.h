@@ -17,7 +17,7 @@ struct SwiGluParams {  // weight views (kernels/wlinear.h: fp32 or resident bf16
   WeightView gate_proj;  // [W,D]
   WeightView up_proj;    // [W,D]
   WeightView down_proj;  // [D,W]
-  LinearMode precision;  // of the three projections (precision.h)
+  LinearMode precision = LinearMode();  // of the three projections (precision.h)
 };
 struct SwiGluGrads {  // null members are skipped
   float* gate_proj = nullptr;

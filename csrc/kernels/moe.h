@@ -39,8 +39,8 @@ struct MoeParams {
   const float* gate_e_score_correction_bias = nullptr;  // [E], noaux_tc only (else null)
   std::vector<SwiGluParams> experts;                    // E entries, width F
   SwiGluParams shared_experts;                          // width S (unused when S == 0)
-  LinearMode precision;  // of every expert's projections (not the router gate, always fp32;
-                         // precision.h)
+  LinearMode precision = LinearMode();  // of every expert's projections (not the router
+                                        // gate, always fp32; precision.h)
   ExpertParallel* ep = nullptr;  // expert-parallel training (moe_ep.h); null: all experts here
 };
 // The correction bias gets no gradient (it is moved by update_expert_bias, balance.h).

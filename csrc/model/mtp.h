@@ -28,7 +28,7 @@ struct MtpParams {  // embed_tokens and eh_proj are weight views (kernels/wlinea
   WeightView eh_proj;                       // [D, 2D]
   const float* shared_head_norm = nullptr;  // [D]
   BlockParams block;
-  LinearMode precision;  // of eh_proj (the block's are in block)
+  LinearMode precision = LinearMode();  // of eh_proj (the block's are in block)
 };
 struct MtpGrads {  // accumulated into; embed_tokens is the main model's gradient
   float* embed_tokens = nullptr;
