@@ -3,8 +3,8 @@ mode of dsv3.fp8.gemm against float64 references written from semantics §2.6
 (dsv3.reference.lowp, dsv3.reference.fp8), within the fp32 reassociation bound
 |C - C_exact| <= gamma(n) * S, S = sum_k |a b sa sb|, gamma(n) = n u / (1 - n u), u = 2^-24,
 n = K (bf16) or K + 2 (fp8: two scale multiplications). The active tier runs here; the fp32
-tier is forced with DSV3_ISA=avx2 in a subprocess that reruns this file, test_fp8_gemm.py and
-test_lowp_train.py (the training steps in bf16 and fp8),
+tier is forced with DSV3_ISA=avx2 in a subprocess that reruns this file, test_fp8_gemm.py,
+test_lowp_train.py and test_train.py's precision tests (the training steps in bf16 and fp8),
 and the two tiers are compared with each other."""
 from __future__ import annotations
 
@@ -296,7 +296,10 @@ def test_forced_fallback_runs_the_low_precision_tests():
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         os.path.join(HERE, "test_lowp_gemm.py"),
                         os.path.join(HERE, "test_fp8_gemm.py"),
-                        os.path.join(HERE, "test_lowp_train.py"), "-k", "not tiers_agree"],
+                        os.path.join(HERE, "test_lowp_train.py"),
+                        os.path.join(HERE, "test_train.py"), "-k",
+                        "not tiers_agree and not track_the_fp32_tier and (not test_train.py or "
+                        "precision or low_precision)"],
                        env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 

@@ -2,8 +2,11 @@
 // cached forward, loss and gradients.
 #include <pybind11/stl.h>
 
+#include <memory>
+
 #include "bindings/convert.h"
 #include "core/busy.h"
+#include "kernels/lowp_weights.h"
 #include "model/model.h"
 
 namespace dsv3 {
@@ -191,17 +194,27 @@ void bind_model(py::module_& m) {
         }
         return py::make_tuple(out, hid);
       }, arg("hidden"), arg("tokens"), arg("cache"), arg("start_pos"), arg("k"))
-      .def("loss", [](Model& md, py::handle tok, double alpha, double mtp_weight, bool grad) {
+      // precision / weight_cache: the training step's GEMM precision and its prepared-weight
+      // cache ("none", "step": codes only, "panels": panels kept too; lowp_weights.h), for
+      // the tests that compare them; Model.loss_and_grad uses the fp32 defaults
+      .def("loss", [](Model& md, py::handle tok, double alpha, double mtp_weight, bool grad,
+                      const std::string& precision, const std::string& weight_cache) {
         Tokens t = tokens_arg(tok, "Model.loss", 2);
         const int64_t* pt = t.arr.data();
+        const GemmPrecision prec = parse_gemm_precision(precision.c_str());
+        DSV3_CHECK(weight_cache == "none" || weight_cache == "step" || weight_cache == "panels",
+                   "[Model.loss] weight_cache must be 'none', 'step' or 'panels', got '",
+                   weight_cache, "'");
         std::vector<float> g;
         LossParts lp;
         {
           BusyGuard guard(md.busy, false, "Model");
           py::gil_scoped_release nogil;
           if (grad) g.assign((size_t)md.layout().total, 0.f);
-          lp = md.loss(pt, t.B, t.T, grad ? g.data() : nullptr, alpha, mtp_weight,
-                       GemmPrecision::fp32);
+          std::unique_ptr<LowpWeightCache> wc;
+          if (weight_cache != "none") wc = std::make_unique<LowpWeightCache>(weight_cache == "panels");
+          lp = md.loss(pt, t.B, t.T, grad ? g.data() : nullptr, alpha, mtp_weight, prec, nullptr,
+                       nullptr, wc.get());
         }
         py::dict d;
         d["loss"] = lp.loss;
@@ -213,7 +226,8 @@ void bind_model(py::module_& m) {
         d["expert_load"] = load;
         py::object grads = grad ? py::object(named_copy(md.layout(), g.data(), true)) : py::none();
         return py::tuple(py::make_tuple(d, grads));
-      }, arg("tokens"), arg("alpha"), arg("mtp_weight"), arg("grad"));
+      }, arg("tokens"), arg("alpha"), arg("mtp_weight"), arg("grad"), arg("precision") = "fp32",
+         arg("weight_cache") = "step");
 }
 
 }  // namespace dsv3

@@ -80,8 +80,7 @@ void check_sizes(int64_t R, int64_t K, int64_t O, const char* op) {
 // The cache applies to the training step's recipe (lowp_weights.h); other options (the
 // research knobs of dsv3.fp8.linear) prepare per call.
 bool cacheable(const Fp8LinearOptions& o, int64_t K) {
-  const Fp8LinearOptions d;
-  return o.weight_fmt == d.weight_fmt && o.pow2_scale == d.pow2_scale &&
+  return o.weight_fmt == LowpWeightCache::kFormat && !o.pow2_scale &&
          fp8_gemm_packable(K, o.gemm);
 }
 
@@ -95,7 +94,13 @@ void fp8_linear_forward(float* y, const float* x, const float* w, int64_t R, int
   if (weights && cacheable(opts, K)) {
     const Fp8PreparedWeight& pw = weights->fp8(w, O, K);
     const Fp8Operand b{pw.codes.data(), pw.scales.data(), {kTile, kTile}, Fp8Format::e4m3};
-    fp8_gemm(y, qx.op, b, weights->forward_panels(pw.panels, O, K), R, O, K, opts.gemm, false);
+    if (pw.panels.N == O && pw.panels.K == K) {  // kept for the step's micro-batches
+      fp8_gemm(y, qx.op, b, pw.panels, R, O, K, opts.gemm, false);
+    } else {
+      Bf16PackedB panels;
+      fp8_pack_b(panels, pw.codes.data(), LowpWeightCache::kFormat, O, K, false);
+      fp8_gemm(y, qx.op, b, panels, R, O, K, opts.gemm, false);
+    }
     return;
   }
   Quantized qw(w, O, K, {kTile, kTile}, opts.weight_fmt, opts.pow2_scale);

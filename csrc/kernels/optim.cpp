@@ -42,9 +42,10 @@ Coeffs coeffs(const AdamWParams& p, const char* op) {
 // cost). A frozen element (mode 0) is computed and discarded: its old values are stored back.
 // The same IEEE operations per element as the scalar form (no contraction: simd.h), so the
 // results are bit-identical to it in every clone.
-DSV3_SIMD_CLONES void adamw_run(float* __restrict__ w, const float* __restrict__ g,
-                                float* __restrict__ m, float* __restrict__ v,
-                                const uint8_t* __restrict__ mode, int64_t n, const Coeffs& cr) {
+// No __restrict__: the pointers may alias (the binding does not forbid it); GCC vectorizes
+// with a run-time overlap check instead.
+DSV3_SIMD_CLONES void adamw_run(float* w, const float* g, float* m, float* v,
+                                const uint8_t* mode, int64_t n, const Coeffs& cr) {
   const Coeffs c = cr;
   const float keep_decay = c.decay[2];
   for (int64_t i = 0; i < n; ++i) {
@@ -60,10 +61,8 @@ DSV3_SIMD_CLONES void adamw_run(float* __restrict__ w, const float* __restrict__
 }
 
 // adamw_run with bf16 moments: decoded, updated in fp32, re-encoded (RNE)
-DSV3_SIMD_CLONES void adamw_run_bf16(float* __restrict__ w, const float* __restrict__ g,
-                                     uint16_t* __restrict__ m, uint16_t* __restrict__ v,
-                                     const uint8_t* __restrict__ mode, int64_t n,
-                                     const Coeffs& cr) {
+DSV3_SIMD_CLONES void adamw_run_bf16(float* w, const float* g, uint16_t* m, uint16_t* v,
+                                     const uint8_t* mode, int64_t n, const Coeffs& cr) {
   const Coeffs c = cr;
   const float keep_decay = c.decay[2];
   for (int64_t i = 0; i < n; ++i) {

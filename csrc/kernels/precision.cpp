@@ -51,11 +51,11 @@ void lowp_linear_forward(float* y, const float* x, const float* w, int64_t R, in
     return;
   }
   if (lowp_tier() != LowpTier::fp32) {  // y = x W^T on the bf16 units (core/lowp_gemm.h)
-    if (p.weights && K > 0) {            // W's panels once per loss call (lowp_weights.h)
+    const Bf16PackedB* pw = p.weights && K > 0 ? p.weights->bf16(w, O, K, false) : nullptr;
+    if (pw) {  // round(W)'s panels kept for the step's micro-batches (lowp_weights.h)
       std::vector<uint16_t> pa;
       bf16_pack_a(pa, src(x, K, 1), R, K);
-      bf16_gemm_packed(y, O, pa.data(), R,
-                       p.weights->forward_panels(p.weights->bf16(w, O, K), O, K), nullptr, false);
+      bf16_gemm_packed(y, O, pa.data(), R, *pw, nullptr, false);
       return;
     }
     bf16_gemm(y, O, src(x, K, 1), src(w, K, 1), R, O, K, false);
@@ -73,10 +73,11 @@ void lowp_linear_backward(float* dx, float* dw, const float* dy, const float* x,
   }
   if (R == 0 || K == 0 || O == 0) return;
   if (lowp_tier() != LowpTier::fp32) {  // both products read their transposed operands in place
-    if (dx && p.weights) {  // dx += dy W with round(W)^T's panels from the cache
+    const Bf16PackedB* pwt = dx && p.weights ? p.weights->bf16(w, O, K, true) : nullptr;
+    if (pwt) {  // dx += dy W with round(W)^T's kept panels
       std::vector<uint16_t> pa;
       bf16_pack_a(pa, src(dy, O, 1), R, O);
-      bf16_gemm_packed(dx, K, pa.data(), R, p.weights->bf16(w, O, K, true), nullptr, true);
+      bf16_gemm_packed(dx, K, pa.data(), R, *pwt, nullptr, true);
     } else if (dx) {
       bf16_gemm(dx, K, src(dy, O, 1), src(w, 1, K), R, K, O, true);  // dx += dy W
     }

@@ -10,7 +10,6 @@
 #include "core/check.h"
 #include "kernels/balance.h"
 #include "kernels/nn.h"
-#include "kernels/lowp_weights.h"
 #include "kernels/precision.h"
 #include "model/model.h"
 
@@ -61,7 +60,6 @@ struct Model::LossState {
   int64_t B = 0, N = 0, T = 0;
   double alpha = 0, mtp_weight = 0;
   LinearMode precision;       // of the blocks' and MTP's projections
-  LowpWeightCache weights;    // their weights prepared once for this call (bf16 / fp8)
   ExpertParallel* ep = nullptr;                   // expert-parallel training (moe_ep.h)
   const LossHooks* hooks = nullptr;
   std::vector<int64_t> input;             // [B*T] t_0 .. t_{N-2} of each sequence
@@ -78,7 +76,7 @@ struct Model::LossState {
 
 LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
                       double mtp_weight, GemmPrecision precision, ExpertParallel* ep,
-                      const LossHooks* hooks) {
+                      const LossHooks* hooks, LowpWeightCache* weights) {
   const char* op = "Model.loss";
   DSV3_CHECK(B >= 1 && N >= 2, "[", op, "] tokens must be (batch, N) with N >= 2 (N tokens give ",
              "N-1 targets), got N=", N);
@@ -87,11 +85,10 @@ LossParts Model::loss(const int64_t* tokens, int64_t B, int64_t N, float* grads,
              "holds resident weights for inference (load it with Model.from_pretrained(dir) ",
              "to train)");
   LossState st;
-  st.precision = LinearMode(precision, precision == GemmPrecision::fp32 ? nullptr : &st.weights);
+  st.precision = LinearMode(precision, precision == GemmPrecision::fp32 ? nullptr : weights);
   st.ep = ep;
   st.hooks = hooks;
   const LossParts out = loss_forward(st, tokens, B, N, alpha, mtp_weight, grads != nullptr);
-  st.weights.end_forward();  // the backward needs no forward panels (lowp_weights.h)
   if (grads && hooks && hooks->forward_done) hooks->forward_done();
   if (grads) loss_backward(grads, st);
   return out;

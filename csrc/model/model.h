@@ -91,9 +91,11 @@ class Model {
   // precision: the GEMMs of the blocks' and MTP's projections (kernels/precision.h); the
   // embedding, heads, router gates and attention core are fp32 in every precision.
   // ep: expert-parallel training (kernels/moe_ep.h; null: every expert computed here).
+  // weights: the step's prepared low-precision weights (kernels/lowp_weights.h), shared by
+  // its micro-batches; null: each GEMM prepares its own (bit-identical results).
   LossParts loss(const int64_t* tokens, int64_t B, int64_t N, float* grads, double alpha,
                  double mtp_weight, GemmPrecision precision, ExpertParallel* ep = nullptr,
-                 const LossHooks* hooks = nullptr);
+                 const LossHooks* hooks = nullptr, LowpWeightCache* weights = nullptr);
   // bf16: the cache stores bf16 values (kv_cache.h), else fp32.
   std::shared_ptr<KvCache> new_cache(int64_t batch, int64_t max_len, bool bf16 = false) const;
   std::string cache_kind() const { return dims_.mla ? "latent" : "kv"; }

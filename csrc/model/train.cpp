@@ -2,10 +2,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <string>
 
 #include "core/check.h"
 #include "kernels/balance.h"
+#include "kernels/lowp_weights.h"
 
 namespace dsv3 {
 
@@ -38,6 +40,9 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
   const bool par = par_ && par_->world->size() > 1;
   ParallelStep ps;  // the parallel bookkeeping of this step (train_parallel.cpp)
   const double ep_seconds0 = ep_.comm_seconds;
+  // Q(W) (fp8) once per step; with several micro-batches the packed panels too (lowp_weights.h)
+  std::unique_ptr<LowpWeightCache> weights;
+  if (o.precision != GemmPrecision::fp32) weights = std::make_unique<LowpWeightCache>(A > 1);
   try {
     for (int64_t a = 0; a < A; ++a) {
       LossHooks hooks;
@@ -45,7 +50,7 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
       const LossParts lp = model_.loss(tokens + a * Bm * N, Bm, N, grads_.data(), o.alpha,
                                        o.mtp_weight, o.precision,
                                        ep_.group || ep_.fp8_dispatch ? &ep_ : nullptr,
-                                       par ? &hooks : nullptr);
+                                       par ? &hooks : nullptr, weights.get());
       st.loss += lp.loss / (double)A;
       st.main += lp.main / (double)A;
       st.mtp += lp.mtp / (double)A;
