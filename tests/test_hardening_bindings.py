@@ -69,7 +69,7 @@ def during_step(trainer, batch, action, tries=5):
     """Runs trainer.step(batch) in a thread while calling action() in a loop; returns
     (action results, RuntimeErrors raised by action). Retries when action won the race and the
     step itself was refused."""
-    for _ in range(tries):
+    for attempt in range(tries):
         started, err = threading.Event(), []
 
         def stepper():
@@ -82,6 +82,7 @@ def during_step(trainer, batch, action, tries=5):
         t = threading.Thread(target=stepper)
         t.start()
         started.wait()
+        time.sleep(0.005 * (attempt + 1))  # let the step take the object first (retries: longer)
         results, raised = [], 0
         while t.is_alive():
             try:
@@ -89,6 +90,10 @@ def during_step(trainer, batch, action, tries=5):
             except RuntimeError as e:
                 assert "in use by another thread" in str(e), e
                 raised += 1
+            # an action that holds the object without the GIL for most of its time (a
+            # whole-slab load_state_dict) would otherwise refuse every attempt of the step to
+            # begin: leave it a gap
+            time.sleep(0.002)
         t.join()
         if not err:
             return results, raised
@@ -145,7 +150,13 @@ def test_save_during_training_captures_one_moment(tmp_path):
     t = dsv3.Trainer(dsv3.Model(cfg, seed=3), tc)
     def train():
         for b in batches:
-            t.step(b)
+            while True:  # a step that finds a save reading the trainer is refused, unapplied
+                try:
+                    t.step(b)
+                    break
+                except RuntimeError as e:
+                    assert "in use by another thread" in str(e), e
+                    time.sleep(0.001)
             time.sleep(0.003)  # room for saves between the steps
 
     th = threading.Thread(target=train)
