@@ -80,14 +80,32 @@ void bind_dist(py::module_& m) {
   m.def("trainer_set_parallel", [](Trainer& t, std::shared_ptr<ParallelGroups> g,
                                    bool fp8_dispatch) {
     BusyGuard guard(t.busy, true, "Trainer");
+    BusyGuard mguard(t.model().busy, true, "Model");  // ep > 1 may shard the model's slab
     t.set_parallel(std::move(g), fp8_dispatch);
   }, arg("trainer"), arg("groups").none(true), arg("fp8_dispatch") = false);
-  m.def("trainer_last_gradients", [](Trainer& t) {  // tests: the last step's gradient
+  // tests: the last step's gradient in the full model's layout (an expert shard gathers the
+  // other EP ranks' experts: every rank calls it)
+  m.def("trainer_last_gradients", [](Trainer& t) {
     BusyGuard guard(t.busy, false, "Trainer");
-    const std::vector<float>& g = t.last_gradients();
+    std::vector<float> g;
+    {
+      py::gil_scoped_release nogil;
+      g = t.gather_full(t.last_gradients());
+    }
     py::array_t<float> out((py::ssize_t)g.size());
     std::copy(g.begin(), g.end(), out.mutable_data());
     return out;
+  }, arg("trainer"));
+  // {name: weight} of the full model (an expert shard gathers: every rank calls it)
+  m.def("trainer_full_state", [](Trainer& t) {
+    BusyGuard guard(t.busy, false, "Trainer");
+    BusyGuard mguard(t.model().busy, false, "Model");
+    std::vector<float> w;
+    {
+      py::gil_scoped_release nogil;
+      w = t.gather_full(t.model().params());
+    }
+    return py_glue::named_copy(t.full_layout(), w.data(), false);
   }, arg("trainer"));
   m.def("trainer_ep_stats", [](Trainer& t) {  // expert-parallel statistics since the start
     BusyGuard guard(t.busy, false, "Trainer");

@@ -66,11 +66,42 @@ void set_moments(std::vector<T>& m, std::vector<T>& v, const py::handle& m_,
   std::copy(b.data(), b.data() + v.size(), v.begin());
 }
 
-// (m, v) copies: uint16 bf16 bits or float32, in the slab's layout
-py::tuple moments_copy(const Trainer& t) {
-  if (t.bf16_moments())
-    return py::make_tuple(copy_out<uint16_t, U16>(t.m16), copy_out<uint16_t, U16>(t.v16));
-  return py::make_tuple(copy_out<float, F32>(t.m32), copy_out<float, F32>(t.v32));
+// (m, v) copies: uint16 bf16 bits or float32, in the slab's layout; full: in the full model's
+// layout (collective over the EP group when the model is an expert shard)
+py::tuple moments_copy(Trainer& t, bool full = false) {
+  if (t.bf16_moments()) {
+    if (!full) return py::make_tuple(copy_out<uint16_t, U16>(t.m16), copy_out<uint16_t, U16>(t.v16));
+    std::vector<uint16_t> m, v;
+    {
+      py::gil_scoped_release nogil;
+      m = t.gather_full(t.m16);
+      v = t.gather_full(t.v16);
+    }
+    return py::make_tuple(copy_out<uint16_t, U16>(m), copy_out<uint16_t, U16>(v));
+  }
+  if (!full) return py::make_tuple(copy_out<float, F32>(t.m32), copy_out<float, F32>(t.v32));
+  std::vector<float> m, v;
+  {
+    py::gil_scoped_release nogil;
+    m = t.gather_full(t.m32);
+    v = t.gather_full(t.v32);
+  }
+  return py::make_tuple(copy_out<float, F32>(m), copy_out<float, F32>(v));
+}
+
+// Moments of the slab's layout, or of the full layout for an expert shard (a checkpoint of
+// any world size: this rank's experts are taken).
+template <typename T>
+void set_moments_any(Trainer& t, std::vector<T>& m, std::vector<T>& v, const py::handle& m_,
+                     const py::handle& v_, const char* dtype) {
+  const size_t full = (size_t)t.full_layout().total;
+  const bool is_full = t.sharded() && py::isinstance<py::array>(m_) &&
+                       (size_t)py::reinterpret_borrow<py::array>(m_).size() == full;
+  if (!is_full) return set_moments(m, v, m_, v_, dtype);
+  std::vector<T> fm(full), fv(full);
+  set_moments(fm, fv, m_, v_, dtype);
+  t.from_full(fm.data(), m);
+  t.from_full(fv.data(), v);
 }
 
 }  // namespace
@@ -130,7 +161,7 @@ void bind_train(py::module_& m) {
         d["expert_load"] = load;
         return d;
       }, arg("batch"), arg("options"), arg("expect_step"))
-      .def("moments", [](const Trainer& t) {
+      .def("moments", [](Trainer& t) {
         BusyGuard guard(t.busy, false, "Trainer");
         return moments_copy(t);
       })
@@ -140,21 +171,50 @@ void bind_train(py::module_& m) {
           out.append(py::make_tuple(e.name, e.offset, e.size));
         return out;
       })
-      // (params by name, m, v, steps_done) from one moment: no step can run in between
+      // (params by name, m, v, steps_done) from one moment: no step can run in between; in
+      // the full model's layout (an expert shard gathers the others': every EP rank calls it)
       .def("snapshot", [](Trainer& t) {
         BusyGuard tguard(t.busy, false, "Trainer");
         BusyGuard mguard(t.model().busy, false, "Model");
         const Model& md = t.model();
-        const py::tuple mv = moments_copy(t);
-        return py::make_tuple(named_copy(md.layout(), md.params().data(), false), mv[0], mv[1],
+        const py::tuple mv = moments_copy(t, true);
+        if (!t.sharded())
+          return py::make_tuple(named_copy(md.layout(), md.params().data(), false), mv[0],
+                                mv[1], t.steps_done);
+        std::vector<float> w;
+        {
+          py::gil_scoped_release nogil;
+          w = t.gather_full(md.params());
+        }
+        return py::make_tuple(named_copy(t.full_layout(), w.data(), false), mv[0], mv[1],
                               t.steps_done);
       })
+      // the loss without gradients through the Trainer's expert-parallel context (an expert
+      // shard's evaluation: every EP rank calls it with its tokens)
+      .def("eval_loss", [](Trainer& t, py::handle tok, double alpha, double mtp_weight) {
+        I64 arr = i64(tok, "Trainer.evaluate", "tokens");
+        DSV3_CHECK(arr.ndim() == 2, "[Trainer.evaluate] tokens must be (B, T+1), got shape ",
+                   shape_str(shape_of(arr)));
+        LossParts lp;
+        {
+          BusyGuard tguard(t.busy, true, "Trainer");
+          BusyGuard mguard(t.model().busy, false, "Model");
+          py::gil_scoped_release nogil;
+          lp = t.eval_loss(arr.data(), arr.shape(0), arr.shape(1), alpha, mtp_weight);
+        }
+        py::dict d;
+        d["loss"] = lp.loss;
+        d["main"] = lp.main;
+        d["mtp"] = lp.mtp;
+        d["balance"] = lp.balance;
+        return d;
+      }, arg("tokens"), arg("alpha"), arg("mtp_weight"))
       .def("set_moments", [](Trainer& t, py::handle m_, py::handle v_) {
         BusyGuard guard(t.busy, true, "Trainer");
         if (t.bf16_moments())
-          set_moments(t.m16, t.v16, m_, v_, "uint16 (bf16 bits: moment_dtype is bfloat16)");
+          set_moments_any(t, t.m16, t.v16, m_, v_, "uint16 (bf16 bits: moment_dtype is bfloat16)");
         else
-          set_moments(t.m32, t.v32, m_, v_, "float32 (moment_dtype is float32)");
+          set_moments_any(t, t.m32, t.v32, m_, v_, "float32 (moment_dtype is float32)");
       }, arg("m"), arg("v"));
 
   // AdamW on one flat range (tests): w, m, v updated in place; bf16 moments as uint16 arrays.

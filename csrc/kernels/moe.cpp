@@ -233,8 +233,11 @@ void moe_layer_check(const MoeConfig& c, const MoeParams& p, const char* op) {
                           : "exists only for topk_method noaux_tc");
   DSV3_CHECK((int64_t)p.experts.size() == c.n_routed_experts, "[", op, "] expected ",
              c.n_routed_experts, " routed experts, got ", p.experts.size());
+  // expert parallel: only the owned experts are computed here (an expert shard holds no others)
+  const bool ep = p.ep && p.ep->size() > 1 && c.n_routed_experts % p.ep->size() == 0;
+  const int64_t El = ep ? c.n_routed_experts / p.ep->size() : 0, me = ep ? p.ep->group->rank() : 0;
   for (size_t j = 0; j < p.experts.size(); ++j)
-    DSV3_CHECK(p.experts[j].gate_proj.data && p.experts[j].up_proj.data &&
+    DSV3_CHECK((ep && (int64_t)j / El != me) || p.experts[j].gate_proj.data && p.experts[j].up_proj.data &&
                    p.experts[j].down_proj.data, "[", op,
                "] experts.", j, " is missing a projection");
   if (c.shared_width() > 0)

@@ -14,6 +14,26 @@ Model::Model(const ModelConfig& c, uint64_t seed) : cfg_(c), layout_(build_layou
   init_params(w_.data(), layout_, seed, c.init_range);
 }
 
+Model::Model(const ModelConfig& c, uint64_t seed, const ExpertShard& shard)
+    : cfg_(c), layout_(shard_layout(build_layout(c), c.E, shard)), shard_(shard) {
+  dims_ = block_dims(c);
+  w_.assign((size_t)layout_.total, 0.f);
+  init_params(w_.data(), layout_, seed, c.init_range);
+}
+
+void Model::shard_experts(const ExpertShard& s) {
+  DSV3_CHECK(!resident_model_, "[Model] a model of resident weights cannot be sharded");
+  DSV3_CHECK(!shard_.sharded(), "[Model] the model is already an expert shard (ep=", shard_.ep,
+             ", index ", shard_.index, ")");
+  if (!s.sharded()) return;
+  ParamLayout L = shard_layout(layout_, cfg_.E, s);
+  std::vector<float> w((size_t)L.total, 0.f);
+  copy_entries(layout_, w_.data(), L, w.data());
+  layout_ = std::move(L);
+  w_.swap(w);
+  shard_ = s;
+}
+
 const char* Model::head_name() const {
   return cfg_.tie_embeddings ? hf::embed_tokens : hf::lm_head;
 }
@@ -21,7 +41,16 @@ WeightView Model::head() const { return param_view(head_name()); }
 WeightView Model::embed() const { return param_view(hf::embed_tokens); }
 const float* Model::final_norm() const { return layout_.ptr(w_.data(), hf::norm); }
 
+void Model::check_shard(int64_t i, const ExpertParallel* ep) const {
+  DSV3_CHECK(!shard_.sharded() || !cfg_.is_moe_layer(i) || (ep && ep->size() == shard_.ep),
+             "[Model] this model holds only routed experts [", shard_.first(cfg_.E), ", ",
+             shard_.end(cfg_.E), ") of ", cfg_.E, " (expert-parallel shard ", shard_.index,
+             " of ep=", shard_.ep, "): it computes inside its parallel Trainer only (step, "
+             "evaluate); gather the full weights (Trainer.full_state_dict / save) for anything else");
+}
+
 BlockParams Model::block_params(int64_t i, const LinearMode& p, ExpertParallel* ep) const {
+  check_shard(i, ep);
   BlockParams b = dsv3::block_params(layout_, w_.data(), cfg_, i, resident_views());
   set_precision(b, p);
   b.experts.ep = ep;
@@ -31,6 +60,7 @@ BlockGrads Model::block_grads(int64_t i, float* g) const {
   return dsv3::block_grads(layout_, g, cfg_, i);
 }
 MtpParams Model::mtp_params(int64_t k, const LinearMode& p, ExpertParallel* ep) const {
+  check_shard(cfg_.layers + k - 1, ep);
   MtpParams m = dsv3::mtp_params(layout_, w_.data(), cfg_, k, resident_views());
   m.precision = p;
   set_precision(m.block, p);

@@ -27,6 +27,7 @@
 #include "model/config.h"
 #include "model/layout.h"
 #include "model/mtp.h"
+#include "model/shard.h"
 
 namespace dsv3 {
 
@@ -61,6 +62,9 @@ bool may_be_held(const std::string& name);
 class Model {
  public:
   Model(const ModelConfig& c, uint64_t seed);
+  // An EP rank's model (shard.h): only its own routed experts are allocated (each drawn as
+  // in the full model: the initial values depend on (seed, name) only).
+  Model(const ModelConfig& c, uint64_t seed, const ExpertShard& shard);
   // A model over resident weights (inference: forward, cached decoding, MTP drafting and the
   // loss without gradients). Throws std::invalid_argument naming the weight on a wrong shape,
   // a weight that cannot be resident, or a non-finite fp8 scale_inv.
@@ -76,6 +80,12 @@ class Model {
   void copy_param(float* out, const std::string& name) const;
 
   const ModelConfig& config() const { return cfg_; }
+  // The routed experts held (ep == 1: all). A sharded model computes its MoE blocks only
+  // with an ExpertParallel context of the same ep (its Trainer's steps, Trainer loss).
+  const ExpertShard& expert_shard() const { return shard_; }
+  // Drops the routed experts other EP ranks own (an unsharded fp32 model only; the slab is
+  // reallocated, the kept weights unchanged). std::invalid_argument naming ep otherwise.
+  void shard_experts(const ExpertShard& s);
   const ParamLayout& layout() const { return layout_; }
   std::vector<float>& params() { return w_; }
   const std::vector<float>& params() const { return w_; }
@@ -124,6 +134,7 @@ class Model {
   ModelConfig cfg_;
   ParamLayout layout_;
   std::vector<float> w_;
+  ExpertShard shard_;
   BlockDims dims_;
   bool resident_model_ = false;
   ResidentViews resident_;                 // name -> view, the layout's resident entries
@@ -140,6 +151,8 @@ class Model {
   // cache_layer.
   void block_decode(float* h, const BlockParams& p, KvCache& cache, int64_t cache_layer,
                     int64_t B, int64_t S, int64_t start_pos, DecodeScratch& s) const;
+  // Refuses block i's MoE weights of a sharded model without a matching EP context.
+  void check_shard(int64_t i, const ExpertParallel* ep) const;
   void check_cache(const KvCache& cache, int64_t layers, int64_t B, const char* op) const;
   BlockParams block_params(int64_t i, const LinearMode& p = LinearMode(),
                            ExpertParallel* ep = nullptr) const;

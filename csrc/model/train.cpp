@@ -12,11 +12,20 @@
 namespace dsv3 {
 
 Trainer::Trainer(Model& model, bool bf16_moments) : model_(model), bf16_(bf16_moments) {
-  const size_t n = (size_t)model.layout().total;
+  if (sharded()) full_layout_ = build_layout(model.config());
+  reset_state();
+}
+
+void Trainer::reset_state() {
+  const size_t n = (size_t)model_.layout().total;
   mode_.assign(n, 0);
-  for (const ParamEntry& e : model.layout().entries)
+  for (const ParamEntry& e : model_.layout().entries)
     if (e.trainable)
       std::fill(mode_.begin() + e.offset, mode_.begin() + e.offset + e.size, e.decay ? 2 : 1);
+  m32.clear();
+  v32.clear();
+  m16.clear();
+  v16.clear();
   if (bf16_) {
     m16.assign(n, 0);
     v16.assign(n, 0);
@@ -24,6 +33,10 @@ Trainer::Trainer(Model& model, bool bf16_moments) : model_(model), bf16_(bf16_mo
     m32.assign(n, 0.f);
     v32.assign(n, 0.f);
   }
+  m32.shrink_to_fit();
+  v32.shrink_to_fit();
+  m16.shrink_to_fit();
+  v16.shrink_to_fit();
 }
 
 TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
@@ -72,8 +85,9 @@ TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
   else if (A > 1)
     scale_inplace(grads_.data(), L.total, 1.f / (float)A);
   // Frozen entries (the gate biases) have no gradient: their slots stay 0, so the norm over
-  // the whole slab is the norm over the trainable entries (one parallel pass).
-  st.grad_norm = std::sqrt(sum_squares(grads_.data(), L.total));
+  // the whole slab is the norm over the trainable entries (one parallel pass; a sharded
+  // model adds the other EP ranks' experts).
+  st.grad_norm = std::sqrt(grad_sum_squares());
   st.finite = std::isfinite(st.loss) && std::isfinite(st.grad_norm);
   if (!st.finite) return st;
   if (o.grad_clip > 0 && st.grad_norm > o.grad_clip)

@@ -63,8 +63,27 @@ class Trainer {
 
   Model& model() { return model_; }
   // Data/expert-parallel training over these groups (null: single process).
-  // With ep > 1 the routed experts are computed by their owners (kernels/moe_ep.h).
+  // With ep > 1 the routed experts are computed by their owners (kernels/moe_ep.h) and
+  // held only there (model/shard.h): an unsharded model is sharded here (its other experts,
+  // their moments, freed); a sharded one must be the shard of this rank's EP index.
   void set_parallel(std::shared_ptr<ParallelGroups> g, bool fp8_dispatch);
+  // ---- expert shards (train_shard.cpp)
+  bool sharded() const { return model_.expert_shard().sharded(); }
+  // The full model's layout (the model's own when not sharded).
+  const ParamLayout& full_layout() const { return sharded() ? full_layout_ : model_.layout(); }
+  // A slab of this model's layout in the full layout (collective over the EP group when
+  // sharded: every EP rank calls it at the same point; a copy otherwise).
+  std::vector<float> gather_full(const std::vector<float>& local);
+  std::vector<uint16_t> gather_full(const std::vector<uint16_t>& local);
+  // A full-layout slab (checkpointed moments) mapped onto this model's layout.
+  template <class T>
+  void from_full(const T* full, std::vector<T>& local) const {
+    copy_entries(full_layout(), full, model_.layout(), local.data());
+  }
+  // The loss of tokens[B,N] without gradients, through the EP context (a sharded model's
+  // evaluation: collective over the EP group, like a step).
+  LossParts eval_loss(const int64_t* tokens, int64_t B, int64_t N, double alpha,
+                      double mtp_weight);
   const ParallelGroups* parallel() const { return par_.get(); }
   ExpertParallel& expert_parallel() { return ep_; }
   // The last step's gradient as applied (averaged over the global batch, clipped), slab layout.
@@ -88,8 +107,20 @@ class Trainer {
   ExpertParallel ep_;
   std::shared_ptr<CommQueue> queue_;           // the communication thread
   std::shared_ptr<Comm> ep_queued_;            // the EP group, its calls run on queue_
-  std::vector<std::pair<int64_t, int64_t>> block_range_;  // [lo, hi) of main block l's grads
-  std::vector<std::pair<int64_t, int64_t>> rest_range_;   // the slab outside the main blocks
+  ParamLayout full_layout_;  // of the unsharded model (sharded models only)
+  // [lo, hi) of gradient slab; experts: an owned routed expert range (summed over the DP
+  // group when sharded, else over the world)
+  struct GradRange {
+    int64_t lo, hi;
+    bool experts;
+  };
+  std::vector<std::vector<GradRange>> block_range_;  // main block l's ranges
+  std::vector<GradRange> rest_range_;                 // the slab outside the main blocks
+  void use_shard(const ExpertShard& want);  // shards the model (and moments) if needed
+  void build_grad_ranges();
+  void reduce_range(const GradRange& r);  // the all-reduce of one range (its group)
+  void reset_state();                     // mode_, moments for the model's layout (zeros)
+  double grad_sum_squares();              // over the global model (EP group sum of experts)
   struct ParallelStep {
     bool agreed = false;  // the failure agreement of this step is done
     std::vector<std::shared_future<void>> pending;  // block all-reduces in flight

@@ -9,6 +9,9 @@
 //                      inside a collective), the others cannot be told: the job is aborted
 //                      (MPI_Abort with a message on stderr). This is the one place the library
 //                      ends the process: a hang of the whole job is the alternative.
+//   groups             a sharded model's owned experts (their ranges: train_shard.cpp) are
+//                      summed over the DP group of its EP index (the ranks holding the same
+//                      experts), everything else over the world.
 //   overlap            with MPI_THREAD_SERIALIZED or better, block l's gradient slice is
 //                      all-reduced on the communication thread (comm_queue.h) as soon as block
 //                      l's backward is done, while blocks l-1, ... run; the rest of the slab
@@ -49,11 +52,14 @@ struct PeerFailed : std::runtime_error {
 }  // namespace
 
 void Trainer::set_parallel(std::shared_ptr<ParallelGroups> g, bool fp8_dispatch) {
+  ExpertShard want;
   if (g) {
     const int64_t E = model_.config().E;
     DSV3_CHECK(g->layout.ep == 1 || (E > 0 && E % g->layout.ep == 0), "[Trainer] ep (",
                g->layout.ep, ") must divide n_routed_experts (", E, ")");
+    if (g->layout.ep > 1) want = ExpertShard{g->layout.ep, g->ep_index()};
   }
+  use_shard(want);  // train_shard.cpp
   par_ = std::move(g);
   ep_ = ExpertParallel{};
   ep_.fp8_dispatch = fp8_dispatch;
@@ -72,23 +78,7 @@ void Trainer::set_parallel(std::shared_ptr<ParallelGroups> g, bool fp8_dispatch)
       ep_.group = par_->ep_group.get();
     }
   }
-  // Slab ranges: main block l's entries are contiguous (layout.h); the rest in between.
-  const ParamLayout& L = model_.layout();
-  const int64_t layers = model_.config().layers;
-  block_range_.assign((size_t)layers, {L.total, 0});
-  for (const ParamEntry& e : L.entries)
-    if (e.block >= 0 && e.block < layers) {
-      auto& r = block_range_[(size_t)e.block];
-      r.first = std::min(r.first, e.offset);
-      r.second = std::max(r.second, e.offset + e.size);
-    }
-  int64_t at = 0;
-  for (const auto& r : block_range_) {
-    DSV3_CHECK(r.first >= at, "[Trainer] block gradient ranges overlap");
-    if (r.first > at) rest_range_.push_back({at, r.first});
-    at = std::max(at, r.second);
-  }
-  if (at < L.total) rest_range_.push_back({at, L.total});
+  build_grad_ranges();
 }
 
 void Trainer::world_call(const std::function<void()>& fn) {
@@ -114,15 +104,12 @@ LossHooks Trainer::parallel_hooks(ParallelStep& ps, bool last) {
   h.forward_done = [this, &ps] { agree(ps, false); };
   if (queue_)
     h.block_grads_done = [this, &ps](int64_t l) {
-      const auto r = block_range_[(size_t)l];
-      if (r.second <= r.first) return;
-      float* g = grads_.data() + r.first;
-      const int64_t n = r.second - r.first;
-      Comm* w = par_->world.get();
+      const std::vector<GradRange>* ranges = &block_range_[(size_t)l];
+      if (ranges->empty()) return;
       double* busy = &ps.allreduce_busy;  // written on the communication thread only
-      ps.pending.push_back(queue_->submit([w, g, n, busy] {
+      ps.pending.push_back(queue_->submit([this, ranges, busy] {
         const double t0 = now();
-        w->allreduce_sum(g, n);
+        for (const GradRange& r : *ranges) reduce_range(r);
         *busy += now() - t0;
       }));
     };
@@ -156,8 +143,7 @@ void Trainer::reduce_over_world(ParallelStep& ps, TrainStepStats& st, float scal
   const double t0 = now();
   for (auto& f : ps.pending) f.get();
   const double t1 = now();
-  for (const auto& r : rest_range_)
-    world_call([&] { w.allreduce_sum(grads_.data() + r.first, r.second - r.first); });
+  for (const GradRange& r : rest_range_) world_call([&] { reduce_range(r); });
   const double t2 = now();
   st.allreduce_wait_seconds = t2 - t0;
   st.allreduce_seconds = ps.allreduce_busy + (t2 - t1);

@@ -243,7 +243,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"dsv3: the byte tokenizer needs vocab_size >= {tok.vocab_size}, "
                          f"config has {cfg.vocab_size}")
     ds = data_mod.load(args.data, seed=args.seed)
-    model = Model(cfg, seed=args.seed)
+    # an EP rank builds only its routed experts (the same values as the full model's)
+    model = Model(cfg, seed=args.seed, expert_shard=par.expert_shard if par else None)
     tc = TrainConfig(lr=args.lr, warmup_steps=min(args.warmup, max(0, args.steps - 1)),
                      schedule=args.schedule, precision=args.precision, batch_size=args.batch,
                      seq_len=args.seq, balance=args.balance, total_steps=max(1, args.steps),

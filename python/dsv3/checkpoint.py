@@ -554,15 +554,25 @@ def read_at(directory: str, dir_fd: int):
         st.read_dir(directory, dir_fd=dir_fd)
 
 
-def build(cfg: Config, stored, directory: str, model_cls, strict: bool):
-    """The model of a checkpoint's config and stored tensors (decoded, checked, loaded)."""
+def build(cfg: Config, stored, directory: str, model_cls, strict: bool, expert_shard=None):
+    """The model of a checkpoint's config and stored tensors (decoded, checked, loaded).
+    ``expert_shard=(ep, index)``: an expert shard (dsv3.model) that decodes and holds only its
+    own routed experts of the full checkpoint."""
     qc = cfg.quantization_config or {}
     cfg = _without_absent_mtp(cfg, stored, directory, strict)
+    if expert_shard is not None:
+        model = model_cls(cfg, seed=0, expert_shard=expert_shard)
+        stored = {k: v for k, v in stored.items()
+                  if not model._other_shard(k[:-len("_scale_inv")] if k.endswith("_scale_inv")
+                                            else k)}
+    else:
+        model = None
     tensors = decode_tensors(stored, directory, tuple(qc.get("weight_block_size", FP8_BLOCK)),
                              pow2_scale=qc.get("scale_fmt") == "ue8m0")
     if not cfg.rope_interleave:
         tensors = permute_rope(tensors, cfg, to_pairs=True)
-    model = model_cls(cfg, seed=0)
+    if model is None:
+        model = model_cls(cfg, seed=0)
     names = set(model.parameter_shapes())
     # DeepSeek-V3's MTP layer stores copies of the shared embedding and head: not separate here
     shared_copies = {n for n in tensors if n not in names and

@@ -16,8 +16,11 @@ the ``ep`` consecutive ranks of a replica group share the routed experts: rank `
 group computes experts ``[e*E/ep, (e+1)*E/ep)`` for the tokens of the whole group (all-to-all
 dispatch and combine, optionally with FP8 dispatch of the activations). When ``ep`` divides
 ``n_group``, whole expert groups live on one rank and group-limited routing bounds the ranks a
-token visits by ``topk_group``. Every rank holds all weights (not sharded); rank 0 writes logs
-and checkpoints, which are ordinary single-process checkpoints.
+token visits by ``topk_group``. Rank ``e`` also HOLDS only those experts (weights, gradients,
+AdamW moments: the Trainer makes its model an expert shard); their gradients are summed over
+the ``dp`` ranks holding the same experts, everything else over the world. Rank 0 writes logs
+and checkpoints, which are ordinary single-process checkpoints (the EP group's experts are
+gathered for it).
 
 A rank whose C++ step fails before its backward (data parallel) makes every rank raise (it its
 own error, the others RuntimeError) with nothing applied; later failures, failures with
@@ -72,6 +75,12 @@ class Parallel:
     dp = property(lambda self: int(self._g.dp))
     ep = property(lambda self: int(self._g.ep))
     is_main = property(lambda self: self._g.rank == 0)
+    ep_index = property(lambda self: int(self._g.ep_index))
+
+    @property
+    def expert_shard(self):
+        """(ep, ep_index): the routed experts this rank holds (None with ep = 1)."""
+        return (self.ep, self.ep_index) if self.ep > 1 else None
 
     def barrier(self) -> None:
         self._g.barrier()

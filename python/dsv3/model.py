@@ -10,10 +10,17 @@ RESIDENT in their storage format (fp32, bf16, or DeepSeek's FP8 E4M3 with a floa
 on the fly inside the linear kernels: inference only (forward, cached decoding, MTP drafting,
 generate, ``loss`` without gradients). ``state_dict`` returns dequantized fp32 copies and
 ``save_pretrained`` writes those; training and ``load_state_dict`` refuse such a model.
+
+An EXPERT SHARD (``Model(cfg, seed, expert_shard=(ep, index))``, or a model given to a
+Trainer whose parallel layout has ``ep > 1``) holds of each MoE block's routed experts only
+``[index*E/ep, (index+1)*E/ep)``, under their global names; it computes inside its parallel
+Trainer only (step, evaluate) and writes checkpoints through it (``Trainer.save``,
+``Trainer.save_pretrained``: the EP ranks' experts are gathered into the full layout).
 """
 from __future__ import annotations
 
 import copy
+import re
 from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
@@ -25,15 +32,19 @@ from .ops import CACHE_DTYPES, KVCache
 
 
 class Model:
-    """``Model(cfg, seed=0)``: weights N(0, initializer_range), norms 1, biases 0."""
+    """``Model(cfg, seed=0)``: weights N(0, initializer_range), norms 1, biases 0.
+    ``expert_shard=(ep, index)``: only routed experts ``[index*E/ep, (index+1)*E/ep)`` of each
+    MoE block (an expert-parallel rank's model; each weight drawn as in the full model)."""
 
-    def __init__(self, config: Config, seed: int = 0):
+    def __init__(self, config: Config, seed: int = 0,
+                 expert_shard: Optional[Tuple[int, int]] = None):
         if not isinstance(config, Config):
             raise TypeError(f"[Model] config must be a dsv3.Config, got {type(config).__name__}")
         seed = integer(seed, "seed", "Model", hi=2 ** 64 - 1)  # the engine's seed is uint64
+        ep, index = _shard_arg(expert_shard, config)
         self._config = config.replace()  # a private copy: later edits of cfg do not desync
         _memory.model(self._config)
-        self._m = _core.Model(self._config, seed)
+        self._m = _core.Model(self._config, seed, ep, index)
         self._set_info()
 
     def _set_info(self):
@@ -62,6 +73,35 @@ class Model:
         self._m = _core.Model.from_resident(self._config, weights)
         self._set_info()
         return self
+
+    @property
+    def expert_shard(self) -> Optional[Tuple[int, int]]:
+        """(ep, index) of an expert shard (see the module docstring), else None."""
+        ep, index = self._m.expert_shard
+        return (int(ep), int(index)) if ep > 1 else None
+
+    def num_local_parameters(self) -> int:
+        """Parameters this process holds: ``num_parameters()`` unless an expert shard (the
+        replicated ones plus its E/ep routed experts per MoE block)."""
+        return int(self._m.num_parameters)
+
+    def _other_shard(self, name: str) -> bool:
+        """Whether ``name`` is a routed expert of another EP rank (an expert shard only)."""
+        shard = self.expert_shard
+        if shard is None:
+            return False
+        m = _EXPERT.search(name)
+        if m is None:
+            return False
+        ep, index = shard
+        return int(m.group(1)) // (self._config.n_routed_experts // ep) != index
+
+    def _refuse_shard(self, op: str) -> None:
+        shard = self.expert_shard
+        if shard is not None:
+            raise ValueError(f"[{op}] this model is an expert shard (routed experts of EP rank "
+                             f"{shard[1]} of ep={shard[0]} only); gather the full model through "
+                             f"its Trainer (Trainer.save_pretrained / Trainer.full_state_dict)")
 
     # ------------------------------------------------------------------ storage formats
     @property
@@ -122,6 +162,8 @@ class Model:
         self._refuse_training("load_state_dict")
         if not isinstance(state, dict):
             raise TypeError(f"[load_state_dict] state must be a dict, got {type(state).__name__}")
+        # an expert shard takes its own experts of a full state (the others' are not unexpected)
+        state = {k: v for k, v in state.items() if not self._other_shard(k)}
         missing = sorted(set(self._info) - set(state))
         unexpected = sorted(set(state) - set(self._info))
         if strict and (missing or unexpected):
@@ -155,6 +197,7 @@ class Model:
         ``transformers.AutoModelForCausalLM.from_pretrained`` opens it. Atomic: see
         :mod:`dsv3.checkpoint`. A resident model writes its dequantized ``state_dict``."""
         from . import checkpoint
+        self._refuse_shard("save_pretrained")
         checkpoint.save(self, directory, dtype, max_shard_bytes, rope_format)
 
     @classmethod
@@ -294,6 +337,25 @@ class Model:
 
     def __repr__(self) -> str:
         return f"dsv3.Model({self._config!r})"
+
+
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+
+def _shard_arg(shard, config: Config) -> Tuple[int, int]:
+    """(ep, index) of Model's expert_shard argument ((1, 0) for None), checked."""
+    if shard is None:
+        return 1, 0
+    if not isinstance(shard, (tuple, list)) or len(shard) != 2:
+        raise TypeError(f"[Model] expert_shard must be a tuple (ep, index), got {shard!r}")
+    ep = integer(shard[0], "expert_shard[0] (ep)", "Model", lo=1)
+    index = integer(shard[1], "expert_shard[1] (index)", "Model", lo=0)
+    E = config.n_routed_experts or 0
+    if ep > 1 and (E == 0 or E % ep):
+        raise ValueError(f"[Model] expert_shard: ep={ep} must divide n_routed_experts ({E})")
+    if index >= ep:
+        raise ValueError(f"[Model] expert_shard: index {index} must be < ep={ep}")
+    return ep, index
 
 
 def _cache_dtype(dtype, op: str) -> bool:

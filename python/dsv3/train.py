@@ -26,7 +26,10 @@ MTP lambda is ``config.mtp_loss_weight`` (0 disables the MTP modules in training
 Parallel training (``Trainer(..., parallel=dsv3.distributed.init("dp=2,ep=2"))`` under
 mpirun, :mod:`dsv3.distributed`): ``batch_size`` stays the GLOBAL batch; each rank steps on its
 rows, the C++ step sums gradients and statistics over the world; rank 0 writes logs and
-checkpoints.
+checkpoints. With ``ep > 1`` the Trainer makes its model an expert shard (:mod:`dsv3.model`:
+only this EP rank's routed experts, their gradients and moments are held); ``save``,
+``save_pretrained`` and ``full_state_dict`` gather the experts of the EP group (every rank
+calls them) and write / return the ordinary full layout.
 """
 from __future__ import annotations
 
@@ -163,6 +166,7 @@ class Trainer:
                                  f"batch) must be divisible by processes x grad_accum = "
                                  f"{parallel.size} x {self.config.grad_accum}")
             _core.trainer_set_parallel(self._t, parallel._g, parallel.fp8_dispatch)
+            model._set_info()  # ep > 1: now an expert shard (its other experts freed)
         self._data_state: Optional[Dict] = None  # restored into the dataset by fit()
         self.history: List[Dict[str, Any]] = []
 
@@ -274,6 +278,9 @@ class Trainer:
         vb = data.val_batches(c.batch_size, c.seq_len, batches or c.eval_batches)
         if not vb:
             return float("nan")
+        if self.model.expert_shard is not None:  # through the EP group (every rank evaluates)
+            return float(np.mean([self._t.eval_loss(np.ascontiguousarray(b, dtype=np.int64),
+                                                    0.0, 0.0)["main"] for b in vb]))
         return float(np.mean([self.model.loss(b, alpha=0.0, mtp_weight=0.0)["main"]
                               for b in vb]))
 
@@ -341,6 +348,41 @@ class Trainer:
         return records
 
     # ------------------------------------------------------------------ checkpoints
+    def full_state_dict(self) -> Dict[str, np.ndarray]:
+        """The whole model's ``{name: float32}`` (an expert shard gathers the other EP ranks'
+        experts: every rank must call it; else ``model.state_dict()``)."""
+        if self.model.expert_shard is None:
+            return self.model.state_dict()
+        return _core.trainer_full_state(self._t)
+
+    def save_pretrained(self, directory: str, dtype: str = "float32", **kw) -> None:
+        """``Model.save_pretrained`` of the whole model from any parallel layout: every rank
+        calls it, rank 0 writes the ordinary Hugging Face layout."""
+        from . import checkpoint
+        state = self.full_state_dict() if self.model.expert_shard is not None else None
+        self._on_main(lambda: checkpoint.save(
+            _Frozen(self.model.config, state) if state is not None else self.model,
+            directory, dtype, **kw), directory, "Trainer.save_pretrained")
+
+    def _on_main(self, write, directory: str, op: str) -> None:
+        """write() on rank 0; its success is told to every rank (an error raises on all)."""
+        if self.parallel is None:
+            write()
+            return
+        error = None
+        if self.parallel.is_main:
+            try:
+                write()
+            except BaseException as e:  # told to every rank below, then raised here
+                error = e
+        ok = np.array([int(self.parallel.is_main and error is None)], dtype=np.int64)
+        self.parallel.allreduce_sum(ok)  # also the barrier: rank 0 has finished
+        if error is not None:
+            raise error
+        if ok[0] != 1:
+            raise OSError(f"[{op}] rank 0 failed to save {directory!r} (its error is on its "
+                          "stderr)")
+
     def save(self, directory: str) -> None:
         """Write model (``save_pretrained`` float32 files at the top level, so
         ``Model.from_pretrained(directory)`` works), optimizer moments, step, train config and
@@ -348,24 +390,12 @@ class Trainer:
         replaces ``directory`` in one step (:func:`dsv3.checkpoint.publish_dir`). Weights,
         moments and step count are copied at one moment (no step of another thread in
         between: a step running at that moment raises RuntimeError here)."""
-        if self.parallel is not None:  # rank 0 writes (the replicas are identical)
-            error = None
-            if self.parallel.is_main:
-                try:
-                    self._save(directory)
-                except BaseException as e:  # told to every rank below, then raised here
-                    error = e
-            ok = np.array([int(self.parallel.is_main and error is None)], dtype=np.int64)
-            self.parallel.allreduce_sum(ok)  # also the barrier: rank 0 has finished
-            if error is not None:
-                raise error
-            if ok[0] != 1:
-                raise OSError(f"[Trainer.save] rank 0 failed to save {directory!r} (its error "
-                              "is on its stderr)")
-            return
-        self._save(directory)
+        # rank 0 writes (the replicas are identical); an expert shard's snapshot gathers the
+        # EP group's experts and moments, so every rank takes it
+        snap = self._t.snapshot() if self.model.expert_shard is not None else None
+        self._on_main(lambda: self._save(directory, snap), directory, "Trainer.save")
 
-    def _save(self, directory: str) -> None:
+    def _save(self, directory: str, snap=None) -> None:
         from . import checkpoint
         directory = os.fspath(directory)
         parent = os.path.dirname(os.path.abspath(directory))
@@ -377,7 +407,7 @@ class Trainer:
         try:
             inner = os.path.join(tmp, "model")
             os.makedirs(tmp)
-            params, m, v, step = self._t.snapshot()
+            params, m, v, step = snap if snap is not None else self._t.snapshot()
             checkpoint.save(_Frozen(self.model.config, params), inner, "float32")
             for f in os.listdir(inner):
                 os.rename(os.path.join(inner, f), os.path.join(tmp, f))
@@ -406,7 +436,8 @@ class Trainer:
         directory = os.fspath(directory)
         state, cfg, stored, moments = checkpoint.read_snapshot(
             directory, "Trainer.load", lambda fd: _read_trainer_at(directory, fd))
-        model = checkpoint.build(cfg, stored, directory, Model, strict=False)
+        shard = getattr(parallel, "expert_shard", None)  # an EP rank takes only its experts
+        model = checkpoint.build(cfg, stored, directory, Model, strict=False, expert_shard=shard)
         t = cls(model, TrainConfig(**state["train_config"]), parallel=parallel)
         t._t.set_moments(*moments)
         t._t.steps_done = int(state["step"])

@@ -31,6 +31,8 @@ ap.add_argument("--clip", type=float, default=1.0)
 ap.add_argument("--skip-step", type=int, default=-1, help="draw this step's batch, do not step")
 ap.add_argument("--grads", action="store_true", help="rank 0 saves the last step's gradient")
 ap.add_argument("--pid-dir", default="", help="write this rank's pid there (kill tests)")
+ap.add_argument("--evaluate", action="store_true", help="record Trainer.evaluate's loss")
+ap.add_argument("--save-pretrained", default="", help="Trainer.save_pretrained there at the end")
 ap.add_argument("--out", required=True)
 a = ap.parse_args()
 
@@ -52,6 +54,16 @@ else:
     tr = dsv3.Trainer(dsv3.Model(cfg, seed=1), tc, parallel=par)
 if par is None and a.fp8_dispatch:  # one process emulating the FP8 dispatch (the reference)
     dsv3._core.trainer_set_parallel(tr._t, None, True)
+
+
+class _Val:
+    """Fixed held-out batches for Trainer.evaluate (the same on every rank)."""
+
+    def val_batches(self, batch_size, seq_len, n):
+        r = np.random.default_rng(11)
+        return [r.integers(0, cfg.vocab_size, size=(4, a.seq + 1)) for _ in range(2)]
+
+
 rng = np.random.default_rng(7)
 for _ in range(tr.step_count):  # a resumed run continues the same sequence of batches
     rng.integers(0, cfg.vocab_size, size=(a.batch, a.seq + 1))
@@ -77,21 +89,28 @@ for s in range(a.steps):
     for k in ("loss", "grad_norm", "main", "balance", "mtp"):
         rec[k].append(st[k])
     rec["expert_load"].append(st["expert_load"].tolist())
-state = tr.model.state_dict()
+state = tr.full_state_dict()  # the whole model (an expert shard gathers: every rank calls)
 h = hashlib.sha256()
 for k in sorted(state):
     h.update(k.encode())
     h.update(np.ascontiguousarray(state[k]).tobytes())
 rec["weights_sha256"] = h.hexdigest()
 rec["ep_stats"] = tr.expert_parallel_stats()
+rec["expert_shard"] = tr.model.expert_shard
+rec["local_parameters"] = tr.model.num_local_parameters()
+rec["local_shapes"] = {k: list(v) for k, v in tr.model.parameter_shapes().items()}
+rec["val_loss"] = tr.evaluate(_Val()) if a.evaluate else None
 if par:
     rec["comm"] = par.stats()
 os.makedirs(a.out, exist_ok=True)
 with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
     json.dump(rec, f)
+grads = dsv3._core.trainer_last_gradients(tr._t) if a.grads else None  # every rank calls
 if rank == 0:
     np.savez(os.path.join(a.out, "weights.npz"), **state)
     if a.grads:
-        np.save(os.path.join(a.out, "grads.npy"), dsv3._core.trainer_last_gradients(tr._t))
+        np.save(os.path.join(a.out, "grads.npy"), grads)
 if a.save:
     tr.save(a.save)
+if a.save_pretrained:
+    tr.save_pretrained(a.save_pretrained)
