@@ -1,7 +1,9 @@
 """Parallel training over MPI on loopback (issue #18's figures): per layout, the step time
 against the single process at the same global batch, the all-to-all bytes of the expert
 dispatch against the closed form, and the fraction of the gradient all-reduce hidden behind
-the backward.
+the backward; and the memory each rank holds against the single process: parameters, the
+training state (fp32 weights + gradients + AdamW moments: with ep > 1 only the rank's routed
+experts, model/shard.h) and the peak resident set (VmHWM: also Python, the activations, MPI).
 
     python bench/bench_parallel.py [--config small] [--batch 8] [--seq 128] [--steps 4]
 
@@ -73,9 +75,12 @@ def main():
           f"{'AR hidden':>10}{'disp MB':>9}{'closed MB':>10}{'ratio':>7}{'(ep-1)/ep':>10}"
           f"{'ranks/tok':>10}")
     print(f"{'single':<18}{1:>6}{t1:>9.3f}{1.0:>10.2f}")
+    mem = [("single", 1, single)]
     for layout, np_, fp8 in [("dp=2", 2, False), ("ep=2", 2, False), ("ep=2", 2, True),
-                             ("dp=2,ep=2", 4, False), ("dp=2,ep=2", 4, True)]:
+                             ("dp=2,ep=2", 4, False), ("dp=2,ep=2", 4, True), ("ep=4", 4, False)]:
         rk = run(layout, np_, args, fp8)
+        if not fp8:
+            mem.append((layout, np_, rk))
         t = median([max(r["steps"][i]["seconds"] for r in rk) for i in range(args.steps)])
         split = [s["split"] for s in rk[0]["steps"]]
         ar_mb = median([s["all_reduce_bytes"] for s in split]) / 1e6
@@ -94,6 +99,17 @@ def main():
                   f"{per_tok:>10.2f}")
         else:
             print(f"{name:<18}{np_:>6}{t:>9.3f}{t1 / t:>10.2f}{ar_mb:>11.2f}{hidden:>10.2f}")
+    m1 = single[0]["memory"]
+    print(f"\nmemory per rank (max over ranks) vs the single process")
+    print(f"{'layout':<18}{'ranks':>6}{'params':>12}{'vs 1':>7}{'state MB':>10}{'vs 1':>7}"
+          f"{'peak RSS MB':>13}{'vs 1':>7}")
+    for name, np_, rk in mem:
+        p = max(r["memory"]["parameters"] for r in rk)
+        sb = max(r["memory"]["state_bytes"] for r in rk)
+        rss = max(r["memory"]["peak_rss_bytes"] for r in rk)
+        print(f"{name:<18}{np_:>6}{p:>12,}{p / m1['parameters']:>7.2f}{sb / 1e6:>10.1f}"
+              f"{sb / m1['state_bytes']:>7.2f}{rss / 1e6:>13.1f}"
+              f"{rss / max(1, m1['peak_rss_bytes']):>7.2f}")
 
 
 if __name__ == "__main__":

@@ -242,3 +242,62 @@ def test_layout_parsing():
         parse_layout("dp=0", 1)
     with pytest.raises(ValueError, match="given twice"):
         parse_layout("dp=1,dp=1", 1)
+
+
+def _split_counts(shapes):
+    """(replicated parameters, routed-expert parameters) of {name: shape}."""
+    is_expert = [".mlp.experts." in n for n in shapes]
+    sizes = [int(np.prod(s)) for s in shapes.values()]
+    return (sum(n for n, e in zip(sizes, is_expert) if not e),
+            sum(n for n, e in zip(sizes, is_expert) if e))
+
+
+@pytest.mark.parametrize("np_,layout,ep", [(2, "ep=2", 2), (4, "dp=2,ep=2", 2)])
+def test_expert_shards_hold_their_experts_and_checkpoint_the_full_model(tmp_path, np_, layout,
+                                                                         ep):
+    """An EP rank holds the replicated parameters plus E/ep routed experts per MoE block (its
+    own, by global name); training, evaluation and save_pretrained (gathered, full Hugging Face
+    layout) equal the single process."""
+    sp_single, sp_par = (os.path.join(str(tmp_path), n) for n in ("sp1", "sp2"))
+    (single,), sw = run(tmp_path, "single", evaluate=True, save_pretrained=sp_single)
+    par, pw = run(tmp_path, "par", np_, layout, evaluate=True, save_pretrained=sp_par)
+    assert_same_run(par, single, pw, sw)
+    rep, ex = _split_counts(single["local_shapes"])
+    E = dsv3.Config.tiny().n_routed_experts
+    for r, rec in enumerate(par):
+        e = r % ep
+        assert rec["expert_shard"] == [ep, e]
+        assert rec["local_parameters"] == rep + ex // ep
+        owned = {int(n.split(".mlp.experts.")[1].split(".")[0]) for n in rec["local_shapes"]
+                 if ".mlp.experts." in n}
+        assert owned == set(range(e * E // ep, (e + 1) * E // ep))
+        np.testing.assert_allclose(rec["val_loss"], single["val_loss"], rtol=1e-6)
+    assert single["expert_shard"] is None and single["local_parameters"] == rep + ex
+    m2 = dsv3.Model.from_pretrained(sp_par)  # an ordinary full checkpoint
+    s2 = m2.state_dict()
+    assert s2.keys() == sw.keys()
+    for k in s2:
+        np.testing.assert_array_equal(s2[k], pw[k])  # the gathered weights, exactly
+
+
+def test_a_dp_checkpoint_loads_into_expert_shards_and_bf16_moments_resume_exactly(tmp_path):
+    """A checkpoint of unsharded ranks (dp=2) continues at ep=2 and ep=4 (each rank takes
+    its experts of the full files) as the run that never stopped; an ep=2 run with bf16
+    moments saved and resumed equals its straight run bit for bit."""
+    ck = os.path.join(str(tmp_path), "ck")
+    straight, sw = run(tmp_path, "straight", 2, "dp=2", steps=3)
+    run(tmp_path, "first", 2, "dp=2", steps=2, save=ck)
+    for np_, layout in [(2, "ep=2"), (4, "ep=4")]:
+        par, w = run(tmp_path, layout, np_, layout, steps=1, load=ck)
+        assert len({r["weights_sha256"] for r in par}) == 1
+        assert_weights_close(w, sw)
+        np.testing.assert_allclose(par[0]["loss"], straight[0]["loss"][2:], rtol=1e-6)
+        rep, ex = _split_counts(par[0]["local_shapes"])
+        ep = int(layout.split("=")[1])
+        assert par[0]["local_parameters"] == rep + ex  # its shapes hold E/ep experts
+        assert ex * ep == _split_counts({k: v.shape for k, v in sw.items()})[1]
+    ck16 = os.path.join(str(tmp_path), "ck16")
+    s16, _ = run(tmp_path, "s16", 2, "ep=2", steps=3, moments="bfloat16")
+    run(tmp_path, "f16", 2, "ep=2", steps=2, moments="bfloat16", save=ck16)
+    r16, _ = run(tmp_path, "r16", 2, "ep=2", steps=1, load=ck16)
+    assert r16[0]["weights_sha256"] == s16[0]["weights_sha256"]

@@ -69,8 +69,11 @@ void bind_dist(py::module_& m) {
       }, arg("x"))
       .def("stats", [](const ParallelGroups& g) {  // communication statistics of this rank
         py::dict d;
-        d["allreduce_bytes"] = g.world->bytes_allreduce;
-        d["allreduce_seconds"] = g.world->seconds_allreduce;
+        // the world's all-reduces and the DP group's (an expert shard's expert gradients)
+        const bool dp = g.layout.ep > 1 && g.dp_group;
+        d["allreduce_bytes"] = g.world->bytes_allreduce + (dp ? g.dp_group->bytes_allreduce : 0);
+        d["allreduce_seconds"] =
+            g.world->seconds_allreduce + (dp ? g.dp_group->seconds_allreduce : 0);
         const Comm& e = *g.ep_group;
         d["alltoall_bytes"] = e.bytes_alltoall;
         d["alltoall_seconds"] = e.seconds_alltoall;

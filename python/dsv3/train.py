@@ -152,6 +152,12 @@ class Trainer:
         _memory.trainer(model.config, self.config.moment_dtype == "bfloat16")
         self._t = _core.Trainer(model._m, self.config.moment_dtype == "bfloat16")
         self.parallel = parallel
+        shard = model.expert_shard
+        if shard is not None and getattr(parallel, "expert_shard", None) != shard:
+            raise ValueError(f"[Trainer] the model is an expert shard (routed experts of EP rank "
+                             f"{shard[1]} of ep={shard[0]}): it trains only with a parallel "
+                             f"layout putting this process at that EP rank, got "
+                             f"{parallel!r}")
         if parallel is not None:
             from .distributed import Parallel
             if not isinstance(parallel, Parallel):

@@ -31,6 +31,7 @@ ap.add_argument("--clip", type=float, default=1.0)
 ap.add_argument("--skip-step", type=int, default=-1, help="draw this step's batch, do not step")
 ap.add_argument("--grads", action="store_true", help="rank 0 saves the last step's gradient")
 ap.add_argument("--pid-dir", default="", help="write this rank's pid there (kill tests)")
+ap.add_argument("--moments", default="float32", help="TrainConfig.moment_dtype")
 ap.add_argument("--evaluate", action="store_true", help="record Trainer.evaluate's loss")
 ap.add_argument("--save-pretrained", default="", help="Trainer.save_pretrained there at the end")
 ap.add_argument("--out", required=True)
@@ -47,7 +48,8 @@ if a.config == "dense":  # no routed experts: an expert-parallel layout must be 
 else:
     cfg = getattr(dsv3.Config, a.config)()
 tc = dsv3.TrainConfig(batch_size=a.batch, seq_len=a.seq, lr=3e-3, warmup_steps=0, schedule="constant",
-                      precision=a.precision, grad_accum=a.grad_accum, grad_clip=a.clip)
+                      precision=a.precision, grad_accum=a.grad_accum, grad_clip=a.clip,
+                      moment_dtype=a.moments)
 if a.load:
     tr = dsv3.Trainer.load(a.load, parallel=par)
 else:

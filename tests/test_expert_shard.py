@@ -1,0 +1,86 @@
+"""Expert shards (csrc/model/shard.h) in one process: an EP rank's model holds the replicated
+weights and only its E/ep routed experts per MoE block, under their global names, with the
+same values as the full model of the same seed; it refuses to compute or save on its own and
+takes its experts of a full state dict. The parallel behaviour (training, gathering, saving and
+loading across world sizes) is in tests/test_distributed.py."""
+import re
+
+import numpy as np
+import pytest
+
+import dsv3
+
+EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+
+def split_counts(shapes):
+    """(replicated parameters, routed-expert parameters) of {name: shape}."""
+    rep = sum(int(np.prod(s)) for n, s in shapes.items() if not EXPERT.search(n))
+    ex = sum(int(np.prod(s)) for n, s in shapes.items() if EXPERT.search(n))
+    return rep, ex
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_shard_holds_replicated_plus_its_experts(ep):
+    cfg = dsv3.Config.tiny()
+    E = cfg.n_routed_experts
+    full = dsv3.Model(cfg, seed=3)
+    rep, ex = split_counts(full.parameter_shapes())
+    assert rep + ex == full.num_local_parameters()
+    fs = full.state_dict()
+    for index in range(ep):
+        m = dsv3.Model(cfg, seed=3, expert_shard=(ep, index))
+        assert m.expert_shard == (ep, index)
+        assert m.num_local_parameters() == rep + ex // ep
+        assert m.num_parameters() == full.num_parameters()  # the model's, not this rank's
+        owned = {int(EXPERT.search(n).group(1)) for n in m.parameter_shapes() if EXPERT.search(n)}
+        assert owned == set(range(index * E // ep, (index + 1) * E // ep))
+        s = m.state_dict()
+        for n, a in s.items():  # drawn as in the full model: values depend on (seed, name)
+            np.testing.assert_array_equal(a, fs[n])
+    assert full.expert_shard is None
+
+
+def test_shard_refuses_to_compute_or_save_alone(tmp_path):
+    cfg = dsv3.Config.tiny()
+    m = dsv3.Model(cfg, seed=0, expert_shard=(2, 0))
+    tokens = np.zeros((1, 8), dtype=np.int64)
+    with pytest.raises(ValueError, match="expert-parallel shard"):
+        m.forward(tokens)
+    with pytest.raises(ValueError, match="expert-parallel shard"):
+        m.loss(tokens)
+    with pytest.raises(ValueError, match="expert shard"):
+        m.save_pretrained(str(tmp_path / "x"))
+
+
+def test_shard_takes_its_experts_of_a_full_state():
+    cfg = dsv3.Config.tiny()
+    full = dsv3.Model(cfg, seed=5).state_dict()
+    m = dsv3.Model(cfg, seed=0, expert_shard=(2, 1))
+    missing, unexpected = m.load_state_dict(full, strict=True)
+    assert missing == [] and unexpected == []
+    for n, a in m.state_dict().items():
+        np.testing.assert_array_equal(a, full[n])
+    # its own experts must be there
+    del full["model.layers.1.mlp.experts.5.up_proj.weight"]
+    with pytest.raises(KeyError, match="experts.5.up_proj"):
+        m.load_state_dict(full, strict=True)
+
+
+def test_bad_expert_shard_arguments():
+    cfg = dsv3.Config.tiny()
+    with pytest.raises(ValueError, match="ep=3 must divide n_routed_experts"):
+        dsv3.Model(cfg, expert_shard=(3, 0))
+    with pytest.raises(ValueError, match="index 2 must be < ep=2"):
+        dsv3.Model(cfg, expert_shard=(2, 2))
+    with pytest.raises(TypeError, match="expert_shard must be a tuple"):
+        dsv3.Model(cfg, expert_shard=2)
+    with pytest.raises(ValueError, match="expert_shard\\[0\\]"):
+        dsv3.Model(cfg, expert_shard=(0, 0))
+
+
+def test_trainer_without_parallel_refuses_a_shard():
+    cfg = dsv3.Config.tiny()
+    m = dsv3.Model(cfg, seed=0, expert_shard=(2, 0))
+    with pytest.raises(ValueError, match="expert shard .* parallel layout"):
+        dsv3.Trainer(m, dsv3.TrainConfig(batch_size=2, seq_len=8))
