@@ -4,13 +4,13 @@
 //          W = dp * ep;  world rank r = d * ep + e  with  d = r / ep (its replica group index)
 //          and e = r % ep (its EP rank: it owns routed experts [e*E/ep, (e+1)*E/ep))
 //
-// Every rank trains on its own 1/W of the global batch and holds every weight. With ep > 1 a
-// routed expert is COMPUTED only by its owners (one per replica group): a token's hidden state
+// Every rank trains on its own 1/W of the global batch. With ep > 1 a routed expert is
+// COMPUTED and HELD only by its owners (one per replica group; model/shard.h: the weights,
+// gradients and AdamW moments of the other experts are not allocated): a token's hidden state
 // travels to the EP ranks owning its selected experts and back (all-to-all inside its EP group,
-// the ep consecutive world ranks of group d). Gradients are summed over the world (a non-owner
-// contributes zeros for an expert it does not own), so every rank applies the same update and
-// the replicas stay identical. (Weights are replicated, not sharded: memory per rank is that of
-// the whole model; sharding the routed experts is the next step.)
+// the ep consecutive world ranks of group d). The replicated parameters' gradients are summed
+// over the world; an owned expert's over the dp_group (the dp ranks holding the same experts),
+// so every holder of a weight applies the same update and the replicas stay identical.
 //
 // `Comm` is the interface the engine calls; the MPI implementation (mpi_comm.cpp) is built when
 // CMake finds MPI. All collectives are blocking and must be entered by every rank of the
