@@ -98,10 +98,10 @@ void set_moments_any(Trainer& t, std::vector<T>& m, std::vector<T>& v, const py:
   const bool is_full = t.sharded() && py::isinstance<py::array>(m_) &&
                        (size_t)py::reinterpret_borrow<py::array>(m_).size() == full;
   if (!is_full) return set_moments(m, v, m_, v_, dtype);
-  std::vector<T> fm(full), fv(full);
-  set_moments(fm, fv, m_, v_, dtype);
-  t.from_full(fm.data(), m);
-  t.from_full(fv.data(), v);
+  auto a = moment_arg<T>(m_, full, "optimizer_m", dtype);  // both checked before either is set
+  auto b = moment_arg<T>(v_, full, "optimizer_v", dtype);
+  t.from_full(a.data(), m);
+  t.from_full(b.data(), v);
 }
 
 }  // namespace

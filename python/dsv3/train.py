@@ -265,7 +265,8 @@ class Trainer:
         return d
 
     def moments(self) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-        """AdamW's (m, v) by parameter name, as float32 (decoded from bf16 when stored so)."""
+        """AdamW's (m, v) by parameter name, as float32 (decoded from bf16 when stored so);
+        an expert shard's own parameters only (``save`` writes the gathered full moments)."""
         m, v = self._t.moments()
         if m.dtype == np.uint16:
             m, v = [(a.astype(np.uint32) << 16).view(np.float32) for a in (m, v)]
