@@ -301,3 +301,14 @@ def test_a_dp_checkpoint_loads_into_expert_shards_and_bf16_moments_resume_exactl
     run(tmp_path, "f16", 2, "ep=2", steps=2, moments="bfloat16", save=ck16)
     r16, _ = run(tmp_path, "r16", 2, "ep=2", steps=1, load=ck16)
     assert r16[0]["weights_sha256"] == s16[0]["weights_sha256"]
+
+
+def test_expert_gradients_are_not_summed_over_the_world(tmp_path):
+    """ep=2 (dp=1): only the replicated gradients cross ranks (each rank's experts have no
+    other holder), so a rank's all-reduce bytes per step are the dp=2 run's (the whole slab)
+    times the replicated share of the parameters."""
+    dp, _ = run(tmp_path, "dp", 2, "dp=2", steps=2)
+    ep, _ = run(tmp_path, "ep", 2, "ep=2", steps=2)
+    rep, ex = _split_counts(dp[0]["local_shapes"])
+    ratio = ep[0]["allreduce_bytes"][-1] / dp[0]["allreduce_bytes"][-1]
+    assert 0.9 * rep / (rep + ex) <= ratio <= 1.1 * rep / (rep + ex), (ratio, rep, ex)

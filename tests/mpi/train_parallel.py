@@ -91,6 +91,8 @@ for s in range(a.steps):
     for k in ("loss", "grad_norm", "main", "balance", "mtp"):
         rec[k].append(st[k])
     rec["expert_load"].append(st["expert_load"].tolist())
+    if "time_split" in st:
+        rec.setdefault("allreduce_bytes", []).append(st["time_split"]["all_reduce_bytes"])
 state = tr.full_state_dict()  # the whole model (an expert shard gathers: every rank calls)
 h = hashlib.sha256()
 for k in sorted(state):
