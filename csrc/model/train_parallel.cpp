@@ -143,6 +143,9 @@ void Trainer::reduce_over_world(ParallelStep& ps, TrainStepStats& st, float scal
   const double t0 = now();
   for (auto& f : ps.pending) f.get();
   const double t1 = now();
+  if (!queue_)  // no communication thread (MPI below SERIALIZED): the blocks' ranges here
+    for (const auto& b : block_range_)
+      for (const GradRange& r : b) reduce_range(r);
   for (const GradRange& r : rest_range_) world_call([&] { reduce_range(r); });
   const double t2 = now();
   st.allreduce_wait_seconds = t2 - t0;
