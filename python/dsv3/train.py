@@ -150,15 +150,8 @@ class Trainer:
             raise TypeError("[Trainer] config must be a dsv3.TrainConfig")
         model._refuse_training("Trainer")
         _memory.trainer(model.config, self.config.moment_dtype == "bfloat16")
-        self._t = _core.Trainer(model._m, self.config.moment_dtype == "bfloat16")
         self.parallel = parallel
-        shard = model.expert_shard
-        if shard is not None and getattr(parallel, "expert_shard", None) != shard:
-            raise ValueError(f"[Trainer] the model is an expert shard (routed experts of EP rank "
-                             f"{shard[1]} of ep={shard[0]}): it trains only with a parallel "
-                             f"layout putting this process at that EP rank, got "
-                             f"{parallel!r}")
-        if parallel is not None:
+        if parallel is not None:  # every check before anything changes
             from .distributed import Parallel
             if not isinstance(parallel, Parallel):
                 raise TypeError("[Trainer] parallel must come from dsv3.distributed.init(), got "
@@ -171,8 +164,19 @@ class Trainer:
                 raise ValueError(f"[Trainer] batch_size ({self.config.batch_size}, the global "
                                  f"batch) must be divisible by processes x grad_accum = "
                                  f"{parallel.size} x {self.config.grad_accum}")
+        want, shard = getattr(parallel, "expert_shard", None), model.expert_shard
+        if shard is not None and want != shard:
+            raise ValueError(f"[Trainer] the model is an expert shard (routed experts of EP rank "
+                             f"{shard[1]} of ep={shard[0]}): it trains only with a parallel "
+                             f"layout putting this process at that EP rank, got "
+                             f"{parallel!r}")
+        if want is not None and shard is None:
+            # an EP rank keeps only its routed experts, before any moment is allocated
+            model._m.shard_experts(*want)
+            model._set_info()
+        self._t = _core.Trainer(model._m, self.config.moment_dtype == "bfloat16")
+        if parallel is not None:
             _core.trainer_set_parallel(self._t, parallel._g, parallel.fp8_dispatch)
-            model._set_info()  # ep > 1: now an expert shard (its other experts freed)
         self._data_state: Optional[Dict] = None  # restored into the dataset by fit()
         self.history: List[Dict[str, Any]] = []
 
