@@ -163,7 +163,8 @@ class Model:
         if not isinstance(state, dict):
             raise TypeError(f"[load_state_dict] state must be a dict, got {type(state).__name__}")
         # an expert shard takes its own experts of a full state (the others' are not unexpected)
-        state = {k: v for k, v in state.items() if not self._other_shard(k)}
+        if self.expert_shard is not None:
+            state = {k: v for k, v in state.items() if not self._other_shard(k)}
         missing = sorted(set(self._info) - set(state))
         unexpected = sorted(set(state) - set(self._info))
         if strict and (missing or unexpected):
