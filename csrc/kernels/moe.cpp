@@ -235,11 +235,14 @@ void moe_layer_check(const MoeConfig& c, const MoeParams& p, const char* op) {
              c.n_routed_experts, " routed experts, got ", p.experts.size());
   // expert parallel: only the owned experts are computed here (an expert shard holds no others)
   const bool ep = p.ep && p.ep->size() > 1 && c.n_routed_experts % p.ep->size() == 0;
-  const int64_t El = ep ? c.n_routed_experts / p.ep->size() : 0, me = ep ? p.ep->group->rank() : 0;
-  for (size_t j = 0; j < p.experts.size(); ++j)
-    DSV3_CHECK((ep && (int64_t)j / El != me) || p.experts[j].gate_proj.data && p.experts[j].up_proj.data &&
+  const int64_t El = ep ? c.n_routed_experts / p.ep->size() : 0;
+  const int64_t me = ep ? p.ep->group->rank() : 0;
+  for (size_t j = 0; j < p.experts.size(); ++j) {
+    if (ep && (int64_t)j / El != me) continue;
+    DSV3_CHECK(p.experts[j].gate_proj.data && p.experts[j].up_proj.data &&
                    p.experts[j].down_proj.data, "[", op,
                "] experts.", j, " is missing a projection");
+  }
   if (c.shared_width() > 0)
     DSV3_CHECK(p.shared_experts.gate_proj.data && p.shared_experts.up_proj.data &&
                    p.shared_experts.down_proj.data,
