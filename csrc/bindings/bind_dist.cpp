@@ -91,18 +91,21 @@ void bind_dist(py::module_& m) {
   m.def("trainer_last_gradients", [](Trainer& t) {
     BusyGuard guard(t.busy, false, "Trainer");
     std::vector<float> g;
-    {
+    if (t.sharded()) {
       py::gil_scoped_release nogil;
       g = t.gather_full(t.last_gradients());
     }
-    py::array_t<float> out((py::ssize_t)g.size());
-    std::copy(g.begin(), g.end(), out.mutable_data());
+    const std::vector<float>& src = t.sharded() ? g : t.last_gradients();
+    py::array_t<float> out((py::ssize_t)src.size());
+    std::copy(src.begin(), src.end(), out.mutable_data());
     return out;
   }, arg("trainer"));
   // {name: weight} of the full model (an expert shard gathers: every rank calls it)
   m.def("trainer_full_state", [](Trainer& t) {
     BusyGuard guard(t.busy, false, "Trainer");
     BusyGuard mguard(t.model().busy, false, "Model");
+    if (!t.sharded())
+      return py_glue::named_copy(t.model().layout(), t.model().params().data(), false);
     std::vector<float> w;
     {
       py::gil_scoped_release nogil;

@@ -68,9 +68,11 @@ void set_moments(std::vector<T>& m, std::vector<T>& v, const py::handle& m_,
 
 // (m, v) copies: uint16 bf16 bits or float32, in the slab's layout; full: in the full model's
 // layout (collective over the EP group when the model is an expert shard)
+// (an unsharded Trainer copies under the GIL, as the other state reads do)
 py::tuple moments_copy(Trainer& t, bool full = false) {
   if (t.bf16_moments()) {
-    if (!full) return py::make_tuple(copy_out<uint16_t, U16>(t.m16), copy_out<uint16_t, U16>(t.v16));
+    if (!full || !t.sharded())
+      return py::make_tuple(copy_out<uint16_t, U16>(t.m16), copy_out<uint16_t, U16>(t.v16));
     std::vector<uint16_t> m, v;
     {
       py::gil_scoped_release nogil;
@@ -79,7 +81,8 @@ py::tuple moments_copy(Trainer& t, bool full = false) {
     }
     return py::make_tuple(copy_out<uint16_t, U16>(m), copy_out<uint16_t, U16>(v));
   }
-  if (!full) return py::make_tuple(copy_out<float, F32>(t.m32), copy_out<float, F32>(t.v32));
+  if (!full || !t.sharded())
+    return py::make_tuple(copy_out<float, F32>(t.m32), copy_out<float, F32>(t.v32));
   std::vector<float> m, v;
   {
     py::gil_scoped_release nogil;
