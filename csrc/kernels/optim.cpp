@@ -37,44 +37,45 @@ Coeffs coeffs(const AdamWParams& p, const char* op) {
 }
 
 
-// update() over n elements, branch-free so that the SIMD clones vectorize it (the optimizer
-// is a pass over the whole slab: scalar sqrt and division made it the step's second-largest
-// cost). A frozen element (mode 0) is computed and discarded: its old values are stored back.
-// The same IEEE operations per element as the scalar form (no contraction: simd.h), so the
-// results are bit-identical to it in every clone.
-// No __restrict__: the pointers may alias (the binding does not forbid it); GCC vectorizes
-// with a run-time overlap check instead.
-DSV3_SIMD_CLONES void adamw_run(float* w, const float* g, float* m, float* v,
-                                const uint8_t* mode, int64_t n, const Coeffs& cr) {
+// The moments as stored: fp32, or bf16 bit patterns (decoded to fp32, re-encoded RNE)
+inline float moment_get(float x) { return x; }
+inline float moment_get(uint16_t x) { return bf16_decode(x); }
+inline void moment_put(float& dst, float x) { dst = x; }
+inline void moment_put(uint16_t& dst, float x) { dst = bf16_encode(x); }
+
+// One AdamW update over n elements, branch-free so that the SIMD clones vectorize it (the
+// optimizer is a pass over the whole slab: scalar sqrt and division made it the step's
+// second-largest cost). A frozen element (mode 0) is computed and discarded: its old values
+// are stored back. The same IEEE operations per element as a scalar loop (no contraction:
+// simd.h), so the results are bit-identical to it in every clone. No __restrict__: the
+// pointers may alias (the binding does not forbid it); GCC vectorizes with a run-time overlap
+// check instead.
+template <typename Mom>
+inline __attribute__((always_inline)) void adamw_body(float* w, const float* g, Mom* m, Mom* v,
+                                                      const uint8_t* mode, int64_t n,
+                                                      const Coeffs& cr) {
   const Coeffs c = cr;
   const float keep_decay = c.decay[2];
   for (int64_t i = 0; i < n; ++i) {
     const int md = mode ? mode[i] : 2;
-    const float mi = c.b1 * m[i] + (1.f - c.b1) * g[i];
-    const float vi = c.b2 * v[i] + (1.f - c.b2) * (g[i] * g[i]);
+    const float mi = c.b1 * moment_get(m[i]) + (1.f - c.b1) * g[i];
+    const float vi = c.b2 * moment_get(v[i]) + (1.f - c.b2) * (g[i] * g[i]);
     const float mh = mi * c.c1, vh = vi * c.c2;
     const float wi = w[i] * (md == 2 ? keep_decay : 1.f) - c.lr * (mh / (std::sqrt(vh) + c.eps));
-    w[i] = md ? wi : w[i];
-    m[i] = md ? mi : m[i];
-    v[i] = md ? vi : v[i];
+    if (md) {
+      w[i] = wi;
+      moment_put(m[i], mi);
+      moment_put(v[i], vi);
+    }
   }
 }
-
-// adamw_run with bf16 moments: decoded, updated in fp32, re-encoded (RNE)
+DSV3_SIMD_CLONES void adamw_run(float* w, const float* g, float* m, float* v,
+                                const uint8_t* mode, int64_t n, const Coeffs& c) {
+  adamw_body(w, g, m, v, mode, n, c);
+}
 DSV3_SIMD_CLONES void adamw_run_bf16(float* w, const float* g, uint16_t* m, uint16_t* v,
-                                     const uint8_t* mode, int64_t n, const Coeffs& cr) {
-  const Coeffs c = cr;
-  const float keep_decay = c.decay[2];
-  for (int64_t i = 0; i < n; ++i) {
-    const int md = mode ? mode[i] : 2;
-    const float mi = c.b1 * bf16_decode(m[i]) + (1.f - c.b1) * g[i];
-    const float vi = c.b2 * bf16_decode(v[i]) + (1.f - c.b2) * (g[i] * g[i]);
-    const float mh = mi * c.c1, vh = vi * c.c2;
-    const float wi = w[i] * (md == 2 ? keep_decay : 1.f) - c.lr * (mh / (std::sqrt(vh) + c.eps));
-    w[i] = md ? wi : w[i];
-    m[i] = md ? bf16_encode(mi) : m[i];
-    v[i] = md ? bf16_encode(vi) : v[i];
-  }
+                                     const uint8_t* mode, int64_t n, const Coeffs& c) {
+  adamw_body(w, g, m, v, mode, n, c);
 }
 
 // sum of x^2 in double over n elements: 8 partial sums (element i into lane i % 8, in order),
