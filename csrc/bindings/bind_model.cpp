@@ -101,10 +101,11 @@ void bind_model(py::module_& m) {
       .def_property_readonly("expert_shard", [](const Model& md) {  // (ep, index); (1, 0): all
         return py::make_tuple(md.expert_shard().ep, md.expert_shard().index);
       })
-      // keeps only the routed experts of EP rank ep_index (the others' weights are freed)
+      // keeps only the routed experts of EP rank ep_index (the others' weights are freed).
+      // Holds the GIL: the layout it swaps is read without a guard by num_parameters,
+      // param_info and expert_shard (one copy of the kept weights; review of #18)
       .def("shard_experts", [](Model& md, int ep, int ep_index) {
         BusyGuard guard(md.busy, true, "Model");
-        py::gil_scoped_release nogil;
         md.shard_experts(ExpertShard{ep, ep_index});
       }, arg("ep"), arg("ep_index"))
       .def_property_readonly("num_parameters", [](const Model& md) {
