@@ -229,11 +229,7 @@ void bind_model(py::module_& m) {
           lp = md.loss(pt, t.B, t.T, grad ? g.data() : nullptr, alpha, mtp_weight, prec, nullptr,
                        nullptr, wc.get());
         }
-        py::dict d;
-        d["loss"] = lp.loss;
-        d["main"] = lp.main;
-        d["mtp"] = lp.mtp;
-        d["balance"] = lp.balance;
+        py::dict d = loss_parts_dict(lp);
         py::array_t<int64_t> load({(py::ssize_t)lp.moe_blocks, (py::ssize_t)md.config().E});
         std::copy(lp.expert_load.begin(), lp.expert_load.end(), load.mutable_data());
         d["expert_load"] = load;

@@ -69,27 +69,20 @@ void set_moments(std::vector<T>& m, std::vector<T>& v, const py::handle& m_,
 // (m, v) copies: uint16 bf16 bits or float32, in the slab's layout; full: in the full model's
 // layout (collective over the EP group when the model is an expert shard)
 // (an unsharded Trainer copies under the GIL, as the other state reads do)
-py::tuple moments_copy(Trainer& t, bool full = false) {
-  if (t.bf16_moments()) {
-    if (!full || !t.sharded())
-      return py::make_tuple(copy_out<uint16_t, U16>(t.m16), copy_out<uint16_t, U16>(t.v16));
-    std::vector<uint16_t> m, v;
-    {
-      py::gil_scoped_release nogil;
-      m = t.gather_full(t.m16);
-      v = t.gather_full(t.v16);
-    }
-    return py::make_tuple(copy_out<uint16_t, U16>(m), copy_out<uint16_t, U16>(v));
-  }
-  if (!full || !t.sharded())
-    return py::make_tuple(copy_out<float, F32>(t.m32), copy_out<float, F32>(t.v32));
-  std::vector<float> m, v;
+template <typename T, typename Arr>
+py::tuple moment_pair(Trainer& t, const std::vector<T>& m, const std::vector<T>& v, bool full) {
+  if (!full || !t.sharded()) return py::make_tuple(copy_out<T, Arr>(m), copy_out<T, Arr>(v));
+  std::vector<T> fm, fv;
   {
     py::gil_scoped_release nogil;
-    m = t.gather_full(t.m32);
-    v = t.gather_full(t.v32);
+    fm = t.gather_full(m);
+    fv = t.gather_full(v);
   }
-  return py::make_tuple(copy_out<float, F32>(m), copy_out<float, F32>(v));
+  return py::make_tuple(copy_out<T, Arr>(fm), copy_out<T, Arr>(fv));
+}
+py::tuple moments_copy(Trainer& t, bool full = false) {
+  return t.bf16_moments() ? moment_pair<uint16_t, U16>(t, t.m16, t.v16, full)
+                          : moment_pair<float, F32>(t, t.m32, t.v32, full);
 }
 
 // Moments of the slab's layout, or of the full layout for an expert shard (a checkpoint of
@@ -205,12 +198,7 @@ void bind_train(py::module_& m) {
           py::gil_scoped_release nogil;
           lp = t.eval_loss(arr.data(), arr.shape(0), arr.shape(1), alpha, mtp_weight);
         }
-        py::dict d;
-        d["loss"] = lp.loss;
-        d["main"] = lp.main;
-        d["mtp"] = lp.mtp;
-        d["balance"] = lp.balance;
-        return d;
+        return loss_parts_dict(lp);
       }, arg("tokens"), arg("alpha"), arg("mtp_weight"))
       .def("set_moments", [](Trainer& t, py::handle m_, py::handle v_) {
         BusyGuard guard(t.busy, true, "Trainer");

@@ -1,5 +1,7 @@
 #include "bindings/convert.h"
 
+#include "model/model.h"
+
 #include <set>
 
 namespace dsv3::py_glue {
@@ -176,6 +178,15 @@ const float* ParamDict::get(const std::string& name, const Shape& shape) {
   const float* ptr = a.data();
   keep_.emplace(name, std::move(a));
   return ptr;
+}
+
+py::dict loss_parts_dict(const LossParts& lp) {
+  py::dict d;
+  d["loss"] = lp.loss;
+  d["main"] = lp.main;
+  d["mtp"] = lp.mtp;
+  d["balance"] = lp.balance;
+  return d;
 }
 
 }  // namespace dsv3::py_glue

@@ -13,6 +13,10 @@
 #include "model/config.h"
 #include "model/layout.h"
 
+namespace dsv3 {
+struct LossParts;  // model/model.h
+}
+
 namespace dsv3::py_glue {
 
 RopeParams rope_params(int64_t dim, double theta, const py::object& scaling);
@@ -53,6 +57,9 @@ MhaDims mha_dims(const py::object& cfg);
 
 // {hf_name: float32 array} copies of the slab's entries (only the trainable ones if asked).
 py::dict named_copy(const ParamLayout& L, const float* slab, bool trainable_only);
+
+// {loss, main, mtp, balance} of a loss call (Model.loss, Trainer.evaluate)
+py::dict loss_parts_dict(const LossParts& lp);
 
 // Refuses params (which must be a dict) unless its keys are exactly the specs' names; the
 // ValueError lists every missing and every unexpected key.
