@@ -84,3 +84,29 @@ def test_trainer_without_parallel_refuses_a_shard():
     m = dsv3.Model(cfg, seed=0, expert_shard=(2, 0))
     with pytest.raises(ValueError, match="expert shard .* parallel layout"):
         dsv3.Trainer(m, dsv3.TrainConfig(batch_size=2, seq_len=8))
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_shard_count_and_memory_guards_use_the_shard(ep, monkeypatch):
+    from dsv3 import _memory
+    cfg = dsv3.Config.small()  # MoE blocks in the main model and the MTP module
+    E, h, mi = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    moe_blocks = cfg.num_hidden_layers - cfg.first_k_dense_replace + cfg.num_nextn_predict_layers
+    # independent count: every routed expert is gate + up (mi x h) and down (h x mi)
+    dropped = moe_blocks * (E - E // ep) * 3 * h * mi
+    full = cfg.num_parameters(mtp=True)
+    assert cfg.num_parameters(mtp=True, ep=ep) == full - dropped
+    m = dsv3.Model(cfg, seed=1, expert_shard=(ep, 0))
+    assert m.num_local_parameters() == full - dropped
+    # a budget between the shard's weights and the full model's: the shard is built, the full
+    # model is refused
+    need = []
+    monkeypatch.setattr(_memory, "require", lambda op, what, n: need.append((op, n)))
+    dsv3.Model(cfg, seed=1, expert_shard=(ep, 1))
+    dsv3.Model(cfg, seed=1)
+    assert need == [("Model", 4 * (full - dropped)), ("Model", 4 * full)]
+    for bad in (3, 0, True, 2.0):
+        with pytest.raises(ValueError, match="ep must be a positive divisor"):
+            cfg.num_parameters(ep=bad)
+    with pytest.raises(ValueError, match="active=True"):
+        cfg.num_parameters(active=True, ep=2)

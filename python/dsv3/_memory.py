@@ -150,15 +150,17 @@ def _ints(*xs) -> Optional[List[int]]:
     return out
 
 
-def model(config) -> None:
-    """A model's fp32 weights (one slab of every parameter, MTP modules included)."""
-    require("Model", "the config's fp32 weights", 4 * config.num_parameters(mtp=True))
+def model(config, ep: int = 1) -> None:
+    """A model's fp32 weights (one slab of every parameter, MTP modules included; an expert
+    shard of ``ep`` holds only its routed experts)."""
+    require("Model", "the config's fp32 weights", 4 * config.num_parameters(mtp=True, ep=ep))
 
 
-def trainer(config, bf16_moments: bool) -> None:
+def trainer(config, bf16_moments: bool, ep: int = 1) -> None:
     """What a Trainer adds to its model: two AdamW moments (fp32 or bf16), the gradient slab
-    (allocated by the first step, then kept) and one mode byte per parameter."""
-    n = config.num_parameters(mtp=True)
+    (allocated by the first step, then kept) and one mode byte per parameter (of the shard
+    when ``ep > 1``)."""
+    n = config.num_parameters(mtp=True, ep=ep)
     require("Trainer", "the optimizer state (2 moments + gradients)",
             n * ((4 if bf16_moments else 8) + 4 + 1))
 

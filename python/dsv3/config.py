@@ -333,14 +333,16 @@ class Config:
         first = -(-lo // f) * f  # smallest multiple of f >= lo
         return 0 if first >= stop else (stop - 1 - first) // f + 1
 
-    def num_parameters(self, active: bool = False, mtp: bool = False) -> int:
+    def num_parameters(self, active: bool = False, mtp: bool = False, ep: int = 1) -> int:
         """Parameter count from the config alone.
 
         ``active=True`` counts only the routed experts a token uses (num_experts_per_tok of
         n_routed_experts per MoE layer). ``mtp=True`` adds the MTP modules' own parameters
         (enorm, hnorm, eh_proj, a full block, shared_head.norm); their embedding and output
         head are the main model's and are not counted twice. The embedding and the head are
-        included in the activated count.
+        included in the activated count. ``ep > 1`` counts what one expert-parallel rank holds
+        (the replicated parameters plus n_routed_experts / ep routed experts per MoE block,
+        MTP blocks included); it must divide n_routed_experts.
         """
         c, L = self._param_counts(), self.num_hidden_layers
         moe = c["moe_block_active" if active else "moe_block"]
@@ -353,6 +355,17 @@ class Config:
         if mtp and self.num_nextn_predict_layers:
             k = self.num_nextn_predict_layers
             n += k * c["mtp_own"] + blocks(L, L + k)
+        E = self.n_routed_experts or 0
+        if type(ep) is not int or ep < 1 or (ep > 1 and (E == 0 or E % ep)):
+            raise ValueError(f"[Config.num_parameters] ep must be a positive divisor of "
+                             f"n_routed_experts ({E}), got {ep!r}")
+        if ep > 1:
+            if active:
+                raise ValueError("[Config.num_parameters] ep applies to the stored count, "
+                                 "not to active=True")
+            stop = L + (self.num_nextn_predict_layers if mtp else 0)
+            expert = 3 * self.hidden_size * self.moe_intermediate_size  # gate, up, down
+            n -= (E - E // ep) * expert * self.num_moe_layers(0, stop)
         return n
 
     def kv_cache_bytes_per_token(self, dtype: str = "bfloat16",

@@ -43,7 +43,7 @@ class Model:
         seed = integer(seed, "seed", "Model", hi=2 ** 64 - 1)  # the engine's seed is uint64
         ep, index = _shard_arg(expert_shard, config)
         self._config = config.replace()  # a private copy: later edits of cfg do not desync
-        _memory.model(self._config)
+        _memory.model(self._config, ep)
         self._m = _core.Model(self._config, seed, ep, index)
         self._set_info()
 

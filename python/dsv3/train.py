@@ -149,7 +149,6 @@ class Trainer:
         if not isinstance(self.config, TrainConfig):
             raise TypeError("[Trainer] config must be a dsv3.TrainConfig")
         model._refuse_training("Trainer")
-        _memory.trainer(model.config, self.config.moment_dtype == "bfloat16")
         self.parallel = parallel
         if parallel is not None:  # every check before anything changes
             from .distributed import Parallel
@@ -170,6 +169,8 @@ class Trainer:
                              f"{shard[1]} of ep={shard[0]}): it trains only with a parallel "
                              f"layout putting this process at that EP rank, got "
                              f"{parallel!r}")
+        _memory.trainer(model.config, self.config.moment_dtype == "bfloat16",
+                        (want or shard or (1, 0))[0])  # moments of the shard an EP rank keeps
         if want is not None and shard is None:
             # an EP rank keeps only its routed experts, before any moment is allocated
             model._m.shard_experts(*want)
