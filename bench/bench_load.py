@@ -14,9 +14,14 @@ Floor: the bytes one decoded token reads (every attention / dense / shared-exper
 resident format with its scales, kv_b_proj and the router gates in fp32, the routed experts
 times num_experts_per_tok / n_routed_experts, the norms, lm_head, and the KV cache rows at the
 mean context), divided by the measured copy bandwidth (bench/common.memory_bandwidth: read +
-write counted); "floor %" = measured tok/s / (bandwidth / bytes per token). A format
-whose plan does not fit the available memory is skipped with its refusal. Timings on a shared
-machine are indicative.
+write counted); "floor %" = measured tok/s / (bandwidth / bytes per token). Prefill: the
+FLOPs of the prompt (2 x the matrix weights each token meets, routed experts at top-k / E,
+lm_head included since forward returns every position's logits, plus causal attention's
+QK^T and PV) over the prefill time, against the rate of the same linear kernel
+(dsv3.ops.wlinear in the row's format, PROMPT x hidden -> hidden) measured in the process
+("of GEMM"). A format whose plan does not fit the available memory is skipped with its
+refusal. Run one format per process for its own peak RSS. Timings on a shared machine are
+indicative.
 """
 from __future__ import annotations
 
@@ -70,13 +75,54 @@ def token_bytes(m, context: int) -> int:
     return int(total + cache)
 
 
+def prefill_flops(m, T: int) -> float:
+    """FLOPs of a T-token prefill (see the module docstring)."""
+    cfg = m.config
+    E, K = cfg.n_routed_experts or 1, cfg.num_experts_per_tok or 0
+    per_token = 0.0
+    for name, shape in m.parameter_shapes().items():
+        if len(shape) != 2 or name == "model.embed_tokens.weight":
+            continue
+        if ".layers." in name and int(name.split(".")[2]) >= cfg.num_hidden_layers:
+            continue
+        n = float(shape[0] * shape[1])
+        per_token += 2 * n * K / E if EXPERT.search(name) else 2 * n
+    pairs = T * (T + 1) / 2  # causal (query, key) pairs
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    attn = 2 * pairs * cfg.num_attention_heads * (qk + cfg.v_head_dim) * cfg.num_hidden_layers
+    return per_token * T + attn
+
+
+def gemm_rate(fmt: str, rows: int, hidden: int) -> float:
+    """GFLOP/s of dsv3.ops.wlinear in ``fmt`` at rows x hidden -> hidden (best of 3)."""
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((hidden, hidden)) * 0.02).astype(np.float32)
+    x = rng.standard_normal((rows, hidden)).astype(np.float32)
+    if fmt == "fp8":
+        data, sinv = dsv3.fp8.quantize(w, "e4m3", block=(128, 128))
+    elif fmt == "bf16":
+        u = w.view(np.uint32).astype(np.uint64)
+        data, sinv = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16), None
+    else:
+        data, sinv = w, None
+    dsv3.ops.wlinear(x, fmt, data, sinv)
+    best = min(_time(lambda: dsv3.ops.wlinear(x, fmt, data, sinv)) for _ in range(3))
+    return 2.0 * rows * hidden * hidden / best / 1e9
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def run(ckpt: str, fmt: str, tokens: int, bw: float, prefill: int):
     plan = resident.plan(*resident.inspect(ckpt), None if fmt == "auto" else fmt)
     before, t0 = rss_anon(), time.perf_counter()
     try:
         m = dsv3.Model.from_pretrained(ckpt, weights=fmt)
     except _memory.MemoryBudgetError as e:
-        return [fmt, "refused", str(e)[:60], "", "", ""]
+        return [fmt, "refused", str(e)[:60]] + [""] * 13
     load = time.perf_counter() - t0
     grown = rss_anon() - before
     prompt = np.array([1, 2, 3])
@@ -87,17 +133,20 @@ def run(ckpt: str, fmt: str, tokens: int, bw: float, prefill: int):
     tps = out.stats["tokens_per_second"]
     per_tok = token_bytes(m, len(prompt) + tokens // 2)
     floor = bw * 1e9 / per_tok
-    pf = ""
+    pf = ["", "", "", ""]
     if prefill:
         ids = np.arange(prefill) % m.config.vocab_size
         t1 = time.perf_counter()
         m.forward(ids[None], m.new_cache(1, prefill))
-        pf = f"{prefill / (time.perf_counter() - t1):.0f}"
+        secs = time.perf_counter() - t1
+        rate = prefill_flops(m, prefill) / secs / 1e9
+        gemm = gemm_rate(plan.weights, prefill, m.config.hidden_size)
+        pf = [f"{prefill / secs:.1f}", f"{rate:.0f}", f"{gemm:.0f}", f"{rate / gemm:.2f}"]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     return [f"{fmt} ({plan.weights})", f"{load:.2f}", f"{load + first:.2f}",
             f"{grown / 2**20:.0f}", f"{plan.mapped_bytes / 2**20:.0f}",
             f"{plan.anonymous_bytes / 2**20:.0f}", f"{peak:.2f}", f"{tps:.2f}",
-            f"{per_tok / 2**20:.0f}", f"{floor:.2f}", f"{100 * tps / floor:.0f}%", pf]
+            f"{per_tok / 2**20:.0f}", f"{floor:.2f}", f"{100 * tps / floor:.0f}%"] + pf
 
 
 def main(argv=None) -> int:
@@ -108,7 +157,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--weights", default="auto,fp8,bf16,fp32")
-    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=8, help="greedy decode tokens")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--prefill", type=int, default=0, help="also time a prefill of N tokens")
     a = p.parse_args(argv)
@@ -130,7 +179,8 @@ def main(argv=None) -> int:
         print_table(f"resident loading of {ckpt}",
                     ["weights", "load s", "to 1st token s", "RssAnon +MiB", "mapped MiB",
                      "anon MiB", "peak RSS GiB", "decode tok/s", "MiB/token", "floor tok/s",
-                     "floor %", "prefill tok/s"], rows)
+                     "floor %", "prefill tok/s", "prefill GFLOP/s", "GEMM GFLOP/s", "of GEMM"],
+                    rows)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

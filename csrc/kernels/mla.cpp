@@ -244,8 +244,10 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   const int64_t R = B * S, W = d.Dc + d.Dr, Q = d.H * d.dqk(), L = start_pos + S;
   // q_abs [R, H, Dc+Dr] = [q_nope_h @ W_UK_h | q_pe_h]
   std::vector<float> qa((size_t)(R * d.H * W));
-  // heads per task: enough work (~1 MFLOP) to pay for waking a thread
-  const int64_t head_grain = std::max<int64_t>(1, (1 << 19) / std::max<int64_t>(1, R * d.Dn * d.Dc));
+  // heads per task: ~64K multiply-adds (a quarter MiB of kv_b_proj for one decoded row),
+  // enough to pay for waking a thread; decoding's per-head products are memory-bound reads of
+  // kv_b_proj, so a layer's 16+ heads must not all run on one thread
+  const int64_t head_grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, R * d.Dn * d.Dc));
   parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
     for (int64_t h = h0; h < h1; ++h) {
       // one head's product (R x Dn x Dc): decoding's few rows on small_gemm, not a BLAS call

@@ -95,11 +95,66 @@ DSV3_SIMD_CLONES float swiglu_backward_row(float* __restrict__ h, float* __restr
   return dot_lanes(a, h, W);
 }
 
+// Decoding's few tokens: every expert's product is a GEMV (linear_forward's path for R <=
+// kLinearGemvRows), so instead of one expert per thread (5 items over 2 threads leave one idle
+// for a fifth of the layer) all gate / up GEMVs of the step run as one parallel pass over their
+// weights, then all down GEMVs: the same kernel per matrix, hence the same bits.
+bool decode_shaped(const MoeActs& a, int64_t E, int64_t T, const LinearMode& prec) {
+  if (prec != GemmPrecision::fp32 || in_parallel() || T > kLinearGemvRows) return false;
+  for (int64_t e = 0; e < E; ++e)
+    if (a.expert_count[e] > kLinearGemvRows) return false;
+  return true;
+}
+
+void check_view_shape(const WeightView& w, int64_t O, int64_t K) {
+  DSV3_CHECK(w.data != nullptr && w.O == O && w.K == K, "[moe] expert weight view is [", w.O,
+             ", ", w.K, "] but the layer needs [", O, ", ", K, "]");
+}
+
+void run_experts_gemv(float* ye, float* y_shared, const MoeActs& a, const float* x, int64_t K,
+                      int64_t E, const SwiGluParams* experts, const SwiGluParams* shared,
+                      int64_t T, int64_t D, int64_t F, int64_t S) {
+  std::vector<int64_t> items;  // routed experts with rows, then E for the shared one
+  int64_t rows = 0;
+  for (int64_t e = 0; e < E; ++e)
+    if (a.expert_count[e] > 0) items.push_back(e), rows += a.expert_count[e];
+  if (shared && T > 0) items.push_back(E);
+  Buf xs = buf(rows * D), h = buf(rows * F + (shared ? T * S : 0));
+  std::vector<WlinearJob> up, down;
+  std::vector<float*> hs;
+  for (int64_t e : items) {
+    const bool sh = e == E;
+    const SwiGluParams& w = sh ? *shared : experts[e];
+    const int64_t o = sh ? 0 : a.expert_offset[e], n = sh ? T : a.expert_count[e];
+    const int64_t W = sh ? S : F;
+    check_view_shape(w.gate_proj, W, D), check_view_shape(w.up_proj, W, D);
+    check_view_shape(w.down_proj, D, W);
+    const float* xe = x;
+    if (!sh) {
+      gather_rows(xs.get() + o * D, x, a.dispatch_slot + o, n, K, D);
+      xe = xs.get() + o * D;
+    }
+    float* g = sh ? a.shared_gate : a.expert_gate + o * F;
+    float* u = sh ? a.shared_up : a.expert_up + o * F;
+    float* he = sh ? h.get() + rows * F : h.get() + o * F;
+    up.push_back({g, xe, w.gate_proj, n});
+    up.push_back({u, xe, w.up_proj, n});
+    down.push_back({sh ? y_shared : ye + o * D, he, w.down_proj, n});
+    hs.push_back(he);
+  }
+  wlinear_forward_many(up.data(), (int64_t)up.size());
+  for (size_t i = 0; i < down.size(); ++i)
+    swiglu_forward(hs[i], up[2 * i].y, up[2 * i + 1].y, down[i].R * down[i].w.K);
+  wlinear_forward_many(down.data(), (int64_t)down.size());
+}
+
 }  // namespace
 
 void moe_run_experts(float* ye, float* y_shared, const MoeActs& a, const float* x, int64_t K,
                      int64_t E, const SwiGluParams* experts, const SwiGluParams* shared,
                      int64_t T, int64_t D, int64_t F, int64_t S, const LinearMode& prec) {
+  if (decode_shaped(a, E, T, prec))
+    return run_experts_gemv(ye, y_shared, a, x, K, E, experts, shared, T, D, F, S);
   // item e < E is routed expert e, item E the shared expert (writes y_shared directly)
   std::vector<int64_t> rows(a.expert_count, a.expert_count + E);
   if (shared) rows.push_back(T);

@@ -44,8 +44,9 @@ using wlin::Tier;
 using wlin::TierKernels;
 
 constexpr int64_t kRB = 256;   // prefill: x rows per task
-constexpr int64_t kPB = 64;    // prefill: weight rows per panel
-constexpr int64_t kKC = 2048;  // prefill: K columns dequantized at a time (kPB x kKC = 512 KiB)
+constexpr int64_t kPB = 256;   // prefill: weight rows per panel
+constexpr int64_t kKC = 512;   // prefill: K columns dequantized at a time (kPB x kKC = 512 KiB; x is
+                               // packed by sgemm once per panel, so wide panels pack it less often)
 
 struct TierChoice {
   Tier tier = Tier::scalar;
@@ -110,20 +111,41 @@ float prescale_x(std::vector<float>& out, const float* x, int64_t n) {
   return std::ldexp(1.f, 120 - a);
 }
 
-void decode(float* y, const float* x, const WeightView& w, int64_t R) {
+// The GEMVs of several decode-shaped jobs (R <= kMaxGemvR) as one parallel_for over the
+// concatenation of their super groups; a super group's y rows depend only on its own job, so
+// the chunking changes no result.
+void decode(const WlinearJob* jobs, int64_t n) {
   const TierKernels& k = tier().k;
-  float unscale = 1.f;
-  std::vector<float> xs;
-  if (w.fmt == WeightFormat::fp8_e4m3 && k.prescaled) {
-    unscale = prescale_x(xs, x, R * w.K);
-    x = xs.data();
+  std::vector<float> unscale((size_t)n, 1.f);
+  std::vector<std::vector<float>> xs((size_t)n);
+  std::vector<const float*> x((size_t)n);
+  std::vector<int64_t> first((size_t)n + 1, 0);  // first super group of each job
+  int64_t bytes = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const WlinearJob& jb = jobs[j];
+    x[j] = jb.x;
+    if (jb.w.fmt == WeightFormat::fp8_e4m3 && k.prescaled) {
+      unscale[j] = prescale_x(xs[j], jb.x, jb.R * jb.w.K);
+      x[j] = xs[j].data();
+    }
+    first[j + 1] = first[j] + (jb.w.O + wlin::kSuperRows - 1) / wlin::kSuperRows;
+    bytes += weight_format_bytes(jb.w.fmt, jb.w.O, jb.w.K);
   }
-  const int64_t supers = (w.O + wlin::kSuperRows - 1) / wlin::kSuperRows;
+  const int64_t supers = first[n];
+  if (supers == 0) return;
   // a chunk worth a thread: >= 64 KiB of weights
-  const int64_t super_bytes = weight_format_bytes(w.fmt, wlin::kSuperRows, w.K);
-  const int64_t grain = std::max<int64_t>(1, 65536 / super_bytes);
-  parallel_for(supers, grain,
-               [&](int64_t s0, int64_t s1) { k.gemv(y, x, w, unscale, R, s0, s1); });
+  const int64_t grain = std::max<int64_t>(1, 65536 * supers / std::max<int64_t>(1, bytes));
+  parallel_for(supers, grain, [&](int64_t s0, int64_t s1) {
+    int64_t j = std::upper_bound(first.begin(), first.end(), s0) - first.begin() - 1;
+    for (int64_t s = s0; s < s1; ++j) {
+      const int64_t e = std::min(s1, first[j + 1]);
+      if (e > s) {
+        const WlinearJob& jb = jobs[j];
+        k.gemv(jb.y, x[j], jb.w, unscale[j], jb.R, s - first[j], e - first[j]);
+      }
+      s = std::max(s, e);
+    }
+  });
 }
 
 void prefill(float* y, const float* x, const WeightView& w, int64_t R) {
@@ -193,10 +215,27 @@ void wlinear_forward(float* y, const float* x, const WeightView& w, int64_t R) {
   check_view(w, "wlinear_forward");
   if (R < 0) throw std::invalid_argument("[wlinear_forward] R must be >= 0");
   if (R == 0) return;
-  if (R <= wlin::kMaxGemvR)
-    decode(y, x, w, R);
-  else
+  if (R <= wlin::kMaxGemvR) {
+    const WlinearJob job{y, x, w, R};
+    decode(&job, 1);
+  } else {
     prefill(y, x, w, R);
+  }
+}
+
+void wlinear_forward_many(const WlinearJob* jobs, int64_t n) {
+  std::vector<WlinearJob> gemv;
+  for (int64_t j = 0; j < n; ++j) {
+    const WlinearJob& jb = jobs[j];
+    check_view(jb.w, "wlinear_forward_many");
+    if (jb.R < 0) throw std::invalid_argument("[wlinear_forward_many] R must be >= 0");
+    if (jb.R == 0) continue;
+    if (jb.R <= wlin::kMaxGemvR)
+      gemv.push_back(jb);
+    else
+      prefill(jb.y, jb.x, jb.w, jb.R);
+  }
+  decode(gemv.data(), (int64_t)gemv.size());
 }
 
 void wlinear_rows(float* out, const int64_t* ids, const WeightView& w, int64_t R) {

@@ -50,6 +50,18 @@ struct WeightView {
 // y[R,O] = x[R,K] W^T (overwrites). Throws std::invalid_argument on a null / inconsistent view.
 void wlinear_forward(float* y, const float* x, const WeightView& w, int64_t R);
 
+// Several independent linears in one pass: jobs[i].y = jobs[i].x W_i^T. The decode-shaped ones
+// (R <= 16, the GEMV) share one parallel pass over all their weights (one pool dispatch instead
+// of one per matrix: the experts of a decoded token, or projections of the same input); the
+// others run one after another. Every y is bit-identical to wlinear_forward's.
+struct WlinearJob {
+  float* y;
+  const float* x;
+  WeightView w;
+  int64_t R;
+};
+void wlinear_forward_many(const WlinearJob* jobs, int64_t n);
+
 // out[r,:] = W[ids[r],:] as fp32 (embedding rows of a resident matrix; ids in [0, O)).
 void wlinear_rows(float* out, const int64_t* ids, const WeightView& w, int64_t R);
 
