@@ -26,8 +26,8 @@ its generation test: CTX tokens one at a time from an empty context), and dsv3 t
 a prefill ``forward`` of CTX tokens into a fresh cache, and CTX batch-1 ``forward`` calls on
 a cache from position 0. The two sides alternate, ``--rounds`` times; medians. Floor: the
 weight bytes one decoded token reads in that format (attention, shared expert, top-k of the
-routed experts, lm_head; llama.cpp's Q8_0 counted at 34 bytes per 32 weights) over the
-measured copy bandwidth.
+routed experts, lm_head; llama.cpp's Q8_0 counted at 34 bytes per 32 weights; dsv3's kv_b_proj
+in float32, as it holds it) over the measured copy bandwidth on the benchmark's threads.
 
 Logits: llamacpp_logits.cpp (compiled here against the build) feeds 24 tokens one at a time
 to the f32 GGUF; dsv3's float32 model runs the same tokens in one causal forward. Reported:
@@ -157,9 +157,10 @@ def dsv3_speed(m: dsv3.Model, ctx: int, reps: int):
     return statistics.mean(pp), statistics.mean(tg)
 
 
-def token_bytes(m: dsv3.Model, per_weight: float) -> float:
-    """Weight bytes one decoded token reads with every matrix at ``per_weight`` bytes (the
-    embedding: one row; routed experts: top-k of them; vectors in float32)."""
+def token_bytes(m: dsv3.Model, per_weight: float, kv_b: float = None) -> float:
+    """Weight bytes one decoded token reads with every matrix at ``per_weight`` bytes (kv_b_proj
+    at ``kv_b`` when given: dsv3 keeps it in float32; the embedding: one row; routed experts:
+    top-k of them; vectors in float32)."""
     cfg = m.config
     k_over_e = cfg.num_experts_per_tok / cfg.n_routed_experts
     total = 0.0
@@ -168,6 +169,8 @@ def token_bytes(m: dsv3.Model, per_weight: float) -> float:
             continue
         n = float(np.prod(shape))
         b = n * (per_weight if len(shape) == 2 else 4.0)
+        if kv_b is not None and name.endswith("kv_b_proj.weight"):
+            b = n * kv_b
         total += b * k_over_e if EXPERT.search(name) else b
     return total
 
@@ -211,8 +214,8 @@ def main(argv=None) -> int:
             write_hf_model(cfg, hf)
         ggufs = make_ggufs(src, build, hf, work)
         print(machine_line())
-        bw = memory_bandwidth()
-        print(f"copy bandwidth {bw:.1f} GB/s (numpy copy, read + write); load average "
+        bw = memory_bandwidth(threads=a.threads)
+        print(f"copy bandwidth {bw:.1f} GB/s (numpy copy on {a.threads} threads, read + write); load average "
               f"{os.getloadavg()[0]:.2f}; {a.threads} threads, context {a.ctx}")
         models = {w: dsv3.Model.from_pretrained(hf, weights=w) for _, w in PAIRS}
         diff, rel, n = logits_check(src, build, ggufs["f32"], models[None], a.threads, work)
@@ -235,7 +238,7 @@ def main(argv=None) -> int:
             m = models[w]
             ll_floor = bw * 1e9 / token_bytes(m, LLAMA_BYTES[t])
             ds_per = {None: 4.0, "bf16": 2.0, "fp8": 1.0 + 4 / 128 ** 2}[w]
-            ds_floor = bw * 1e9 / token_bytes(m, ds_per)
+            ds_floor = bw * 1e9 / token_bytes(m, ds_per, kv_b=4.0)
             rows.append([f"{t} / {w or 'fp32'}", f"{lt:.1f}", f"{dt:.1f}", f"{dt / lt:.2f}x",
                          f"{lt / ll_floor:.2f}", f"{dt / ds_floor:.2f}",
                          f"{lp:.0f}", f"{dp:.0f}", f"{dp / lp:.2f}x"])

@@ -13,8 +13,8 @@ projection) against the bytes-moved floor, and prefill tokens/s.
 Floor: the bytes one decoded token reads (every attention / dense / shared-expert matrix in its
 resident format with its scales, kv_b_proj and the router gates in fp32, the routed experts
 times num_experts_per_tok / n_routed_experts, the norms, lm_head, and the KV cache rows at the
-mean context), divided by the measured copy bandwidth (bench/common.memory_bandwidth: read +
-write counted); "floor %" = measured tok/s / (bandwidth / bytes per token). Prefill: the
+mean context), divided by the measured copy bandwidth (bench/common.memory_bandwidth on the
+decode's threads: read + write counted); "floor %" = measured tok/s / (bandwidth / bytes per token). Prefill: the
 FLOPs of the prompt (2 x the matrix weights each token meets, routed experts at top-k / E,
 lm_head included since forward returns every position's logits, plus causal attention's
 QK^T and PV) over the prefill time, against the rate of the same linear kernel
@@ -173,8 +173,10 @@ def main(argv=None) -> int:
                               4 << 30)
     try:
         print(machine_line())
-        bw = memory_bandwidth()
-        print(f"copy bandwidth {bw:.1f} GB/s (numpy copy, read + write)")
+        nt = dsv3.get_num_threads()
+        bw = memory_bandwidth(threads=nt)
+        print(f"copy bandwidth {bw:.1f} GB/s (numpy copy on {nt} threads, read + write; one "
+              f"thread: {memory_bandwidth():.1f}); load average {os.getloadavg()[0]:.2f}")
         rows = [run(ckpt, f, a.tokens, bw, a.prefill) for f in a.weights.split(",")]
         print_table(f"resident loading of {ckpt}",
                     ["weights", "load s", "to 1st token s", "RssAnon +MiB", "mapped MiB",

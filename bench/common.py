@@ -62,11 +62,20 @@ def sgemm_peak(n: int = 2048) -> float:
     return 2 * n ** 3 / t / 1e9
 
 
-def memory_bandwidth(mb: int = 512) -> float:
-    """GB/s of a large numpy copy (read + write counted), single process."""
+def memory_bandwidth(mb: int = 512, threads: int = 1) -> float:
+    """GB/s of a large numpy copy (read + write counted); ``threads`` > 1 copies that many
+    slices at once from Python threads (np.copyto releases the GIL), as a decode step's
+    threads stream their weights."""
     src = np.ones(mb * (1 << 20) // 4, dtype=np.float32)
     dst = np.empty_like(src)
-    t = timeit(lambda: np.copyto(dst, src), min_time=1.0)
+    if threads <= 1:
+        t = timeit(lambda: np.copyto(dst, src), min_time=1.0)
+        return 2 * src.nbytes / t / 1e9
+    from concurrent.futures import ThreadPoolExecutor
+    cuts = np.linspace(0, src.size, threads + 1).astype(int)
+    parts = [(dst[a:b], src[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+    with ThreadPoolExecutor(threads) as ex:
+        t = timeit(lambda: list(ex.map(lambda p: np.copyto(*p), parts)), min_time=1.0)
     return 2 * src.nbytes / t / 1e9
 
 
