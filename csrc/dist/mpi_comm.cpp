@@ -5,6 +5,12 @@
 // all-gather returns the summed chunks to everyone. Same traffic as a ring all-reduce
 // (2 (W-1)/W n elements sent per rank), and the bits do not depend on MPI's algorithm choice.
 // Messages are cut into segments of at most kSegment elements (MPI counts are int).
+//
+// All-to-all with per-rank byte counts: one MPI_Alltoallv while every count and displacement
+// fits an int; when any rank's does not (a message or offset above 2 GiB, or above
+// DSV3_MPI_MAX_MESSAGE bytes, the limit's override for tests), every rank learns it from one
+// MPI_Allreduce of a flag and all of them move the data as point-to-point pieces of at most
+// that many bytes (MPI keeps the pieces between two ranks in order).
 #ifdef DSV3_WITH_MPI
 #include <mpi.h>
 
@@ -12,6 +18,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -48,6 +55,10 @@ class MpiComm final : public Comm {
   MpiComm(MPI_Comm c, bool owned) : c_(c), owned_(owned) {
     MPI_Comm_rank(c_, &rank_);
     MPI_Comm_size(c_, &size_);
+    if (const char* v = std::getenv("DSV3_MPI_MAX_MESSAGE"); v && *v) {
+      const long long m = std::atoll(v);
+      if (m >= 1 && m < max_msg_) max_msg_ = m;
+    }
   }
   ~MpiComm() override {
     int fin = 0;
@@ -70,18 +81,16 @@ class MpiComm final : public Comm {
   void alltoallv(const void* send, const int64_t* scount, const int64_t* sdispl, void* recv,
                  const int64_t* rcount, const int64_t* rdispl) override {
     const double t0 = now();
-    std::vector<int> sc(size_), sd(size_), rc(size_), rd(size_);
+    int big = 0, any = 0;
     for (int p = 0; p < size_; ++p) {
-      DSV3_CHECK(sdispl[p] + scount[p] <= INT_MAX && rdispl[p] + rcount[p] <= INT_MAX,
-                 "[dsv3.distributed] an all-to-all message above 2 GiB is not supported");
-      sc[p] = (int)scount[p];
-      sd[p] = (int)sdispl[p];
-      rc[p] = (int)rcount[p];
-      rd[p] = (int)rdispl[p];
+      big |= sdispl[p] + scount[p] > max_msg_ || rdispl[p] + rcount[p] > max_msg_;
       if (p != rank_) bytes_alltoall += scount[p];
     }
-    check(MPI_Alltoallv(send, sc.data(), sd.data(), MPI_BYTE, recv, rc.data(), rd.data(),
-                        MPI_BYTE, c_), "MPI_Alltoallv");
+    check(MPI_Allreduce(&big, &any, 1, MPI_INT, MPI_MAX, c_), "MPI_Allreduce");
+    if (any)
+      alltoallv_pieces((const char*)send, scount, sdispl, (char*)recv, rcount, rdispl);
+    else
+      alltoallv_one(send, scount, sdispl, recv, rcount, rdispl);
     seconds_alltoall += now() - t0;
   }
 
@@ -97,6 +106,46 @@ class MpiComm final : public Comm {
   }
 
  private:
+  void alltoallv_one(const void* send, const int64_t* scount, const int64_t* sdispl, void* recv,
+                     const int64_t* rcount, const int64_t* rdispl) {
+    std::vector<int> sc(size_), sd(size_), rc(size_), rd(size_);
+    for (int p = 0; p < size_; ++p) {
+      sc[p] = (int)scount[p];
+      sd[p] = (int)sdispl[p];
+      rc[p] = (int)rcount[p];
+      rd[p] = (int)rdispl[p];
+    }
+    check(MPI_Alltoallv(send, sc.data(), sd.data(), MPI_BYTE, recv, rc.data(), rd.data(),
+                        MPI_BYTE, c_), "MPI_Alltoallv");
+  }
+
+  void alltoallv_pieces(const char* send, const int64_t* scount, const int64_t* sdispl,
+                        char* recv, const int64_t* rcount, const int64_t* rdispl) {
+    constexpr int kTag = 0x5d3;
+    DSV3_CHECK(scount[rank_] == rcount[rank_], "[dsv3.distributed] all-to-all: this rank sends "
+               "itself ", scount[rank_], " bytes but expects ", rcount[rank_]);
+    std::vector<MPI_Request> req;
+    auto post = [&](bool is_send, int p) {
+      const int64_t n = is_send ? scount[p] : rcount[p];
+      for (int64_t o = 0; o < n; o += max_msg_) {
+        const int m = (int)std::min<int64_t>(max_msg_, n - o);
+        req.emplace_back();
+        if (is_send)
+          check(MPI_Isend(send + sdispl[p] + o, m, MPI_BYTE, p, kTag, c_, &req.back()),
+                "MPI_Isend");
+        else
+          check(MPI_Irecv(recv + rdispl[p] + o, m, MPI_BYTE, p, kTag, c_, &req.back()),
+                "MPI_Irecv");
+      }
+    };
+    for (int p = 0; p < size_; ++p)
+      if (p != rank_) post(false, p);
+    for (int p = 0; p < size_; ++p)
+      if (p != rank_) post(true, p);
+    if (scount[rank_] > 0) std::memcpy(recv + rdispl[rank_], send + sdispl[rank_], scount[rank_]);
+    check(MPI_Waitall((int)req.size(), req.data(), MPI_STATUSES_IGNORE), "MPI_Waitall");
+  }
+
   template <typename T>
   void ordered_sum(T* x, int64_t n) {
     if (size_ == 1 || n == 0) return;
@@ -135,6 +184,7 @@ class MpiComm final : public Comm {
   MPI_Comm c_;
   bool owned_;
   int rank_ = 0, size_ = 1;
+  int64_t max_msg_ = INT_MAX;  // bytes per MPI message (counts and displacements are int)
 };
 
 bool g_we_initialised = false;
