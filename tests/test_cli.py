@@ -54,12 +54,13 @@ def test_info_resident_bytes_on_checkpoint(tmp_path):
         "bfloat16": per_layer * cfg.num_hidden_layers * 2}
     assert d["checkpoint_format"] == "fp8"
     res = d["resident_bytes"]
-    # fp8 from an fp8 checkpoint: the linear weights' codes and scales are mapped, counted
-    # here from the names and shapes (not from the loader)
+    # fp8 from an fp8 checkpoint: the linear weights' codes and scales are mapped (kv_b_proj's
+    # too: the decode reads them; its float32 copy is anonymous), counted here from the names
+    # and shapes (not from the loader)
     shapes = m.parameter_shapes()
     fp8_bytes = sum(s[0] * s[1] + 4 * -(-s[0] // 128) * -(-s[1] // 128)
                     for n, s in shapes.items() if len(s) == 2 and (".self_attn." in n or ".mlp."
-                    in n) and not n.endswith("mlp.gate.weight") and "kv_b_proj" not in n)
+                    in n) and not n.endswith("mlp.gate.weight"))
     bf16_bytes = sum(2 * s[0] * s[1] for n, s in shapes.items()
                      if n.endswith(("embed_tokens.weight", "lm_head.weight", "eh_proj.weight")))
     assert res["fp8"]["mapped"] == fp8_bytes + bf16_bytes

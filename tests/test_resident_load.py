@@ -117,6 +117,38 @@ def test_mmap_false_copies(tmp_path, model):
             assert np.array_equal(v[1], w2[n][1]) and np.array_equal(v[2], w2[n][2])
 
 
+@pytest.mark.parametrize("dtype,weights", [("fp8", "fp8"), ("bfloat16", "bf16")])
+def test_mapped_kv_b_proj_decodes_as_its_float32_copy(tmp_path, model, dtype, weights):
+    # A kv_b_proj stored in the resident format is mapped (the absorbed decode reads its 1-2
+    # byte weights, dequantizing a head at a time); with mmap=False it arrives as float32.
+    # Both hold the same values, so decoding (the absorbed form) and speculative-verification-
+    # sized calls give the same bits, and the float32 state equals the file's dequantization.
+    d = saved(tmp_path, model, dtype)
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    _, w, plan = resident.resident_tensors(d, weights)
+    assert isinstance(w[name], tuple) and w[name][0] == weights and plan.tensors[name][1]
+    assert shares_file_map(w[name][1])
+    _, w2, _ = resident.resident_tensors(d, weights, mmap=False)
+    assert not isinstance(w2[name], tuple)
+    mapped = dsv3.Model.from_pretrained(d, weights=weights)
+    copied = dsv3.Model.from_pretrained(d, weights=weights, mmap=False)
+    np.testing.assert_array_equal(mapped.state_dict()[name], reference(d)[name])
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 12)
+    for step in (1, 3):  # decode one token, and 3 at a time
+        outs = []
+        for m in (mapped, copied):
+            c = m.new_cache(1, 16)
+            outs.append(np.concatenate([m.forward(ids[None, i:i + step], c, start_pos=i)[0]
+                                        for i in range(0, 12, step)]))
+        np.testing.assert_array_equal(outs[0], outs[1])
+    # and they are the logits of the float32 model of the file's values, to fp32 tolerance
+    ref = dsv3.Model(model.config)
+    ref.load_state_dict(reference(d))
+    c = ref.new_cache(1, 16)
+    want = np.concatenate([ref.forward(ids[None, i:i + 1], c, start_pos=i)[0] for i in range(12)])
+    np.testing.assert_allclose(outs[0][:12], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 def torch_quantize(w: np.ndarray):
     """DeepSeek's 128x128 block quantizer, written from the formula with torch: scale =
     max(amax, 1e-4) / 448 per block (fp32), codes = float8_e4m3fn(w / scale)."""

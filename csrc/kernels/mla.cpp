@@ -233,6 +233,18 @@ DecodeStep decode_prologue(const float* x, const MlaParams& p, const MlaDims& d,
   return st;
 }
 
+// Rows [r0, r0 + n) of kv_b_proj as fp32: the slab's rows, or (kv_b_view set) those rows of
+// the stored bf16 / fp8 weight dequantized into buf (bit-identical to the slab's values).
+const float* kv_b_rows(const MlaParams& p, const MlaDims& d, int64_t r0, int64_t n,
+                       std::vector<float>& buf) {
+  if (!p.kv_b_view.data) return p.kv_b_proj + r0 * d.Dc;
+  std::vector<int64_t> ids((size_t)n);
+  for (int64_t i = 0; i < n; ++i) ids[i] = r0 + i;
+  buf.resize((size_t)(n * d.Dc));
+  wlinear_rows(buf.data(), ids.data(), p.kv_b_view, n);
+  return buf.data();
+}
+
 }  // namespace
 
 // Over 80 lines: the absorbed decode is four stages (absorb q into the latent space, chunked
@@ -249,17 +261,18 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   // kv_b_proj, so a layer's 16+ heads must not all run on one thread
   const int64_t head_grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, R * d.Dn * d.Dc));
   parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
+    std::vector<float> wbuf;
     for (int64_t h = h0; h < h1; ++h) {
       // one head's product (R x Dn x Dc): decoding's few rows on small_gemm, not a BLAS call
       // per head (a row's value does not depend on R: speculative verification = plain
       // decoding); a prefill on sgemm
+      const float* wuk = kv_b_rows(p, d, h * (d.Dn + d.Dv), d.Dn, wbuf);
       if (R <= kLinearGemvRows)
-        small_gemm(false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q,
-                   p.kv_b_proj + h * (d.Dn + d.Dv) * d.Dc, d.Dc, false, qa.data() + h * W,
-                   d.H * W);
+        small_gemm(false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q, wuk, d.Dc, false,
+                   qa.data() + h * W, d.H * W);
       else
-        sgemm(false, false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q,
-              p.kv_b_proj + h * (d.Dn + d.Dv) * d.Dc, d.Dc, 0.f, qa.data() + h * W, d.H * W);
+        sgemm(false, false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q, wuk, d.Dc, 0.f,
+              qa.data() + h * W, d.H * W);
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(qa.data() + (r * d.H + h) * W + d.Dc, st.q.data() + r * Q + h * d.dqk() + d.Dn,
                     sizeof(float) * d.Dr);
@@ -346,10 +359,11 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   // few rows, no BLAS call per head), then o_proj
   std::vector<float> o((size_t)(R * d.H * d.Dv));
   parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
+    std::vector<float> wbuf;
     if (R > kLinearGemvRows) {  // a prefill: one strided sgemm per head
       for (int64_t h = h0; h < h1; ++h)
         sgemm(false, true, R, d.Dv, d.Dc, 1.f, ctx.data() + h * d.Dc, d.H * d.Dc,
-              p.kv_b_proj + (h * (d.Dn + d.Dv) + d.Dn) * d.Dc, d.Dc, 0.f,
+              kv_b_rows(p, d, h * (d.Dn + d.Dv) + d.Dn, d.Dv, wbuf), d.Dc, 0.f,
               o.data() + h * d.Dv, d.H * d.Dv);
       return;
     }
@@ -357,7 +371,7 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(xin.data() + r * d.Dc, ctx.data() + (r * d.H + h) * d.Dc, 4 * d.Dc);
-      linear_forward(yout.data(), xin.data(), p.kv_b_proj + (h * (d.Dn + d.Dv) + d.Dn) * d.Dc,
+      linear_forward(yout.data(), xin.data(), kv_b_rows(p, d, h * (d.Dn + d.Dv) + d.Dn, d.Dv, wbuf),
                      R, d.Dc, d.Dv, GemmPrecision::fp32);
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(o.data() + (r * d.H + h) * d.Dv, yout.data() + r * d.Dv, 4 * d.Dv);

@@ -45,7 +45,10 @@ void mla_check_dims(const MlaDims& d);
 // resident bf16 / fp8 inference weight); the norms and kv_b_proj are fp32 pointers. kv_b_proj
 // stays fp32 because the absorbed decode slices it per head (W_UK_h, W_UV_h) into its own
 // products; a resident model holds it dequantized (as DeepSeek's inference code does for the
-// absorbed form).
+// absorbed form) and, when its checkpoint stored it in bf16 / fp8, also that stored form as
+// kv_b_view: the absorbed decode then reads the 1-2 byte weights and dequantizes one head's
+// rows at a time into a thread-local fp32 buffer (the same values as kv_b_proj: the same
+// dequantization, kernels/wlinear.h wlinear_rows), instead of streaming 4 bytes per weight.
 struct MlaParams {
   WeightView q_a_proj;                        // [Dq, D]
   const float* q_a_layernorm = nullptr;       // [Dq]
@@ -55,6 +58,8 @@ struct MlaParams {
   const float* kv_a_layernorm = nullptr;      // [Dc]
   const float* kv_b_proj = nullptr;           // [H*(Dn+Dv), Dc]
   WeightView o_proj;                          // [D, H*Dv]
+  WeightView kv_b_view;  // optional (after the layout's eight, aggregate-initialised in order):
+                         // kv_b_proj as stored, bf16 / fp8
   LinearMode precision = LinearMode();  // of every projection (kernels/precision.h)
 };
 void mla_check_params(const MlaParams& p, const MlaDims& d);  // the weights d needs are set

@@ -52,6 +52,7 @@ void Model::check_shard(int64_t i, const ExpertParallel* ep) const {
 BlockParams Model::block_params(int64_t i, const LinearMode& p, ExpertParallel* ep) const {
   check_shard(i, ep);
   BlockParams b = dsv3::block_params(layout_, w_.data(), cfg_, i, resident_views());
+  set_kv_b_view(b, i);
   set_precision(b, p);
   b.experts.ep = ep;
   return b;
@@ -62,6 +63,7 @@ BlockGrads Model::block_grads(int64_t i, float* g) const {
 MtpParams Model::mtp_params(int64_t k, const LinearMode& p, ExpertParallel* ep) const {
   check_shard(cfg_.layers + k - 1, ep);
   MtpParams m = dsv3::mtp_params(layout_, w_.data(), cfg_, k, resident_views());
+  set_kv_b_view(m.block, cfg_.layers + k - 1);
   m.precision = p;
   set_precision(m.block, p);
   m.block.experts.ep = ep;

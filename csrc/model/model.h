@@ -138,6 +138,8 @@ class Model {
   BlockDims dims_;
   bool resident_model_ = false;
   ResidentViews resident_;                 // name -> view, the layout's resident entries
+  ResidentViews kv_b_stored_;              // kv_b_proj given as bf16 / fp8 (also in the slab)
+  void set_kv_b_view(BlockParams& b, int64_t block) const;  // MlaParams::kv_b_view
   std::shared_ptr<const void> keep_alive_; // owns the resident views' memory
   WeightView param_view(const std::string& name) const;  // resident view, or the slab's fp32
   const ResidentViews* resident_views() const { return resident_.empty() ? nullptr : &resident_; }

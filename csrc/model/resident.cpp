@@ -10,7 +10,9 @@
 //   held, resident-capable (layout.h)  -> resident_ (no fp32 storage is ever allocated)
 //   held kv_b_proj                      -> dequantized into the slab (fp32): the absorbed MLA
 //                                          decode slices it per head (kernels/mla.h), as
-//                                          DeepSeek's own inference code dequantizes wkv_b
+//                                          DeepSeek's own inference code dequantizes wkv_b;
+//                                          a bf16 / fp8 one is also kept as given, for the
+//                                          decode to read (MlaParams::kv_b_view)
 //   copied                              -> memcpy into the slab
 // Such a model runs inference (forward, cached decoding, MTP drafting, the loss without
 // gradients); gradients and training refuse it (they need fp32 master weights).
@@ -82,11 +84,18 @@ Model::Model(const ModelConfig& c, const ResidentWeights& w) : cfg_(c) {
       std::memcpy(dst, cp->second, sizeof(float) * e.size);
     } else {  // a held kv_b_proj: dequantized row by row
       const WeightView& v = w.held.at(e.name);
+      if (v.fmt != WeightFormat::fp32) kv_b_stored_.emplace(e.name, v);
       std::vector<int64_t> ids((size_t)v.O);
       std::iota(ids.begin(), ids.end(), int64_t{0});
       wlinear_rows(dst, ids.data(), v, v.O);
     }
   }
+}
+
+void Model::set_kv_b_view(BlockParams& b, int64_t block) const {
+  if (kv_b_stored_.empty()) return;
+  auto it = kv_b_stored_.find(hf::layer(block) + "self_attn.kv_b_proj.weight");
+  if (it != kv_b_stored_.end()) b.mla.kv_b_view = it->second;
 }
 
 WeightView Model::param_view(const std::string& name) const {

@@ -5,7 +5,9 @@
 of ``Model._from_resident``: a projection matrix (q_a/q_b/q/kv_a/o_proj, MHA q/k/v/o, dense,
 shared and routed experts' gate/up/down_proj, eh_proj, lm_head, embed_tokens) becomes a tuple
 ``(fmt, data, scale_inv)``; every other tensor (norms, biases, the router gate, kv_b_proj) a
-float32 array.
+float32 array, except a kv_b_proj stored in the resident format (E4M3 for fp8, BF16 for bf16)
+and mapped: that one is a tuple too (the engine dequantizes it into float32 and keeps the
+view for decoding).
 
 Formats (``weights``):
 
@@ -127,6 +129,7 @@ class Plan:
     mmap: bool
     tensors: Dict[str, Tuple[str, bool, int]] = field(default_factory=dict)
     transient_bytes: int = 0
+    dequantized_bytes: int = 0  # mapped kv_b_proj views the engine also holds in float32
 
     @property
     def mapped_bytes(self) -> int:
@@ -134,7 +137,8 @@ class Plan:
 
     @property
     def anonymous_bytes(self) -> int:
-        return sum(b for _, m, b in self.tensors.values() if not m)
+        """The tensors made in memory, and the float32 copy of a mapped kv_b_proj."""
+        return sum(b for _, m, b in self.tensors.values() if not m) + self.dequantized_bytes
 
     def by_format(self) -> Dict[str, Dict[str, int]]:
         out: Dict[str, Dict[str, int]] = {}
@@ -192,6 +196,10 @@ def plan(cfg: Config, stored: Dict[str, Tuple[str, Tuple[int, ...]]],
             continue
         fmt = resident_format(name, shape, weights)
         mapped = zero_copy(cfg, name, dtype, fmt, mmap, block)
+        kv_b = _kv_b_as_stored(cfg, name, dtype, weights, mmap, block)
+        if kv_b is not None:  # a view; the engine also dequantizes it into its float32 slab
+            fmt, mapped = kv_b, True
+            p.dequantized_bytes += 4 * int(np.prod(shape, dtype=np.int64))
         p.tensors[name] = (fmt, mapped, format_bytes(fmt, shape) if fmt != "float32"
                            else 4 * int(np.prod(shape, dtype=np.int64)))
         if fmt != "float32" and not mapped:
@@ -390,6 +398,16 @@ def resident_tensors(directory, weights: Optional[str] = None, mmap: bool = True
         scales = None if s is None else conv.scales(raw(s), s.file, name + "_scale_inv")
         out[name] = conv.convert(name, t.file, t.dtype, raw(t), scales, fmt, mapped)
     return cfg, out, p
+
+
+def _kv_b_as_stored(cfg: Config, name: str, dtype: str, weights: str, mmap: bool, block):
+    """"fp8" / "bf16" when kv_b_proj is stored in the resident format itself and can be mapped:
+    the model then holds it dequantized in float32 (as always) and also as this view, which
+    the absorbed decode reads instead (MlaParams::kv_b_view: a quarter / half of the bytes,
+    the same values). None otherwise (kv_b_proj is converted to float32 as before)."""
+    if not name.endswith(".kv_b_proj.weight") or weights not in ("fp8", "bf16"):
+        return None
+    return weights if zero_copy(cfg, name, dtype, weights, mmap, block) else None
 
 
 class _Converter:
