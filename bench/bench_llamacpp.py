@@ -15,11 +15,11 @@ MTP off (llama.cpp drops MTP layers). transformers' DeepseekV3ForCausalLM draws 
 weights (torch seed 0; the correction biases too, so that the routing is not all ties) and
 saves them in float32; llama.cpp's convert_hf_to_gguf.py converts that directory to a GGUF in
 f32 and llama-quantize derives bf16 and Q8_0 from it; dsv3 loads the same directory with
-``Model.from_pretrained`` as float32 (weights=None) and ``weights="bf16"``, and for the fp8
-row the FP8 checkpoint ``save_pretrained(dtype="fp8")`` makes of it (DeepSeek's layout: every
-projection, kv_b_proj included, E4M3 + 128x128 scales) with ``weights="fp8"``, mapped as
-DeepSeek's own FP8 checkpoints are (a bf16 / fp32 checkpoint quantized while loading keeps
-kv_b_proj in float32). The byte vocabulary needs a tokenizer for
+``Model.from_pretrained`` as float32 (weights=None); for the bf16 and fp8 rows it loads the
+bf16 and FP8 checkpoints ``save_pretrained(dtype="bfloat16" | "fp8")`` makes of it (the FP8 one
+in DeepSeek's layout: every projection, kv_b_proj included, E4M3 + 128x128 scales) with
+``weights="bf16"`` / ``"fp8"``, mapped as a released checkpoint is, as llama.cpp maps its
+GGUFs (converting while loading would keep kv_b_proj in float32). The byte vocabulary needs a tokenizer for
 the converter: a byte-level BPE with one merge, and its pre-tokenizer declared "gpt-2" (the
 converter otherwise refuses a tokenizer it does not know by hash); the benchmark feeds token
 ids, so the tokenizer only has to load.
@@ -29,9 +29,8 @@ its generation test: CTX tokens one at a time from an empty context), and dsv3 t
 a prefill ``forward`` of CTX tokens into a fresh cache, and CTX batch-1 ``forward`` calls on
 a cache from position 0. The two sides alternate, ``--rounds`` times; medians. Floor: the
 weight bytes one decoded token reads in that format (attention, shared expert, top-k of the
-routed experts, lm_head; llama.cpp's Q8_0 counted at 34 bytes per 32 weights; dsv3's kv_b_proj
-in float32 in the fp32 / bf16 rows, as it holds it there) over the measured copy bandwidth on
-the benchmark's threads.
+routed experts, lm_head; llama.cpp's Q8_0 counted at 34 bytes per 32 weights) over the
+measured copy bandwidth on the benchmark's threads.
 
 Logits: llamacpp_logits.cpp (compiled here against the build) feeds 24 tokens one at a time
 to the f32 GGUF; dsv3's float32 model runs the same tokens in one causal forward. Reported:
@@ -221,11 +220,12 @@ def main(argv=None) -> int:
         bw = memory_bandwidth(threads=a.threads)
         print(f"copy bandwidth {bw:.1f} GB/s (numpy copy on {a.threads} threads, read + write); load average "
               f"{os.getloadavg()[0]:.2f}; {a.threads} threads, context {a.ctx}")
-        fp8_dir = os.path.join(work, "fp8")
-        if not os.path.exists(os.path.join(fp8_dir, "config.json")):
-            dsv3.Model.from_pretrained(hf).save_pretrained(fp8_dir, dtype="fp8")
-        models = {w: dsv3.Model.from_pretrained(fp8_dir if w == "fp8" else hf, weights=w)
-                  for _, w in PAIRS}
+        dirs = {None: hf}
+        for w, dtype in (("bf16", "bfloat16"), ("fp8", "fp8")):
+            dirs[w] = os.path.join(work, w)
+            if not os.path.exists(os.path.join(dirs[w], "config.json")):
+                dsv3.Model.from_pretrained(hf).save_pretrained(dirs[w], dtype=dtype)
+        models = {w: dsv3.Model.from_pretrained(dirs[w], weights=w) for _, w in PAIRS}
         diff, rel, n = logits_check(src, build, ggufs["f32"], models[None], a.threads, work)
         print(f"logits, llama.cpp f32 (one token at a time) vs dsv3 float32 (one forward), "
               f"{n} positions: max |diff| {diff:.2e}, relative to max |logit| {rel:.2e}")
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
             m = models[w]
             ll_floor = bw * 1e9 / token_bytes(m, LLAMA_BYTES[t])
             ds_per = {None: 4.0, "bf16": 2.0, "fp8": 1.0 + 4 / 128 ** 2}[w]
-            ds_floor = bw * 1e9 / token_bytes(m, ds_per, kv_b=ds_per if w == "fp8" else 4.0)
+            ds_floor = bw * 1e9 / token_bytes(m, ds_per, kv_b=4.0 if w is None else ds_per)
             rows.append([f"{t} / {w or 'fp32'}", f"{lt:.1f}", f"{dt:.1f}", f"{dt / lt:.2f}x",
                          f"{lt / ll_floor:.2f}", f"{dt / ds_floor:.2f}",
                          f"{lp:.0f}", f"{dp:.0f}", f"{dp / lp:.2f}x"])
