@@ -55,9 +55,13 @@ ELEM = {"fp32": 4, "bf16": 2, "fp8": 1}
 EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
 
 
-def token_bytes(m, context: int) -> int:
-    """Bytes one batch-1 decode step reads (the floor's numerator, see the module docstring)."""
-    cfg, shapes, fmts = m.config, m.parameter_shapes(), m.weight_formats()
+def token_bytes(m, context: int, plan=None) -> int:
+    """Bytes one batch-1 decode step reads (the floor's numerator, see the module docstring);
+    a kv_b_proj the plan maps in its stored format is read in that format by the decode."""
+    cfg, shapes, fmts = m.config, m.parameter_shapes(), dict(m.weight_formats())
+    for name, (fmt, mapped, _) in (plan.tensors.items() if plan else ()):
+        if name.endswith("kv_b_proj.weight") and mapped:
+            fmts[name] = fmt
     E, K = cfg.n_routed_experts or 1, cfg.num_experts_per_tok or 0
     total = 0
     for name, shape in shapes.items():
@@ -131,7 +135,7 @@ def run(ckpt: str, fmt: str, tokens: int, bw: float, prefill: int):
     first = time.perf_counter() - t0
     out = m.generate(prompt, max_new_tokens=tokens, eos_token_id=None)
     tps = out.stats["tokens_per_second"]
-    per_tok = token_bytes(m, len(prompt) + tokens // 2)
+    per_tok = token_bytes(m, len(prompt) + tokens // 2, plan)
     floor = bw * 1e9 / per_tok
     pf = ["", "", "", ""]
     if prefill:
