@@ -142,7 +142,8 @@ def llama_bench(build: str, gguf_path: str, threads: int, ctx: int, reps: int):
 
 
 def dsv3_speed(m: dsv3.Model, ctx: int, reps: int):
-    """(prefill tok/s, decode tok/s): best of ``reps`` for each, llama-bench's two tests."""
+    """(prefill tok/s, decode tok/s): the mean over ``reps`` of each (llama-bench reports its
+    mean too), llama-bench's two tests."""
     rng = np.random.default_rng(0)
     ids = rng.integers(0, m.config.vocab_size, ctx)
     pp, tg = [], []
