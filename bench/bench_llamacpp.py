@@ -28,8 +28,9 @@ Speed: llama-bench ``-p CTX -n CTX -t THREADS`` (its prompt test: CTX tokens in 
 its generation test: CTX tokens one at a time from an empty context), and dsv3 the same work:
 a prefill ``forward`` of CTX tokens into a fresh cache, and CTX batch-1 ``forward`` calls on
 a cache from position 0. The two sides alternate, ``--rounds`` times; medians. Floor: the
-weight bytes one decoded token reads in that format (attention, shared expert, top-k of the
-routed experts, lm_head; llama.cpp's Q8_0 counted at 34 bytes per 32 weights) over the
+bytes one decoded token reads (bench_load.token_bytes: attention, dense / shared expert, top-k
+of the routed experts, lm_head, the KV cache at half the context; dsv3 in its resident formats,
+llama.cpp with every matrix in the GGUF's type, Q8_0 at 34 bytes per 32 weights) over the
 measured copy bandwidth on the benchmark's threads.
 
 Logits: llamacpp_logits.cpp (compiled here against the build) feeds 24 tokens one at a time
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -53,10 +53,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsv3  # noqa: E402
+from bench_load import token_bytes  # noqa: E402
 from common import machine_line, memory_bandwidth, print_table, set_threads  # noqa: E402
+from dsv3 import resident  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
 # bytes per weight of a matrix in each row's format (norms, biases, kv_b_proj-free: see floor)
 LLAMA_BYTES = {"f32": 4.0, "bf16": 2.0, "q8_0": 34 / 32}
 PAIRS = [("f32", None), ("bf16", "bf16"), ("q8_0", "fp8")]  # llama.cpp type, dsv3 weights=
@@ -161,24 +162,6 @@ def dsv3_speed(m: dsv3.Model, ctx: int, reps: int):
     return statistics.mean(pp), statistics.mean(tg)
 
 
-def token_bytes(m: dsv3.Model, per_weight: float, kv_b: float = None) -> float:
-    """Weight bytes one decoded token reads with every matrix at ``per_weight`` bytes (kv_b_proj
-    at ``kv_b`` when given: dsv3 keeps it in float32; the embedding: one row; routed experts:
-    top-k of them; vectors in float32)."""
-    cfg = m.config
-    k_over_e = cfg.num_experts_per_tok / cfg.n_routed_experts
-    total = 0.0
-    for name, shape in m.parameter_shapes().items():
-        if name == "model.embed_tokens.weight":
-            continue
-        n = float(np.prod(shape))
-        b = n * (per_weight if len(shape) == 2 else 4.0)
-        if kv_b is not None and name.endswith("kv_b_proj.weight"):
-            b = n * kv_b
-        total += b * k_over_e if EXPERT.search(name) else b
-    return total
-
-
 def logits_check(src: str, build: str, gguf_f32: str, m: dsv3.Model, threads: int, work: str):
     exe = os.path.join(work, "llamacpp_logits")
     lib = os.path.join(build, "bin")
@@ -227,6 +210,8 @@ def main(argv=None) -> int:
             if not os.path.exists(os.path.join(dirs[w], "config.json")):
                 dsv3.Model.from_pretrained(hf).save_pretrained(dirs[w], dtype=dtype)
         models = {w: dsv3.Model.from_pretrained(dirs[w], weights=w) for _, w in PAIRS}
+        plans = {w: resident.plan(*resident.inspect(dirs[w]), w) if w else None
+                 for _, w in PAIRS}
         diff, rel, n = logits_check(src, build, ggufs["f32"], models[None], a.threads, work)
         print(f"logits, llama.cpp f32 (one token at a time) vs dsv3 float32 (one forward), "
               f"{n} positions: max |diff| {diff:.2e}, relative to max |logit| {rel:.2e}")
@@ -245,9 +230,8 @@ def main(argv=None) -> int:
             dp = statistics.median(x[0] for x in res[t]["ds"])
             dt = statistics.median(x[1] for x in res[t]["ds"])
             m = models[w]
-            ll_floor = bw * 1e9 / token_bytes(m, LLAMA_BYTES[t])
-            ds_per = {None: 4.0, "bf16": 2.0, "fp8": 1.0 + 4 / 128 ** 2}[w]
-            ds_floor = bw * 1e9 / token_bytes(m, ds_per, kv_b=4.0 if w is None else ds_per)
+            ll_floor = bw * 1e9 / token_bytes(m, a.ctx // 2, matrix_bytes=LLAMA_BYTES[t])
+            ds_floor = bw * 1e9 / token_bytes(m, a.ctx // 2, plans[w])
             rows.append([f"{t} / {w or 'fp32'}", f"{lt:.1f}", f"{dt:.1f}", f"{dt / lt:.2f}x",
                          f"{lt / ll_floor:.2f}", f"{dt / ds_floor:.2f}",
                          f"{lp:.0f}", f"{dp:.0f}", f"{dp / lp:.2f}x"])

@@ -39,8 +39,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dsv3  # noqa: E402
-from common import machine_line, memory_bandwidth, print_table, set_threads  # noqa: E402
+from common import machine_line, memory_bandwidth, print_table, set_threads, timeit  # noqa: E402
 from dsv3 import _memory, resident  # noqa: E402
+from dsv3 import safetensors_io as st  # noqa: E402
 
 
 def rss_anon() -> int:
@@ -55,15 +56,17 @@ ELEM = {"fp32": 4, "bf16": 2, "fp8": 1}
 EXPERT = re.compile(r"\.mlp\.experts\.\d+\.")
 
 
-def token_bytes(m, context: int, plan=None) -> int:
+def token_bytes(m, context: int, plan=None, matrix_bytes=None) -> int:
     """Bytes one batch-1 decode step reads (the floor's numerator, see the module docstring);
-    a kv_b_proj the plan maps in its stored format is read in that format by the decode."""
+    a kv_b_proj the plan maps in its stored format is read in that format by the decode.
+    ``matrix_bytes``: every matrix at that many bytes per weight instead of its resident
+    format (another engine's file of one type, e.g. llama.cpp's Q8_0 at 34 / 32)."""
     cfg, shapes, fmts = m.config, m.parameter_shapes(), dict(m.weight_formats())
     for name, (fmt, mapped, _) in (plan.tensors.items() if plan else ()):
         if name.endswith("kv_b_proj.weight") and mapped:
             fmts[name] = fmt
     E, K = cfg.n_routed_experts or 1, cfg.num_experts_per_tok or 0
-    total = 0
+    total = 0.0
     for name, shape in shapes.items():
         if name == "model.embed_tokens.weight" and not cfg.tie_word_embeddings:
             continue  # one row per token
@@ -71,9 +74,12 @@ def token_bytes(m, context: int, plan=None) -> int:
             continue  # MTP modules: not run by plain decoding
         n = int(np.prod(shape))
         f = fmts.get(name, "fp32")
-        b = n * ELEM[f]
-        if f == "fp8":
-            b += 4 * (-(-shape[0] // 128)) * (-(-shape[1] // 128))
+        if matrix_bytes is not None and len(shape) == 2:
+            b = n * matrix_bytes
+        else:
+            b = n * ELEM[f]
+            if f == "fp8":
+                b += 4 * (-(-shape[0] // 128)) * (-(-shape[1] // 128))
         total += b * K / E if EXPERT.search(name) else b
     cache = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * 4 * context
     return int(total + cache)
@@ -98,26 +104,16 @@ def prefill_flops(m, T: int) -> float:
 
 
 def gemm_rate(fmt: str, rows: int, hidden: int) -> float:
-    """GFLOP/s of dsv3.ops.wlinear in ``fmt`` at rows x hidden -> hidden (best of 3)."""
+    """GFLOP/s of dsv3.ops.wlinear in ``fmt`` at rows x hidden -> hidden (median)."""
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((hidden, hidden)) * 0.02).astype(np.float32)
     x = rng.standard_normal((rows, hidden)).astype(np.float32)
     if fmt == "fp8":
         data, sinv = dsv3.fp8.quantize(w, "e4m3", block=(128, 128))
-    elif fmt == "bf16":
-        u = w.view(np.uint32).astype(np.uint64)
-        data, sinv = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16), None
     else:
-        data, sinv = w, None
-    dsv3.ops.wlinear(x, fmt, data, sinv)
-    best = min(_time(lambda: dsv3.ops.wlinear(x, fmt, data, sinv)) for _ in range(3))
-    return 2.0 * rows * hidden * hidden / best / 1e9
-
-
-def _time(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+        data, sinv = (st.bf16_bits(w) if fmt == "bf16" else w), None
+    t = timeit(lambda: dsv3.ops.wlinear(x, fmt, data, sinv), min_time=0.5)
+    return 2.0 * rows * hidden * hidden / t / 1e9
 
 
 def run(ckpt: str, fmt: str, tokens: int, bw: float, prefill: int):

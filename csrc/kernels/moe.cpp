@@ -106,11 +106,6 @@ bool decode_shaped(const MoeActs& a, int64_t E, int64_t T, const LinearMode& pre
   return true;
 }
 
-void check_view_shape(const WeightView& w, int64_t O, int64_t K) {
-  DSV3_CHECK(w.data != nullptr && w.O == O && w.K == K, "[moe] expert weight view is [", w.O,
-             ", ", w.K, "] but the layer needs [", O, ", ", K, "]");
-}
-
 void run_experts_gemv(float* ye, float* y_shared, const MoeActs& a, const float* x, int64_t K,
                       int64_t E, const SwiGluParams* experts, const SwiGluParams* shared,
                       int64_t T, int64_t D, int64_t F, int64_t S) {
@@ -127,8 +122,8 @@ void run_experts_gemv(float* ye, float* y_shared, const MoeActs& a, const float*
     const SwiGluParams& w = sh ? *shared : experts[e];
     const int64_t o = sh ? 0 : a.expert_offset[e], n = sh ? T : a.expert_count[e];
     const int64_t W = sh ? S : F;
-    check_view_shape(w.gate_proj, W, D), check_view_shape(w.up_proj, W, D);
-    check_view_shape(w.down_proj, D, W);
+    check_weight_shape(w.gate_proj, W, D, "linear"), check_weight_shape(w.up_proj, W, D, "linear");
+    check_weight_shape(w.down_proj, D, W, "linear");
     const float* xe = x;
     if (!sh) {
       gather_rows(xs.get() + o * D, x, a.dispatch_slot + o, n, K, D);

@@ -50,6 +50,8 @@ void linear_forward(float* y, const float* x, const WeightView& w, int64_t R, in
                     int64_t O, const LinearMode& p);
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const WeightView& w,
                      int64_t R, int64_t K, int64_t O, const LinearMode& p, bool set_dx = false);
+// w must be a non-empty [O, K] view, else std::invalid_argument naming op.
+void check_weight_shape(const WeightView& w, int64_t O, int64_t K, const char* op);
 // w as an fp32 pointer for the training paths; a bf16 / fp8 view throws std::invalid_argument
 // naming op.
 const float* f32_weight(const WeightView& w, const char* op);

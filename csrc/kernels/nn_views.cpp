@@ -18,13 +18,11 @@
 
 namespace dsv3 {
 
-namespace {
-void check_shape(const WeightView& w, int64_t O, int64_t K, const char* op) {
+void check_weight_shape(const WeightView& w, int64_t O, int64_t K, const char* op) {
   DSV3_CHECK(w.data != nullptr, "[", op, "] the weight view is empty");
   DSV3_CHECK(w.O == O && w.K == K, "[", op, "] weight view is [", w.O, ", ", w.K,
              "] but the layer needs [", O, ", ", K, "]");
 }
-}  // namespace
 
 const float* f32_weight(const WeightView& w, const char* op) {
   DSV3_CHECK(w.fmt == WeightFormat::fp32, "[", op, "] this weight is resident in ",
@@ -35,7 +33,7 @@ const float* f32_weight(const WeightView& w, const char* op) {
 
 void linear_forward(float* y, const float* x, const WeightView& w, int64_t R, int64_t K,
                     int64_t O, const LinearMode& p) {
-  check_shape(w, O, K, "linear");
+  check_weight_shape(w, O, K, "linear");
   if (w.fmt == WeightFormat::fp32) return linear_forward(y, x, w.as_f32(), R, K, O, p);
   DSV3_CHECK(p == GemmPrecision::fp32, "[linear] a resident ", weight_format_name(w.fmt),
              " weight runs only in inference (GemmPrecision fp32); low-precision training ",
@@ -45,13 +43,13 @@ void linear_forward(float* y, const float* x, const WeightView& w, int64_t R, in
 
 void linear_backward(float* dx, float* dw, const float* dy, const float* x, const WeightView& w,
                      int64_t R, int64_t K, int64_t O, const LinearMode& p, bool set_dx) {
-  check_shape(w, O, K, "linear_backward");
+  check_weight_shape(w, O, K, "linear_backward");
   linear_backward(dx, dw, dy, x, f32_weight(w, "linear_backward"), R, K, O, p, set_dx);
 }
 
 void embedding_forward(float* out, const int64_t* ids, const WeightView& w, int64_t R, int64_t V,
                        int64_t D) {
-  check_shape(w, V, D, "embedding");
+  check_weight_shape(w, V, D, "embedding");
   if (w.fmt == WeightFormat::fp32) return embedding_forward(out, ids, w.as_f32(), R, V, D);
   for (int64_t r = 0; r < R; ++r)
     DSV3_INDEX_CHECK(ids[r] >= 0 && ids[r] < V, "[embedding] token id ", ids[r], " at position ",

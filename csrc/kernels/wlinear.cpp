@@ -211,24 +211,14 @@ const char* wlinear_tier_name() {
 }
 const std::string& wlinear_tier_reason() { return tier().reason; }
 
-void wlinear_forward(float* y, const float* x, const WeightView& w, int64_t R) {
-  check_view(w, "wlinear_forward");
-  if (R < 0) throw std::invalid_argument("[wlinear_forward] R must be >= 0");
-  if (R == 0) return;
-  if (R <= wlin::kMaxGemvR) {
-    const WlinearJob job{y, x, w, R};
-    decode(&job, 1);
-  } else {
-    prefill(y, x, w, R);
-  }
-}
-
-void wlinear_forward_many(const WlinearJob* jobs, int64_t n) {
+namespace {
+// wlinear_forward(_many): checks, then the GEMV jobs in one pass and the prefill ones in turn
+void run_jobs(const WlinearJob* jobs, int64_t n, const char* op) {
   std::vector<WlinearJob> gemv;
   for (int64_t j = 0; j < n; ++j) {
     const WlinearJob& jb = jobs[j];
-    check_view(jb.w, "wlinear_forward_many");
-    if (jb.R < 0) throw std::invalid_argument("[wlinear_forward_many] R must be >= 0");
+    check_view(jb.w, op);
+    if (jb.R < 0) throw std::invalid_argument(std::string("[") + op + "] R must be >= 0");
     if (jb.R == 0) continue;
     if (jb.R <= wlin::kMaxGemvR)
       gemv.push_back(jb);
@@ -236,6 +226,16 @@ void wlinear_forward_many(const WlinearJob* jobs, int64_t n) {
       prefill(jb.y, jb.x, jb.w, jb.R);
   }
   decode(gemv.data(), (int64_t)gemv.size());
+}
+}  // namespace
+
+void wlinear_forward(float* y, const float* x, const WeightView& w, int64_t R) {
+  const WlinearJob job{y, x, w, R};
+  run_jobs(&job, 1, "wlinear_forward");
+}
+
+void wlinear_forward_many(const WlinearJob* jobs, int64_t n) {
+  run_jobs(jobs, n, "wlinear_forward_many");
 }
 
 void wlinear_rows(float* out, const int64_t* ids, const WeightView& w, int64_t R) {
