@@ -3,9 +3,11 @@ mode of dsv3.fp8.gemm against float64 references written from semantics §2.6
 (dsv3.reference.lowp, dsv3.reference.fp8), within the fp32 reassociation bound
 |C - C_exact| <= gamma(n) * S, S = sum_k |a b sa sb|, gamma(n) = n u / (1 - n u), u = 2^-24,
 n = K (bf16) or K + 2 (fp8: two scale multiplications). The active tier runs here; the fp32
-tier is forced with DSV3_ISA=avx2 in a subprocess that reruns this file, test_fp8_gemm.py,
-test_lowp_train.py and test_train.py's precision tests (the training steps in bf16 and fp8),
-and the two tiers are compared with each other."""
+tier is forced with DSV3_ISA=avx2 (and, where the CPU allows, the AMX kernel with emulated tile
+instructions, DSV3_AMX_EMULATE=1, and avx512-bf16 on an AMX CPU, DSV3_ISA=avx512) in a
+subprocess that reruns this file, test_fp8_gemm.py, test_lowp_train.py and test_train.py's
+precision tests (the training steps in bf16 and fp8), and the tiers are compared with each
+other."""
 from __future__ import annotations
 
 import json
@@ -40,13 +42,25 @@ def randn(rng, *shape, scale=1.0):
 
 # ---- tier reporting ----------------------------------------------------------------------------
 
-def cpu_has_avx512_bf16() -> bool:
+def cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_avx512_bf16() -> bool:
+    flags = cpu_flags()
     return " avx512_bf16" in flags and " avx512f" in flags
+
+
+def cpu_has_amx_bf16() -> bool:  # Linux names the flag amx_bf16 (and amx_tile)
+    flags = cpu_flags()
+    return " amx_bf16" in flags and " amx_tile" in flags and cpu_has_avx512_bf16()
+
+
+EMULATED = os.environ.get("DSV3_AMX_EMULATE") == "1"
 
 
 def test_build_info_names_the_tier():
@@ -56,8 +70,15 @@ def test_build_info_names_the_tier():
     forced = os.environ.get("DSV3_ISA", "")
     if forced in ("avx2", "fp32"):
         assert info["tier"] == "fp32" and "DSV3_ISA" in info["reason"]
+    elif forced.startswith("avx512") and cpu_has_avx512_bf16():
+        assert info["tier"] == "avx512-bf16" and "DSV3_ISA" in info["reason"]
     elif sys.platform.startswith("linux") and not forced:
         assert (info["tier"] != "fp32") == cpu_has_avx512_bf16(), info
+        # AMX: the tier is taken when the CPU has it (the kernel's permission and the start-up
+        # self-check passed), or when emulated; the reason says which
+        want_amx = cpu_has_avx512_bf16() and (EMULATED or cpu_has_amx_bf16())
+        assert (info["tier"] == "amx-bf16") == want_amx, info
+        assert ("emulated" in info["reason"]) == (want_amx and EMULATED), info
 
 
 # ---- bf16 GEMM -----------------------------------------------------------------------------
@@ -117,8 +138,9 @@ def test_bf16_matmul_deterministic_across_threads(rng):
         assert np.array_equal(one.view(np.uint32), two.view(np.uint32))
 
 
-def test_bf16_matmul_nan_and_inf_propagate(rng):
-    a, b = randn(rng, 17, 40), randn(rng, 40, 35)
+@pytest.mark.parametrize("M", [17, 37])  # below and above the AMX kernel's 32 rows
+def test_bf16_matmul_nan_and_inf_propagate(M, rng):
+    a, b = randn(rng, M, 40), randn(rng, 40, 35)
     a[3, 7] = np.nan
     a[5, 2] = np.inf
     b[2, :] = 0.0            # inf * 0 = NaN in row 5
@@ -136,18 +158,22 @@ def test_bf16_rounding_is_rne(rng):
     assert C.tolist() == [[1.0, 1 + 2 ** -6, 1 + 2 ** -7]]
 
 
-def test_bf16_denormals_per_tier():
-    """avx512-bf16 (vdpbf16ps): denormal operands count as zero and denormal products flush to
-    zero (Intel SDM); the fp32 tier (sgemm on the rounded operands) keeps them."""
-    a = np.array([[2.0 ** -130, 2.0 ** -70, 1.0]], np.float32)  # bf16-exact values
+@pytest.mark.parametrize("M", [1, 32])  # the vdpbf16ps kernel; the AMX kernel (>= 32 rows)
+def test_bf16_denormals_per_tier(M):
+    """avx512-bf16 (vdpbf16ps) and amx-bf16 (tdpbf16ps): denormal operands count as zero and
+    denormal products flush to zero (Intel SDM); the fp32 tier (sgemm on the rounded operands)
+    keeps them."""
+    a = np.array([[2.0 ** -130, 2.0 ** -70, 1.0]] * M, np.float32)  # bf16-exact values
     b = np.array([[1.0, 0.0, 0.0], [0.0, 2.0 ** -70, 0.0], [0.0, 0.0, 2.0 ** -132]], np.float32)
-    C = ops.bf16_matmul(a, b)[0].astype(np.float64)
-    if TIER == "fp32":
-        assert C.tolist() == [2.0 ** -130, 2.0 ** -140, 2.0 ** -132]
-    else:
-        assert C.tolist() == [0.0, 0.0, 0.0]
+    C = ops.bf16_matmul(a, b).astype(np.float64)
+    for row in C:
+        if TIER == "fp32":
+            assert row.tolist() == [2.0 ** -130, 2.0 ** -140, 2.0 ** -132]
+        else:
+            assert row.tolist() == [0.0, 0.0, 0.0]
+    if TIER != "fp32":
         ref, _ = bf16_gemm_ref(a, b, daz=True)
-        assert np.array_equal(C, ref[0].astype(np.float32))
+        assert np.array_equal(C, ref.astype(np.float32))
 
 
 def test_bf16_matmul_bad_input(rng):
@@ -184,28 +210,31 @@ def test_fp8_gemm_vs_float64(M, N, K, rng):
 
 @pytest.mark.parametrize("fmt", [("e5m2", "e5m2"), ("e5m2", "e4m3"), ("e4m3", "e5m2")])
 @pytest.mark.parametrize("pow2", [False, True])
-def test_fp8_gemm_formats_and_pow2_scales(fmt, pow2, rng):
-    a, sa, b, sb = fp8_case(rng, 31, 129, 257, fmt, pow2)
+@pytest.mark.parametrize("M", [31, 40])
+def test_fp8_gemm_formats_and_pow2_scales(fmt, pow2, M, rng):
+    a, sa, b, sb = fp8_case(rng, M, 129, 257, fmt, pow2)
     ref, S = gemm_ref(a, sa, (1, 128), b, sb, (128, 128), fmt=fmt)
     within_bound(f"{fmt} pow2={pow2}", fp8.gemm(a, sa, b, sb, fmt=fmt), ref, S, 259)
 
 
 @pytest.mark.parametrize("log2_scale", [-100, -60, 0, 60, 100])
-def test_fp8_gemm_huge_and_tiny_scales(log2_scale, rng):
+@pytest.mark.parametrize("M", [17, 33])
+def test_fp8_gemm_huge_and_tiny_scales(log2_scale, M, rng):
     """Scales far from 1 on both operands (their product stays in fp32 range; the partial
     sums never leave it): the promotion multiplies them in, in fp32."""
-    a, sa, b, sb = fp8_case(rng, 17, 130, 384)
+    a, sa, b, sb = fp8_case(rng, M, 130, 384)
     sa = (sa * np.float32(2.0 ** log2_scale)).astype(np.float32)
     sb = (sb * np.float32(2.0 ** (-log2_scale // 2))).astype(np.float32)
     ref, S = gemm_ref(a, sa, (1, 128), b, sb, (128, 128))
     within_bound(f"scale 2^{log2_scale}", fp8.gemm(a, sa, b, sb), ref, S, 386)
 
 
-def test_fp8_gemm_zeros_and_nan(rng):
-    a, sa, b, sb = fp8_case(rng, 20, 40, 200)
+@pytest.mark.parametrize("M", [20, 36])
+def test_fp8_gemm_zeros_and_nan(M, rng):
+    a, sa, b, sb = fp8_case(rng, M, 40, 200)
     a[:] = 0
-    assert np.array_equal(fp8.gemm(a, sa, b, sb), np.zeros((20, 40), np.float32))
-    a, sa, b, sb = fp8_case(rng, 20, 40, 200)
+    assert np.array_equal(fp8.gemm(a, sa, b, sb), np.zeros((M, 40), np.float32))
+    a, sa, b, sb = fp8_case(rng, M, 40, 200)
     a[4, 150] = 0x7F   # e4m3 NaN (S.1111.111)
     b[7, 3] = 0xFF
     C = fp8.gemm(a, sa, b, sb)
@@ -230,11 +259,14 @@ def test_fp8_gemm_accumulate_into_existing(rng):
     within_bound("dw", dw, ref, S, 132)
 
 
-def test_fp8_gemm_odd_interval_and_tensor_scales(rng):
-    a, sa, b, sb = fp8_case(rng, 9, 17, 100)
-    ref, S = gemm_ref(a, sa, (1, 128), b, sb, (128, 128), interval=33)
-    within_bound("interval 33", fp8.gemm(a, sa, b, sb, promotion_interval=33), ref, S, 102)
-    x = randn(rng, 9, 301)
+@pytest.mark.parametrize("M", [9, 40])
+def test_fp8_gemm_odd_interval_and_tensor_scales(M, rng):
+    a, sa, b, sb = fp8_case(rng, M, 17, 100)
+    for interval in (33, 64):  # the AMX kernel promotes on whole 32-k steps only (64; 33 not)
+        ref, S = gemm_ref(a, sa, (1, 128), b, sb, (128, 128), interval=interval)
+        within_bound(f"interval {interval}", fp8.gemm(a, sa, b, sb, promotion_interval=interval),
+                     ref, S, 102)
+    x = randn(rng, M, 301)
     y = randn(rng, 17, 301)
     qa, ta = fp8.quantize(x, "e4m3", x.shape)
     qb, tb = fp8.quantize(y, "e4m3", y.shape)
@@ -263,36 +295,45 @@ print(json.dumps(dsv3.build_info()["lowp"]))
 """
 
 
-def run_tier(tmp_path, isa):
-    out = tmp_path / f"{isa or 'native'}.npy"
-    env = dict(os.environ)
-    env.pop("DSV3_ISA", None)
-    if isa:
-        env["DSV3_ISA"] = isa
+def run_tier(tmp_path, env_over):
+    out = tmp_path / ("_".join(f"{k}={v}" for k, v in env_over.items()) + ".npy")
+    env = {k: v for k, v in os.environ.items() if k not in ("DSV3_ISA", "DSV3_AMX_EMULATE")}
+    env.update(env_over)
     r = subprocess.run([sys.executable, "-c", TIER_SCRIPT, str(out)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout.strip().splitlines()[-1]), np.load(out)
 
 
+# The lower tiers a test run can force on this CPU: (tier, environment)
+FORCED = [("fp32", {"DSV3_ISA": "avx2"})]
+if cpu_has_avx512_bf16():  # the AMX kernel with emulated tile instructions
+    FORCED.append(("amx-bf16", {"DSV3_AMX_EMULATE": "1"}))
+if cpu_has_amx_bf16():
+    FORCED.append(("avx512-bf16", {"DSV3_ISA": "avx512"}))
+
+
 def test_tiers_agree_within_the_bound(tmp_path):
-    native_info, native = run_tier(tmp_path, None)
-    fb_info, fallback = run_tier(tmp_path, "avx2")
-    assert fb_info["tier"] == "fp32" and "DSV3_ISA=avx2" in fb_info["reason"]
+    native_info, native = run_tier(tmp_path, {})
     rng = np.random.default_rng(7)
     a = rng.standard_normal((129, 300)).astype(np.float32)
     b = rng.standard_normal((300, 65)).astype(np.float32)
     _, S = bf16_gemm_ref(a, b)
-    assert np.all(np.abs(native[0] - fallback[0].astype(np.float64)) <= 2 * gamma(300) * S)
     qa, sa = fp8.quantize(a, "e4m3", (1, 128))
     qb, sb = fp8.quantize(np.ascontiguousarray(b.T), "e4m3", (128, 128))
     _, S8 = gemm_ref(qa, sa, (1, 128), qb, sb, (128, 128))
-    assert np.all(np.abs(native[1] - fallback[1].astype(np.float64)) <= 2 * gamma(302) * S8)
+    for tier, env in FORCED:
+        info, other = run_tier(tmp_path, env)
+        assert info["tier"] == tier, (env, info)
+        assert np.all(np.abs(native[0] - other[0].astype(np.float64)) <= 2 * gamma(300) * S), env
+        assert np.all(np.abs(native[1] - other[1].astype(np.float64)) <= 2 * gamma(302) * S8), env
 
 
-@pytest.mark.skipif(os.environ.get("DSV3_ISA") is not None, reason="already forced")
-def test_forced_fallback_runs_the_low_precision_tests():
-    env = dict(os.environ, DSV3_ISA="avx2")
+@pytest.mark.skipif(os.environ.get("DSV3_ISA") is not None or EMULATED, reason="already forced")
+@pytest.mark.parametrize("tier, env", FORCED, ids=[t for t, _ in FORCED])
+def test_forced_tier_runs_the_low_precision_tests(tier, env):
+    """The suite's low-precision tests again on each lower tier this CPU can run (the fp32
+    fallback; the AMX kernel emulated; avx512-bf16 on an AMX CPU)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                         os.path.join(HERE, "test_lowp_gemm.py"),
                         os.path.join(HERE, "test_fp8_gemm.py"),
@@ -300,7 +341,8 @@ def test_forced_fallback_runs_the_low_precision_tests():
                         os.path.join(HERE, "test_train.py"), "-k",
                         "not tiers_agree and not track_the_fp32_tier and (not test_train.py or "
                         "precision or low_precision)"],
-                       env=env, capture_output=True, text=True, timeout=900, cwd=HERE)
+                       env=dict(os.environ, **env), capture_output=True, text=True, timeout=900,
+                       cwd=HERE)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
 
 

@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "core/blas.h"
+#include "core/lowp_gemm_amx.h"
 #include "core/parallel.h"
 #include "core/simd.h"
 
@@ -18,17 +19,17 @@ namespace dsv3 {
 
 namespace {
 
-constexpr int64_t kNR = 64;   // columns per packed B panel (4 zmm)
+using lowp::kNR;               // columns per packed B panel (4 zmm)
+using lowp::packed_k;
 constexpr int kMR = 6;        // rows per register tile
 constexpr int64_t kMB = 96;   // rows of A per thread task (16 tiles; its A block stays in L2)
 constexpr int64_t kKC = 128;  // unscaled mode: K per pass over a B sub-panel (16 KiB, in L1)
-
-inline int64_t even_up(int64_t k) { return (k + 1) & ~int64_t(1); }
 
 // ---- tier --------------------------------------------------------------------------------------
 
 struct TierInfo {
   LowpTier tier = LowpTier::fp32;
+  lowp::AmxMode amx = lowp::AmxMode::off;
   std::string reason;
 };
 
@@ -65,10 +66,15 @@ TierInfo detect() {
   } else {
     t.tier = LowpTier::avx512_bf16;
     t.reason = "avx512-bf16: vdpbf16ps register tiles";
+    std::string why;
+    if (cap == 2) t.amx = lowp::amx_detect(why);
+    if (t.amx != lowp::AmxMode::off) {
+      t.tier = LowpTier::amx_bf16;
+      t.reason = "amx-bf16: " + why;
+    } else if (cap == 2 && (amx || std::getenv("DSV3_AMX_EMULATE"))) {
+      t.reason += "; AMX-BF16 not used: " + why;
+    }
     if (!note.empty()) t.reason += " (" + note + ")";
-    // The AMX seam: once an AMX kernel exists, request XTILEDATA permission here
-    // (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)) and select LowpTier::amx_bf16.
-    if (amx && cap == 2) t.reason += "; the CPU has AMX-BF16 but dsv3 has no AMX kernel yet";
   }
   return t;
 }
@@ -199,16 +205,19 @@ const char* lowp_tier_name(LowpTier t) {
 }
 
 // Blocks of 16 rows x 64 k: reads are contiguous in either layout of the source (rows when
-// cs = 1, the 16 rows' column when rs = 1), writes sequential per row.
+// cs = 1, the 16 rows' column when rs = 1), writes sequential per row. The pad (k >= K, rows
+// >= M: lowp_gemm_amx.h) is written as zeros: `out` may hold an earlier product's values.
 void bf16_pack_a(std::vector<uint16_t>& out, const Bf16Src& a, int64_t M, int64_t K) {
   check_src(a);
-  const int64_t Kp = even_up(K);
-  out.resize((size_t)(M * Kp));
+  const int64_t Kp = packed_k(K), Mp = lowp::packed_rows(M);
+  out.resize((size_t)(Mp * Kp));
+  uint16_t* o = out.data();
+  std::fill(o + M * Kp, o + Mp * Kp, uint16_t(0));
   if (a.cs == 1 || a.rs != 1) {  // rows are runs: convert row by row
     parallel_for(M, 16, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) {
-        convert_run(out.data() + m * Kp, a, m, 0, K);
-        if (Kp != K) out[m * Kp + K] = 0;
+        convert_run(o + m * Kp, a, m, 0, K);
+        std::fill(o + m * Kp + K, o + (m + 1) * Kp, uint16_t(0));
       }
     });
     return;
@@ -223,24 +232,29 @@ void bf16_pack_a(std::vector<uint16_t>& out, const Bf16Src& a, int64_t M, int64_
       const int64_t m1 = std::min(M, m0 + RB), k1 = std::min(K, k0 + KB);
       for (int64_t k = k0; k < k1; ++k) convert_run(tmp + (k - k0) * RB, a, k, m0, m1 - m0, true);
       for (int64_t m = m0; m < m1; ++m)
-        for (int64_t k = k0; k < k1; ++k) out[m * Kp + k] = tmp[(k - k0) * RB + (m - m0)];
-      if (k1 == K && Kp != K)
-        for (int64_t m = m0; m < m1; ++m) out[m * Kp + K] = 0;
+        for (int64_t k = k0; k < k1; ++k) o[m * Kp + k] = tmp[(k - k0) * RB + (m - m0)];
+      if (k1 == K)
+        for (int64_t m = m0; m < m1; ++m) std::fill(o + m * Kp + K, o + (m + 1) * Kp, uint16_t(0));
     }
   });
 }
 
 void bf16_pack_b(Bf16PackedB& out, const Bf16Src& b, int64_t N, int64_t K) {
   check_src(b);
-  const int64_t Kp = even_up(K), panels = (N + kNR - 1) / kNR, pairs = Kp / 2;
+  // pairs: the panel's pair rows (K padded, lowp_gemm_amx.h); the tasks fill the first
+  // `filled` (k < K), the rest are zeroed here
+  const int64_t panels = (N + kNR - 1) / kNR, pairs = packed_k(K) / 2, filled = (K + 1) / 2;
   out.N = N;
   out.K = K;
   out.data.resize((size_t)(panels * pairs * kNR * 2));
+  for (int64_t j = 0; j < panels; ++j)
+    std::fill(out.data.begin() + (j * pairs + filled) * kNR * 2,
+              out.data.begin() + (j + 1) * pairs * kNR * 2, uint16_t(0));
   constexpr int64_t QB = 32;  // pairs per task
-  const int64_t qb = (pairs + QB - 1) / QB;
+  const int64_t qb = (filled + QB - 1) / QB;
   parallel_for(panels * qb, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t j = t / qb, q0 = (t % qb) * QB, q1 = std::min(pairs, q0 + QB);
+      const int64_t j = t / qb, q0 = (t % qb) * QB, q1 = std::min(filled, q0 + QB);
       uint16_t* panel = out.data.data() + j * pairs * kNR * 2;
       if (b.cs == 1 || b.rs != 1) {  // rows of B are runs: convert a run, scatter its pairs
         uint16_t run[2 * QB];
@@ -345,7 +359,7 @@ TileFn tile_fn(int mr, int nv) {  // mr in 1..kMR, nv in 1..4
 // tiles, so the chunk's B sub-panel stays in L1 for all of them).
 void gemm_task(float* C, int64_t ldc, const uint16_t* A, int64_t i0, int64_t i1,
                const Bf16PackedB& B, int64_t j, const LowpScales* s, bool accumulate) {
-  const int64_t N = B.N, K = B.K, Kp = even_up(K), pairs = Kp / 2;
+  const int64_t N = B.N, K = B.K, Kp = packed_k(K), pairs = Kp / 2;
   const int64_t n0 = j * kNR, w = std::min(kNR, N - n0);
   const int nv = (int)((w + 15) / 16);
   const int tail = (int)(w - 16 * (nv - 1));
@@ -386,6 +400,8 @@ void bf16_gemm_packed(float* C, int64_t ldc, const uint16_t* A, int64_t M, const
   if (scales && scales->P < K && scales->P % 2 != 0)
     throw std::runtime_error("[lowp_gemm] promotion chunk must be even or cover K");
 #if DSV3_LOWP_X86
+  if (lowp_tier() == LowpTier::amx_bf16 && lowp::amx_takes(M, K, scales))
+    return lowp::amx_gemm(C, ldc, A, M, B, scales, accumulate, tier_info().amx);
   if (lowp_tier() != LowpTier::fp32) {
     const int64_t mb = (M + kMB - 1) / kMB, panels = (N + kNR - 1) / kNR;
     // row block outer, panel inner: a thread's consecutive tasks share one A block

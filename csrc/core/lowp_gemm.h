@@ -3,7 +3,7 @@
 // semantics §2.6, whose E4M3/E5M2 codes are exactly bf16 values).
 //
 // Legend:  M rows of A and C   N rows of B (columns of C)   K inner dimension
-//          Kp = K rounded up to even (bf16 pairs)   NR = 64 columns per packed B panel
+//          Kp = K rounded up to 32 (lowp_gemm_amx.h: zero pad)   NR = 64 columns per B panel
 //          P promotion chunk along K (scaled mode; the FP8 recipe's 128)
 //
 //   unscaled  C[m,n] (+)= sum_k a[m,k] b[n,k]                       (bf16 GEMM)
@@ -17,9 +17,10 @@
 // with gamma_n = n u / (1 - n u), u = 2^-24, K' = K + 2 (scaled) or K (unscaled).
 //
 // Tiers (chosen once per process, see lowp_tier; DSV3_ISA lowers it):
-//   "amx-bf16"     reserved: AMX tiles (tdpbf16ps). Not built yet; a CPU with AMX uses the
-//                  avx512-bf16 kernel and build_info says so. The seam: a second
-//                  microkernel over the same packed panels in lowp_gemm.cpp's dispatch.
+//   "amx-bf16"     AMX tiles (tdpbf16ps, lowp_gemm_amx.cpp) for products of >= 32 rows, the
+//                  avx512-bf16 kernel below; needs the kernel's tile-data permission and a
+//                  passing self-check at start-up, else the tier is avx512-bf16 and the reason
+//                  says why. DSV3_AMX_EMULATE=1 runs it with emulated tile instructions (tests).
 //   "avx512-bf16"  vdpbf16ps register tiles of 6 x 64 (24 zmm accumulators), A pairs
 //                  broadcast, B from panels packed once (bf16_pack_b; cacheable).
 //   "fp32"         no bf16 unit: callers keep their fp32 path (operands rounded to bf16 and
@@ -60,7 +61,7 @@ struct Bf16Src {
   int64_t rs = 0, cs = 1;
 };
 
-// A [M,K] as row-major bf16 pairs [M, Kp] (zero pad).
+// A [M,K] as row-major bf16 [packed_rows(M), Kp] (zero pad; lowp_gemm_amx.h).
 void bf16_pack_a(std::vector<uint16_t>& out, const Bf16Src& a, int64_t M, int64_t K);
 
 // B [N,K] packed into NR-column panels [ceil(N/NR)][Kp/2][NR][2] (zero pad): the layout the
@@ -81,8 +82,8 @@ struct LowpScales {
   int64_t P = 128;  // even, or >= K (one chunk)
 };
 
-// C[M,N] (row stride ldc) = or += A B^T from packed operands, on the avx512-bf16 tier (the
-// caller checks lowp_tier() first; on other tiers this throws std::runtime_error).
+// C[M,N] (row stride ldc) = or += A B^T from packed operands, on the active bf16 tier (the
+// caller checks lowp_tier() first; on the fp32 tier this throws std::runtime_error).
 // scales == nullptr: unscaled mode.
 void bf16_gemm_packed(float* C, int64_t ldc, const uint16_t* A, int64_t M, const Bf16PackedB& B,
                       const LowpScales* scales, bool accumulate);
