@@ -103,6 +103,17 @@ def test_parallel_equals_single_process(tmp_path, single_tiny, np_, layout):
         assert 1.0 <= st["ranks_per_token"] <= 2.0
 
 
+@pytest.mark.parametrize("thread,level", [("funneled", 1), ("serialized", 2)])
+def test_lower_mpi_thread_levels_train_the_same(tmp_path, single_tiny, thread, level):
+    """dp=2 x ep=2 with MPI initialised below MPI_THREAD_MULTIPLE: funneled runs every
+    collective on the step's own thread (no communication thread, no overlap), serialized runs
+    the expert dispatch through the communication thread too (train_parallel.cpp). Both train
+    as the single process does."""
+    par, w = run(tmp_path, thread, 4, "dp=2,ep=2", env={"DSV3_MPI_THREAD": thread})
+    assert {r["mpi_thread_level"] for r in par} == {level}
+    assert_same_run(par, single_tiny[0][0], w, single_tiny[1])
+
+
 def test_all_to_all_in_pieces_moves_the_same_bytes(tmp_path):
     # Messages above 2 GiB (MPI's int counts) go as point-to-point pieces; DSV3_MPI_MAX_MESSAGE
     # lowers that limit so the path runs here: 1000-byte pieces must give the same bits.
@@ -203,18 +214,42 @@ def test_save_at_four_resume_exact_and_load_anywhere(tmp_path):
     assert m.parameter_shapes().keys() == sw.keys()
 
 
-def test_a_raising_rank_ends_the_job(tmp_path):
+def test_saves_gather_the_experts_on_rank_0_only(tmp_path):
+    """dp=2 x ep=2: for Trainer.save and save_pretrained, rank 1 sends its experts (weights;
+    and moments for save) to rank 0 and to no one else; ranks 2 and 3 (the other replica)
+    send nothing (before, every rank received the whole model). The files load exactly."""
+    ck, sp = (os.path.join(str(tmp_path), n) for n in ("ck", "sp"))
+    par, w = run(tmp_path, "par", 4, "dp=2,ep=2", steps=1, save=ck, save_pretrained=sp)
+    sent = []
+    for r in range(4):
+        with open(os.path.join(str(tmp_path), "par", f"rank{r}.saved.json")) as f:
+            sent.append(json.load(f))
+    rep, ex = _split_counts(par[0]["local_shapes"])  # rank 0's local shapes: E/2 experts
+    assert sent[1]["save_pretrained"] == 4 * ex  # its experts' float32 weights, once
+    assert sent[1]["save"] == 3 * 4 * ex  # weights and the two float32 moments
+    for r in (0, 2, 3):
+        assert sent[r] == {"save": 0, "save_pretrained": 0}, (r, sent[r])
+    for d in (ck, sp):
+        s = dsv3.Model.from_pretrained(d).state_dict()
+        assert s.keys() == w.keys()
+        for k in s:
+            np.testing.assert_array_equal(s[k], w[k])
+
+
+@pytest.mark.parametrize("layout", ["dp=2", "ep=2"])
+def test_a_raising_rank_ends_the_job(tmp_path, layout):
     t0 = time.time()
-    p = run(tmp_path, "fail", 2, "dp=2", steps=50, fail_rank=1, check=False, timeout=120)
+    p = run(tmp_path, "fail", 2, layout, steps=50, fail_rank=1, check=False, timeout=120)
     assert p.returncode != 0
     assert "fails on purpose" in p.stderr + p.stdout
     assert time.time() - t0 < 60
 
 
-def test_a_killed_rank_ends_the_job(tmp_path):
+@pytest.mark.parametrize("layout", ["dp=2", "ep=2"])
+def test_a_killed_rank_ends_the_job(tmp_path, layout):
     out = os.path.join(str(tmp_path), "kill")
     os.makedirs(out)
-    args = [MPIRUN, "--oversubscribe", "-np", "2", sys.executable, RUNNER, "--layout", "dp=2",
+    args = [MPIRUN, "--oversubscribe", "-np", "2", sys.executable, RUNNER, "--layout", layout,
             "--out", out, "--steps", "100000", "--pid-dir", out]
     p = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
@@ -285,6 +320,10 @@ def test_expert_shards_hold_their_experts_and_checkpoint_the_full_model(tmp_path
                  if ".mlp.experts." in n}
         assert owned == set(range(e * E // ep, (e + 1) * E // ep))
         np.testing.assert_allclose(rec["val_loss"], single["val_loss"], rtol=1e-6)
+        # its AdamW moments are local-sized: the slab of its own parameters, not the full one
+        assert rec["slab_end"] <= rec["moment_elems"] < rec["slab_end"] + 16
+        assert single["moment_elems"] - rec["moment_elems"] >= ex - ex // ep
+        assert rec["moment_elems"] <= rep + ex // ep + 16 * len(rec["local_shapes"])
     assert single["expert_shard"] is None and single["local_parameters"] == rep + ex
     m2 = dsv3.Model.from_pretrained(sp_par)  # an ordinary full checkpoint
     s2 = m2.state_dict()
@@ -325,3 +364,38 @@ def test_expert_gradients_are_not_summed_over_the_world(tmp_path):
     rep, ex = _split_counts(dp[0]["local_shapes"])
     ratio = ep[0]["allreduce_bytes"][-1] / dp[0]["allreduce_bytes"][-1]
     assert 0.9 * rep / (rep + ex) <= ratio <= 1.1 * rep / (rep + ex), (ratio, rep, ex)
+
+
+def test_the_cli_under_mpirun_trains_what_one_process_trains(tmp_path):
+    """`mpirun -np 2 python -m dsv3 train ... --parallel ep=2` and the same command without
+    mpirun (and without --parallel): the same losses in the same kind of JSON-lines log,
+    a checkpoint that loads, written by rank 0 alone."""
+    data = tmp_path / "text.txt"
+    data.write_text("".join(f"line {i}: the quick brown fox {i * 7 % 13} jumps\n"
+                            for i in range(400)))
+    cfg = tmp_path / "config.json"  # Config.tiny with room for the byte tokenizer
+    dsv3.Config.tiny().replace(vocab_size=264).to_json(cfg)
+    common = ["-m", "dsv3", "train", "--config", str(cfg), "--steps", "3", "--batch", "4",
+              "--seq", "16", "--data", str(data), "--warmup", "0", "--schedule", "constant",
+              "--no-progress", "--eval-interval", "0"]
+    logs = {}
+    for name, prefix, extra in [("one", [], []),
+                                ("par", [MPIRUN, "--oversubscribe", "-np", "2"],
+                                 ["--parallel", "ep=2"])]:
+        out = tmp_path / name / "ck"
+        out.parent.mkdir()
+        p = subprocess.run(prefix + [sys.executable] + common + ["--out", str(out)] + extra,
+                           env=_env(), capture_output=True, text=True, timeout=300,
+                           cwd=str(out.parent))
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert sorted(os.listdir(out.parent)) == ["ck", "ck.log.jsonl"]  # nothing per rank
+        with open(str(out) + ".log.jsonl") as f:
+            logs[name] = [json.loads(line) for line in f]
+        dsv3.Model.from_pretrained(str(out))
+    steps = {name: [r for r in recs if "loss" in r and "step" in r] for name, recs in logs.items()}
+    assert len(steps["one"]) == len(steps["par"]) == 3
+    for a, b in zip(steps["one"], steps["par"]):
+        assert set(a) <= set(b)  # the parallel run adds its time split
+        assert a["expert_load"] == b["expert_load"]  # the global load, logged by rank 0
+    np.testing.assert_allclose([r["loss"] for r in steps["par"]],
+                               [r["loss"] for r in steps["one"]], rtol=1e-5)

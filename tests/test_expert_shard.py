@@ -110,3 +110,25 @@ def test_shard_count_and_memory_guards_use_the_shard(ep, monkeypatch):
             cfg.num_parameters(ep=bad)
     with pytest.raises(ValueError, match="active=True"):
         cfg.num_parameters(active=True, ep=2)
+
+
+def test_a_model_sharded_behind_its_trainer_is_refused(tmp_path):
+    """A Trainer whose model another Trainer has since made an expert shard (what
+    Trainer(model, ..., parallel=ep>1) does to the model it is given) refuses every use of its
+    moments, which are laid out for the model as it was, instead of stepping on wrong
+    offsets."""
+    cfg = dsv3.Config.tiny()
+    m = dsv3.Model(cfg, seed=0)
+    t = dsv3.Trainer(m, dsv3.TrainConfig(batch_size=2, seq_len=8, warmup_steps=0,
+                                         schedule="constant"))
+    batch = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9))
+    t.step(batch)
+    m._m.shard_experts(2, 1)  # the second Trainer's doing (dsv3/train.py)
+    m._set_info()
+    msg = "made an expert shard .* after this Trainer was created"
+    with pytest.raises(RuntimeError, match=msg):
+        t.step(batch)
+    with pytest.raises(RuntimeError, match=msg):
+        t.save(str(tmp_path / "ck"))
+    assert not (tmp_path / "ck").exists()
+    assert t.step_count == 1

@@ -14,6 +14,8 @@ using py::arg;
 
 void bind_dist(py::module_& m) {
   m.def("mpi_available", &mpi_available);
+  // 0 single, 1 funneled, 2 serialized, 3 multiple: the level MPI provides (0 before init)
+  m.def("mpi_thread_level", &mpi_thread_level);
   m.def("mpi_library_version", &mpi_library_version);
   m.def("mpi_abort", [](int code) { mpi_abort(code); }, arg("code"));
   m.def("mpi_world_size", [] {  // initialises MPI when needed
@@ -100,8 +102,9 @@ void bind_dist(py::module_& m) {
     std::copy(src.begin(), src.end(), out.mutable_data());
     return out;
   }, arg("trainer"));
-  // {name: weight} of the full model (an expert shard gathers: every rank calls it)
-  m.def("trainer_full_state", [](Trainer& t) {
+  // {name: weight} of the full model (an expert shard gathers: every rank calls it; to_main:
+  // only world rank 0 receives it, the others get None)
+  m.def("trainer_full_state", [](Trainer& t, bool to_main) -> py::object {
     BusyGuard guard(t.busy, false, "Trainer");
     BusyGuard mguard(t.model().busy, false, "Model");
     if (!t.sharded())
@@ -109,10 +112,11 @@ void bind_dist(py::module_& m) {
     std::vector<float> w;
     {
       py::gil_scoped_release nogil;
-      w = t.gather_full(t.model().params());
+      w = t.gather_full(t.model().params(), to_main);
     }
+    if (w.empty()) return py::none();
     return py_glue::named_copy(t.full_layout(), w.data(), false);
-  }, arg("trainer"));
+  }, arg("trainer"), arg("to_main") = false);
   m.def("trainer_ep_stats", [](Trainer& t) {  // expert-parallel statistics since the start
     BusyGuard guard(t.busy, false, "Trainer");
     const ExpertParallel& e = t.expert_parallel();

@@ -67,22 +67,26 @@ void set_moments(std::vector<T>& m, std::vector<T>& v, const py::handle& m_,
 }
 
 // (m, v) copies: uint16 bf16 bits or float32, in the slab's layout; full: in the full model's
-// layout (collective over the EP group when the model is an expert shard)
+// layout (collective over the EP group when the model is an expert shard; to_main: only
+// world rank 0 receives them, the others get (None, None))
 // (an unsharded Trainer copies under the GIL, as the other state reads do)
 template <typename T, typename Arr>
-py::tuple moment_pair(Trainer& t, const std::vector<T>& m, const std::vector<T>& v, bool full) {
+py::tuple moment_pair(Trainer& t, const std::vector<T>& m, const std::vector<T>& v, bool full,
+                      bool to_main) {
   if (!full || !t.sharded()) return py::make_tuple(copy_out<T, Arr>(m), copy_out<T, Arr>(v));
   std::vector<T> fm, fv;
   {
     py::gil_scoped_release nogil;
-    fm = t.gather_full(m);
-    fv = t.gather_full(v);
+    fm = t.gather_full(m, to_main);
+    fv = t.gather_full(v, to_main);
   }
+  if (fm.empty() && !m.empty()) return py::make_tuple(py::none(), py::none());
   return py::make_tuple(copy_out<T, Arr>(fm), copy_out<T, Arr>(fv));
 }
-py::tuple moments_copy(Trainer& t, bool full = false) {
-  return t.bf16_moments() ? moment_pair<uint16_t, U16>(t, t.m16, t.v16, full)
-                          : moment_pair<float, F32>(t, t.m32, t.v32, full);
+py::tuple moments_copy(Trainer& t, bool full = false, bool to_main = false) {
+  t.check_model("Trainer");
+  return t.bf16_moments() ? moment_pair<uint16_t, U16>(t, t.m16, t.v16, full, to_main)
+                          : moment_pair<float, F32>(t, t.m32, t.v32, full, to_main);
 }
 
 // Moments of the slab's layout, or of the full layout for an expert shard (a checkpoint of
@@ -168,23 +172,25 @@ void bind_train(py::module_& m) {
         return out;
       })
       // (params by name, m, v, steps_done) from one moment: no step can run in between; in
-      // the full model's layout (an expert shard gathers the others': every EP rank calls it)
-      .def("snapshot", [](Trainer& t) {
+      // the full model's layout (an expert shard gathers the others': every EP rank calls it;
+      // to_main: for the checkpoint world rank 0 writes, the others get None)
+      .def("snapshot", [](Trainer& t, bool to_main) -> py::object {
         BusyGuard tguard(t.busy, false, "Trainer");
         BusyGuard mguard(t.model().busy, false, "Model");
         const Model& md = t.model();
-        const py::tuple mv = moments_copy(t, true);
+        const py::tuple mv = moments_copy(t, true, to_main);
         if (!t.sharded())
           return py::make_tuple(named_copy(md.layout(), md.params().data(), false), mv[0],
                                 mv[1], t.steps_done);
         std::vector<float> w;
         {
           py::gil_scoped_release nogil;
-          w = t.gather_full(md.params());
+          w = t.gather_full(md.params(), to_main);
         }
+        if (w.empty()) return py::none();
         return py::make_tuple(named_copy(t.full_layout(), w.data(), false), mv[0], mv[1],
                               t.steps_done);
-      })
+      }, arg("to_main") = false)
       // the loss without gradients through the Trainer's expert-parallel context (an expert
       // shard's evaluation: every EP rank calls it with its tokens)
       .def("eval_loss", [](Trainer& t, py::handle tok, double alpha, double mtp_weight) {
@@ -202,6 +208,7 @@ void bind_train(py::module_& m) {
       }, arg("tokens"), arg("alpha"), arg("mtp_weight"))
       .def("set_moments", [](Trainer& t, py::handle m_, py::handle v_) {
         BusyGuard guard(t.busy, true, "Trainer");
+        t.check_model("Trainer.set_moments");
         if (t.bf16_moments())
           set_moments_any(t, t.m16, t.v16, m_, v_, "uint16 (bf16 bits: moment_dtype is bfloat16)");
         else

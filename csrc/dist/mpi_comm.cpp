@@ -11,6 +11,11 @@
 // DSV3_MPI_MAX_MESSAGE bytes, the limit's override for tests), every rank learns it from one
 // MPI_Allreduce of a flag and all of them move the data as point-to-point pieces of at most
 // that many bytes (MPI keeps the pieces between two ranks in order).
+//
+// Thread level: dsv3 asks MPI_Init_thread for MPI_THREAD_MULTIPLE; DSV3_MPI_THREAD = single |
+// funneled | serialized | multiple asks for another level instead (tests: the Trainer's three
+// paths, train_parallel.cpp: no communication thread below serialized; the expert dispatch
+// through that thread at serialized; direct at multiple).
 #ifdef DSV3_WITH_MPI
 #include <mpi.h>
 
@@ -223,8 +228,18 @@ std::shared_ptr<Comm> mpi_world() {
   int init = 0;
   MPI_Initialized(&init);
   if (!init) {
-    int provided = 0;
-    check(MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided), "MPI_Init_thread");
+    int provided = 0, want = MPI_THREAD_MULTIPLE;
+    if (const char* v = std::getenv("DSV3_MPI_THREAD"); v && *v) {
+      const std::string s(v);
+      DSV3_CHECK(s == "single" || s == "funneled" || s == "serialized" || s == "multiple",
+                 "[dsv3.distributed] DSV3_MPI_THREAD must be single, funneled, serialized or ",
+                 "multiple, got '", s, "'");
+      want = s == "single"       ? MPI_THREAD_SINGLE
+             : s == "funneled"   ? MPI_THREAD_FUNNELED
+             : s == "serialized" ? MPI_THREAD_SERIALIZED
+                                 : MPI_THREAD_MULTIPLE;
+    }
+    check(MPI_Init_thread(nullptr, nullptr, want, &provided), "MPI_Init_thread");
     g_we_initialised = true;
     std::atexit(finalize_at_exit);
   }

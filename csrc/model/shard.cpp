@@ -26,21 +26,22 @@ ParamLayout shard_layout(const ParamLayout& full, int64_t E, const ExpertShard& 
 
 void gather_expert_shards(Comm& ep_group, const ParamLayout& full, int64_t E,
                           const ParamLayout& local, const void* local_data, void* full_out,
-                          size_t elem_bytes) {
+                          size_t elem_bytes, bool to_root) {
   const int ep = ep_group.size();
   const ExpertShard me{ep, ep_group.rank()};
   DSV3_CHECK(ep == 1 || E % ep == 0, "[gather_expert_shards] ep (", ep,
              ") must divide n_routed_experts (", E, ")");
+  const bool receives = !to_root || me.index == 0;
   const auto* src = static_cast<const uint8_t*>(local_data);
   auto* dst = static_cast<uint8_t*>(full_out);
-  std::memset(dst, 0, elem_bytes * (size_t)full.total);
+  if (receives) std::memset(dst, 0, elem_bytes * (size_t)full.total);
   // replicated entries from here; this rank's experts packed in layout order
   std::vector<uint8_t> mine;
   for (const ParamEntry& e : local.entries) {
     const size_t n = elem_bytes * (size_t)e.size;
     const uint8_t* p = src + elem_bytes * (size_t)e.offset;
     if (e.expert < 0) {
-      std::memcpy(dst + elem_bytes * (size_t)full.at(e.name).offset, p, n);
+      if (receives) std::memcpy(dst + elem_bytes * (size_t)full.at(e.name).offset, p, n);
     } else {
       DSV3_CHECK(me.owns(e.expert, E), "[gather_expert_shards] the local slab holds expert ",
                  e.expert, " of another EP rank");
@@ -48,14 +49,18 @@ void gather_expert_shards(Comm& ep_group, const ParamLayout& full, int64_t E,
     }
   }
   const int64_t bytes = (int64_t)mine.size();
-  std::vector<uint8_t> all((size_t)bytes * ep);
+  std::vector<uint8_t> all(receives ? (size_t)bytes * ep : 0);
   if (ep == 1) {
     std::memcpy(all.data(), mine.data(), mine.size());
   } else {
-    std::vector<int64_t> sc(ep, bytes), sd(ep, 0), rc(ep, bytes), rd(ep);
-    for (int q = 0; q < ep; ++q) rd[q] = q * bytes;
+    // every rank sends its experts to each receiver (all, or EP rank 0)
+    std::vector<int64_t> sc(ep, bytes), sd(ep, 0), rc(ep, receives ? bytes : 0), rd(ep, 0);
+    if (to_root)
+      for (int q = 1; q < ep; ++q) sc[q] = 0;
+    for (int q = 0; q < ep && receives; ++q) rd[q] = q * bytes;
     ep_group.alltoallv(mine.data(), sc.data(), sd.data(), all.data(), rc.data(), rd.data());
   }
+  if (!receives) return;
   // EP rank q's experts, in the full layout's order (the order q packed them in)
   std::vector<int64_t> at((size_t)ep);
   for (int q = 0; q < ep; ++q) at[q] = q * bytes;

@@ -10,7 +10,8 @@
 // parts. Gradients and AdamW moments use the same local layout.
 //
 // Checkpoints stay in the full layout: gather_expert_shards puts every EP rank's experts back
-// into a full-layout slab (one all-to-all inside the EP group, every rank receives the whole),
+// into a full-layout slab (one all-to-all inside the EP group: every rank receives the whole,
+// or only EP rank 0 for a checkpoint that one rank writes),
 // and copy_entries maps a full-layout slab (weights, moments) onto the local one.
 #pragma once
 #include <cstdint>
@@ -49,9 +50,11 @@ void copy_entries(const ParamLayout& from, const T* src, const ParamLayout& to, 
 
 // full_out[full.total] (elements of elem_bytes bytes) <- the replicated entries of local_data
 // (this rank's slab, local layout) and every EP rank's owned experts. Collective over
-// ep_group (whose rank r is the EP index r); every rank receives the whole slab.
+// ep_group (whose rank r is the EP index r); every rank receives the whole slab, or with
+// to_root only EP rank 0 does (the others send their experts to it, leave full_out untouched
+// and may pass nullptr).
 void gather_expert_shards(Comm& ep_group, const ParamLayout& full, int64_t E,
                           const ParamLayout& local, const void* local_data, void* full_out,
-                          size_t elem_bytes);
+                          size_t elem_bytes, bool to_root = false);
 
 }  // namespace dsv3

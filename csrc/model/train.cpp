@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "core/check.h"
@@ -11,9 +12,20 @@
 
 namespace dsv3 {
 
-Trainer::Trainer(Model& model, bool bf16_moments) : model_(model), bf16_(bf16_moments) {
+Trainer::Trainer(Model& model, bool bf16_moments)
+    : model_(model), bf16_(bf16_moments), shard_(model.expert_shard()) {
   if (sharded()) full_layout_ = build_layout(model.config());
   reset_state();
+}
+
+void Trainer::check_model(const char* op) const {
+  const ExpertShard& now = model_.expert_shard();
+  if (now.ep != shard_.ep || now.index != shard_.index)  // a state error, not a bad argument
+    throw std::runtime_error(str_cat(
+        "[", op, "] the model was made an expert shard (EP rank ", now.index, " of ep=", now.ep,
+        ") after this Trainer was created for it (by another Trainer given the same model with ",
+        "a parallel layout): this Trainer's moments no longer match the model; use that ",
+        "Trainer, or build a new one (Trainer(model, config, parallel=...))"));
 }
 
 void Trainer::reset_state() {
@@ -42,6 +54,7 @@ void Trainer::reset_state() {
 TrainStepStats Trainer::step(const int64_t* tokens, int64_t B, int64_t N,
                              const TrainStepOptions& o) {
   const char* op = "Trainer.step";
+  check_model(op);
   DSV3_CHECK(B >= 1 && N >= 2, "[", op, "] batch must be (B, T+1) with T+1 >= 2 tokens per ",
              "sequence, got B=", B, " T+1=", N);
   DSV3_CHECK(o.grad_accum >= 1 && B % o.grad_accum == 0, "[", op, "] grad_accum (",

@@ -71,10 +71,12 @@ class Trainer {
   bool sharded() const { return model_.expert_shard().sharded(); }
   // The full model's layout (the model's own when not sharded).
   const ParamLayout& full_layout() const { return sharded() ? full_layout_ : model_.layout(); }
-  // A slab of this model's layout in the full layout (collective over the EP group when
-  // sharded: every EP rank calls it at the same point; a copy otherwise).
-  std::vector<float> gather_full(const std::vector<float>& local);
-  std::vector<uint16_t> gather_full(const std::vector<uint16_t>& local);
+  // The full-layout copy of a slab (a sharded model: collective over the EP group). to_main:
+  // only world rank 0 gets it (for the checkpoint it writes); the other ranks get an empty
+  // vector, and the EP groups without rank 0 do not communicate at all. Collective over the
+  // EP group when sharded (every EP rank calls it at the same point); a copy otherwise.
+  std::vector<float> gather_full(const std::vector<float>& local, bool to_main = false);
+  std::vector<uint16_t> gather_full(const std::vector<uint16_t>& local, bool to_main = false);
   // A full-layout slab (checkpointed moments) mapped onto this model's layout.
   template <class T>
   void from_full(const T* full, std::vector<T>& local) const {
@@ -89,6 +91,11 @@ class Trainer {
   // The last step's gradient as applied (averaged over the global batch, clipped), slab layout.
   const std::vector<float>& last_gradients() const { return grads_; }
   bool bf16_moments() const { return bf16_; }
+  // Throws std::runtime_error naming op when the model was made an expert shard behind this
+  // Trainer's back (by another Trainer given the same model with ep > 1): its moments and
+  // gradients are laid out for the model as it was, so no step, evaluation or state read
+  // may use them.
+  void check_model(const char* op) const;
   int64_t steps_done = 0;  // optimizer steps applied (AdamW's t of the next step is this + 1)
   // Moments in the parameter slab's layout (entries that are not trainable stay 0).
   std::vector<float> m32, v32;
@@ -108,6 +115,7 @@ class Trainer {
   std::shared_ptr<CommQueue> queue_;           // the communication thread
   std::shared_ptr<Comm> ep_queued_;            // the EP group, its calls run on queue_
   ParamLayout full_layout_;  // of the unsharded model (sharded models only)
+  ExpertShard shard_;        // the model's shard when this Trainer's state was laid out
   // [lo, hi) of gradient slab; experts: an owned routed expert range (summed over the DP
   // group when sharded, else over the world)
   struct GradRange {

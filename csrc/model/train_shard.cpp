@@ -15,7 +15,8 @@
 //              computes the same norm and takes the same step)
 //   gather     full-layout copies of the weights, moments and gradients for checkpoints and
 //              tests: every EP rank contributes its experts (gather_expert_shards), on the
-//              communication thread when there is one.
+//              communication thread when there is one; a checkpoint's copy goes to world
+//              rank 0 only (to_main), so no other rank ever holds the whole model.
 #include <algorithm>
 
 #include "core/check.h"
@@ -24,6 +25,7 @@
 namespace dsv3 {
 
 void Trainer::use_shard(const ExpertShard& want) {
+  check_model("Trainer");
   const ExpertShard have = model_.expert_shard();
   if (have.sharded()) {
     DSV3_CHECK(have.ep == want.ep && have.index == want.index, "[Trainer] the model holds the ",
@@ -40,6 +42,7 @@ void Trainer::use_shard(const ExpertShard& want) {
     v.swap(out);
   };
   model_.shard_experts(want);
+  shard_ = want;
   const ParamLayout& L = model_.layout();
   remap(m32, L);
   remap(v32, L);
@@ -94,32 +97,37 @@ double Trainer::grad_sum_squares() {
 namespace {
 template <class T>
 std::vector<T> gather_slab(const Trainer& t, const ParallelGroups* par, const Model& m,
-                           const ParamLayout& full, const std::vector<T>& local,
+                           const ParamLayout& full, const std::vector<T>& local, bool to_main,
                            const std::function<void(const std::function<void()>&)>& call) {
-  if (!t.sharded()) return local;
+  t.check_model("Trainer");
+  if (!t.sharded()) return to_main && par && par->world->rank() != 0 ? std::vector<T>{} : local;
   DSV3_CHECK(par, "[Trainer] a sharded model's full weights need its parallel groups");
   DSV3_CHECK((int64_t)local.size() == m.layout().total, "[Trainer] slab of ", local.size(),
              " elements, expected ", m.layout().total);
-  std::vector<T> out((size_t)full.total);
+  // world rank 0's EP group is ranks [0, ep) (groups.cpp): the others have nothing to do
+  if (to_main && par->world->rank() >= par->ep_group->size()) return {};
+  const bool receives = !to_main || par->world->rank() == 0;
+  std::vector<T> out(receives ? (size_t)full.total : 0);
   call([&] {
     gather_expert_shards(*par->ep_group, full, m.config().E, m.layout(), local.data(),
-                         out.data(), sizeof(T));
+                         receives ? out.data() : nullptr, sizeof(T), to_main);
   });
   return out;
 }
 }  // namespace
 
-std::vector<float> Trainer::gather_full(const std::vector<float>& local) {
-  return gather_slab(*this, par_.get(), model_, full_layout(), local,
+std::vector<float> Trainer::gather_full(const std::vector<float>& local, bool to_main) {
+  return gather_slab(*this, par_.get(), model_, full_layout(), local, to_main,
                      [this](const std::function<void()>& f) { world_call(f); });
 }
-std::vector<uint16_t> Trainer::gather_full(const std::vector<uint16_t>& local) {
-  return gather_slab(*this, par_.get(), model_, full_layout(), local,
+std::vector<uint16_t> Trainer::gather_full(const std::vector<uint16_t>& local, bool to_main) {
+  return gather_slab(*this, par_.get(), model_, full_layout(), local, to_main,
                      [this](const std::function<void()>& f) { world_call(f); });
 }
 
 LossParts Trainer::eval_loss(const int64_t* tokens, int64_t B, int64_t N, double alpha,
                              double mtp_weight) {
+  check_model("Trainer.evaluate");
   const ExpertParallel saved = ep_;  // an evaluation does not count in the step statistics
   ExpertParallel* ep = ep_.group || ep_.fp8_dispatch ? &ep_ : nullptr;
   LossParts lp;

@@ -29,7 +29,8 @@ rows, the C++ step sums gradients and statistics over the world; rank 0 writes l
 checkpoints. With ``ep > 1`` the Trainer makes its model an expert shard (:mod:`dsv3.model`:
 only this EP rank's routed experts, their gradients and moments are held); ``save``,
 ``save_pretrained`` and ``full_state_dict`` gather the experts of the EP group (every rank
-calls them) and write / return the ordinary full layout.
+calls them) and write / return the ordinary full layout. The saves gather on rank 0 only, so
+no other rank ever holds the whole model; ``full_state_dict`` returns it on every rank.
 """
 from __future__ import annotations
 
@@ -371,7 +372,9 @@ class Trainer:
         """``Model.save_pretrained`` of the whole model from any parallel layout: every rank
         calls it, rank 0 writes the ordinary Hugging Face layout."""
         from . import checkpoint
-        state = self.full_state_dict() if self.model.expert_shard is not None else None
+        # an expert shard's experts are gathered on rank 0 only (the others send theirs)
+        state = (_core.trainer_full_state(self._t, to_main=True)
+                 if self.model.expert_shard is not None else None)
         self._on_main(lambda: checkpoint.save(
             _Frozen(self.model.config, state) if state is not None else self.model,
             directory, dtype, **kw), directory, "Trainer.save_pretrained")
@@ -403,8 +406,9 @@ class Trainer:
         moments and step count are copied at one moment (no step of another thread in
         between: a step running at that moment raises RuntimeError here)."""
         # rank 0 writes (the replicas are identical); an expert shard's snapshot gathers the
-        # EP group's experts and moments, so every rank takes it
-        snap = self._t.snapshot() if self.model.expert_shard is not None else None
+        # EP group's experts and moments on rank 0 (every rank takes part; only rank 0 ever
+        # holds the whole model)
+        snap = self._t.snapshot(True) if self.model.expert_shard is not None else None
         self._on_main(lambda: self._save(directory, snap), directory, "Trainer.save")
 
     def _save(self, directory: str, snap=None) -> None:

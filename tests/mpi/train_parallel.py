@@ -106,6 +106,9 @@ rec["local_shapes"] = {k: list(v) for k, v in tr.model.parameter_shapes().items(
 rec["val_loss"] = tr.evaluate(_Val()) if a.evaluate else None
 if par:
     rec["comm"] = par.stats()
+    rec["mpi_thread_level"] = dsv3._core.mpi_thread_level()
+rec["moment_elems"] = int(tr._t.moments()[0].size)  # this rank's AdamW moments
+rec["slab_end"] = max(off + n for _, off, n in tr._t.entries())
 os.makedirs(a.out, exist_ok=True)
 with open(os.path.join(a.out, f"rank{rank}.json"), "w") as f:
     json.dump(rec, f)
@@ -114,7 +117,12 @@ if rank == 0:
     np.savez(os.path.join(a.out, "weights.npz"), **state)
     if a.grads:
         np.save(os.path.join(a.out, "grads.npy"), grads)
-if a.save:
-    tr.save(a.save)
-if a.save_pretrained:
-    tr.save_pretrained(a.save_pretrained)
+sent = {}  # the all-to-all bytes this rank sent while saving (the experts' gather)
+for name, path, save in [("save", a.save, tr.save), ("save_pretrained", a.save_pretrained,
+                                                     tr.save_pretrained)]:
+    if path:
+        before = par.stats()["alltoall_bytes"] if par else 0
+        save(path)
+        sent[name] = (par.stats()["alltoall_bytes"] if par else 0) - before
+with open(os.path.join(a.out, f"rank{rank}.saved.json"), "w") as f:
+    json.dump(sent, f)
