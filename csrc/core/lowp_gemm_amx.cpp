@@ -73,6 +73,7 @@ struct Hw {
   static void release() { __asm__ volatile("tilerelease" ::: "memory"); }
   template <int T>
   static void load(const void* p, int64_t stride) {
+    static_assert(T >= 0 && T < 8, "tile register");
 #define DSV3_TL(n)                                                                   \
   if constexpr (T == n)                                                              \
     __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #n ::"r"(p), "r"((long)stride) : "memory");
@@ -81,6 +82,7 @@ struct Hw {
   }
   template <int T>
   static void store(void* p, int64_t stride) {
+    static_assert(T >= 0 && T < 8, "tile register");
 #define DSV3_TS(n)                                                                   \
   if constexpr (T == n)                                                              \
     __asm__ volatile("tilestored %%tmm" #n ", (%0,%1,1)" ::"r"(p), "r"((long)stride) : "memory");
@@ -89,6 +91,7 @@ struct Hw {
   }
   template <int T>
   static void zero() {
+    static_assert(T >= 0 && T < 8, "tile register");
 #define DSV3_TZ(n) \
   if constexpr (T == n) __asm__ volatile("tilezero %%tmm" #n ::);
     DSV3_TILE_CASES(DSV3_TZ)
@@ -96,6 +99,8 @@ struct Hw {
   }
   template <int Cr, int Ar, int Br>  // Cr in 0..3, Ar in 4..5, Br in 6..7
   static void dp() {
+    static_assert(Cr == 2 * (Ar - 4) + (Br - 6) && Ar >= 4 && Ar < 6 && Br >= 6 && Br < 8,
+                  "C(r, h) = tmm(2r + h) += A(r) = tmm(4 + r) . B(h) = tmm(6 + h)");
 #define DSV3_TDP(c, a, b) \
   if constexpr (Cr == c && Ar == a && Br == b) \
     __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::);
@@ -105,8 +110,11 @@ struct Hw {
 };
 #undef DSV3_TILE_CASES
 
-// Emulation: eight 1 KiB registers per thread and the SDM's pseudo-code for tdpbf16ps
-// (pair by pair, fp32 additions in k order, DAZ on every input, FTZ on every result).
+// Emulation: eight 1 KiB registers per thread and the Intrinsics Guide's pseudo-code for
+// tdpbf16ps (pair by pair, fp32 additions in k order, DAZ on every input, FTZ on every
+// result). The SDM describes another order (per instruction an even and an odd partial sum,
+// added together, then to the accumulator), so emulated and hardware results agree within the
+// fp32 reassociation bound, and bit for bit only where every sum is exact (the self-check).
 struct Emu {
   struct Regs {
     alignas(64) unsigned char t[8][1024];
@@ -176,13 +184,21 @@ DSV3_AVX512 void promote_block(float* acc, const float* part, const float* sa, c
 }
 
 // ---- one task ----------------------------------------------------------------------------------------
+// A task's buffers: acc (kMA x 64) and part (32 x 32), on the stack of the chunk's lambda
+// (not thread_local: a TLS lookup is a call, and tile registers are caller-saved in the psABI,
+// so none may run while the tiles hold data).
+struct Scratch {
+  float* acc;
+  float* part;
+};
+
 // Rows [i0, i0 + rows) of C (rows <= kMA; A holds packed_rows(M) rows, so whole 32-row blocks
 // are read) x panel j.
 template <class T>
 void task(float* C, int64_t ldc, const uint16_t* A, int64_t M, int64_t i0, const Bf16PackedB& B,
-          int64_t j, const LowpScales* s, bool accumulate) {
-  alignas(64) thread_local float acc[kMA * kAccLd];
-  alignas(64) thread_local float part[32 * 32];
+          int64_t j, const LowpScales* s, bool accumulate, const Scratch& scratch) {
+  float* const acc = scratch.acc;
+  float* const part = scratch.part;
   const int64_t N = B.N, K = B.K, Kp = packed_k(K), lda = 2 * Kp;  // lda in bytes
   const int64_t rows = std::min(kMA, M - i0), blocks = (rows + 31) / 32;
   const int64_t n0 = j * kNR, w = std::min(kNR, N - n0), halves = w > 32 ? 2 : 1;
@@ -254,9 +270,12 @@ void run(float* C, int64_t ldc, const uint16_t* A, int64_t M, const Bf16PackedB&
   const int64_t mb = (M + kMA - 1) / kMA, panels = (B.N + kNR - 1) / kNR;
   // row block outer, panel inner: a thread's consecutive tasks share one A block
   parallel_for(mb * panels, 1, [&](int64_t t0, int64_t t1) {
+    alignas(64) float acc[kMA * kAccLd];  // 16 KiB
+    alignas(64) float part[32 * 32];      // 4 KiB
+    const Scratch scratch{acc, part};
     T::config();  // per chunk of tasks: whichever thread runs it has its tiles configured
     for (int64_t t = t0; t < t1; ++t)
-      task<T>(C, ldc, A, M, (t / panels) * kMA, B, t % panels, s, accumulate);
+      task<T>(C, ldc, A, M, (t / panels) * kMA, B, t % panels, s, accumulate, scratch);
     T::release();
   });
 }
@@ -328,7 +347,8 @@ AmxMode amx_detect(std::string& why) {
   } else {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) {
-      why = "the CPU has no AMX-BF16";
+      // (libgcc also checks that the OS enables the tile state in XCR0)
+      why = "the CPU has no AMX-BF16, or the OS does not enable its tile state (XCR0)";
       return AmxMode::off;
     }
     if (!request_tile_permission(why)) return AmxMode::off;
