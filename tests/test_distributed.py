@@ -112,13 +112,45 @@ def test_lower_mpi_thread_levels_train_the_same(tmp_path, single_tiny, thread, l
     par, w = run(tmp_path, thread, 4, "dp=2,ep=2", env={"DSV3_MPI_THREAD": thread})
     assert {r["mpi_thread_level"] for r in par} == {level}
     assert_same_run(par, single_tiny[0][0], w, single_tiny[1])
+    hidden = [ts["all_reduce_hidden_fraction"] for r in par for ts in r["time_split"]]
+    if level < 2:  # no communication thread: the step waits for every all-reduce
+        assert hidden == [0.0] * len(hidden)
+
+
+def test_the_time_split_adds_up_and_the_all_reduce_overlaps_the_backward(tmp_path):
+    """dp=2 (MPI_THREAD_MULTIPLE): each step reports its split; compute + waited all-reduce
+    + dispatch/combine is the step time, and some of the all-reduce runs while the backward
+    continues (the block all-reduces go to the communication thread)."""
+    par, _ = run(tmp_path, "ts", 2, "dp=2", steps=4)
+    assert {r["mpi_thread_level"] for r in par} == {3}
+    for r in par:
+        for ts in r["time_split"]:
+            assert set(ts) >= {"step", "compute", "all_reduce", "all_reduce_waited",
+                               "all_reduce_hidden_fraction", "dispatch_combine",
+                               "all_reduce_bytes", "dispatch_combine_bytes"}
+            assert abs(ts["compute"] + ts["all_reduce_waited"] + ts["dispatch_combine"]
+                       - ts["step"]) < 1e-9
+            assert 0.0 <= ts["all_reduce_hidden_fraction"] <= 1.0 and ts["all_reduce"] > 0
+            assert ts["dispatch_combine_bytes"] == 0  # dp only: no expert dispatch
+    assert max(ts["all_reduce_hidden_fraction"] for r in par for ts in r["time_split"]) > 0
 
 
 def test_all_to_all_in_pieces_moves_the_same_bytes(tmp_path):
     # Messages above 2 GiB (MPI's int counts) go as point-to-point pieces; DSV3_MPI_MAX_MESSAGE
     # lowers that limit so the path runs here: 1000-byte pieces must give the same bits.
-    whole, ww = run(tmp_path, "whole", 2, "ep=2")
-    pieces, pw = run(tmp_path, "pieces", 2, "ep=2", env={"DSV3_MPI_MAX_MESSAGE": "1000"})
+    ck = {n: os.path.join(str(tmp_path), n + "_ck") for n in ("whole", "pieces")}
+    sp = {n: os.path.join(str(tmp_path), n + "_sp") for n in ("whole", "pieces")}
+    whole, ww = run(tmp_path, "whole", 2, "ep=2", save=ck["whole"], save_pretrained=sp["whole"])
+    pieces, pw = run(tmp_path, "pieces", 2, "ep=2", env={"DSV3_MPI_MAX_MESSAGE": "1000"},
+                     save=ck["pieces"], save_pretrained=sp["pieces"])
+    # the saves' gathers to rank 0 (zero counts towards rank 1) in pieces too: the same files
+    for d in (ck, sp):
+        files = [f for f in sorted(os.listdir(d["whole"])) if f.endswith((".npy", ".safetensors"))]
+        assert any(f.endswith(".safetensors") for f in files)
+        for f in files:
+            with open(os.path.join(d["whole"], f), "rb") as a, \
+                    open(os.path.join(d["pieces"], f), "rb") as b:
+                assert a.read() == b.read(), f
     assert [r["loss"] for r in pieces] == [r["loss"] for r in whole]
     assert {r["weights_sha256"] for r in pieces} == {r["weights_sha256"] for r in whole}
     assert pieces[0]["ep_stats"]["dispatch_bytes"] > 4 * 1000  # several pieces per message

@@ -130,5 +130,13 @@ def test_a_model_sharded_behind_its_trainer_is_refused(tmp_path):
         t.step(batch)
     with pytest.raises(RuntimeError, match=msg):
         t.save(str(tmp_path / "ck"))
-    assert not (tmp_path / "ck").exists()
+    with pytest.raises(RuntimeError, match=msg):
+        t.save_pretrained(str(tmp_path / "sp"))
+    with pytest.raises(RuntimeError, match=msg):
+        t.full_state_dict()
+    with pytest.raises(RuntimeError, match=msg):
+        t._t.moments()
+    with pytest.raises(RuntimeError, match=msg):
+        t._t.eval_loss(batch, 0.0, 0.0)  # the loss an expert shard's evaluate computes
+    assert not (tmp_path / "ck").exists() and not (tmp_path / "sp").exists()
     assert t.step_count == 1

@@ -14,7 +14,8 @@ using py::arg;
 
 void bind_dist(py::module_& m) {
   m.def("mpi_available", &mpi_available);
-  // 0 single, 1 funneled, 2 serialized, 3 multiple: the level MPI provides (0 before init)
+  // 0 single, 1 funneled, 2 serialized, 3 multiple: the level MPI provides (0 before MPI is
+  // initialised; 3 in a build without MPI, where nothing communicates)
   m.def("mpi_thread_level", &mpi_thread_level);
   m.def("mpi_library_version", &mpi_library_version);
   m.def("mpi_abort", [](int code) { mpi_abort(code); }, arg("code"));
@@ -103,7 +104,7 @@ void bind_dist(py::module_& m) {
     return out;
   }, arg("trainer"));
   // {name: weight} of the full model (an expert shard gathers: every rank calls it; to_main:
-  // only world rank 0 receives it, the others get None)
+  // only world rank 0 receives it, the other ranks of a sharded Trainer get None)
   m.def("trainer_full_state", [](Trainer& t, bool to_main) -> py::object {
     BusyGuard guard(t.busy, false, "Trainer");
     BusyGuard mguard(t.model().busy, false, "Model");

@@ -173,7 +173,8 @@ void bind_train(py::module_& m) {
       })
       // (params by name, m, v, steps_done) from one moment: no step can run in between; in
       // the full model's layout (an expert shard gathers the others': every EP rank calls it;
-      // to_main: for the checkpoint world rank 0 writes, the others get None)
+      // to_main: for the checkpoint world rank 0 writes, the other ranks of a sharded Trainer
+      // get None)
       .def("snapshot", [](Trainer& t, bool to_main) -> py::object {
         BusyGuard tguard(t.busy, false, "Trainer");
         BusyGuard mguard(t.model().busy, false, "Model");

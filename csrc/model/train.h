@@ -96,6 +96,12 @@ class Trainer {
   // gradients are laid out for the model as it was, so no step, evaluation or state read
   // may use them.
   void check_model(const char* op) const;
+  // Before a collective that some rank may not be able to enter (its guards refused, its
+  // buffer could not be allocated): every rank of the world says whether it can (one
+  // all-reduce); if any cannot, every rank throws std::runtime_error (that rank's own error
+  // where it has one) instead of leaving the others waiting in the collective. No-op without
+  // a parallel layout.
+  void world_agree(const char* op, std::exception_ptr error_here);
   int64_t steps_done = 0;  // optimizer steps applied (AdamW's t of the next step is this + 1)
   // Moments in the parameter slab's layout (entries that are not trainable stay 0).
   std::vector<float> m32, v32;

@@ -88,6 +88,20 @@ void Trainer::world_call(const std::function<void()>& fn) {
     fn();
 }
 
+void Trainer::world_agree(const char* op, std::exception_ptr error_here) {
+  if (!par_ || par_->world->size() == 1) {
+    if (error_here) std::rethrow_exception(error_here);
+    return;
+  }
+  int64_t failed[2] = {error_here ? 1 : 0, error_here ? par_->world->rank() : 0};
+  world_call([&] { par_->world->allreduce_sum(failed, 2); });
+  if (error_here) std::rethrow_exception(error_here);
+  if (failed[0] > 0)
+    throw std::runtime_error(str_cat("[", op, "] ", failed[0], " other rank(s) could not take ",
+                                     "part (rank ", failed[1], " among them: its error is its ",
+                                     "own); nothing was gathered"));
+}
+
 void Trainer::agree(ParallelStep& ps, bool failed_here) {
   ps.agreed = true;
   int64_t failed[2] = {failed_here ? 1 : 0, failed_here ? par_->world->rank() : 0};

@@ -98,16 +98,25 @@ namespace {
 template <class T>
 std::vector<T> gather_slab(const Trainer& t, const ParallelGroups* par, const Model& m,
                            const ParamLayout& full, const std::vector<T>& local, bool to_main,
-                           const std::function<void(const std::function<void()>&)>& call) {
+                           const std::function<void(const std::function<void()>&)>& call,
+                           const std::function<void(std::exception_ptr)>& agree) {
   t.check_model("Trainer");
   if (!t.sharded()) return to_main && par && par->world->rank() != 0 ? std::vector<T>{} : local;
   DSV3_CHECK(par, "[Trainer] a sharded model's full weights need its parallel groups");
   DSV3_CHECK((int64_t)local.size() == m.layout().total, "[Trainer] slab of ", local.size(),
              " elements, expected ", m.layout().total);
-  // world rank 0's EP group is ranks [0, ep) (groups.cpp): the others have nothing to do
-  if (to_main && par->world->rank() >= par->ep_group->size()) return {};
+  // world rank 0's EP group is ranks [0, ep) (groups.cpp): with to_main the others only agree
+  const bool skip = to_main && par->world->rank() >= par->ep_group->size();
   const bool receives = !to_main || par->world->rank() == 0;
-  std::vector<T> out(receives ? (size_t)full.total : 0);
+  std::vector<T> out;
+  std::exception_ptr error;
+  try {
+    out.resize(receives ? (size_t)full.total : 0);
+  } catch (...) {
+    error = std::current_exception();
+  }
+  agree(error);  // a rank that cannot hold the copy stops every rank before the collective
+  if (skip) return {};
   call([&] {
     gather_expert_shards(*par->ep_group, full, m.config().E, m.layout(), local.data(),
                          receives ? out.data() : nullptr, sizeof(T), to_main);
@@ -118,11 +127,13 @@ std::vector<T> gather_slab(const Trainer& t, const ParallelGroups* par, const Mo
 
 std::vector<float> Trainer::gather_full(const std::vector<float>& local, bool to_main) {
   return gather_slab(*this, par_.get(), model_, full_layout(), local, to_main,
-                     [this](const std::function<void()>& f) { world_call(f); });
+                     [this](const std::function<void()>& f) { world_call(f); },
+                     [this](std::exception_ptr e) { world_agree("Trainer", e); });
 }
 std::vector<uint16_t> Trainer::gather_full(const std::vector<uint16_t>& local, bool to_main) {
   return gather_slab(*this, par_.get(), model_, full_layout(), local, to_main,
-                     [this](const std::function<void()>& f) { world_call(f); });
+                     [this](const std::function<void()>& f) { world_call(f); },
+                     [this](std::exception_ptr e) { world_agree("Trainer", e); });
 }
 
 LossParts Trainer::eval_loss(const int64_t* tokens, int64_t B, int64_t N, double alpha,

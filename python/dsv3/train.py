@@ -342,6 +342,11 @@ class Trainer:
                 if checkpoint_dir and checkpoint_interval and st["step"] % checkpoint_interval == 0:
                     self.save(checkpoint_dir)
         except KeyboardInterrupt:
+            if self.parallel is not None and self.parallel.size > 1:
+                # each rank is interrupted at its own point (possibly inside a step's
+                # collectives): a save now would pair mismatched collectives, so the job ends
+                # (the uncaught interrupt aborts it); the last periodic checkpoint stays
+                raise
             if checkpoint_dir:
                 self.save(checkpoint_dir)
             print(f"\ninterrupted at step {self.step_count}"

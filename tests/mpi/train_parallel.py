@@ -92,7 +92,9 @@ for s in range(a.steps):
         rec[k].append(st[k])
     rec["expert_load"].append(st["expert_load"].tolist())
     if "time_split" in st:
-        rec.setdefault("allreduce_bytes", []).append(st["time_split"]["all_reduce_bytes"])
+        ts = st["time_split"]
+        rec.setdefault("allreduce_bytes", []).append(ts["all_reduce_bytes"])
+        rec.setdefault("time_split", []).append(ts)
 state = tr.full_state_dict()  # the whole model (an expert shard gathers: every rank calls)
 h = hashlib.sha256()
 for k in sorted(state):
