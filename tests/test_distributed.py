@@ -268,6 +268,26 @@ def test_saves_gather_the_experts_on_rank_0_only(tmp_path):
             np.testing.assert_array_equal(s[k], w[k])
 
 
+def test_a_rank_that_cannot_gather_stops_every_rank(tmp_path):
+    """dp=2 x ep=2: rank 0 (the one that holds the gathered model) fails to allocate it
+    (injected). Every rank raises from Trainer.save and save_pretrained, rank 0 its own
+    MemoryError, the others a RuntimeError naming it, instead of waiting in the gather's
+    all-to-all; nothing is written."""
+    ck, sp = (os.path.join(str(tmp_path), n) for n in ("ck", "sp"))
+    run(tmp_path, "par", 4, "dp=2,ep=2", steps=1, save=ck, save_pretrained=sp, catch_save=True,
+        env={"DSV3_TEST_FAIL_GATHER_RANK": "0"}, timeout=120)
+    for r in range(4):
+        with open(os.path.join(str(tmp_path), "par", f"rank{r}.saved.json")) as f:
+            rec = json.load(f)
+        for name in ("save", "save_pretrained"):
+            kind, msg = rec[name + "_error"]
+            if r == 0:
+                assert kind == "MemoryError", rec
+            else:
+                assert kind == "RuntimeError" and "could not take part (rank 0" in msg, rec
+    assert not os.path.exists(ck) and not os.path.exists(sp)
+
+
 @pytest.mark.parametrize("layout", ["dp=2", "ep=2"])
 def test_a_raising_rank_ends_the_job(tmp_path, layout):
     t0 = time.time()

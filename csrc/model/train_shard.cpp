@@ -18,6 +18,8 @@
 //              communication thread when there is one; a checkpoint's copy goes to world
 //              rank 0 only (to_main), so no other rank ever holds the whole model.
 #include <algorithm>
+#include <cstdlib>
+#include <new>
 
 #include "core/check.h"
 #include "model/train.h"
@@ -111,6 +113,10 @@ std::vector<T> gather_slab(const Trainer& t, const ParallelGroups* par, const Mo
   std::vector<T> out;
   std::exception_ptr error;
   try {
+    // tests: DSV3_TEST_FAIL_GATHER_RANK=r makes world rank r fail a save's gather here as if
+    // out of memory
+    static const char* fail = std::getenv("DSV3_TEST_FAIL_GATHER_RANK");
+    if (to_main && fail && *fail && std::atoi(fail) == par->world->rank()) throw std::bad_alloc();
     out.resize(receives ? (size_t)full.total : 0);
   } catch (...) {
     error = std::current_exception();
