@@ -55,9 +55,8 @@ TierInfo detect() {
   __builtin_cpu_init();
   // __builtin_cpu_supports checks XCR0 too: the OS must save the zmm state.
   const bool bf16 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
-  const bool amx = __builtin_cpu_supports("amx-bf16");
 #else
-  const bool bf16 = false, amx = false;
+  const bool bf16 = false;
 #endif
   if (!bf16) {
     t.reason = "fp32 fallback: the CPU has no AVX512-BF16 (vdpbf16ps)";
@@ -71,7 +70,7 @@ TierInfo detect() {
     if (t.amx != lowp::AmxMode::off) {
       t.tier = LowpTier::amx_bf16;
       t.reason = "amx-bf16: " + why;
-    } else if (cap == 2 && (amx || std::getenv("DSV3_AMX_EMULATE"))) {
+    } else if (!why.empty()) {
       t.reason += "; AMX-BF16 not used: " + why;
     }
     if (!note.empty()) t.reason += " (" + note + ")";
@@ -430,12 +429,7 @@ void bf16_gemm(float* C, int64_t ldc, const Bf16Src& a, const Bf16Src& b, int64_
   }
   // fp32 tier: the operands rounded to bf16 (exactly representable in fp32), then sgemm
   std::vector<float> fa((size_t)(M * K)), fb((size_t)(N * K));
-  auto widen = [](uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return f;
-  };
+  const auto widen = bf16_decode;
   parallel_for(M, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i)
       for (int64_t k = 0; k < K; ++k) fa[i * K + k] = widen(fetch(a, i, k));

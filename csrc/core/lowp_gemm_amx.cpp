@@ -35,10 +35,12 @@
 #include <cstring>
 #include <vector>
 
+#include "core/bf16.h"
 #include "core/parallel.h"
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 #define DSV3_AMX_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -138,12 +140,7 @@ struct Emu {
   template <int T>
   static void zero() { std::memset(regs().t[T], 0, 1024); }
   static float flush(float x) { return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.f, x) : x; }
-  static float widen(uint16_t h) {
-    const uint32_t u = (uint32_t)h << 16;
-    float f;
-    std::memcpy(&f, &u, 4);
-    return flush(f);
-  }
+  static float widen(uint16_t h) { return flush(bf16_decode(h)); }
   template <int Cr, int Ar, int Br>
   static void dp() {
     float c[16][16];
@@ -347,8 +344,11 @@ AmxMode amx_detect(std::string& why) {
   } else {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) {
-      // (libgcc also checks that the OS enables the tile state in XCR0)
-      why = "the CPU has no AMX-BF16, or the OS does not enable its tile state (XCR0)";
+      // libgcc also checks that the OS enables the tile state (XCR0); CPUID.(7,0):EDX bit 22
+      // is AMX-BF16 itself. A CPU without it is the usual case: nothing to report.
+      unsigned a = 0, b = 0, c = 0, d = 0;
+      const bool cpu_has = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1u);
+      why = cpu_has ? "the OS does not enable the AMX tile state (XCR0)" : "";
       return AmxMode::off;
     }
     if (!request_tile_permission(why)) return AmxMode::off;

@@ -28,7 +28,8 @@ enum class AmxMode { off, hardware, emulated };
 // Decides the mode once per process: DSV3_AMX_EMULATE=1 gives `emulated`; otherwise a CPU with
 // AMX-BF16 whose kernel grants the tile data permission (Linux: arch_prctl
 // ARCH_REQ_XCOMP_PERM for XTILEDATA) and passes a self-check (an exact small GEMM on the tiles
-// vs a float64 loop) gives `hardware`. `why` says what was found either way.
+// vs a float64 loop) gives `hardware`. `why` says what was found, and is empty when the CPU
+// simply has no AMX (nothing to report).
 AmxMode amx_detect(std::string& why);
 
 // Whether a product of M rows with these scales takes the AMX kernel: M >= 32 (below that the
