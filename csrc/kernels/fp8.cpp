@@ -9,6 +9,10 @@
 #include "core/simd.h"
 #include "kernels/fp8_codec.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 // This file's 64-byte vector helpers are always inlined (see fp8_codec.h): no ABI concern, so
 // GCC's note about passing such vectors is silenced here, not in every includer of the header.
 #if defined(__GNUC__)
@@ -204,7 +208,51 @@ float block_scale(uint32_t amax, float fmt_max, bool pow2) {
       std::min(C, (bj + 1) * b.cols) - 1, ") contains NaN or Inf"));
 }
 
+#if defined(__SSE2__)
+// The 16 x 16 byte block at src (row stride ls) written transposed at dst (row stride ld).
+// Four rounds of unpacks, each interleaving the registers pairwise (2i, 2i+1) at a doubling
+// width (1, 2, 4, 8 bytes), leave column c of the block, in row order, in register
+// bitrev4(c) (checked by simulating the rounds on labelled bytes).
+inline void transpose16(uint8_t* dst, int64_t ld, const uint8_t* src, int64_t ls) {
+  __m128i v[16], t[16];
+  for (int r = 0; r < 16; ++r) v[r] = _mm_loadu_si128((const __m128i*)(src + r * ls));
+  auto round = [&](auto lo, auto hi) {
+    for (int i = 0; i < 8; ++i) {
+      t[i] = lo(v[2 * i], v[2 * i + 1]);
+      t[i + 8] = hi(v[2 * i], v[2 * i + 1]);
+    }
+    for (int i = 0; i < 16; ++i) v[i] = t[i];
+  };
+  round([](__m128i a, __m128i b) { return _mm_unpacklo_epi8(a, b); },
+        [](__m128i a, __m128i b) { return _mm_unpackhi_epi8(a, b); });
+  round([](__m128i a, __m128i b) { return _mm_unpacklo_epi16(a, b); },
+        [](__m128i a, __m128i b) { return _mm_unpackhi_epi16(a, b); });
+  round([](__m128i a, __m128i b) { return _mm_unpacklo_epi32(a, b); },
+        [](__m128i a, __m128i b) { return _mm_unpackhi_epi32(a, b); });
+  round([](__m128i a, __m128i b) { return _mm_unpacklo_epi64(a, b); },
+        [](__m128i a, __m128i b) { return _mm_unpackhi_epi64(a, b); });
+  static constexpr int kBitrev4[16] = {0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15};
+  for (int j = 0; j < 16; ++j) _mm_storeu_si128((__m128i*)(dst + kBitrev4[j] * ld), v[j]);
+}
+#endif
+
 }  // namespace
+
+void fp8_transpose_bytes(uint8_t* dst, int64_t ld_dst, const uint8_t* src, int64_t ld_src,
+                         int64_t rows, int64_t cols) {
+  int64_t r16 = 0, c16 = 0;  // the part done in whole 16 x 16 blocks
+#if defined(__SSE2__)
+  r16 = rows & ~int64_t(15);
+  c16 = cols & ~int64_t(15);
+  for (int64_t r = 0; r < r16; r += 16)
+    for (int64_t c = 0; c < c16; c += 16)
+      transpose16(dst + c * ld_dst + r, ld_dst, src + r * ld_src + c, ld_src);
+#endif
+  for (int64_t c = 0; c < cols; ++c) {  // the ragged edges: columns past c16, rows past r16
+    const int64_t r_first = c < c16 ? r16 : 0;
+    for (int64_t r = r_first; r < rows; ++r) dst[c * ld_dst + r] = src[r * ld_src + c];
+  }
+}
 
 const Fp8FormatInfo& fp8_format_info(Fp8Format fmt) {
   static const Fp8FormatInfo table[] = {
@@ -343,10 +391,7 @@ void fp8_quantize_transposed(uint8_t* codes_t, float* scales_t, const float* x, 
         scales_t[(c0 + j) * Rb + band] = s[j];
       }
       for (int64_t r = 0; r < rows; ++r) encode(tile.data() + r * kCols, x + (r0 + r) * C + c0, s, n);
-      for (int64_t j = 0; j < n; ++j) {
-        uint8_t* dst = codes_t + (c0 + j) * R + r0;
-        for (int64_t r = 0; r < rows; ++r) dst[r] = tile[(size_t)(r * kCols + j)];
-      }
+      fp8_transpose_bytes(codes_t + c0 * R + r0, R, tile.data(), kCols, rows, n);
     }
   });
   for (int64_t c = 0; c < C; ++c)

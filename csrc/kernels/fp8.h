@@ -93,6 +93,11 @@ void fp8_quantize_transposed(uint8_t* codes_t, float* scales_t, const float* x, 
 void fp8_dequantize(float* out, const uint8_t* codes, const float* scales, int64_t R, int64_t C,
                     Fp8Block block, Fp8Format fmt);
 
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols: a byte transpose, in
+// 16 x 16 blocks of SSE2 unpacks on x86-64 (scalar elsewhere and at ragged edges).
+void fp8_transpose_bytes(uint8_t* dst, int64_t ld_dst, const uint8_t* src, int64_t ld_src,
+                         int64_t rows, int64_t cols);
+
 // Scale-grid shape helpers: ceil(R/br), ceil(C/bc).
 inline int64_t fp8_blocks(int64_t n, int64_t b) { return (n + b - 1) / b; }
 

@@ -13,16 +13,13 @@ namespace {
 
 constexpr int64_t kTile = 128;  // the recipe's tile / block edge
 
-// dst[C,R] = src[R,C]^T for bytes, in 64x64 blocks.
+// dst[C,R] = src[R,C]^T for bytes, in bands of 64 rows
 void transpose_bytes(uint8_t* dst, const uint8_t* src, int64_t R, int64_t C) {
   constexpr int64_t T = 64;
-  const int64_t rb = fp8_blocks(R, T), cb = fp8_blocks(C, T);
-  parallel_for(rb * cb, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = (t / cb) * T, c0 = (t % cb) * T;
-      const int64_t r1 = std::min(R, r0 + T), c1 = std::min(C, c0 + T);
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t r = r0; r < r1; ++r) dst[c * R + r] = src[r * C + c];
+  parallel_for(fp8_blocks(R, T), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * T;
+      fp8_transpose_bytes(dst + r0, R, src + r0 * C, C, std::min(T, R - r0), C);
     }
   });
 }
