@@ -55,11 +55,14 @@ DSV3_FP8_INLINE void encode_loop(uint8_t* __restrict codes, const float* __restr
     VecF v;
     std::memcpy(&v, x + i, sizeof v);
     if (scaled) v = v / scale;
-    const VecU8 c = __builtin_convertvector(encode_bits<F>((VecU)v, sat), VecU8);
+    const VecU e = scaled ? encode_finite_sat<F>((VecU)v) : encode_bits<F>((VecU)v, sat);
+    const VecU8 c = __builtin_convertvector(e, VecU8);
     std::memcpy(codes + i, &c, sizeof c);
   }
 #endif
-  for (; i < b; ++i) codes[i] = (uint8_t)encode_bits<F>(bits_of(scaled ? x[i] / scale : x[i]), sat);
+  for (; i < b; ++i)
+    codes[i] = (uint8_t)(scaled ? encode_finite_sat<F>(bits_of(x[i] / scale))
+                                : encode_bits<F>(bits_of(x[i]), sat));
 }
 // Decoding is a table lookup: 256 entries made once per format by decode_bits (so exactly
 // the codec's values); a load per element beats the ~20 vector ops of the formula and the
@@ -136,36 +139,94 @@ DSV3_SIMD_CLONES uint32_t amax_range(const float* x, int64_t a, int64_t b) {
   return amax_bits(x, a, b);
 }
 
-// m[j] = max(m[j], |x[j]| as bits) for j < n: the column-wise amax of a row band
-DSV3_SIMD_CLONES void amax_cols(uint32_t* __restrict m, const float* __restrict x, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t v = bits_of(x[j]) & 0x7fffffffu;
-    m[j] = v > m[j] ? v : m[j];
+// scale = max(amax, 1e-4) / fmt_max, optionally rounded up to a power of two. The scale is
+// always an fp32 normal (>= 1e-4 / 57344), so the power-of-two rounding is a bit operation.
+DSV3_FP8_INLINE float block_scale(uint32_t amax, float fmt_max, bool pow2) {
+  float s = std::max(float_of(amax), 1e-4f) / fmt_max;
+  if (pow2) {
+    uint32_t u = bits_of(s);
+    if (u & 0x7fffffu) u = (u & 0x7f800000u) + 0x800000u;
+    s = float_of(u);
   }
+  return s;
 }
 
-// codes[j] = encode(x[j] / s[j]), saturating: encode_scaled with a scale per element
+constexpr float kNanScale = __builtin_nanf("");  // a non-finite block's scale, reported later
+
+// One task of fp8_quantize's one-visit path: blocks [b0, b1) of the block grid in row-major
+// order, each read twice while in cache (amax, then encode). A non-finite block gets the NaN
+// scale and no codes.
+struct BlockTask {
+  uint8_t* codes;
+  float* scales;
+  const float* x;
+  int64_t R, C, br, bc, Cb;
+  float fmax;
+  bool pow2;
+};
 template <class F>
-DSV3_FP8_INLINE void encode_lanes_loop(uint8_t* __restrict codes, const float* __restrict x,
-                                       const float* __restrict s, int64_t n) {
-  int64_t i = 0;
-#if DSV3_FP8_VECTOR
-  for (; i + kLanes <= n; i += kLanes) {
-    VecF v, d;
-    std::memcpy(&v, x + i, sizeof v);
-    std::memcpy(&d, s + i, sizeof d);
-    v = v / d;
-    const VecU8 c = __builtin_convertvector(encode_bits<F>((VecU)v, true), VecU8);
-    std::memcpy(codes + i, &c, sizeof c);
+DSV3_FP8_INLINE void quantize_blocks_loop(const BlockTask& t, int64_t b0, int64_t b1) {
+  for (int64_t blk = b0; blk < b1; ++blk) {
+    const int64_t r0 = (blk / t.Cb) * t.br, r1 = std::min(t.R, r0 + t.br);
+    const int64_t c0 = (blk % t.Cb) * t.bc, n = std::min(t.bc, t.C - c0);
+    uint32_t amax = 0;
+    for (int64_t r = r0; r < r1; ++r) amax = std::max(amax, amax_bits(t.x + r * t.C + c0, 0, n));
+    if (amax >= 0x7f800000u) {
+      t.scales[blk] = kNanScale;
+      continue;
+    }
+    const float sc = block_scale(amax, t.fmax, t.pow2);
+    t.scales[blk] = sc;
+    for (int64_t r = r0; r < r1; ++r)
+      encode_loop<F>(t.codes + r * t.C + c0, t.x + r * t.C + c0, 0, n, true, sc, true);
   }
+}
+DSV3_SIMD_CLONES void quantize_blocks_e4m3(const BlockTask& t, int64_t b0, int64_t b1) {
+  quantize_blocks_loop<E4M3>(t, b0, b1);
+}
+DSV3_SIMD_CLONES void quantize_blocks_e5m2(const BlockTask& t, int64_t b0, int64_t b1) {
+  quantize_blocks_loop<E5M2>(t, b0, b1);
+}
+
+// One tile of fp8_quantize_transposed: rows x n (n <= kTileCols) of x (row stride C), each
+// column one scale block. Writes the n scales to s and the codes, row by row, to tile (row
+// stride kTileCols); a non-finite column gets the NaN scale (its codes are unused).
+constexpr int64_t kTileCols = 64;
+template <class F>
+DSV3_FP8_INLINE void quantize_tile_loop(uint8_t* __restrict tile, float* __restrict s,
+                                        const float* __restrict x, int64_t C, int64_t rows,
+                                        int64_t n, float fmax, bool pow2) {
+  uint32_t amax[kTileCols] = {};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) {
+      const uint32_t v = bits_of(x[r * C + j]) & 0x7fffffffu;
+      amax[j] = v > amax[j] ? v : amax[j];
+    }
+  for (int64_t j = 0; j < n; ++j)
+    s[j] = amax[j] >= 0x7f800000u ? kNanScale : block_scale(amax[j], fmax, pow2);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * C;
+    uint8_t* out = tile + r * kTileCols;
+    int64_t j = 0;
+#if DSV3_FP8_VECTOR
+    for (; j + kLanes <= n; j += kLanes) {
+      VecF v, d;
+      std::memcpy(&v, xr + j, sizeof v);
+      std::memcpy(&d, s + j, sizeof d);
+      const VecU8 c = __builtin_convertvector(encode_finite_sat<F>((VecU)(v / d)), VecU8);
+      std::memcpy(out + j, &c, sizeof c);
+    }
 #endif
-  for (; i < n; ++i) codes[i] = (uint8_t)encode_bits<F>(bits_of(x[i] / s[i]), true);
+    for (; j < n; ++j) out[j] = (uint8_t)encode_finite_sat<F>(bits_of(xr[j] / s[j]));
+  }
 }
-DSV3_SIMD_CLONES void encode_lanes_e4m3(uint8_t* c, const float* x, const float* s, int64_t n) {
-  encode_lanes_loop<E4M3>(c, x, s, n);
+DSV3_SIMD_CLONES void quantize_tile_e4m3(uint8_t* tile, float* s, const float* x, int64_t C,
+                                         int64_t rows, int64_t n, float fmax, bool pow2) {
+  quantize_tile_loop<E4M3>(tile, s, x, C, rows, n, fmax, pow2);
 }
-DSV3_SIMD_CLONES void encode_lanes_e5m2(uint8_t* c, const float* x, const float* s, int64_t n) {
-  encode_lanes_loop<E5M2>(c, x, s, n);
+DSV3_SIMD_CLONES void quantize_tile_e5m2(uint8_t* tile, float* s, const float* x, int64_t C,
+                                         int64_t rows, int64_t n, float fmax, bool pow2) {
+  quantize_tile_loop<E5M2>(tile, s, x, C, rows, n, fmax, pow2);
 }
 
 using EncodeScaledFn = void (*)(uint8_t*, const float*, int64_t, float);
@@ -187,18 +248,6 @@ void check_block(int64_t R, int64_t C, Fp8Block block, const char* op) {
   DSV3_CHECK(block.rows >= 1 && block.cols >= 1, "[fp8.", op,
              "] block sizes must be >= 1, got block=(", block.rows, ", ", block.cols, ")");
   DSV3_CHECK(R >= 0 && C >= 0, "[fp8.", op, "] negative shape (", R, ", ", C, ")");
-}
-
-// scale = max(amax, 1e-4) / fmt_max, optionally rounded up to a power of two. The scale is
-// always an fp32 normal (>= 1e-4 / 57344), so the power-of-two rounding is a bit operation.
-float block_scale(uint32_t amax, float fmt_max, bool pow2) {
-  float s = std::max(float_of(amax), 1e-4f) / fmt_max;
-  if (pow2) {
-    uint32_t u = bits_of(s);
-    if (u & 0x7fffffu) u = (u & 0x7f800000u) + 0x800000u;
-    s = float_of(u);
-  }
-  return s;
 }
 
 [[noreturn]] void throw_nonfinite(int64_t bi, int64_t bj, Fp8Block b, int64_t R, int64_t C) {
@@ -309,24 +358,13 @@ void fp8_quantize(uint8_t* codes, float* scales, const float* x, int64_t R, int6
   const EncodeScaledFn encode = encode_scaled_fn(fmt);
 
   if (br * bc <= kFusedBlock) {
-    // One visit per block while it is in cache: amax, scale, encode. Blocks in row-major
-    // order, so a task walks memory forward. A block with NaN/Inf gets a NaN scale here and
-    // is reported after the parallel region.
-    parallel_for(Rb * Cb, std::max<int64_t>(1, kGrain / (br * bc)), [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
-        const int64_t r0 = (blk / Cb) * br, r1 = std::min(R, r0 + br);
-        const int64_t c0 = (blk % Cb) * bc, n = std::min(bc, C - c0);
-        uint32_t amax = 0;
-        for (int64_t r = r0; r < r1; ++r) amax = std::max(amax, amax_range(x + r * C + c0, 0, n));
-        if (amax >= 0x7f800000u) {
-          scales[blk] = float_of(0x7fc00000u);
-          continue;
-        }
-        const float s = block_scale(amax, fmax, pow2_scale);
-        scales[blk] = s;
-        for (int64_t r = r0; r < r1; ++r) encode(codes + r * C + c0, x + r * C + c0, n, s);
-      }
-    });
+    // One visit per block while it is in cache (quantize_blocks_loop); a task walks memory
+    // forward. A block with NaN/Inf gets a NaN scale there and is reported after the
+    // parallel region.
+    const BlockTask task{codes, scales, x, R, C, br, bc, Cb, fmax, pow2_scale};
+    const auto run = fmt == Fp8Format::e4m3 ? quantize_blocks_e4m3 : quantize_blocks_e5m2;
+    parallel_for(Rb * Cb, std::max<int64_t>(1, kGrain / (br * bc)),
+                 [&](int64_t b0, int64_t b1) { run(task, b0, b1); });
     for (int64_t blk = 0; blk < Rb * Cb; ++blk)
       if (!(scales[blk] == scales[blk])) throw_nonfinite(blk / Cb, blk % Cb, block, R, C);
     return;
@@ -371,27 +409,20 @@ void fp8_quantize_transposed(uint8_t* codes_t, float* scales_t, const float* x, 
   check_bytes(fmt, "quantize");
   check_block(C, R, Fp8Block{1, bt}, "quantize");
   if (R == 0 || C == 0) return;
-  constexpr int64_t kCols = 64;  // columns of x per task: a bt x 64 tile
-  const int64_t Rb = fp8_blocks(R, bt), Cc = fp8_blocks(C, kCols);
+  const int64_t Rb = fp8_blocks(R, bt), Cc = fp8_blocks(C, kTileCols);
   const float fmax = fp8_format_info(fmt).max;
-  const auto encode = fmt == Fp8Format::e4m3 ? encode_lanes_e4m3 : encode_lanes_e5m2;
-  // One task per (band of bt rows, 64 columns): the band's column amax, the 64 scales, the
-  // band encoded row by row into a tile, then the tile's bytes written transposed.
+  const auto quantize_tile = fmt == Fp8Format::e4m3 ? quantize_tile_e4m3 : quantize_tile_e5m2;
+  // One task per (band of bt rows, 64 columns): the band's column amax, the 64 scales and the
+  // band's codes, row by row, into a tile (quantize_tile_loop), then the tile transposed.
   parallel_for(Rb * Cc, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint8_t> tile((size_t)(bt * kCols));
+    std::vector<uint8_t> tile((size_t)(bt * kTileCols));
+    float s[kTileCols];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t band = t / Cc, r0 = band * bt, rows = std::min(bt, R - r0);
-      const int64_t c0 = (t % Cc) * kCols, n = std::min(kCols, C - c0);
-      uint32_t amax[kCols] = {};
-      float s[kCols];
-      for (int64_t r = 0; r < rows; ++r) amax_cols(amax, x + (r0 + r) * C + c0, n);
-      for (int64_t j = 0; j < n; ++j) {
-        s[j] = amax[j] >= 0x7f800000u ? float_of(0x7fc00000u)
-                                      : block_scale(amax[j], fmax, pow2_scale);
-        scales_t[(c0 + j) * Rb + band] = s[j];
-      }
-      for (int64_t r = 0; r < rows; ++r) encode(tile.data() + r * kCols, x + (r0 + r) * C + c0, s, n);
-      fp8_transpose_bytes(codes_t + c0 * R + r0, R, tile.data(), kCols, rows, n);
+      const int64_t c0 = (t % Cc) * kTileCols, n = std::min(kTileCols, C - c0);
+      quantize_tile(tile.data(), s, x + r0 * C + c0, C, rows, n, fmax, pow2_scale);
+      for (int64_t j = 0; j < n; ++j) scales_t[(c0 + j) * Rb + band] = s[j];
+      fp8_transpose_bytes(codes_t + c0 * R + r0, R, tile.data(), kTileCols, rows, n);
     }
   });
   for (int64_t c = 0; c < C; ++c)

@@ -60,6 +60,12 @@ DSV3_FP8_INLINE float float_of(uint32_t u) {
   return f;
 }
 
+// bits of (the float with bits a) + c, lane-wise
+DSV3_FP8_INLINE uint32_t add_float(uint32_t a, float c) { return bits_of(float_of(a) + c); }
+#if DSV3_FP8_VECTOR
+DSV3_FP8_INLINE VecU add_float(VecU a, float c) { return (VecU)((VecF)a + c); }
+#endif
+
 // E exponent bits, M mantissa bits, exponent bias B; `ieee` = all-ones exponent is inf/NaN
 // (otherwise only S.1..1.1..1 is NaN and there is no inf: the "fn" formats).
 template <int E, int M, int B, bool IEEE>
@@ -115,6 +121,29 @@ DSV3_FP8_INLINE U encode_bits(U u, bool saturate) {
   const uint32_t over = saturate ? F::kMaxCode : F::kInfCode;
   code = (I)code > (int32_t)F::kMaxCode ? over : code;  // also catches fp32 inf
   code = (I)a > 0x7f800000 ? F::kNanCode : code;
+  return code | sign;
+}
+
+// encode_bits(u, saturate=true) for a finite u, in fewer operations (the quantizers' path:
+// their x / scale is finite, or its block is reported as non-finite and its codes unused).
+// Normals: rebias the exponent, round the mantissa to M bits (RNE) by an integer shift.
+// Subnormals of the format (|u| below its smallest normal): |u| + 1.5 * 2^(23 + emin - M)
+// is an fp32 add whose ulp is the format's subnormal step, so the rounding (RNE, the FPU's
+// default mode, as every other fp32 operation here assumes) leaves the code in the low bits;
+// a value rounding up to the smallest normal gives its code (2^M) the same way.
+template <class F, class U>
+DSV3_FP8_INLINE U encode_finite_sat(U u) {
+  static_assert(F::kE < 8, "bf16 has its own path");
+  using I = typename SignedOf<U>::type;
+  constexpr int kShift = 23 - F::kM;
+  constexpr uint32_t kMinNormal = uint32_t(127 + F::kEmin) << 23;
+  constexpr uint32_t kMagic = (uint32_t(127 + 23 + F::kEmin - F::kM) << 23) | 0x400000u;
+  const U sign = (u >> 31) << (F::kE + F::kM);
+  const U a = u & 0x7fffffffu;
+  const U normal = (a - F::kRebias + ((1u << (kShift - 1)) - 1u) + ((a >> kShift) & 1u)) >> kShift;
+  const U sub = add_float(a, float_of(kMagic)) - kMagic;
+  U code = (I)a < (int32_t)kMinNormal ? sub : normal;
+  code = (I)code > (int32_t)F::kMaxCode ? splat<U>(F::kMaxCode) : code;
   return code | sign;
 }
 
