@@ -206,7 +206,7 @@ const char* lowp_tier_name(LowpTier t) {
 // Blocks of 16 rows x 64 k: reads are contiguous in either layout of the source (rows when
 // cs = 1, the 16 rows' column when rs = 1), writes sequential per row. The pad (k >= K, rows
 // >= M: lowp_gemm_amx.h) is written as zeros: `out` may hold an earlier product's values.
-void bf16_pack_a(std::vector<uint16_t>& out, const Bf16Src& a, int64_t M, int64_t K) {
+void bf16_pack_a(Bf16Buf& out, const Bf16Src& a, int64_t M, int64_t K) {
   check_src(a);
   const int64_t Kp = packed_k(K), Mp = lowp::packed_rows(M);
   out.resize((size_t)(Mp * Kp));
@@ -420,7 +420,7 @@ void bf16_gemm(float* C, int64_t ldc, const Bf16Src& a, const Bf16Src& b, int64_
                int64_t K, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   if (lowp_tier() != LowpTier::fp32) {
-    std::vector<uint16_t> pa;
+    Bf16Buf pa;
     Bf16PackedB pb;
     bf16_pack_a(pa, a, M, K);
     bf16_pack_b(pb, b, N, K);

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "core/bf16.h"
+#include "core/memory.h"
 
 namespace dsv3 {
 
@@ -61,14 +62,18 @@ struct Bf16Src {
   int64_t rs = 0, cs = 1;
 };
 
+// Packed bf16 words. The packers write every word, pad included, so a resize does not zero
+// them first (DefaultInitAllocator).
+using Bf16Buf = std::vector<uint16_t, DefaultInitAllocator<uint16_t>>;
+
 // A [M,K] as row-major bf16 [packed_rows(M), Kp] (zero pad; lowp_gemm_amx.h).
-void bf16_pack_a(std::vector<uint16_t>& out, const Bf16Src& a, int64_t M, int64_t K);
+void bf16_pack_a(Bf16Buf& out, const Bf16Src& a, int64_t M, int64_t K);
 
 // B [N,K] packed into NR-column panels [ceil(N/NR)][Kp/2][NR][2] (zero pad): the layout the
 // kernel streams. Pack once, reuse for every product with the same B.
 struct Bf16PackedB {
   int64_t N = 0, K = 0;
-  std::vector<uint16_t> data;
+  Bf16Buf data;
 };
 void bf16_pack_b(Bf16PackedB& out, const Bf16Src& b, int64_t N, int64_t K);
 

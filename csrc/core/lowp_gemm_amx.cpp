@@ -303,7 +303,7 @@ bool self_check(AmxMode mode) {
   for (int64_t i = 0; i < N * K; ++i) b[i] = (float)((i * 5 + 1) % 5 - 2);
   for (int64_t i = 0; i < M * 3; ++i) sa[i] = std::ldexp(1.f, (int)(i % 9) - 4);
   for (int64_t i = 0; i < 3; ++i) sb[i] = std::ldexp(1.f, (int)i - 1);
-  std::vector<uint16_t> pa;
+  Bf16Buf pa;
   Bf16PackedB pb;
   bf16_pack_a(pa, Bf16Src{a.data(), nullptr, nullptr, false, K, 1}, M, K);
   bf16_pack_b(pb, Bf16Src{b.data(), nullptr, nullptr, false, K, 1}, N, K);

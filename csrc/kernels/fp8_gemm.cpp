@@ -265,7 +265,7 @@ void fp8_gemm(float* C, const Fp8Operand& a, const Fp8Operand& b, const Bf16Pack
              "[fp8.gemm] packed B of ", b_panels.N, "x", b_panels.K, " used for ", N, "x", K,
              " or outside the packable case");
   if (M == 0 || N == 0) return;
-  std::vector<uint16_t> pa;
+  Bf16Buf pa;
   bf16_pack_a(pa, code_src(a.codes, a.fmt, K, 1), M, K);
   const LowpScales s = lowp_scales(a, b, K, opts);
   bf16_gemm_packed(C, N, pa.data(), M, b_panels, &s, accumulate);

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/memory.h"
 #include "core/parallel.h"
 
 namespace dsv3 {
@@ -26,8 +27,9 @@ void transpose_bytes(uint8_t* dst, const uint8_t* src, int64_t R, int64_t C) {
 
 // A quantized [rows, cols] operand that owns its buffers.
 struct Quantized {
-  std::vector<uint8_t> codes;
-  std::vector<float> scales;
+  // every code and scale is written by the quantizer: no zeroing first
+  std::vector<uint8_t, DefaultInitAllocator<uint8_t>> codes;
+  FVec scales;
   Fp8Operand op;  // points into codes / scales (moves keep the buffers; no copies)
   Quantized(const Quantized&) = delete;
   Quantized(Quantized&&) = default;

@@ -53,7 +53,7 @@ void lowp_linear_forward(float* y, const float* x, const float* w, int64_t R, in
   if (lowp_tier() != LowpTier::fp32) {  // y = x W^T on the bf16 units (core/lowp_gemm.h)
     const Bf16PackedB* pw = p.weights && K > 0 ? p.weights->bf16(w, O, K, false) : nullptr;
     if (pw) {  // round(W)'s panels kept for the step's micro-batches (lowp_weights.h)
-      std::vector<uint16_t> pa;
+      Bf16Buf pa;
       bf16_pack_a(pa, src(x, K, 1), R, K);
       bf16_gemm_packed(y, O, pa.data(), R, *pw, nullptr, false);
       return;
@@ -75,7 +75,7 @@ void lowp_linear_backward(float* dx, float* dw, const float* dy, const float* x,
   if (lowp_tier() != LowpTier::fp32) {  // both products read their transposed operands in place
     const Bf16PackedB* pwt = dx && p.weights ? p.weights->bf16(w, O, K, true) : nullptr;
     if (pwt) {  // dx += dy W with round(W)^T's kept panels
-      std::vector<uint16_t> pa;
+      Bf16Buf pa;
       bf16_pack_a(pa, src(dy, O, 1), R, O);
       bf16_gemm_packed(dx, K, pa.data(), R, *pwt, nullptr, true);
     } else if (dx) {
