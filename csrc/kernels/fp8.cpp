@@ -85,6 +85,25 @@ DSV3_FP8_INLINE void decode_loop(float* __restrict out, const uint8_t* __restric
   else
     for (int64_t i = a; i < b; ++i) out[i] = lut[codes[i]];
 }
+#if DSV3_FP8_VECTOR
+// The largest lane, by halving (extracts and compares, not 16 scalar steps): per 128-block
+// this reduction is as long as the block's own loop.
+DSV3_FP8_INLINE uint32_t hmax(VecU v) {
+  typedef uint32_t V8 __attribute__((vector_size(32)));
+  typedef uint32_t V4 __attribute__((vector_size(16)));
+  V8 a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+  a = a > b ? a : b;
+  V4 c, d;
+  std::memcpy(&c, &a, sizeof c);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
+  c = c > d ? c : d;
+  const uint32_t x = c[0] > c[1] ? c[0] : c[1], y = c[2] > c[3] ? c[2] : c[3];
+  return x > y ? x : y;
+}
+#endif
+
 // max |x| over [a, b) as fp32 bits: for non-negative floats the bit patterns order like the
 // values, so an integer max is exact, order-free and vectorizes; NaN (bits > inf) wins.
 DSV3_FP8_INLINE uint32_t amax_bits(const float* x, int64_t a, int64_t b) {
@@ -98,7 +117,7 @@ DSV3_FP8_INLINE uint32_t amax_bits(const float* x, int64_t a, int64_t b) {
     u &= 0x7fffffffu;
     mv = u > mv ? u : mv;
   }
-  for (int l = 0; l < kLanes; ++l) m = mv[l] > m ? mv[l] : m;
+  m = hmax(mv);
 #endif
   for (; i < b; ++i) {
     const uint32_t v = bits_of(x[i]) & 0x7fffffffu;
