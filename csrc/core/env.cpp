@@ -29,6 +29,7 @@ const EnvSettings& env_settings() {
     EnvSettings e;
     e.small_gemm = !is_zero("DSV3_SMALL_GEMM");
     e.keep_attn_probs = !is_zero("DSV3_KEEP_ATTN_PROBS");
+    e.moe_decode_pass = !is_zero("DSV3_MOE_DECODE_PASS");
     e.malloc_tuning = !is_zero("DSV3_MALLOC_TUNING");
     e.user_malloc_policy = user_set_malloc_policy();
     return e;

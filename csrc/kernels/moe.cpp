@@ -10,6 +10,7 @@
 #include "core/blas.h"
 #include "core/check.h"
 #include "core/mathfn.h"
+#include "core/env.h"
 #include "core/memory.h"
 #include "core/parallel.h"
 #include "core/simd.h"
@@ -100,6 +101,7 @@ DSV3_SIMD_CLONES float swiglu_backward_row(float* __restrict__ h, float* __restr
 // for a fifth of the layer) all gate / up GEMVs of the step run as one parallel pass over their
 // weights, then all down GEMVs: the same kernel per matrix, hence the same bits.
 bool decode_shaped(const MoeActs& a, int64_t E, int64_t T, const LinearMode& prec) {
+  if (!env_settings().moe_decode_pass) return false;  // DSV3_MOE_DECODE_PASS=0 (tests, A/B)
   if (prec != GemmPrecision::fp32 || in_parallel() || T > kLinearGemvRows) return false;
   for (int64_t e = 0; e < E; ++e)
     if (a.expert_count[e] > kLinearGemvRows) return false;
