@@ -80,6 +80,10 @@ WeightView held_view(const py::handle& value, const ParamEntry& e, PyKeepAlive& 
     v.data = resident_array<uint8_t>(t[1], n, "data", "uint8 (E4M3 codes)", want);
     v.scale_inv = resident_array<float>(t[2], n, "scale_inv", "float32",
                                         Shape{(O + 127) / 128, (K + 127) / 128});
+    {  // once here, so that the decode GEMV need not check every row group on every use
+      py::gil_scoped_release nogil;
+      v.nan_free = fp8_codes_nan_free(static_cast<const uint8_t*>(v.data), O * K);
+    }
   } else {
     DSV3_CHECK(t[2].is_none(), "[", kOp, "] '", n, "': scale_inv must be None for ", fs);
   }

@@ -25,6 +25,7 @@
 #include "kernels/wlinear.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -34,6 +35,7 @@
 
 #include "core/blas.h"
 #include "core/parallel.h"
+#include "core/simd.h"
 #include "kernels/wlinear_tiers.h"
 
 namespace dsv3 {
@@ -148,6 +150,12 @@ void decode(const WlinearJob* jobs, int64_t n) {
   });
 }
 
+DSV3_SIMD_CLONES bool nan_free_run(const uint8_t* c, int64_t n) {
+  uint8_t bad = 0;  // an OR over the run: vectorizes, no early exit (the run is a task's)
+  for (int64_t i = 0; i < n; ++i) bad |= (uint8_t)((c[i] & 0x7f) == 0x7f);
+  return !bad;
+}
+
 void prefill(float* y, const float* x, const WeightView& w, int64_t R) {
   const int64_t O = w.O, K = w.K;
   const int64_t nrb = (R + kRB - 1) / kRB, np = (O + kPB - 1) / kPB;
@@ -173,6 +181,14 @@ void prefill(float* y, const float* x, const WeightView& w, int64_t R) {
   });
 }
 }  // namespace
+
+bool fp8_codes_nan_free(const uint8_t* codes, int64_t n) {
+  std::atomic<bool> ok{true};
+  parallel_for(n, 1 << 20, [&](int64_t a, int64_t b) {
+    if (!nan_free_run(codes + a, b - a)) ok.store(false);
+  });
+  return ok.load();
+}
 
 const char* weight_format_name(WeightFormat f) {
   switch (f) {

@@ -40,12 +40,19 @@ struct WeightView {
   const void* data = nullptr;         // float* | uint16_t* (bf16 bits) | uint8_t* (E4M3 codes)
   const float* scale_inv = nullptr;   // fp8 only: [ceil(O/128), ceil(K/128)]
   int64_t O = 0, K = 0;
+  // fp8: the codes were checked once to hold no NaN code (0x7f / 0xff; fp8_codes_nan_free),
+  // so the GEMV skips its own check of each row group (a second read of every code). Views of
+  // resident weights are checked when made; a view left false is checked on every use.
+  bool nan_free = false;
 
   static WeightView f32(const float* w, int64_t O, int64_t K) {
     return {WeightFormat::fp32, w, nullptr, O, K};
   }
   const float* as_f32() const { return fmt == WeightFormat::fp32 ? (const float*)data : nullptr; }
 };
+
+// True when no code of the n at `codes` is an E4M3 NaN (0x7f / 0xff); parallel, one read.
+bool fp8_codes_nan_free(const uint8_t* codes, int64_t n);
 
 // y[R,O] = x[R,K] W^T (overwrites). Throws std::invalid_argument on a null / inconsistent view.
 void wlinear_forward(float* y, const float* x, const WeightView& w, int64_t R);
