@@ -171,17 +171,18 @@ def test_forward_and_cached_decoding_match_the_dequantized_reference(kind, fmt):
             assert res.weight_format(name) == (f if f != "copy" else "fp32")
 
 
-@pytest.mark.parametrize("code", [0x7F, 0xFF])
-def test_a_nan_code_in_a_resident_fp8_weight_reaches_the_decoded_logits(code):
+@pytest.mark.parametrize("code,at", [(0x7F, (3, 7)), (0xFF, (3, 7)), (0x7F, (-1, -1))])
+def test_a_nan_code_in_a_resident_fp8_weight_reaches_the_decoded_logits(code, at):
     """Resident fp8 views are checked for NaN codes once, when the model is made, so that the
     decode GEMV skips its per-row-group check; a view holding one keeps the check. One NaN code
-    in a shared expert's down_proj (row 3) makes that row of the layer's output NaN, hence every
-    logit, in a 1-token decode step and a forward; the model without it stays finite."""
+    in a shared expert's down_proj (row 3, or the very last code) makes that row of the layer's
+    output NaN, hence every logit, in a prefill and a 1-token decode step; the model without it
+    stays finite."""
     cfg, weights, _, formats, _, res = build("mla_qlora_moe", "fp8")
     name = next(n for n, f in formats.items() if f == "fp8" and "shared_experts.down_proj" in n)
     fmt, codes, sinv = weights[name]
     bad = codes.copy()
-    bad[3, 7] = code
+    bad[at] = code
     nan_model = dsv3.Model._from_resident(cfg, dict(weights, **{name: (fmt, bad, sinv)}))
     tok = tokens(cfg, 1, 4)
     for m, want_nan in ((nan_model, True), (res, False)):

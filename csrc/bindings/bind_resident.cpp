@@ -54,7 +54,10 @@ const T* resident_array(const py::handle& obj, const std::string& name, const ch
 }
 
 // (fmt, data, scale_inv) of weight e as a view; the arrays go to keep.
-WeightView held_view(const py::handle& value, const ParamEntry& e, PyKeepAlive& keep) {
+// codes_checked: the caller has already checked the fp8 codes for NaN (dsv3.resident's loader
+// rejects them), so the scan here is skipped.
+WeightView held_view(const py::handle& value, const ParamEntry& e, PyKeepAlive& keep,
+                     bool codes_checked) {
   const std::string& n = e.name;
   auto t = py::reinterpret_borrow<py::tuple>(value);
   if (t.size() != 3 || !py::isinstance<py::str>(t[0]))
@@ -80,7 +83,11 @@ WeightView held_view(const py::handle& value, const ParamEntry& e, PyKeepAlive& 
     v.data = resident_array<uint8_t>(t[1], n, "data", "uint8 (E4M3 codes)", want);
     v.scale_inv = resident_array<float>(t[2], n, "scale_inv", "float32",
                                         Shape{(O + 127) / 128, (K + 127) / 128});
-    {  // once here, so that the decode GEMV need not check every row group on every use
+    // once here, so that the decode GEMV need not check every row group on every use (the
+    // arrays must not change afterwards: a NaN code written later would go unseen)
+    if (codes_checked) {
+      v.nan_free = true;
+    } else {
       py::gil_scoped_release nogil;
       v.nan_free = fp8_codes_nan_free(static_cast<const uint8_t*>(v.data), O * K);
     }
@@ -98,7 +105,7 @@ std::string name_list(const std::vector<std::string>& v) {
   return s + (v.size() > 10 ? str_cat(", ... (", v.size(), ")") : "");
 }
 
-std::shared_ptr<Model> from_resident(py::object cfg, py::handle weights_h) {
+std::shared_ptr<Model> from_resident(py::object cfg, py::handle weights_h, bool codes_checked) {
   const ModelConfig c = model_config(cfg);
   if (!py::isinstance<py::dict>(weights_h))
     throw py::type_error(str_cat("[", kOp, "] weights must be a dict {hf_name: array or ",
@@ -125,7 +132,7 @@ std::shared_ptr<Model> from_resident(py::object cfg, py::handle weights_h) {
   for (const ParamEntry& e : L.entries) {
     py::handle v = weights[py::str(e.name)];
     if (py::isinstance<py::tuple>(v)) {
-      w.held.emplace(e.name, held_view(v, e, *keep));
+      w.held.emplace(e.name, held_view(v, e, *keep, codes_checked));
       continue;
     }
     F32 a = f32(v, kOp, e.name.c_str());
@@ -145,7 +152,8 @@ std::shared_ptr<Model> from_resident(py::object cfg, py::handle weights_h) {
 // Methods of the Model class registered by bind_model (called after it).
 void bind_resident(py::module_& m) {
   auto cls = py::reinterpret_borrow<py::class_<Model, std::shared_ptr<Model>>>(m.attr("Model"));
-  cls.def_static("from_resident", &from_resident, arg("cfg"), arg("weights"))
+  cls.def_static("from_resident", &from_resident, arg("cfg"), arg("weights"),
+                 arg("codes_checked") = false)
       .def("is_resident", &Model::is_resident)
       .def("weight_format", [](const Model& md, const std::string& name) {
         if (!md.layout().has(name))

@@ -45,6 +45,8 @@ DSV3_FP8_INLINE void cast_loop(float* __restrict out, const float* __restrict x,
 #endif
   for (; i < b; ++i) out[i] = float_of(cast_bits<F>(bits_of(x[i]), sat));
 }
+// scaled: the quantizers' x / scale, always saturating and finite (encode_finite_sat; `sat`
+// is then not read)
 template <class F>
 DSV3_FP8_INLINE void encode_loop(uint8_t* __restrict codes, const float* __restrict x,
                                  int64_t a, int64_t b, bool sat, float scale = 1.f,

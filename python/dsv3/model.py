@@ -52,7 +52,8 @@ class Model:
                       for name, shape, trainable, decay in self._m.param_info()}
 
     @classmethod
-    def _from_resident(cls, config: Config, weights: Dict[str, object]) -> "Model":
+    def _from_resident(cls, config: Config, weights: Dict[str, object],
+                       _codes_checked: bool = False) -> "Model":
         """A model over ``weights`` = ``{hf_name: value}`` naming every weight of ``config``
         once, each value either a float32 array (copied) or a tuple ``(fmt, data, scale_inv)``
         held RESIDENT without a copy (the model keeps the arrays alive; do not modify them):
@@ -64,13 +65,16 @@ class Model:
         dequantized to fp32 at construction (the absorbed MLA decode slices it per head).
         Missing or unknown names raise KeyError; wrong dtypes TypeError; wrong shapes,
         non-contiguous arrays, a non-finite scale_inv or a norm given as a tuple ValueError.
-        Inference only: training entry points refuse the model."""
+        Inference only: training entry points refuse the model. FP8 codes are checked once,
+        here, for NaN codes (0x7f / 0xff: the rows holding one compute NaN); a NaN code
+        written into a resident array afterwards would go unseen (``_codes_checked=True``:
+        the caller, dsv3.resident's loader, has already rejected them; the scan is skipped)."""
         if not isinstance(config, Config):
             raise TypeError(f"[Model.from_resident] config must be a dsv3.Config, got "
                             f"{type(config).__name__}")
         self = cls.__new__(cls)
         self._config = config.replace()
-        self._m = _core.Model.from_resident(self._config, weights)
+        self._m = _core.Model.from_resident(self._config, weights, bool(_codes_checked))
         self._set_info()
         return self
 
@@ -226,7 +230,7 @@ class Model:
                              f"'auto' or one of {resident.FORMATS}, got {weights!r}")
         cfg, tensors, _ = resident.resident_tensors(
             directory, None if weights == "auto" else weights, mmap=bool(mmap), strict=strict)
-        return cls._from_resident(cfg, tensors)
+        return cls._from_resident(cfg, tensors, _codes_checked=True)  # it rejects NaN codes
 
     # ------------------------------------------------------------------ compute
     def new_cache(self, batch: int = 1, max_len: int = 1024,
