@@ -9,8 +9,8 @@
 
 #include "core/blas.h"
 #include "core/check.h"
-#include "core/mathfn.h"
 #include "core/env.h"
+#include "core/mathfn.h"
 #include "core/memory.h"
 #include "core/parallel.h"
 #include "core/simd.h"

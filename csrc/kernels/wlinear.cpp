@@ -35,7 +35,6 @@
 
 #include "core/blas.h"
 #include "core/parallel.h"
-#include "core/simd.h"
 #include "kernels/wlinear_tiers.h"
 
 namespace dsv3 {
@@ -150,12 +149,6 @@ void decode(const WlinearJob* jobs, int64_t n) {
   });
 }
 
-DSV3_SIMD_CLONES bool nan_free_run(const uint8_t* c, int64_t n) {
-  uint8_t bad = 0;  // an OR over the run: vectorizes, no early exit (the run is a task's)
-  for (int64_t i = 0; i < n; ++i) bad |= (uint8_t)((c[i] & 0x7f) == 0x7f);
-  return !bad;
-}
-
 void prefill(float* y, const float* x, const WeightView& w, int64_t R) {
   const int64_t O = w.O, K = w.K;
   const int64_t nrb = (R + kRB - 1) / kRB, np = (O + kPB - 1) / kPB;
@@ -185,7 +178,7 @@ void prefill(float* y, const float* x, const WeightView& w, int64_t R) {
 bool fp8_codes_nan_free(const uint8_t* codes, int64_t n) {
   std::atomic<bool> ok{true};
   parallel_for(n, 1 << 20, [&](int64_t a, int64_t b) {
-    if (!nan_free_run(codes + a, b - a)) ok.store(false);
+    if (tier().k.has_nan(codes + a, b - a)) ok.store(false);  // the GEMV's own check
   });
   return ok.load();
 }

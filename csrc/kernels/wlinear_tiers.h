@@ -31,6 +31,8 @@ struct TierKernels {
                int64_t s0, int64_t s1);
   // dst[0:n] = w[o, k0:k0+n] as fp32 (fp8: e4m3(code) * sinv, one rounding; NaN codes -> NaN)
   void (*dequant)(float* dst, const WeightView& w, int64_t o, int64_t k0, int64_t n);
+  // true when one of the n E4M3 codes at p is a NaN (0x7f / 0xff): the GEMV's own check
+  bool (*has_nan)(const uint8_t* p, int64_t n);
   bool prescaled;  // the fp8 GEMV wants x prescaled (the vector tiers)
 };
 
