@@ -140,3 +140,22 @@ def test_a_model_sharded_behind_its_trainer_is_refused(tmp_path):
         t._t.eval_loss(batch, 0.0, 0.0)  # the loss an expert shard's evaluate computes
     assert not (tmp_path / "ck").exists() and not (tmp_path / "sp").exists()
     assert t.step_count == 1
+
+
+def test_cached_decoding_after_the_model_is_sharded_uses_the_new_slab():
+    """Cached decoding keeps every block's weight views from its first call; making the model
+    an expert shard afterwards (a new slab) drops them: decoding the sharded model is then
+    refused for its missing experts, as on a model sharded before its first decode, instead
+    of reading the old slab."""
+    cfg = dsv3.Config.tiny()
+    m = dsv3.Model(cfg, seed=0)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 4))
+    before = m.forward(tokens, cache=m.new_cache(1, 8))
+    np.testing.assert_array_equal(m.forward(tokens, cache=m.new_cache(1, 8)), before)
+    m._m.shard_experts(2, 1)
+    m._set_info()
+    with pytest.raises(Exception, match="expert-parallel shard"):
+        m.forward(tokens, cache=m.new_cache(1, 8))
+    fresh = dsv3.Model(cfg, seed=0, expert_shard=(2, 1))
+    with pytest.raises(Exception, match="expert-parallel shard"):
+        fresh.forward(tokens, cache=fresh.new_cache(1, 8))

@@ -32,6 +32,20 @@ void Model::shard_experts(const ExpertShard& s) {
   layout_ = std::move(L);
   w_.swap(w);
   shard_ = s;
+  std::lock_guard<std::mutex> lk(decode_views_mu_);
+  decode_views_.reset();
+}
+
+std::shared_ptr<const Model::DecodeViews> Model::decode_views() const {
+  std::lock_guard<std::mutex> lk(decode_views_mu_);
+  if (!decode_views_ || decode_views_->slab != w_.data()) {
+    auto v = std::make_shared<DecodeViews>();
+    v->slab = w_.data();
+    for (int64_t l = 0; l < cfg_.layers; ++l) v->blocks.push_back(block_params(l));
+    for (int64_t k = 1; k <= cfg_.mtp; ++k) v->mtp.push_back(mtp_params(k));
+    decode_views_ = std::move(v);
+  }
+  return decode_views_;
 }
 
 const char* Model::head_name() const {
@@ -169,13 +183,14 @@ void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, 
   DSV3_CHECK(B >= 1 && S >= 1, "[", op, "] tokens must hold at least one token");
   check_tokens(tokens, B * S, op);
   check_cache(cache, cfg_.layers, B, op);
+  const auto views = decode_views();
   cache.begin_write(0, cfg_.layers, start_pos, S);
   const int64_t R = B * S, D = cfg_.D;
   std::vector<float> h((size_t)(R * D)), hn((size_t)(R * D));
   embedding_forward(h.data(), tokens, embed(), R, cfg_.V, D);
   DecodeScratch s;
   for (int64_t l = 0; l < cfg_.layers; ++l)
-    block_decode(h.data(), block_params(l), cache, l, B, S, start_pos, s);
+    block_decode(h.data(), views->blocks[(size_t)l], cache, l, B, S, start_pos, s);
   cache.end_write(0, cfg_.layers, start_pos, S);
   rmsnorm_forward(hn.data(), nullptr, h.data(), final_norm(), R, D, cfg_.eps);
   if (hidden) std::memcpy(hidden, hn.data(), sizeof(float) * R * D);
@@ -192,9 +207,10 @@ void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_
   DSV3_CHECK(B >= 1 && S >= 1, "[", op, "] tokens must hold at least one token");
   check_tokens(tokens, B * S, op);
   check_cache(cache, cfg_.mtp, B, op);
+  const auto views = decode_views();
   cache.begin_write(k - 1, k, start_pos, S);
   const int64_t R = B * S, D = cfg_.D, V = cfg_.V;
-  const MtpParams p = mtp_params(k);
+  const MtpParams& p = views->mtp[(size_t)(k - 1)];
   MtpInputActs in;
   std::vector<float> h((size_t)(R * D)), sn((size_t)(R * D));
   mtp_input_forward(h.data(), in, h_prev, S, tokens, S, p, V, D, cfg_.eps, B, S);

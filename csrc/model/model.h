@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -143,6 +144,20 @@ class Model {
   std::shared_ptr<const void> keep_alive_; // owns the resident views' memory
   WeightView param_view(const std::string& name) const;  // resident view, or the slab's fp32
   const ResidentViews* resident_views() const { return resident_.empty() ? nullptr : &resident_; }
+
+  // Cached decoding's views of every block's and MTP module's weights, made once instead of
+  // per call (a block's views are found by name: V2-Lite's MoE blocks hold ~200 weights each).
+  // Their addresses are the slab's entries and the resident views, fixed for the model's life
+  // except when shard_experts moves the slab: it drops them; slab records the address they
+  // were made for, checked on use.
+  struct DecodeViews {
+    const float* slab = nullptr;
+    std::vector<BlockParams> blocks;  // main layers
+    std::vector<MtpParams> mtp;       // module k at k - 1
+  };
+  mutable std::mutex decode_views_mu_;
+  mutable std::shared_ptr<const DecodeViews> decode_views_;
+  std::shared_ptr<const DecodeViews> decode_views() const;
 
   struct DecodeScratch {
     std::vector<float> ln, tmp, hm, mf;
