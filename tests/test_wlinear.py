@@ -309,7 +309,8 @@ def test_noncontiguous_and_empty_inputs():
 
 def test_build_info_names_the_tier():
     info = dsv3.build_info()
-    assert info["wlinear_tier"] == _core.wlinear_tier() in ("avx512", "avx2", "scalar")
+    assert info["wlinear_tier"] == _core.wlinear_tier() in ("avx512-gfni", "avx512", "avx2",
+                                                            "scalar")
     forced = os.environ.get("DSV3_ISA", "")
     if forced in ("scalar", "fp32", "baseline"):
         assert info["wlinear_tier"] == "scalar"
@@ -358,12 +359,18 @@ def run_tier(tmp_path, isa):
         return json.loads(r.stdout.strip().splitlines()[-1]), dict(z)
 
 
+TIERS = ("avx512-gfni", "avx512", "avx2", "scalar")
+
+
 def test_tiers_agree_within_the_bound(tmp_path):
     flags = cpu_flags()
     runs = {}
-    for isa in ("avx512", "avx2", "scalar"):
+    for isa in TIERS:
         tier, res = run_tier(tmp_path, isa)
-        if isa == "avx512" and " avx512bw" in flags and " avx512vl" in flags:
+        has512 = " avx512bw" in flags and " avx512vl" in flags
+        if isa == "avx512-gfni" and has512 and " gfni" in flags:
+            assert tier == "avx512-gfni"
+        if isa == "avx512" and has512:
             assert tier == "avx512"
         if isa == "avx2" and " avx2" in flags and " fma" in flags:
             assert tier == "avx2"
@@ -376,17 +383,16 @@ def test_tiers_agree_within_the_bound(tmp_path):
             _, _, dense = make_weight(rng, fmt, O, K)
             x = rng.standard_normal((R, K)).astype(np.float32)
             S = np.abs(x.astype(np.float64)) @ np.abs(dense).T
-            a, b, c = (runs[t][f"{fmt}{i}"].astype(np.float64)
-                       for t in ("avx512", "avx2", "scalar"))
+            a, *others = (runs[t][f"{fmt}{i}"].astype(np.float64) for t in TIERS)
             bound = 2 * gamma(K + 2) * S + 1e-40
-            assert np.all(np.abs(a - b) <= bound) and np.all(np.abs(a - c) <= bound)
+            assert all(np.all(np.abs(a - b) <= bound) for b in others), (fmt, R, O, K)
         make_weight(rng, fmt, 300, 300)
-        rows = [runs[t][f"{fmt}rows"] for t in ("avx512", "avx2", "scalar")]
-        assert rows[0].tobytes() == rows[1].tobytes() == rows[2].tobytes()  # exact everywhere
+        rows = [runs[t][f"{fmt}rows"].tobytes() for t in TIERS]
+        assert all(r == rows[0] for r in rows)  # exact everywhere
 
 
 @pytest.mark.skipif(os.environ.get("DSV3_ISA") is not None, reason="already forced")
-@pytest.mark.parametrize("isa", ["avx2", "scalar"])
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "scalar"])
 def test_forced_tier_runs_this_file(isa):
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, DSV3_ISA=isa)

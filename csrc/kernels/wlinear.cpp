@@ -1,8 +1,9 @@
 // wlinear.h: argument checks, the tier choice, the decode / prefill split and the prefill and
 // embedding-row paths. The per-tier kernels are in wlinear_tier_body.inc (wlinear_tiers.h).
 //
-// Legend:  tier    avx512 | avx2 | scalar: the best the CPU offers, capped by DSV3_ISA
-//                  (avx512* / amx* -> avx512, avx2 -> avx2, anything else -> scalar)
+// Legend:  tier    avx512-gfni | avx512 | avx2 | scalar: the best the CPU offers, capped by
+//                  DSV3_ISA (amx* / avx512-gfni -> avx512-gfni, other avx512* -> avx512, avx2
+//                  -> avx2, anything else -> scalar)
 //          decode  R <= kMaxGemvR: GEMV streaming every weight byte once from memory for all
 //                  R rows: super groups of kSuperRows weight rows split over the pool, each
 //                  visited by the x row blocks (<= 4 rows) in turn (wlinear_tiers.h)
@@ -57,23 +58,31 @@ struct TierChoice {
 
 TierChoice choose() {
   TierChoice c;
-  int cap = 2;
+  int cap = 3;
   std::string note;
   if (const char* isa = std::getenv("DSV3_ISA"); isa && *isa) {
     const std::string s(isa);
     note = " (DSV3_ISA=" + s + ")";
-    cap = s.rfind("avx512", 0) == 0 || s.rfind("amx", 0) == 0 ? 2 : s == "avx2" ? 1 : 0;
+    cap = s.rfind("amx", 0) == 0 || s == "avx512-gfni" ? 3
+          : s.rfind("avx512", 0) == 0              ? 2
+          : s == "avx2"                            ? 1
+                                                   : 0;
   }
-  bool has512 = false, has2 = false;
+  bool has512 = false, has2 = false, gfni = false;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
   has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl");
+  gfni = __builtin_cpu_supports("gfni");
   has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
          __builtin_cpu_supports("f16c");
 #endif
-  if (has512 && cap >= 2) {
-    c = {Tier::avx512, wlin::kernels_avx512(), "avx512: AVX-512F/BW/VL, 16 lanes" + note};
+  if (has512 && gfni && cap >= 3) {
+    c = {Tier::avx512_gfni, wlin::kernels_avx512_gfni(),
+         "avx512-gfni: AVX-512F/BW/VL, 16 lanes, fp8 codes decoded with GFNI" + note};
+  } else if (has512 && cap >= 2) {
+    const std::string why = cap >= 3 ? " (no GFNI)" : "";
+    c = {Tier::avx512, wlin::kernels_avx512(), "avx512: AVX-512F/BW/VL, 16 lanes" + why + note};
   } else if ((has512 || has2) && cap >= 1) {
     c = {Tier::avx2, wlin::kernels_avx2(), "avx2: AVX2 + FMA + F16C, 8 lanes" + note};
   } else {
@@ -95,10 +104,13 @@ void check_view(const WeightView& w, const char* op) {
                                 "scales (fp8 needs scale_inv)");
 }
 
-// fp8 on a prescaled tier: x times 2^a, a = min(120, 126 - e) for max|x| in [2^(e-1), 2^e)
-// (0 when max|x| >= 2^126 or is inf; NaN entries are skipped: they propagate anyway); returns
-// the unscale 2^(120 - a) (wlinear_tier_body.inc's legend)
-float prescale_x(std::vector<float>& out, const float* x, int64_t n) {
+// fp8 on a prescaled tier: x[R,K] times 2^a, a = min(120, 126 - e) for max|x| in [2^(e-1),
+// 2^e) (0 when max|x| >= 2^126 or is inf; NaN entries are skipped: they propagate anyway), in
+// rows of *ldx; perm: rows padded with zeros to whole groups of 64 and each group reordered
+// (wlinear_tiers.h, perm_index). Returns the unscale 2^(120 - a) (wlinear_tier_body.inc).
+float prescale_x(std::vector<float>& out, int64_t* ldx, const float* x, int64_t R, int64_t K,
+                 bool perm) {
+  const int64_t n = R * K;
   float mx = 0.f;
   for (int64_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(x[i]));
   int e = 0;
@@ -106,9 +118,17 @@ float prescale_x(std::vector<float>& out, const float* x, int64_t n) {
   int a = 120;
   if (!std::isfinite(mx)) a = 0;
   else if (mx > 0.f) a = std::max(0, std::min(120, 126 - e));
-  out.resize((size_t)n);
   const float s = std::ldexp(1.f, a);
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * s;
+  if (!perm) {
+    *ldx = K;
+    out.resize((size_t)n);
+    for (int64_t i = 0; i < n; ++i) out[i] = x[i] * s;
+  } else {
+    *ldx = (K + wlin::kPermGroup - 1) / wlin::kPermGroup * wlin::kPermGroup;
+    out.assign((size_t)(R * *ldx), 0.f);
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t k = 0; k < K; ++k) out[r * *ldx + wlin::perm_index(k)] = x[r * K + k] * s;
+  }
   return std::ldexp(1.f, 120 - a);
 }
 
@@ -120,13 +140,14 @@ void decode(const WlinearJob* jobs, int64_t n) {
   std::vector<float> unscale((size_t)n, 1.f);
   std::vector<std::vector<float>> xs((size_t)n);
   std::vector<const float*> x((size_t)n);
-  std::vector<int64_t> first((size_t)n + 1, 0);  // first super group of each job
+  std::vector<int64_t> ldx((size_t)n), first((size_t)n + 1, 0);  // first super group of each job
   int64_t bytes = 0;
   for (int64_t j = 0; j < n; ++j) {
     const WlinearJob& jb = jobs[j];
     x[j] = jb.x;
+    ldx[j] = jb.w.K;
     if (jb.w.fmt == WeightFormat::fp8_e4m3 && k.prescaled) {
-      unscale[j] = prescale_x(xs[j], jb.x, jb.R * jb.w.K);
+      unscale[j] = prescale_x(xs[j], &ldx[j], jb.x, jb.R, jb.w.K, k.fp8_perm);
       x[j] = xs[j].data();
     }
     first[j + 1] = first[j] + (jb.w.O + wlin::kSuperRows - 1) / wlin::kSuperRows;
@@ -142,7 +163,7 @@ void decode(const WlinearJob* jobs, int64_t n) {
       const int64_t e = std::min(s1, first[j + 1]);
       if (e > s) {
         const WlinearJob& jb = jobs[j];
-        k.gemv(jb.y, x[j], jb.w, unscale[j], jb.R, s - first[j], e - first[j]);
+        k.gemv(jb.y, x[j], ldx[j], jb.w, unscale[j], jb.R, s - first[j], e - first[j]);
       }
       s = std::max(s, e);
     }
@@ -212,6 +233,7 @@ int64_t weight_format_bytes(WeightFormat f, int64_t O, int64_t K) {
 
 const char* wlinear_tier_name() {
   switch (tier().tier) {
+    case Tier::avx512_gfni: return "avx512-gfni";
     case Tier::avx512: return "avx512";
     case Tier::avx2: return "avx2";
     case Tier::scalar: return "scalar";
