@@ -159,3 +159,18 @@ def test_cached_decoding_after_the_model_is_sharded_uses_the_new_slab():
     fresh = dsv3.Model(cfg, seed=0, expert_shard=(2, 1))
     with pytest.raises(Exception, match="expert-parallel shard"):
         fresh.forward(tokens, cache=fresh.new_cache(1, 8))
+
+
+def test_cached_decoding_of_a_shard_checks_only_the_blocks_it_runs():
+    """A shard whose main layers are all dense decodes with a cache (only an MTP block is
+    MoE); the MTP module itself is refused, its experts being elsewhere."""
+    cfg = dsv3.Config.tiny()
+    cfg.first_k_dense_replace = cfg.num_hidden_layers
+    m = dsv3.Model(cfg, seed=0, expert_shard=(2, 1))
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 4))
+    full = dsv3.Model(cfg, seed=0)
+    np.testing.assert_array_equal(m.forward(tokens, cache=m.new_cache(1, 8)),
+                                  full.forward(tokens, cache=full.new_cache(1, 8)))
+    logits, hidden = m.forward_with_hidden(tokens, m.new_cache(1, 8), 0)
+    with pytest.raises(Exception, match="expert-parallel shard"):
+        m.mtp_forward(hidden, tokens, m.new_mtp_cache(1, 8), 0)

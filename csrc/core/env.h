@@ -8,7 +8,7 @@
 // They switch between paths that agree to fp32 rounding (tests and A/B measurements), never
 // the semantics. The others are read where they act (each documented there):
 //   DSV3_ISA            caps the SIMD / low-precision tiers (core/lowp_gemm.cpp,
-//                       kernels/wlinear.cpp)
+//                       kernels/wlinear.cpp; =avx512-gfni selects wlinear's GFNI fp8 GEMV)
 //   DSV3_AMX_EMULATE=1  the AMX tier with emulated tile instructions (core/lowp_gemm_amx.cpp)
 //   DSV3_SPIN_US        the pool's spin budget (core/parallel.cpp)
 //   DSV3_BLAS_COPIES    the BLAS copies policy (core/blas_copies.cpp)

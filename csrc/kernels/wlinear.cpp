@@ -1,9 +1,11 @@
 // wlinear.h: argument checks, the tier choice, the decode / prefill split and the prefill and
 // embedding-row paths. The per-tier kernels are in wlinear_tier_body.inc (wlinear_tiers.h).
 //
-// Legend:  tier    avx512-gfni | avx512 | avx2 | scalar: the best the CPU offers, capped by
-//                  DSV3_ISA (amx* / avx512-gfni -> avx512-gfni, other avx512* -> avx512, avx2
-//                  -> avx2, anything else -> scalar)
+// Legend:  tier    avx512 | avx2 | scalar: the best the CPU offers, capped by DSV3_ISA
+//                  (avx512* / amx* -> avx512, avx2 -> avx2, anything else -> scalar);
+//                  avx512-gfni only when DSV3_ISA=avx512-gfni asks for it (and the CPU has
+//                  GFNI): its fp8 GEMV is faster at R = 1 but slower at R >= 2 on Zen 4 (one
+//                  tier serves every R, so that a row's bits do not depend on R)
 //          decode  R <= kMaxGemvR: GEMV streaming every weight byte once from memory for all
 //                  R rows: super groups of kSuperRows weight rows split over the pool, each
 //                  visited by the x row blocks (<= 4 rows) in turn (wlinear_tiers.h)
@@ -19,10 +21,12 @@
 // (Prefill therefore needs every e4m3(code) * sinv finite in fp32; decode does not: its block
 // sums meet sinv only after the sum.)
 // Decode and prefill differ in summation order, so y depends on R through the path taken
-// (R <= kMaxGemvR or not) and, in decode, through the size of each x row's register block
-// (R mod 4 for the last block); for fixed (R, K, O, tier) every y element is computed by one
-// thread in a fixed order whatever the thread count: the groups, tasks, panels and K chunks
-// are fixed by the shape.
+// (R <= kMaxGemvR or not). Within decode a row's summation order does not depend on R or on
+// its register block (wlinear_tier_body.inc); for fp8 on the vector tiers its bits can depend
+// on the other rows only through the prescale exponent a (taken over the whole input), i.e.
+// only when products fall in the subnormal range. For fixed (R, K, O, tier) every y element
+// is computed by one thread in a fixed order whatever the thread count: the groups, tasks,
+// panels and K chunks are fixed by the shape.
 #include "kernels/wlinear.h"
 
 #include <algorithm>
@@ -58,15 +62,15 @@ struct TierChoice {
 
 TierChoice choose() {
   TierChoice c;
-  int cap = 3;
+  int cap = 2;
   std::string note;
   if (const char* isa = std::getenv("DSV3_ISA"); isa && *isa) {
     const std::string s(isa);
     note = " (DSV3_ISA=" + s + ")";
-    cap = s.rfind("amx", 0) == 0 || s == "avx512-gfni" ? 3
-          : s.rfind("avx512", 0) == 0              ? 2
-          : s == "avx2"                            ? 1
-                                                   : 0;
+    cap = s == "avx512-gfni"                                   ? 3
+          : s.rfind("avx512", 0) == 0 || s.rfind("amx", 0) == 0 ? 2
+          : s == "avx2"                                        ? 1
+                                                               : 0;
   }
   bool has512 = false, has2 = false, gfni = false;
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -81,7 +85,7 @@ TierChoice choose() {
     c = {Tier::avx512_gfni, wlin::kernels_avx512_gfni(),
          "avx512-gfni: AVX-512F/BW/VL, 16 lanes, fp8 codes decoded with GFNI" + note};
   } else if (has512 && cap >= 2) {
-    const std::string why = cap >= 3 ? " (no GFNI)" : "";
+    const std::string why = cap >= 3 ? " (the CPU has no GFNI)" : "";
     c = {Tier::avx512, wlin::kernels_avx512(), "avx512: AVX-512F/BW/VL, 16 lanes" + why + note};
   } else if ((has512 || has2) && cap >= 1) {
     c = {Tier::avx2, wlin::kernels_avx2(), "avx2: AVX2 + FMA + F16C, 8 lanes" + note};

@@ -72,8 +72,9 @@ void wlinear_forward_many(const WlinearJob* jobs, int64_t n);
 // out[r,:] = W[ids[r],:] as fp32 (embedding rows of a resident matrix; ids in [0, O)).
 void wlinear_rows(float* out, const int64_t* ids, const WeightView& w, int64_t R);
 
-// The kernel tier in use ("avx512" | "avx2" | "scalar": CPU features capped by DSV3_ISA, chosen
-// once per process) and why (build_info's "wlinear_tier").
+// The kernel tier in use ("avx512" | "avx2" | "scalar": CPU features capped by DSV3_ISA; or
+// "avx512-gfni" when DSV3_ISA=avx512-gfni asks for it; chosen once per process) and why
+// (build_info's "wlinear_tier").
 const char* wlinear_tier_name();
 const std::string& wlinear_tier_reason();
 

@@ -41,8 +41,9 @@ std::shared_ptr<const Model::DecodeViews> Model::decode_views() const {
   if (!decode_views_ || decode_views_->slab != w_.data()) {
     auto v = std::make_shared<DecodeViews>();
     v->slab = w_.data();
-    for (int64_t l = 0; l < cfg_.layers; ++l) v->blocks.push_back(block_params(l));
-    for (int64_t k = 1; k <= cfg_.mtp; ++k) v->mtp.push_back(mtp_params(k));
+    for (int64_t l = 0; l < cfg_.layers; ++l)
+      v->blocks.push_back(unchecked_block_params(l));
+    for (int64_t k = 1; k <= cfg_.mtp; ++k) v->mtp.push_back(unchecked_mtp_params(k));
     decode_views_ = std::move(v);
   }
   return decode_views_;
@@ -65,6 +66,10 @@ void Model::check_shard(int64_t i, const ExpertParallel* ep) const {
 
 BlockParams Model::block_params(int64_t i, const LinearMode& p, ExpertParallel* ep) const {
   check_shard(i, ep);
+  return unchecked_block_params(i, p, ep);
+}
+BlockParams Model::unchecked_block_params(int64_t i, const LinearMode& p,
+                                          ExpertParallel* ep) const {
   BlockParams b = dsv3::block_params(layout_, w_.data(), cfg_, i, resident_views());
   set_kv_b_view(b, i);
   set_precision(b, p);
@@ -76,6 +81,10 @@ BlockGrads Model::block_grads(int64_t i, float* g) const {
 }
 MtpParams Model::mtp_params(int64_t k, const LinearMode& p, ExpertParallel* ep) const {
   check_shard(cfg_.layers + k - 1, ep);
+  return unchecked_mtp_params(k, p, ep);
+}
+MtpParams Model::unchecked_mtp_params(int64_t k, const LinearMode& p,
+                                      ExpertParallel* ep) const {
   MtpParams m = dsv3::mtp_params(layout_, w_.data(), cfg_, k, resident_views());
   set_kv_b_view(m.block, cfg_.layers + k - 1);
   m.precision = p;
@@ -183,6 +192,7 @@ void Model::forward_cached(float* logits, float* hidden, const int64_t* tokens, 
   DSV3_CHECK(B >= 1 && S >= 1, "[", op, "] tokens must hold at least one token");
   check_tokens(tokens, B * S, op);
   check_cache(cache, cfg_.layers, B, op);
+  for (int64_t l = 0; l < cfg_.layers; ++l) check_shard(l, nullptr);
   const auto views = decode_views();
   cache.begin_write(0, cfg_.layers, start_pos, S);
   const int64_t R = B * S, D = cfg_.D;
@@ -207,6 +217,7 @@ void Model::mtp_forward_cached(float* logits, float* hidden_out, const float* h_
   DSV3_CHECK(B >= 1 && S >= 1, "[", op, "] tokens must hold at least one token");
   check_tokens(tokens, B * S, op);
   check_cache(cache, cfg_.mtp, B, op);
+  check_shard(cfg_.layers + k - 1, nullptr);
   const auto views = decode_views();
   cache.begin_write(k - 1, k, start_pos, S);
   const int64_t R = B * S, D = cfg_.D, V = cfg_.V;

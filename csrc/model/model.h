@@ -173,6 +173,12 @@ class Model {
   void check_cache(const KvCache& cache, int64_t layers, int64_t B, const char* op) const;
   BlockParams block_params(int64_t i, const LinearMode& p = LinearMode(),
                            ExpertParallel* ep = nullptr) const;
+  // block_params / mtp_params without the shard check (decode_views: its callers check the
+  // blocks it runs)
+  BlockParams unchecked_block_params(int64_t i, const LinearMode& p = LinearMode(),
+                                     ExpertParallel* ep = nullptr) const;
+  MtpParams unchecked_mtp_params(int64_t k, const LinearMode& p = LinearMode(),
+                                 ExpertParallel* ep = nullptr) const;
   BlockGrads block_grads(int64_t i, float* g) const;
   MtpParams mtp_params(int64_t k, const LinearMode& p = LinearMode(),
                        ExpertParallel* ep = nullptr) const;  // k 1-based
