@@ -4,8 +4,8 @@ m/8 * 2^-6, NaN at 0x7f / 0xff, no infinities), bf16 (the top 16 bits of an fp32
 w = e4m3(code) * scale_inv[o // 128, k // 128]. The bound is the fp32 reassociation bound
 |y - y_exact| <= gamma(K + 2) * sum_k |x w| + (K + 2) * (1 + max|x|) * 2^-149
 (gamma(n) = n u / (1 - n u), u = 2^-24; the second term covers products in the subnormal
-range under tiny scales). Decode (R <= 16, GEMV in register blocks of <= 4 rows) and prefill
-(R > 16, dequantized panels + sgemm) are both covered; each tier is forced with DSV3_ISA in a
+range under tiny scales). Decode (R <= 16, bf16 R <= 64: GEMV in register blocks of <= 4 rows)
+and prefill (larger R: dequantized panels + sgemm) are both covered; each tier is forced with DSV3_ISA in a
 subprocess and compared."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import dsv3
 from dsv3 import _core
 
 SIZES = (1, 16, 31, 33, 127, 128, 129, 300)
-ROWS = (1, 2, 3, 4, 5, 7, 16, 17, 64)
+ROWS = (1, 2, 3, 4, 5, 7, 16, 17, 64, 65)
 U = 2.0 ** -24
 
 
@@ -93,7 +93,7 @@ def test_sizes_against_float64(fmt):
     for R in ROWS:
         for O in SIZES:
             for K in SIZES:
-                if R == 64 and (O, K) not in ((1, 1), (129, 300), (33, 127), (300, 129)):
+                if R >= 64 and (O, K) not in ((1, 1), (129, 300), (33, 127), (300, 129)):
                     continue
                 data, sinv, dense = make_weight(rng, fmt, O, K)
                 x = rng.standard_normal((R, K)).astype(np.float32)
@@ -227,6 +227,59 @@ def test_rows_match_dequantized_weight(fmt, K):
     assert np.array_equal(out, dense[ids].astype(np.float32))
 
 
+# ---- rows as the right factor (MLA's absorbed query) ------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
+def test_rows_product_against_float64(fmt):
+    # y = x @ W[r0 : r0 + n]: n not a multiple of the 8 rows dequantized at a time, K with
+    # ragged columns past the 64-wide register blocks, r0 inside a scale block
+    rng = np.random.default_rng(12)
+    for O, K, r0, n in ((300, 512, 128, 128), (300, 129, 5, 17), (40, 70, 0, 40), (9, 1, 3, 1)):
+        data, sinv, dense = make_weight(rng, fmt, O, K)
+        for R in (1, 3, 16):
+            x = rng.standard_normal((R, n)).astype(np.float32)
+            y = _core.wlinear_rows_product(x, r0, fmt, data, sinv)
+            assert y.dtype == np.float32 and y.shape == (R, K)
+            x64, w64 = x.astype(np.float64), dense[r0:r0 + n]
+            ref = x64 @ w64
+            bound = gamma(n + 2) * (np.abs(x64) @ np.abs(w64)) + (n + 2) * 2.0 ** -149
+            err = np.abs(y - ref)
+            assert np.all(err <= bound), (fmt, O, K, r0, n, R, np.max(err / bound))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_rows_product_equals_its_float32_copy_bitwise(fmt):
+    # the decode of a mapped kv_b_proj equals that of the fp32 model (tests/test_resident.py):
+    # the product on the stored rows and on their dequantized fp32 copy have the same bits,
+    # NaN codes included; and a row's bits do not depend on the call's other rows
+    rng = np.random.default_rng(13)
+    data, sinv, _ = make_weight(rng, fmt, 260, 200)
+    if fmt == "fp8":
+        data[7, 3] = 0x7F  # a NaN weight: its column is NaN in every row
+    copy = _core.wlinear_rows(np.arange(260), fmt, data, sinv)
+    x = rng.standard_normal((5, 100)).astype(np.float32)
+    got = _core.wlinear_rows_product(x, 3, fmt, data, sinv)
+    want = _core.wlinear_rows_product(x, 3, "fp32", copy)
+    assert got.tobytes() == want.tobytes()
+    one = np.concatenate([_core.wlinear_rows_product(x[r:r + 1], 3, fmt, data, sinv)
+                          for r in range(5)])
+    assert one.tobytes() == got.tobytes()
+    if fmt == "fp8":
+        assert np.all(np.isnan(got[:, 3])) and np.all(np.isfinite(np.delete(got, 3, axis=1)))
+
+
+def test_rows_product_bad_rows():
+    w = np.zeros((10, 4), np.float32)
+    with pytest.raises(IndexError, match="r0"):
+        _core.wlinear_rows_product(np.zeros((1, 3), np.float32), 8, "fp32", w)
+    with pytest.raises(IndexError, match="r0"):
+        _core.wlinear_rows_product(np.zeros((1, 3), np.float32), -1, "fp32", w)
+    with pytest.raises(ValueError, match="2-D"):
+        _core.wlinear_rows_product(np.zeros(3, np.float32), 0, "fp32", w)
+    y = _core.wlinear_rows_product(np.zeros((2, 0), np.float32), 10, "fp32", w)
+    assert y.shape == (2, 4) and not y.any()  # an empty sum
+
+
 # ---- determinism --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
@@ -329,10 +382,13 @@ def test_a_decoded_row_does_not_depend_on_the_calls_other_rows(fmt):
     rng = np.random.default_rng(5)
     for O, K in ((37, 300), (24, 64), (130, 129)):
         data, sinv, _ = make_weight(rng, fmt, O, K)
-        x = rng.standard_normal((16, K)).astype(np.float32)
+        n = 64 if fmt == "bf16" else 16  # bf16 weights take the GEMV up to 64 rows
+        x = rng.standard_normal((n, K)).astype(np.float32)
         x[:, 0] = 8.0
-        one = np.concatenate([_core.wlinear(x[r:r + 1], fmt, data, sinv) for r in range(16)])
-        for R in (2, 3, 4, 5, 16):
+        one = np.concatenate([_core.wlinear(x[r:r + 1], fmt, data, sinv) for r in range(n)])
+        for R in (2, 3, 4, 5, 16, 17, 63, 64):
+            if R > n:
+                continue
             got = _core.wlinear(x[:R], fmt, data, sinv)
             assert got.tobytes() == one[:R].tobytes(), (fmt, O, K, R)
 

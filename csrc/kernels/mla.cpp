@@ -233,6 +233,17 @@ DecodeStep decode_prologue(const float* x, const MlaParams& p, const MlaDims& d,
   return st;
 }
 
+// kv_b_proj as a weight view: the stored bf16 / fp8 weight (kv_b_view), else the slab's fp32
+WeightView kv_b_weight(const MlaParams& p, const MlaDims& d) {
+  return p.kv_b_view.data ? p.kv_b_view : WeightView::f32(p.kv_b_proj, d.H * (d.Dn + d.Dv), d.Dc);
+}
+
+// Rows [r0, r0 + n) of an fp32 / bf16 view as a view of their own (no scales to offset)
+WeightView rows_view(const WeightView& w, int64_t r0, int64_t n) {
+  const int64_t row_bytes = weight_format_bytes(w.fmt, 1, w.K);
+  return {w.fmt, (const char*)w.data + r0 * row_bytes, nullptr, n, w.K};
+}
+
 // Rows [r0, r0 + n) of kv_b_proj as fp32: the slab's rows, or (kv_b_view set) those rows of
 // the stored bf16 / fp8 weight dequantized into buf (bit-identical to the slab's values).
 const float* kv_b_rows(const MlaParams& p, const MlaDims& d, int64_t r0, int64_t n,
@@ -256,6 +267,7 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   const int64_t R = B * S, W = d.Dc + d.Dr, Q = d.H * d.dqk(), L = start_pos + S;
   // q_abs [R, H, Dc+Dr] = [q_nope_h @ W_UK_h | q_pe_h]
   std::vector<float> qa((size_t)(R * d.H * W));
+  const WeightView kv_b = kv_b_weight(p, d);
   // heads per task: ~64K multiply-adds (a quarter MiB of kv_b_proj for one decoded row),
   // enough to pay for waking a thread; decoding's per-head products are memory-bound reads of
   // kv_b_proj, so a layer's 16+ heads must not all run on one thread
@@ -263,16 +275,16 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
   parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
     std::vector<float> wbuf;
     for (int64_t h = h0; h < h1; ++h) {
-      // one head's product (R x Dn x Dc): decoding's few rows on small_gemm, not a BLAS call
-      // per head (a row's value does not depend on R: speculative verification = plain
-      // decoding); a prefill on sgemm
-      const float* wuk = kv_b_rows(p, d, h * (d.Dn + d.Dv), d.Dn, wbuf);
+      // one head's product (R x Dn x Dc): decoding's few rows straight from the stored rows
+      // (wlinear_rows_product: W_UK read once in its format, no fp32 copy; a row's value does
+      // not depend on R: speculative verification = plain decoding); a prefill on sgemm
       if (R <= kLinearGemvRows)
-        small_gemm(false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q, wuk, d.Dc, false,
-                   qa.data() + h * W, d.H * W);
+        wlinear_rows_product(qa.data() + h * W, d.H * W, st.q.data() + h * d.dqk(), Q, kv_b,
+                             h * (d.Dn + d.Dv), d.Dn, R);
       else
-        sgemm(false, false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q, wuk, d.Dc, 0.f,
-              qa.data() + h * W, d.H * W);
+        sgemm(false, false, R, d.Dc, d.Dn, 1.f, st.q.data() + h * d.dqk(), Q,
+              kv_b_rows(p, d, h * (d.Dn + d.Dv), d.Dn, wbuf), d.Dc, 0.f, qa.data() + h * W,
+              d.H * W);
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(qa.data() + (r * d.H + h) * W + d.Dc, st.q.data() + r * Q + h * d.dqk() + d.Dn,
                     sizeof(float) * d.Dr);
@@ -355,8 +367,9 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
       }
     });
   }
-  // o_h = ctx_h @ W_UV_h^T (the head's rows gathered, one fp32 linear: the GEMV for decoding's
-  // few rows, no BLAS call per head), then o_proj
+  // o_h = ctx_h @ W_UV_h^T (the head's rows, one linear: the GEMV for decoding's few rows, no
+  // BLAS call per head; fp32 / bf16 rows read in place, fp8 ones dequantized, so that the
+  // value equals the fp32 copy's: the GEMV sums fp8 per scale block), then o_proj
   std::vector<float> o((size_t)(R * d.H * d.Dv));
   parallel_for(d.H, head_grain, [&](int64_t h0, int64_t h1) {
     std::vector<float> wbuf;
@@ -371,8 +384,12 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(xin.data() + r * d.Dc, ctx.data() + (r * d.H + h) * d.Dc, 4 * d.Dc);
-      linear_forward(yout.data(), xin.data(), kv_b_rows(p, d, h * (d.Dn + d.Dv) + d.Dn, d.Dv, wbuf),
-                     R, d.Dc, d.Dv, GemmPrecision::fp32);
+      const int64_t row = h * (d.Dn + d.Dv) + d.Dn;
+      if (kv_b.fmt == WeightFormat::fp8_e4m3)
+        linear_forward(yout.data(), xin.data(), kv_b_rows(p, d, row, d.Dv, wbuf), R, d.Dc, d.Dv,
+                       GemmPrecision::fp32);
+      else  // the head's rows as a view of their own
+        wlinear_forward(yout.data(), xin.data(), rows_view(kv_b, row, d.Dv), R);
       for (int64_t r = 0; r < R; ++r)
         std::memcpy(o.data() + (r * d.H + h) * d.Dv, yout.data() + r * d.Dv, 4 * d.Dv);
     }

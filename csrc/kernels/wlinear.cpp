@@ -6,10 +6,11 @@
 //                  avx512-gfni only when DSV3_ISA=avx512-gfni asks for it (and the CPU has
 //                  GFNI): its fp8 GEMV is faster at R = 1 but slower at R >= 2 on Zen 4 (one
 //                  tier serves every R, so that a row's bits do not depend on R)
-//          decode  R <= kMaxGemvR: GEMV streaming every weight byte once from memory for all
-//                  R rows: super groups of kSuperRows weight rows split over the pool, each
-//                  visited by the x row blocks (<= 4 rows) in turn (wlinear_tiers.h)
-//          prefill R > kMaxGemvR: tasks (x row block of kRB rows) x (weight panel of kPB rows);
+//          decode  R <= kMaxGemvR (bf16: R <= kBf16GemvR, measured faster there): GEMV
+//                  streaming every weight byte once from memory for all R rows: super groups
+//                  of kSuperRows weight rows split over the pool, each visited by the x row
+//                  blocks (<= 4 rows) in turn (wlinear_tiers.h)
+//          prefill larger R: tasks (x row block of kRB rows) x (weight panel of kPB rows);
 //                  a task dequantizes its panel kKC columns at a time into a thread-local fp32
 //                  buffer and runs single-threaded sgemm on it (fp32 weights: sgemm on the
 //                  weight rows in place, whole K)
@@ -21,12 +22,12 @@
 // (Prefill therefore needs every e4m3(code) * sinv finite in fp32; decode does not: its block
 // sums meet sinv only after the sum.)
 // Decode and prefill differ in summation order, so y depends on R through the path taken
-// (R <= kMaxGemvR or not). Within decode a row's summation order does not depend on R or on
-// its register block (wlinear_tier_body.inc); for fp8 on the vector tiers its bits can depend
-// on the other rows only through the prescale exponent a (taken over the whole input), i.e.
-// only when products fall in the subnormal range. For fixed (R, K, O, tier) every y element
-// is computed by one thread in a fixed order whatever the thread count: the groups, tasks,
-// panels and K chunks are fixed by the shape.
+// (R <= kMaxGemvR, or kBf16GemvR for bf16, or not). Within decode a row's summation order
+// does not depend on R or on its register block (wlinear_tier_body.inc); for fp8 on the
+// vector tiers its bits can depend on the other rows only through the prescale exponent a
+// (taken over the whole input), i.e. only when products fall in the subnormal range. For
+// fixed (R, K, O, tier) every y element is computed by one thread in a fixed order whatever
+// the thread count: the groups, tasks, panels and K chunks are fixed by the shape.
 #include "kernels/wlinear.h"
 
 #include <algorithm>
@@ -136,9 +137,9 @@ float prescale_x(std::vector<float>& out, int64_t* ldx, const float* x, int64_t 
   return std::ldexp(1.f, 120 - a);
 }
 
-// The GEMVs of several decode-shaped jobs (R <= kMaxGemvR) as one parallel_for over the
-// concatenation of their super groups; a super group's y rows depend only on its own job, so
-// the chunking changes no result.
+// The GEMVs of several decode-shaped jobs (R <= kMaxGemvR; bf16 kBf16GemvR) as one
+// parallel_for over the concatenation of their super groups; a super group's y rows depend
+// only on its own job, so the chunking changes no result.
 void decode(const WlinearJob* jobs, int64_t n) {
   const TierKernels& k = tier().k;
   std::vector<float> unscale((size_t)n, 1.f);
@@ -255,7 +256,7 @@ void run_jobs(const WlinearJob* jobs, int64_t n, const char* op) {
     check_view(jb.w, op);
     if (jb.R < 0) throw std::invalid_argument(std::string("[") + op + "] R must be >= 0");
     if (jb.R == 0) continue;
-    if (jb.R <= wlin::kMaxGemvR)
+    if (jb.R <= (jb.w.fmt == WeightFormat::bf16 ? wlin::kBf16GemvR : wlin::kMaxGemvR))
       gemv.push_back(jb);
     else
       prefill(jb.y, jb.x, jb.w, jb.R);
@@ -283,6 +284,17 @@ void wlinear_rows(float* out, const int64_t* ids, const WeightView& w, int64_t R
   parallel_for(R, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) tk.dequant(out + r * K, w, ids[r], 0, K);
   });
+}
+
+void wlinear_rows_product(float* y, int64_t ldy, const float* x, int64_t ldx,
+                          const WeightView& w, int64_t r0, int64_t n, int64_t R) {
+  check_view(w, "wlinear_rows_product");
+  if (r0 < 0 || n < 0 || r0 + n > w.O)
+    throw std::out_of_range("[wlinear_rows_product] rows out of range");
+  if (n == 0)
+    for (int64_t r = 0; r < R; ++r) std::fill_n(y + r * ldy, w.K, 0.f);
+  else if (R > 0)
+    tier().k.rows_product(y, ldy, x, ldx, w, r0, n, R);
 }
 
 }  // namespace dsv3

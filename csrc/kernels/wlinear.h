@@ -17,10 +17,10 @@
 // rounding: one fp32 multiplication per block instead of one per element). Against the fp32
 // linear of the dequantized weight the difference is within the fp32 reassociation bound
 // gamma_{K+2} * sum_k |x w|.
-// Decode (R small) streams the weight bytes once per call: GEMV-shaped, memory-bound; prefill
-// (R large) dequantizes panels of W into thread-local fp32 buffers and multiplies them with
-// sgemm. Deterministic: each y element is summed by one thread in an order fixed by (R, K, O)
-// and the ISA tier, independent of the thread count.
+// Decode (R <= 16; bf16 weights R <= 64) streams the weight bytes once per call: GEMV-shaped,
+// memory-bound; prefill (R larger) dequantizes panels of W into thread-local fp32 buffers and
+// multiplies them with sgemm. Deterministic: each y element is summed by one thread in an
+// order fixed by (R, K, O) and the ISA tier, independent of the thread count.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -58,9 +58,9 @@ bool fp8_codes_nan_free(const uint8_t* codes, int64_t n);
 void wlinear_forward(float* y, const float* x, const WeightView& w, int64_t R);
 
 // Several independent linears in one pass: jobs[i].y = jobs[i].x W_i^T. The decode-shaped ones
-// (R <= 16, the GEMV) share one parallel pass over all their weights (one pool dispatch instead
-// of one per matrix: the experts of a decoded token, or projections of the same input); the
-// others run one after another. Every y is bit-identical to wlinear_forward's.
+// (R <= 16, bf16 R <= 64: the GEMV) share one parallel pass over all their weights (one pool
+// dispatch instead of one per matrix: the experts of a decoded token, or projections of the
+// same input); the others run one after another. Every y is bit-identical to wlinear_forward's.
 struct WlinearJob {
   float* y;
   const float* x;
@@ -71,6 +71,15 @@ void wlinear_forward_many(const WlinearJob* jobs, int64_t n);
 
 // out[r,:] = W[ids[r],:] as fp32 (embedding rows of a resident matrix; ids in [0, O)).
 void wlinear_rows(float* out, const int64_t* ids, const WeightView& w, int64_t R);
+
+// y[r, :] = x[r, 0:n] @ W[r0 : r0 + n, :] for r < R: rows of a resident weight as the right
+// factor (MLA's absorbed query, q_nope_h W_UK_h); x rows ldx apart, y rows (K wide) ldy apart,
+// overwritten. Each element is one fused multiply-add chain over i in order on W's fp32
+// values (as wlinear_rows gives them; the scalar tier rounds product and sum apart), so a
+// weight and its fp32 dequantized copy give the same bits; single-threaded (callers split
+// heads over the pool). Throws std::invalid_argument / out_of_range on a bad view or rows.
+void wlinear_rows_product(float* y, int64_t ldy, const float* x, int64_t ldx,
+                          const WeightView& w, int64_t r0, int64_t n, int64_t R);
 
 // The kernel tier in use ("avx512" | "avx2" | "scalar": CPU features capped by DSV3_ISA; or
 // "avx512-gfni" when DSV3_ISA=avx512-gfni asks for it; chosen once per process) and why
