@@ -120,7 +120,8 @@ def test_mmap_false_copies(tmp_path, model):
 @pytest.mark.parametrize("dtype,weights", [("fp8", "fp8"), ("bfloat16", "bf16")])
 def test_mapped_kv_b_proj_decodes_as_its_float32_copy(tmp_path, model, dtype, weights):
     # A kv_b_proj stored in the resident format is mapped (the absorbed decode reads its 1-2
-    # byte weights, dequantizing a head at a time); with mmap=False it arrives as float32.
+    # byte weights: wlinear_rows_product, the GEMV, per-head dequantization); with mmap=False
+    # it arrives as float32.
     # Both hold the same values, so decoding (the absorbed form) and speculative-verification-
     # sized calls give the same bits, and the float32 state equals the file's dequantization.
     d = saved(tmp_path, model, dtype)

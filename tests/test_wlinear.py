@@ -4,9 +4,9 @@ m/8 * 2^-6, NaN at 0x7f / 0xff, no infinities), bf16 (the top 16 bits of an fp32
 w = e4m3(code) * scale_inv[o // 128, k // 128]. The bound is the fp32 reassociation bound
 |y - y_exact| <= gamma(K + 2) * sum_k |x w| + (K + 2) * (1 + max|x|) * 2^-149
 (gamma(n) = n u / (1 - n u), u = 2^-24; the second term covers products in the subnormal
-range under tiny scales). Decode (R <= 16, bf16 R <= 64: GEMV in register blocks of <= 4 rows)
-and prefill (larger R: dequantized panels + sgemm) are both covered; each tier is forced with DSV3_ISA in a
-subprocess and compared."""
+range under tiny scales). Decode (R <= 16, bf16 R <= 64: GEMV in register blocks of <= 4
+rows) and prefill (larger R: dequantized panels + sgemm) are both covered; each tier is forced
+with DSV3_ISA in a subprocess and compared."""
 from __future__ import annotations
 
 import json
@@ -268,14 +268,34 @@ def test_rows_product_equals_its_float32_copy_bitwise(fmt):
         assert np.all(np.isnan(got[:, 3])) and np.all(np.isfinite(np.delete(got, 3, axis=1)))
 
 
+def test_rows_product_strided_rows():
+    # MLA's use: x rows are a head's slice of a wider row (ldx > n), y rows a head's slice of a
+    # wider row (ldy > K); the columns past K stay untouched
+    rng = np.random.default_rng(15)
+    data, sinv, dense = make_weight(rng, "bf16", 64, 40)
+    x = rng.standard_normal((3, 30)).astype(np.float32)
+    y = _core.wlinear_rows_product(x, 4, "bf16", data, n=20, ldy=57)
+    assert y.shape == (3, 57) and not y[:, 40:].any()
+    want = _core.wlinear_rows_product(np.ascontiguousarray(x[:, :20]), 4, "bf16", data)
+    assert y[:, :40].tobytes() == want.tobytes()
+    ref = x[:, :20].astype(np.float64) @ dense[4:24]
+    assert np.allclose(y[:, :40], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_rows_product_bad_rows():
     w = np.zeros((10, 4), np.float32)
     with pytest.raises(IndexError, match="r0"):
         _core.wlinear_rows_product(np.zeros((1, 3), np.float32), 8, "fp32", w)
     with pytest.raises(IndexError, match="r0"):
         _core.wlinear_rows_product(np.zeros((1, 3), np.float32), -1, "fp32", w)
+    with pytest.raises(IndexError, match="r0"):  # r0 + n would overflow int64
+        _core.wlinear_rows_product(np.zeros((1, 3), np.float32), 2 ** 63 - 2, "fp32", w)
     with pytest.raises(ValueError, match="2-D"):
         _core.wlinear_rows_product(np.zeros(3, np.float32), 0, "fp32", w)
+    with pytest.raises(ValueError, match="ldy"):
+        _core.wlinear_rows_product(np.zeros((1, 3), np.float32), 0, "fp32", w, ldy=3)
+    with pytest.raises(ValueError, match="n must"):
+        _core.wlinear_rows_product(np.zeros((1, 3), np.float32), 0, "fp32", w, n=4)
     y = _core.wlinear_rows_product(np.zeros((2, 0), np.float32), 10, "fp32", w)
     assert y.shape == (2, 4) and not y.any()  # an empty sum
 

@@ -94,22 +94,27 @@ F32 wlinear_rows_py(py::handle ids_h, const std::string& fmt, py::handle data_h,
   return out;
 }
 
-// x [R, n] @ data[r0 : r0 + n, :] -> [R, K] (wlinear_rows_product)
+// x[:, :n] @ data[r0 : r0 + n, :] into the first K columns of a zero [R, ldy] (n: all of x's
+// columns by default, ldy: K; the strides as MLA's absorbed decode uses them); IndexError
+// from the engine's range check (std::out_of_range)
 F32 wlinear_rows_product_py(py::handle x_h, int64_t r0, const std::string& fmt,
-                            py::handle data_h, py::handle sinv_h) {
+                            py::handle data_h, py::handle sinv_h, py::object n_h,
+                            py::object ldy_h) {
   const Weight w = weight_arg("wlinear_rows_product", fmt, data_h, sinv_h);
   F32 x = f32(x_h, "wlinear_rows_product", "x");
-  DSV3_CHECK(x.ndim() == 2, "[wlinear_rows_product] x must be 2-D [R, n], got shape ",
+  DSV3_CHECK(x.ndim() == 2, "[wlinear_rows_product] x must be 2-D [R, columns], got shape ",
              shape_str(shape_of(x)));
-  const int64_t R = x.shape(0), n = x.shape(1);
-  if (r0 < 0 || r0 + n > w.view.O)
-    throw py::index_error(str_cat("[wlinear_rows_product] rows r0 .. r0 + n must lie in [0, O = ",
-                                  w.view.O, "], got r0 = ", r0, ", n = ", n));
-  F32 y = empty({(py::ssize_t)R, (py::ssize_t)w.view.K});
+  const int64_t R = x.shape(0), ldx = x.shape(1), K = w.view.K;
+  const int64_t n = n_h.is_none() ? ldx : n_h.cast<int64_t>();
+  const int64_t ldy = ldy_h.is_none() ? K : ldy_h.cast<int64_t>();
+  DSV3_CHECK(n >= 0 && n <= ldx, "[wlinear_rows_product] n must be in [0, x.shape[1] = ", ldx,
+             "], got ", n);
+  DSV3_CHECK(ldy >= K, "[wlinear_rows_product] ldy must be >= K = ", K, ", got ", ldy);
+  F32 y = zeros({(py::ssize_t)R, (py::ssize_t)ldy});
   float* py_ = y.mutable_data();
   const float* px = x.data();
   py::gil_scoped_release nogil;
-  wlinear_rows_product(py_, w.view.K, px, n, w.view, r0, n, R);
+  wlinear_rows_product(py_, ldy, px, ldx, w.view, r0, n, R);
   return y;
 }
 
@@ -120,7 +125,8 @@ void bind_wlinear(py::module_& m) {
   m.def("wlinear_rows", &wlinear_rows_py, arg("ids"), arg("fmt"), arg("data"),
         arg("scale_inv") = py::none());
   m.def("wlinear_rows_product", &wlinear_rows_product_py, arg("x"), arg("r0"), arg("fmt"),
-        arg("data"), arg("scale_inv") = py::none());
+        arg("data"), arg("scale_inv") = py::none(), arg("n") = py::none(),
+        arg("ldy") = py::none());
   m.def("wlinear_tier", [] { return std::string(wlinear_tier_name()); });
 }
 

@@ -276,8 +276,9 @@ void mla_decode_absorbed(float* out, const float* x, const MlaParams& p, const M
     std::vector<float> wbuf;
     for (int64_t h = h0; h < h1; ++h) {
       // one head's product (R x Dn x Dc): decoding's few rows straight from the stored rows
-      // (wlinear_rows_product: W_UK read once in its format, no fp32 copy; a row's value does
-      // not depend on R: speculative verification = plain decoding); a prefill on sgemm
+      // (wlinear_rows_product: W_UK read once in its format, no per-head fp32 copy; a row's
+      // value does not depend on R: speculative verification = plain decoding); a prefill on
+      // sgemm
       if (R <= kLinearGemvRows)
         wlinear_rows_product(qa.data() + h * W, d.H * W, st.q.data() + h * d.dqk(), Q, kv_b,
                              h * (d.Dn + d.Dv), d.Dn, R);

@@ -46,9 +46,10 @@ void mla_check_dims(const MlaDims& d);
 // stays fp32 because the absorbed decode slices it per head (W_UK_h, W_UV_h) into its own
 // products; a resident model holds it dequantized (as DeepSeek's inference code does for the
 // absorbed form) and, when its checkpoint stored it in bf16 / fp8, also that stored form as
-// kv_b_view: the absorbed decode then reads the 1-2 byte weights and dequantizes one head's
-// rows at a time into a thread-local fp32 buffer (the same values as kv_b_proj: the same
-// dequantization, kernels/wlinear.h wlinear_rows), instead of streaming 4 bytes per weight.
+// kv_b_view: the absorbed decode then reads the 1-2 byte weights instead of streaming 4 bytes
+// per weight, with kv_b_proj's exact values (the same dequantization, kernels/wlinear.h):
+// W_UK through wlinear_rows_product, W_UV's bf16 rows through the GEMV in place, fp8 ones
+// (and a prefill's heads) dequantized a head at a time into a per-task fp32 buffer.
 struct MlaParams {
   WeightView q_a_proj;                        // [Dq, D]
   const float* q_a_layernorm = nullptr;       // [Dq]

@@ -40,6 +40,7 @@
 #include <vector>
 
 #include "core/blas.h"
+#include "core/check.h"
 #include "core/parallel.h"
 #include "kernels/wlinear_tiers.h"
 
@@ -289,8 +290,9 @@ void wlinear_rows(float* out, const int64_t* ids, const WeightView& w, int64_t R
 void wlinear_rows_product(float* y, int64_t ldy, const float* x, int64_t ldx,
                           const WeightView& w, int64_t r0, int64_t n, int64_t R) {
   check_view(w, "wlinear_rows_product");
-  if (r0 < 0 || n < 0 || r0 + n > w.O)
-    throw std::out_of_range("[wlinear_rows_product] rows out of range");
+  if (r0 < 0 || n < 0 || r0 > w.O - n)  // (not r0 + n > O: no overflow)
+    throw std::out_of_range(str_cat("[wlinear_rows_product] rows r0 .. r0 + n must lie in "
+                                    "[0, O = ", w.O, "], got r0 = ", r0, ", n = ", n));
   if (n == 0)
     for (int64_t r = 0; r < R; ++r) std::fill_n(y + r * ldy, w.K, 0.f);
   else if (R > 0)

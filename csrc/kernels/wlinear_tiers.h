@@ -21,7 +21,8 @@ namespace dsv3::wlin {
 enum class Tier : int { scalar = 0, avx2 = 1, avx512 = 2, avx512_gfni = 3 };
 
 constexpr int64_t kBk = 128;   // scale block edge
-constexpr int64_t kMaxGemvR = 16;  // decode GEMV for R <= this, prefill panels above
+constexpr int64_t kMaxGemvR = 16;  // decode GEMV for R <= this, prefill panels above (bf16:
+                                   // kBf16GemvR)
 // bf16 weights take the GEMV up to this many rows too: measured on Zen 4 (2 threads, a 64-token
 // prefill of Config.medium, bf16-resident), 20-40% faster than dequantized panels + sgemm,
 // whose bf16 -> fp32 dequant and small-task imbalance the GEMV does not have; fp32 weights (sgemm
