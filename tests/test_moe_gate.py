@@ -227,5 +227,19 @@ def test_bad_arrays():
     bn[0] = np.nan
     with pytest.raises(ValueError, match=r"\[moe_gate\] bias must be finite"):
         dsv3.ops.moe_gate(x, W, bn, cfg)
+    # the gate scans its logits instead of its weight: a bad weight must still be named, also
+    # where it meets a zero of x (inf * 0 = NaN) and with no tokens (no logits to scan)
+    xz = x.copy()
+    xz[:, 1] = 0.0
+    for bad_value in (np.nan, np.inf, -np.inf):
+        Wn = W.copy()
+        Wn[5, 1] = bad_value
+        for xs in (x, xz, x[:0]):
+            with pytest.raises(ValueError, match=r"\[moe_gate\] weight must be finite, found .* at flat index 41"):
+                dsv3.ops.moe_gate(xs, Wn, b, cfg)
+    # finite inputs whose logits overflow are routed, as before the logit scan (not refused)
+    xo, Wo = np.full_like(x, 1e20), np.full_like(W, 1e20)
+    idx, w = dsv3.ops.moe_gate(xo, Wo, b, cfg)[:2]
+    assert np.all((idx >= 0) & (idx < 16))
     with pytest.raises(TypeError, match="'num_experts_per_tok' is missing"):
         dsv3.ops.moe_gate(x, W, b, types.SimpleNamespace(n_routed_experts=16))

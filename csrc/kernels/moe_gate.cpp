@@ -193,13 +193,19 @@ void moe_gate_forward(int64_t* topk_idx, float* topk_weight, float* scores, cons
              c.has_bias() ? "is required for topk_method noaux_tc"
                           : "is only defined for topk_method noaux_tc; pass None");
   const int64_t E = c.n_routed_experts, D = c.hidden_size, K = c.num_experts_per_tok;
-  check_finite(x, T * D, op, "x");
-  check_finite(weight, E * D, op, "weight");
+  // logits (decoding's few rows: the GEMV, no BLAS call; kernels/nn.h). A NaN or inf in x or
+  // weight always makes a logit non-finite (NaN or inf times any value, zero included, is not
+  // finite, and adding finite values keeps it so), so the T x E logits are scanned in place of
+  // the E x D weight (a decoded token's gate then reads its weight once, not twice); only
+  // non-finite logits send us to scan x and weight, to name the culprit. Finite inputs whose
+  // logits overflow pass, as before.
+  if (T > 0) linear_forward(scores, x, weight, T, D, E, GemmPrecision::fp32);
+  if (T == 0 || first_nonfinite_block(scores, T * E) < T * E) {
+    check_finite(x, T * D, op, "x");
+    check_finite(weight, E * D, op, "weight");
+  }
   if (bias) check_finite(bias, E, op, "bias");
   if (T == 0) return;
-
-  // logits (decoding's few rows: the GEMV, no BLAS call; kernels/nn.h)
-  linear_forward(scores, x, weight, T, D, E, GemmPrecision::fp32);
   parallel_for(T, std::max<int64_t>(1, 4096 / E), [&](int64_t t0, int64_t t1) {
     RouteScratch sc(c);
     for (int64_t t = t0; t < t1; ++t) {
