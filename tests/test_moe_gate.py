@@ -228,15 +228,22 @@ def test_bad_arrays():
     with pytest.raises(ValueError, match=r"\[moe_gate\] bias must be finite"):
         dsv3.ops.moe_gate(x, W, bn, cfg)
     # the gate scans its logits instead of its weight: a bad weight must still be named, also
-    # where it meets a zero of x (inf * 0 = NaN) and with no tokens (no logits to scan)
+    # where it meets a zero of x (inf * 0 = NaN), with no tokens (no logits to scan) and with
+    # more than 16 tokens (the logits from sgemm, not the GEMV)
     xz = x.copy()
     xz[:, 1] = 0.0
+    x20 = _inputs(cfg, T=20)[0]
     for bad_value in (np.nan, np.inf, -np.inf):
         Wn = W.copy()
         Wn[5, 1] = bad_value
-        for xs in (x, xz, x[:0]):
+        for xs in (x, xz, x[:0], x20):
             with pytest.raises(ValueError, match=r"\[moe_gate\] weight must be finite, found .* at flat index 41"):
                 dsv3.ops.moe_gate(xs, Wn, b, cfg)
+        # x is named before weight, as before the logit scan
+        xn = x20.copy()
+        xn[17, 3] = bad_value
+        with pytest.raises(ValueError, match=r"\[moe_gate\] x must be finite, found .* at flat index 139"):
+            dsv3.ops.moe_gate(xn, Wn, b, cfg)
     # finite inputs whose logits overflow are routed, as before the logit scan (not refused)
     xo, Wo = np.full_like(x, 1e20), np.full_like(W, 1e20)
     idx, w = dsv3.ops.moe_gate(xo, Wo, b, cfg)[:2]

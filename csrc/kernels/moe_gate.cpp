@@ -195,10 +195,10 @@ void moe_gate_forward(int64_t* topk_idx, float* topk_weight, float* scores, cons
   const int64_t E = c.n_routed_experts, D = c.hidden_size, K = c.num_experts_per_tok;
   // logits (decoding's few rows: the GEMV, no BLAS call; kernels/nn.h). A NaN or inf in x or
   // weight always makes a logit non-finite (NaN or inf times any value, zero included, is not
-  // finite, and adding finite values keeps it so), so the T x E logits are scanned in place of
-  // the E x D weight (a decoded token's gate then reads its weight once, not twice); only
-  // non-finite logits send us to scan x and weight, to name the culprit. Finite inputs whose
-  // logits overflow pass, as before.
+  // finite, and adding any value keeps it so: inf + -inf is NaN), so the T x E logits are
+  // scanned in place of the E x D weight (a decoded token's gate then reads its weight once,
+  // not twice); non-finite logits, or no tokens at all, send us to scan x and then weight, to
+  // name the culprit as before. Finite inputs whose logits overflow pass, as before.
   if (T > 0) linear_forward(scores, x, weight, T, D, E, GemmPrecision::fp32);
   if (T == 0 || first_nonfinite_block(scores, T * E) < T * E) {
     check_finite(x, T * D, op, "x");
