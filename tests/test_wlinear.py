@@ -5,8 +5,9 @@ w = e4m3(code) * scale_inv[o // 128, k // 128]. The bound is the fp32 reassociat
 |y - y_exact| <= gamma(K + 2) * sum_k |x w| + (K + 2) * (1 + max|x|) * 2^-149
 (gamma(n) = n u / (1 - n u), u = 2^-24; the second term covers products in the subnormal
 range under tiny scales). Decode (R <= 16, bf16 R <= 64: GEMV in register blocks of <= 4
-rows) and prefill (larger R: dequantized panels + sgemm) are both covered; each tier is forced
-with DSV3_ISA in a subprocess and compared."""
+rows) and prefill (larger R: dequantized panels multiplied in register tiles on the avx512
+tiers, with sgemm on the others) are both covered; each tier is forced with DSV3_ISA in a
+subprocess and compared."""
 from __future__ import annotations
 
 import json
@@ -320,6 +321,66 @@ def test_bit_identical_across_threads_and_runs(fmt):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
+@pytest.mark.skipif(not dsv3.build_info()["wlinear_tier"].startswith("avx512"),
+                    reason="register-tile prefill: avx512 tiers only (others run sgemm)")
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
+def test_prefill_row_bits_do_not_depend_on_the_other_rows(fmt):
+    # the avx512 prefill sums each y element in one FMA chain over k, whatever R, the row's
+    # register tile, the K chunks and the panel split (wlinear_tier_body.inc): a row's bits are
+    # those of the same row in any other prefill-sized batch and at any thread count
+    rng = np.random.default_rng(9)
+    data, sinv, dense = make_weight(rng, fmt, 577, 700)
+    x = rng.standard_normal((301, 700)).astype(np.float32)
+    n0 = dsv3.get_num_threads()
+    try:
+        dsv3.set_num_threads(2)
+        full = _core.wlinear(x, fmt, data, sinv)
+        dsv3.set_num_threads(1)
+        part = _core.wlinear(x[230:295], fmt, data, sinv)  # 65 rows: a prefill, other tiles
+    finally:
+        dsv3.set_num_threads(n0)
+    check(full, x, dense, f"{fmt} R=301")
+    assert full[230:295].tobytes() == part.tobytes()
+    for O, K in ((1, 1), (17, 15), (63, 256), (65, 257), (256, 512), (257, 513)):
+        data, sinv, dense = make_weight(rng, fmt, O, K)
+        x = rng.standard_normal((257, K)).astype(np.float32)
+        ys = []
+        for threads in (1, 2, 3):
+            dsv3.set_num_threads(threads)
+            try:
+                ys += [_core.wlinear(x, fmt, data, sinv), _core.wlinear(x[40:105], fmt, data, sinv)]
+            finally:
+                dsv3.set_num_threads(n0)
+        check(ys[0], x, dense, f"{fmt} R=257 O={O} K={K}")
+        for y in ys[2::2]:
+            assert y.tobytes() == ys[0].tobytes(), (O, K)
+        for y in ys[1::2]:
+            assert y.tobytes() == ys[0][40:105].tobytes(), (O, K)
+
+
+@pytest.mark.skipif(not dsv3.build_info()["wlinear_tier"].startswith("avx512"),
+                    reason="register-tile prefill: avx512 tiers only (others run sgemm)")
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_prefill_equals_prefill_of_the_float32_copy_bitwise(fmt):
+    # the pack holds dequant's bits and the tiles are format-blind, so a bf16 / fp8 weight and
+    # its fp32 copy (wlinear_rows) give the same bits; NaN weights sit at a micro-panel edge
+    # (rows 63, 64) and in the last K chunk
+    rng = np.random.default_rng(10)
+    data, sinv, _ = make_weight(rng, fmt, 200, 300)
+    if fmt == "fp8":
+        data[63, 5] = 0x7F
+        data[64, 290] = 0xFF
+    else:
+        data[63, 5] = 0x7FC0   # NaN
+        data[64, 290] = 0xFF80  # -inf
+    copy = _core.wlinear_rows(np.arange(200), fmt, data, sinv)
+    x = rng.standard_normal((70, 300)).astype(np.float32)
+    got, ref = _core.wlinear(x, fmt, data, sinv), _core.wlinear(x, "fp32", copy, None)
+    assert got.tobytes() == ref.tobytes()
+    assert np.isnan(got[:, 63]).all() and not np.isfinite(got[:, 64]).any()
+    assert np.isfinite(np.delete(got, [63, 64], axis=1)).all()
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 
 def test_bad_input_names_the_argument():
@@ -391,7 +452,7 @@ def test_build_info_names_the_tier():
 
 TIER_CASES = [(R, O, K) for R in (1, 2, 3, 4, 7, 16, 17) for (O, K) in
               ((1, 1), (31, 33), (129, 300), (300, 127), (16, 128), (25, 64), (9, 65),
-               (7, 192))]
+               (7, 192))] + [(65, 129, 300), (65, 300, 257), (70, 65, 513)]  # bf16 prefill too
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])

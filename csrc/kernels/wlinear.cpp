@@ -10,15 +10,20 @@
 //                  streaming every weight byte once from memory for all R rows: super groups
 //                  of kSuperRows weight rows split over the pool, each visited by the x row
 //                  blocks (<= 4 rows) in turn (wlinear_tiers.h)
-//          prefill larger R: tasks (x row block of kRB rows) x (weight panel of kPB rows);
-//                  a task dequantizes its panel kKC columns at a time into a thread-local fp32
-//                  buffer and runs single-threaded sgemm on it (fp32 weights: sgemm on the
-//                  weight rows in place, whole K)
+//          prefill larger R: tasks (x row block of kRB rows) x (weight panel). avx512 tiers:
+//                  the panel's weights dequantized and transposed into register-tile order
+//                  and multiplied there (TierKernels::prefill_panel, wlinear_tier_body.inc),
+//                  panels balanced over the threads (prefill_panels); other tiers: panels
+//                  of kPB rows dequantized kKC columns at a time into a thread-local fp32
+//                  buffer and single-threaded sgemm on it (fp32 weights: sgemm on the weight
+//                  rows in place, whole K)
 //
 // Exactness of prefill against the definition in wlinear.h: the dequantized weight
 // e4m3(code) * sinv is rounded to fp32 once per element (the definition instead multiplies
 // each block's sum by sinv); bf16 / fp32 weights are exact. Both are within the fp32
-// reassociation bound gamma_{K+2} * sum_k |x w| of the linear of the dequantized weight.
+// reassociation bound gamma_{K+2} * sum_k |x w| of the linear of the dequantized weight. On
+// the avx512 tiers each y element of a prefill is one FMA chain over k in order, so its bits
+// do not depend on R, the panel split or the thread count (only on the path, GEMV or not).
 // (Prefill therefore needs every e4m3(code) * sinv finite in fp32; decode does not: its block
 // sums meet sinv only after the sum.)
 // Decode and prefill differ in summation order, so y depends on R through the path taken
@@ -27,7 +32,8 @@
 // vector tiers its bits can depend on the other rows only through the prescale exponent a
 // (taken over the whole input), i.e. only when products fall in the subnormal range. For
 // fixed (R, K, O, tier) every y element is computed by one thread in a fixed order whatever
-// the thread count: the groups, tasks, panels and K chunks are fixed by the shape.
+// the thread count: the groups, tasks, panels and K chunks are fixed by the shape (the avx512
+// prefill's panels follow the thread count, but its sums do not depend on them).
 #include "kernels/wlinear.h"
 
 #include <algorithm>
@@ -176,7 +182,31 @@ void decode(const WlinearJob* jobs, int64_t n) {
   });
 }
 
+// The avx512 tiers' prefill (TierKernels::prefill_panel): a y element's bits do not depend on
+// the split, so it is chosen for balance: the O rows in kPanelRows-row blocks spread evenly
+// over np panels of <= kPanelBlocks blocks, np a multiple of the thread count where there are
+// blocks enough (e.g. O = 576, 2 threads: 4 panels of 2, 2, 2, 3 blocks instead of 256, 256,
+// 64 rows)
+void prefill_panels(float* y, const float* x, const WeightView& w, int64_t R) {
+  using wlin::kPanelBlocks;
+  constexpr int64_t kBlock = wlin::kPanelRows;
+  const int64_t O = w.O, K = w.K, T = num_threads();
+  const int64_t nb = (O + kBlock - 1) / kBlock;
+  const int64_t np = std::min(nb, ((nb + kPanelBlocks - 1) / kPanelBlocks + T - 1) / T * T);
+  const int64_t nrb = (R + kRB - 1) / kRB;
+  const TierKernels& tk = tier().k;
+  parallel_for(nrb * np, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = (t / np) * kRB, rn = std::min(kRB, R - r0), p = t % np;
+      // panel p: blocks [p * nb / np, (p + 1) * nb / np)
+      const int64_t o0 = p * nb / np * kBlock, o1 = std::min(O, (p + 1) * nb / np * kBlock);
+      tk.prefill_panel(y + r0 * O + o0, O, x + r0 * K, K, rn, w, o0, o1 - o0);
+    }
+  });
+}
+
 void prefill(float* y, const float* x, const WeightView& w, int64_t R) {
+  if (tier().k.prefill_panel) return prefill_panels(y, x, w, R);
   const int64_t O = w.O, K = w.K;
   const int64_t nrb = (R + kRB - 1) / kRB, np = (O + kPB - 1) / kPB;
   const TierKernels& tk = tier().k;

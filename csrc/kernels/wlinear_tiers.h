@@ -26,9 +26,14 @@ constexpr int64_t kMaxGemvR = 16;  // decode GEMV for R <= this, prefill panels 
 // bf16 weights take the GEMV up to this many rows too: measured on Zen 4 (2 threads, a 64-token
 // prefill of Config.medium, bf16-resident), 20-40% faster than dequantized panels + sgemm,
 // whose bf16 -> fp32 dequant and small-task imbalance the GEMV does not have; fp32 weights (sgemm
-// in place) measured even and fp8 ones (the GEMV decodes every code once per 4-row block) slower
+// in place) measured even and fp8 ones (the GEMV decodes every code once per 4-row block) slower.
+// Against the avx512 register-tile prefill (prefill_panel) it still measured 12% faster on that
+// prefill (same process, alternated; a threshold of 16 or 32 was slower), and kMaxGemvR = 16
+// even with fp8 thresholds of 8, 10 or 12 (2026-12-07, bench_llamacpp.py's model)
 constexpr int64_t kBf16GemvR = 64;
 constexpr int64_t kGemvRB = 4;     // x rows per GEMV register block
+constexpr int64_t kPanelRows = 64;   // prefill_panel: weight rows per micro-panel (4 zmm of y)
+constexpr int64_t kPanelBlocks = 4;  // prefill_panel: micro-panels per task at most
 constexpr int64_t kSuperRows = 24;
 
 // fp8 GEMV input of the avx512-gfni tier (TierKernels::fp8_perm): each row padded with zeros
@@ -54,6 +59,11 @@ struct TierKernels {
   // y[r, :] = x[r, 0:n] @ w[r0 : r0 + n, :] (wlinear_rows_product)
   void (*rows_product)(float* y, int64_t ldy, const float* x, int64_t ldx, const WeightView& w,
                        int64_t r0, int64_t n, int64_t R);
+  // y[r, o0 + j] (rows ldy apart) = x[r, :] (rows ldx apart) . w[o0 + j, :] for r < R, j < on
+  // (any format; on <= kPanelBlocks * kPanelRows keeps the pack in L2): one prefill task;
+  // nullptr where the tier has none (the caller dequantizes into panels and runs sgemm)
+  void (*prefill_panel)(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t R,
+                        const WeightView& w, int64_t o0, int64_t on);
   bool prescaled;  // the fp8 GEMV wants x prescaled (the vector tiers)
   bool fp8_perm;   // the fp8 GEMV wants x padded and reordered (avx512-gfni)
 };
