@@ -5,8 +5,8 @@ w = e4m3(code) * scale_inv[o // 128, k // 128]. The bound is the fp32 reassociat
 |y - y_exact| <= gamma(K + 2) * sum_k |x w| + (K + 2) * (1 + max|x|) * 2^-149
 (gamma(n) = n u / (1 - n u), u = 2^-24; the second term covers products in the subnormal
 range under tiny scales). Decode (R <= 16, bf16 R <= 64: GEMV in register blocks of <= 4
-rows) and prefill (larger R: dequantized panels multiplied in register tiles on the avx512
-tiers, with sgemm on the others) are both covered; each tier is forced with DSV3_ISA in a
+rows) and prefill (larger R: dequantized panels multiplied in register tiles on the vector
+tiers, with sgemm on the scalar one) are both covered; each tier is forced with DSV3_ISA in a
 subprocess and compared."""
 from __future__ import annotations
 
@@ -321,11 +321,11 @@ def test_bit_identical_across_threads_and_runs(fmt):
         assert a.tobytes() == b.tobytes() == c.tobytes()
 
 
-@pytest.mark.skipif(not dsv3.build_info()["wlinear_tier"].startswith("avx512"),
-                    reason="register-tile prefill: avx512 tiers only (others run sgemm)")
+@pytest.mark.skipif(dsv3.build_info()["wlinear_tier"] == "scalar",
+                    reason="register-tile prefill: vector tiers only (scalar runs sgemm)")
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
 def test_prefill_row_bits_do_not_depend_on_the_other_rows(fmt):
-    # the avx512 prefill sums each y element in one FMA chain over k, whatever R, the row's
+    # the vector tiers' prefill sums each y element in one FMA chain over k, whatever R, the row's
     # register tile, the K chunks and the panel split (wlinear_tier_body.inc): a row's bits are
     # those of the same row in any other prefill-sized batch and at any thread count
     rng = np.random.default_rng(9)
@@ -358,8 +358,8 @@ def test_prefill_row_bits_do_not_depend_on_the_other_rows(fmt):
             assert y.tobytes() == ys[0][40:105].tobytes(), (O, K)
 
 
-@pytest.mark.skipif(not dsv3.build_info()["wlinear_tier"].startswith("avx512"),
-                    reason="register-tile prefill: avx512 tiers only (others run sgemm)")
+@pytest.mark.skipif(dsv3.build_info()["wlinear_tier"] == "scalar",
+                    reason="register-tile prefill: vector tiers only (scalar runs sgemm)")
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 def test_prefill_equals_prefill_of_the_float32_copy_bitwise(fmt):
     # the pack holds dequant's bits and the tiles are format-blind, so a bf16 / fp8 weight and

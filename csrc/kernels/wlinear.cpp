@@ -10,19 +10,19 @@
 //                  streaming every weight byte once from memory for all R rows: super groups
 //                  of kSuperRows weight rows split over the pool, each visited by the x row
 //                  blocks (<= 4 rows) in turn (wlinear_tiers.h)
-//          prefill larger R: tasks (x row block of kRB rows) x (weight panel). avx512 tiers:
-//                  the panel's weights dequantized and transposed into register-tile order
-//                  and multiplied there (TierKernels::prefill_panel, wlinear_tier_body.inc),
-//                  panels balanced over the threads (prefill_panels); other tiers: panels
-//                  of kPB rows dequantized kKC columns at a time into a thread-local fp32
-//                  buffer and single-threaded sgemm on it (fp32 weights: sgemm on the weight
-//                  rows in place, whole K)
+//          prefill larger R: tasks (x row block of kRB rows) x (weight panel). Vector
+//                  tiers (avx512*, avx2): the panel's weights dequantized and transposed into
+//                  register-tile order and multiplied there (TierKernels::prefill_panel,
+//                  wlinear_tier_body.inc), panels balanced over the threads (prefill_panels);
+//                  scalar: panels of kPB rows dequantized kKC columns at a time into a
+//                  thread-local fp32 buffer and single-threaded sgemm on it (fp32 weights:
+//                  sgemm on the weight rows in place, whole K)
 //
 // Exactness of prefill against the definition in wlinear.h: the dequantized weight
 // e4m3(code) * sinv is rounded to fp32 once per element (the definition instead multiplies
 // each block's sum by sinv); bf16 / fp32 weights are exact. Both are within the fp32
 // reassociation bound gamma_{K+2} * sum_k |x w| of the linear of the dequantized weight. On
-// the avx512 tiers each y element of a prefill is one FMA chain over k in order, so its bits
+// the vector tiers each y element of a prefill is one FMA chain over k in order, so its bits
 // do not depend on R, the panel split or the thread count (only on the path, GEMV or not).
 // (Prefill therefore needs every e4m3(code) * sinv finite in fp32; decode does not: its block
 // sums meet sinv only after the sum.)
@@ -182,7 +182,7 @@ void decode(const WlinearJob* jobs, int64_t n) {
   });
 }
 
-// The avx512 tiers' prefill (TierKernels::prefill_panel): a y element's bits do not depend on
+// The vector tiers' prefill (TierKernels::prefill_panel): a y element's bits do not depend on
 // the split, so it is chosen for balance: the O rows in kPanelRows-row blocks spread evenly
 // over np panels of <= kPanelBlocks blocks, np a multiple of the thread count where there are
 // blocks enough (e.g. O = 576, 2 threads: 4 panels of 2, 2, 2, 3 blocks instead of 256, 256,

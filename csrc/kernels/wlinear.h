@@ -19,7 +19,7 @@
 // gamma_{K+2} * sum_k |x w|.
 // Decode (R <= 16; bf16 weights R <= 64) streams the weight bytes once per call: GEMV-shaped,
 // memory-bound; prefill (R larger) dequantizes panels of W into thread-local fp32 buffers and
-// multiplies them there (avx512 tiers: register tiles on the transposed panel; others: sgemm).
+// multiplies them there (vector tiers: register tiles on the transposed panel; scalar: sgemm).
 // Deterministic: each y element is summed by one thread in an order fixed by (R, K, O) and the
 // ISA tier, independent of the thread count.
 #pragma once

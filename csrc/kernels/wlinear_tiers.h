@@ -32,7 +32,7 @@ constexpr int64_t kMaxGemvR = 16;  // decode GEMV for R <= this, prefill panels 
 // even with fp8 thresholds of 8, 10 or 12 (2026-12-07, bench_llamacpp.py's model)
 constexpr int64_t kBf16GemvR = 64;
 constexpr int64_t kGemvRB = 4;     // x rows per GEMV register block
-constexpr int64_t kPanelRows = 64;   // prefill_panel: weight rows per micro-panel (4 zmm of y)
+constexpr int64_t kPanelRows = 64;   // prefill_panels: weight rows per block (whole micro-panels)
 constexpr int64_t kPanelBlocks = 4;  // prefill_panel: micro-panels per task at most
 constexpr int64_t kSuperRows = 24;
 
