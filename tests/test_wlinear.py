@@ -326,7 +326,7 @@ def test_bit_identical_across_threads_and_runs(fmt):
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "fp8"])
 def test_prefill_row_bits_do_not_depend_on_the_other_rows(fmt):
     # the vector tiers' prefill sums each y element in one FMA chain over k, whatever R, the row's
-    # register tile, the K chunks and the panel split (wlinear_tier_body.inc): a row's bits are
+    # register tile, the K chunks and the panel split (wlinear_tier_prefill.inc): a row's bits are
     # those of the same row in any other prefill-sized batch and at any thread count
     rng = np.random.default_rng(9)
     data, sinv, dense = make_weight(rng, fmt, 577, 700)

@@ -13,7 +13,7 @@
 //          prefill larger R: tasks (x row block of kRB rows) x (weight panel). Vector
 //                  tiers (avx512*, avx2): the panel's weights dequantized and transposed into
 //                  register-tile order and multiplied there (TierKernels::prefill_panel,
-//                  wlinear_tier_body.inc), panels balanced over the threads (prefill_panels);
+//                  wlinear_tier_prefill.inc), panels balanced over the threads (prefill_panels);
 //                  scalar: panels of kPB rows dequantized kKC columns at a time into a
 //                  thread-local fp32 buffer and single-threaded sgemm on it (fp32 weights:
 //                  sgemm on the weight rows in place, whole K)
@@ -32,8 +32,8 @@
 // vector tiers its bits can depend on the other rows only through the prescale exponent a
 // (taken over the whole input), i.e. only when products fall in the subnormal range. For
 // fixed (R, K, O, tier) every y element is computed by one thread in a fixed order whatever
-// the thread count: the groups, tasks, panels and K chunks are fixed by the shape (the avx512
-// prefill's panels follow the thread count, but its sums do not depend on them).
+// the thread count: the groups, tasks, panels and K chunks are fixed by the shape (the vector
+// tiers' prefill panels follow the thread count, but its sums do not depend on them).
 #include "kernels/wlinear.h"
 
 #include <algorithm>

@@ -8,9 +8,9 @@
 //                 a super group in turn while its weights are in cache (24: a multiple of
 //                 every OB)
 //
-// The four gemv_* / dequant_* are one source (wlinear_tier_body.inc) compiled four times
-// with a different target attribute and lane type; the choice is made once per process
-// (CPU features, capped by DSV3_ISA) in wlinear.cpp.
+// The four gemv_* / dequant_* are one source (wlinear_tier_body.inc, with the prefill tiles
+// in wlinear_tier_prefill.inc) compiled four times with a different target attribute and lane
+// type; the choice is made once per process (CPU features, capped by DSV3_ISA) in wlinear.cpp.
 #pragma once
 #include <cstdint>
 
