@@ -10,7 +10,10 @@ its fraction of the measured read bandwidth (a multi-threaded torch sum over 512
 one-pass read stream, no writes; the numpy copy of common.memory_bandwidth, read + write, is
 printed as well). Shapes: DeepSeek-V2-Lite (attention / dense MLP / expert / lm_head) and
 Config.medium(). Medium's weights are a few MiB and stay in cache, so they can exceed the
-DRAM figure. On a shared machine every number is indicative only.
+DRAM figure. On a shared machine every number is indicative only. `--rows 64,512` times the
+prefill path instead (R > 16; bf16 R > 64: dequantized panels in register tiles,
+kernels/wlinear_tier_prefill.inc) beside the same torch peers; its GB/s column is then weight
+bytes per time, not a bandwidth.
 """
 from __future__ import annotations
 
