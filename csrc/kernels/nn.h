@@ -27,13 +27,14 @@ void embedding_backward(float* d_weight, const float* d_out, const int64_t* ids,
                         int64_t V, int64_t D);
 
 // The one linear path of the model's projections; p is the GEMM precision of THIS call
-// (kernels/precision.h: fp32 sgemm, or the bf16/fp8 training GEMMs). fp32 with at most
-// kLinearGemvRows rows runs the GEMV of kernels/wlinear.h instead of sgemm (memory-bound
-// decoding at full bandwidth with any OpenBLAS build; the same fp32 sum up to reassociation).
-// The GEMV computes a row independently of the call's other rows (so a token's logits are the
-// same in a 1-row decode step and in a speculative verification of up to 16 rows); sgemm's
-// rows may depend on the call's row count (OpenBLAS picks kernels by shape), and the two sides
-// sum in different orders. The GEMV's order also depends on the ISA tier (DSV3_ISA).
+// (kernels/precision.h: fp32, or the bf16/fp8 training GEMMs). fp32 runs kernels/wlinear.h:
+// with at most kLinearGemvRows rows its GEMV (memory-bound decoding at full bandwidth with any
+// OpenBLAS build), with more its register-tile prefill on the vector tiers (sgemm on the scalar
+// tier); the same fp32 sum up to reassociation. Both compute a row independently of the call's
+// other rows (so a token's logits are the same in a 1-row decode step and in a speculative
+// verification of up to 16 rows), but they sum in different orders, and so does sgemm, whose
+// rows may also depend on the call's row count (OpenBLAS picks kernels by shape). The orders
+// depend on the ISA tier (DSV3_ISA). The backward's GEMMs are sgemm.
 // y = x W^T                               x[R,K]  W[O,K]  y[R,O]
 constexpr int64_t kLinearGemvRows = 16;  // = the GEMV's limit (wlinear_tiers.h kMaxGemvR)
 void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t K, int64_t O,

@@ -277,6 +277,7 @@ const char* wlinear_tier_name() {
   return "?";
 }
 const std::string& wlinear_tier_reason() { return tier().reason; }
+bool wlinear_prefill_tiles() { return tier().k.prefill_panel != nullptr; }
 
 namespace {
 // wlinear_forward(_many): checks, then the GEMV jobs in one pass and the prefill ones in turn

@@ -82,6 +82,11 @@ void wlinear_rows(float* out, const int64_t* ids, const WeightView& w, int64_t R
 void wlinear_rows_product(float* y, int64_t ldy, const float* x, int64_t ldx,
                           const WeightView& w, int64_t r0, int64_t n, int64_t R);
 
+// True when the tier multiplies prefills (R above the GEMV's rows) in register tiles (the
+// vector tiers), false when it hands them to sgemm (scalar). linear_forward takes this path for
+// fp32 weights too.
+bool wlinear_prefill_tiles();
+
 // The kernel tier in use ("avx512" | "avx2" | "scalar": CPU features capped by DSV3_ISA; or
 // "avx512-gfni" when DSV3_ISA=avx512-gfni asks for it; chosen once per process) and why
 // (build_info's "wlinear_tier").
