@@ -75,7 +75,7 @@ def sized(make, name):
     """make(n) -> a zero-argument call whose work grows with n; doubles n until one call takes
     MIN_CALL_S (measured here, with no ticker), or skips when even a large n is too fast."""
     n = 1
-    for _ in range(8):
+    for _ in range(10):  # up to n = 512 (the GEMMs: 256 n x 1024 x 1024, 0.5 GB of input)
         fn = make(n)
         took = []
         for _ in range(2):  # the faster of two: a load spike must not pick a size too small
