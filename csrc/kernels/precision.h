@@ -4,7 +4,8 @@
 // MtpParams ::precision, fp32 unless the training step sets it when it builds the views), and
 // the embedding, lm_head, router gate and attention core call the fp32 products directly.
 //
-//   fp32  plain sgemm (the default)
+//   fp32  the fp32 products (the default): sgemm, or wlinear's GEMV / register tiles for
+//         linear_forward (kernels/nn.h)
 //   bf16  both operands rounded to bf16 (round-to-nearest-even), exact products, fp32
 //         accumulation: vdpbf16ps on the bf16 tier (core/lowp_gemm.h), else rounded
 //         copies given to sgemm
