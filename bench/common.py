@@ -55,11 +55,13 @@ def set_threads(n: int) -> None:
 
 
 def sgemm_peak(n: int = 2048) -> float:
-    """GFLOP/s of the OpenBLAS sgemm dsv3 links (through dsv3.ops.linear on n x n x n)."""
+    """GFLOP/s of the OpenBLAS sgemm dsv3 links, through dsv3.ops.linear_backward on n x n x n
+    (its dx and dw are two sgemm products; the forward, ops.linear, runs wlinear's register
+    tiles on the vector tiers since 6d77e2c)."""
     from dsv3 import ops
     a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    t = timeit(lambda: ops.linear(a, a), min_time=1.0)
-    return 2 * n ** 3 / t / 1e9
+    t = timeit(lambda: ops.linear_backward(a, a, a), min_time=1.0)
+    return 4 * n ** 3 / t / 1e9
 
 
 def memory_bandwidth(mb: int = 512, threads: int = 1) -> float:

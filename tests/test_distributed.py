@@ -222,6 +222,18 @@ def test_fp8_precision_data_parallel(tmp_path):
                   precision="fp8")
     # fp8 rounds the (reassociated) gradients' GEMM operands: more near-zero elements flip
     assert_same_run(par, single, pw, sw, frac=1e-2)
+    # the applied gradient itself, element by element (Adam's first update is +-lr whatever its
+    # size, so the weights above cannot show a gradient that is off in magnitude); a rank's half
+    # of the batch (a missing all-reduce) is far off
+    def grads(name, np_=1, layout="none", batch=8, **kw):
+        run(tmp_path, name, np_, layout, config="small", batch=batch, seq=16, steps=1, clip=0,
+            grads=True, precision="fp8", **kw)
+        return np.load(os.path.join(str(tmp_path), name, "grads.npy"))
+    g1, gp = grads("gs", grad_accum=4), grads("gp", 4, "dp=4")
+    gh = grads("gh", grad_accum=2, batch=4)
+    scale = np.max(np.abs(g1))
+    assert np.max(np.abs(gp - g1)) <= 1e-5 * scale, np.max(np.abs(gp - g1)) / scale  # 6e-8 seen
+    assert np.max(np.abs(gh - g1)) > 1e-2 * scale
 
 
 def test_fp8_dispatch_equals_quantize_dequantize(tmp_path):
