@@ -147,10 +147,11 @@ void linear_forward(float* y, const float* x, const float* w, int64_t R, int64_t
   // whatever OpenBLAS build is loaded (the pthreads and serial builds' sgemv fell to 0.68x /
   // 0.82x of the OpenMP build's decode speed, README "Threads, OpenBLAS builds").
   // More rows, on the vector tiers: wlinear's register-tile prefill (the fp32 rows packed per
-  // 256-wide K chunk into register-tile panels, as for resident weights). Each y element is one FMA chain over k in order, so a row's bits depend on neither R
-  // nor the thread count, and the speed not on which kernel set the loaded OpenBLAS picked
-  // (an OPENBLAS_CORETYPE=Haswell in the environment halves sgemm on an AVX-512 CPU). The
-  // scalar tier: sgemm.
+  // 256-wide K chunk into register-tile panels, as for resident weights). Each y element is one
+  // FMA chain over k in order, so a row's bits depend on neither R nor the thread count, and
+  // the speed not on which kernel set the loaded OpenBLAS picked (an OPENBLAS_CORETYPE=Haswell
+  // in the environment halves sgemm on an AVX-512 CPU). The scalar tier, and empty products
+  // (K or O = 0: wlinear refuses an empty view): sgemm.
   if (R >= 1 && K >= 1 && O >= 1 && (R <= kLinearGemvRows || wlinear_prefill_tiles()))
     return wlinear_forward(y, x, WeightView::f32(w, O, K), R);
   sgemm(false, true, R, O, K, 1.f, x, K, w, K, 0.f, y, O);
