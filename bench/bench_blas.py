@@ -1,9 +1,10 @@
 """The OpenBLAS builds side by side: Debian's three variants (libopenblas0-openmp, -pthread,
 -serial), each loaded into a dsv3 built against the system OpenBLAS through LD_LIBRARY_PATH in
 a child process, and optionally a dsv3 built against PyPI's scipy-openblas32 (its own
-PYTHONPATH). Per build: sgemm GFLOP/s through dsv3.ops.linear, the Config.small() training step
-(batch 8 x 256) and batch-1 decoding, and whether the results are bit-identical to the first
-build's (sgemm outputs hashed, first loss, first decoded tokens).
+PYTHONPATH). Per build: sgemm GFLOP/s through dsv3.ops.linear_backward (its two BLAS
+products), the Config.small() training step (batch 8 x 256) and batch-1 decoding, and whether
+the results are bit-identical to the first build's (sgemm outputs hashed, first loss, first
+decoded tokens).
 
     python bench/bench_blas.py [--libdir /usr/lib/x86_64-linux-gnu[,DIR...]] [--threads 0]
         [--pypi PYTHONPATH_OF_A_PYPI_BUILD] [--reps 3] [--rounds 2] [--max-others 0.05]

@@ -16,8 +16,9 @@
           like every dsv3 call also pays for first touching a fresh output array; torch's
           cast and a torch-ops 1x128 quantization as peers.
 (c) gemm  fp8.gemm GFLOP/s (fp32-accumulation mode, which includes dequantizing both
-          operands) vs sgemm: numpy float32 matmul (numpy's OpenBLAS), dsv3.ops.linear (the
-          engine's OpenBLAS) and torch float32 matmul; torch._scaled_mm (float8 with
+          operands) vs fp32: numpy float32 matmul (numpy's OpenBLAS), dsv3.ops.linear (the
+          engine's fp32 linear: register tiles on the vector tiers, sgemm on the scalar
+          one) and torch float32 matmul; torch._scaled_mm (float8 with
           per-tensor scales) where this torch supports it on CPU. The limited-accumulation
           mode is reported as is. Same thread count for all.
 Timings are the best of several runs; on a shared machine they are indicative.
@@ -140,7 +141,7 @@ def section_gemm(args) -> None:
     print(f"\n(c) GEMM C[M,N] = A[M,K] @ B[N,K]^T, {nt} threads, GFLOP/s = 2MNK / time "
           "(fp8 rows include dequantizing both operands)")
     print(f"  {'M x N x K':<16} {'implementation':<42} {'ms':>9} {'GFLOP/s':>8} {'vs numpy':>8} "
-          f"{'vs dsv3 sgemm':>13}")
+          f"{'vs dsv3 fp32':>13}")
     for M, N, K in shapes:
         a = rng.standard_normal((M, K)).astype(np.float32)
         b = rng.standard_normal((N, K)).astype(np.float32)
@@ -148,7 +149,7 @@ def section_gemm(args) -> None:
         qb, sb = fp8.quantize(b, block=(128, 128))
         flop = 2.0 * M * N * K
         rows = [("numpy float32 matmul (sgemm)", best_time(lambda: a @ b.T)),
-                ("dsv3.ops.linear (engine sgemm)", best_time(lambda: dsv3.ops.linear(a, b)))]
+                ("dsv3.ops.linear (fp32 linear)", best_time(lambda: dsv3.ops.linear(a, b)))]
         if torch is not None:
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
             rows.append(("torch float32 matmul", best_time(lambda: ta @ tb.T)))

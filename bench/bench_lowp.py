@@ -1,12 +1,14 @@
 """Low-precision GEMMs: dsv3.ops.bf16_matmul and the exact-mode dsv3.fp8.gemm (block-scaled,
-1x128 / 128x128) vs dsv3's fp32 linear (OpenBLAS sgemm) and torch.matmul on bf16 tensors, at
-4096x2048x2048 and at Config.medium()'s MoE expert shapes; each tier (the active one, then
-the fp32 tier forced with DSV3_ISA=avx2 in a child process).
+1x128 / 128x128) vs dsv3's fp32 linear (ops.linear: register tiles on the vector tiers) and
+torch.matmul on bf16 tensors, at 4096x2048x2048 and at Config.medium()'s MoE expert shapes;
+each tier (the active one, then the fp32 tier forced with DSV3_ISA=avx2 in a child process).
 
     python bench/bench_lowp.py [--threads 2] [--quick] [--no-fallback]
 
 Shapes are M x K x N with C[M,N] = A[M,K] B[K,N] (for fp8: A codes [M,K], B codes [N,K]).
-Times are medians after warm-ups; the machine may be shared, so they are indicative. The
+Times are medians of at least 7 calls and 1.5 s after 3 warm-ups (on this project's VMs a
+second of calls at half speed now and then is common: fewer calls let it set the median); the
+machine may be shared, so they are indicative. The
 training-step comparison (fp32 / bf16 / fp8 vs PyTorch autocast bf16, Config.small and
 Config.medium) is bench/bench_train.py --config medium.
 """
@@ -38,6 +40,10 @@ def shapes(quick: bool):
     return out[1:] if quick else out
 
 
+def timed(fn):
+    return timeit(fn, min_time=1.5, min_reps=7, warmup=3)
+
+
 def bench_shape(name, M, K, N, with_torch):
     rng = np.random.default_rng(0)
     a = rng.standard_normal((M, K)).astype(np.float32)
@@ -47,14 +53,14 @@ def bench_shape(name, M, K, N, with_torch):
     qw, sw = fp8.quantize(w, "e4m3", (128, 128))
     flop = 2.0 * M * N * K
     r = {"shape": f"{name} {M}x{K}x{N}",
-         "fp32": timeit(lambda: ops.linear(a, w)),
-         "bf16": timeit(lambda: ops.bf16_matmul(a, b)),
-         "fp8": timeit(lambda: fp8.gemm(qa, sa, qw, sw))}
+         "fp32": timed(lambda: ops.linear(a, w)),
+         "bf16": timed(lambda: ops.bf16_matmul(a, b)),
+         "fp8": timed(lambda: fp8.gemm(qa, sa, qw, sw))}
     if with_torch:
         try:
             import torch
             ta, tb = torch.from_numpy(a).bfloat16(), torch.from_numpy(b).bfloat16()
-            r["torch"] = timeit(lambda: torch.matmul(ta, tb))
+            r["torch"] = timed(lambda: torch.matmul(ta, tb))
         except ImportError:
             pass
     r["gflop"] = flop / 1e9

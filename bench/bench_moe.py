@@ -1,5 +1,5 @@
 """MoE layer forward+backward: dsv3 vs the FLOPs of the activated experts at the measured
-sgemm rate, and vs the same layer in PyTorch (dsv3.reference.torch_moe) on the same threads.
+fp32 linear rate, and vs the same layer in PyTorch (dsv3.reference.torch_moe) on the same threads.
 
     PYTHONPATH=python python bench/bench_moe.py [--tokens 4096] [--threads 2] [--repeat 5]
 
@@ -9,7 +9,7 @@ expert, moe_intermediate 256, 4096 tokens, noaux_tc sigmoid gate. Times are the 
 the forward (to rebuild the saved activations) and then the backward; dsv3 and PyTorch runs
 are interleaved. The expert FLOPs count
 the three GEMMs of every activated routed expert row and of the shared expert (forward), times
-3 for forward+backward; the gate GEMM is counted as routing work. The sgemm rate is the best
+3 for forward+backward; the gate GEMM is counted as routing work. The fp32 linear rate is the best
 of dsv3.ops.linear on the shapes the experts use (average expert block and the shared
 expert) right before and after the layer runs; the yardstick is the larger of the rate on
 the given threads and threads x the single-thread rate (so the overhead printed is an upper
@@ -41,7 +41,7 @@ def timeit(fn, repeat):
     return statistics.median(ts), min(ts)
 
 
-def sgemm_rate(D, F, rows, repeat, threads):
+def linear_rate(D, F, rows, repeat, threads):
     """Best GFLOP/s of dsv3.ops.linear (x[M,D] @ W[F,D]^T) over the given M, on `threads`."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((F, D)).astype(np.float32)
@@ -108,7 +108,8 @@ def main(argv=None):
     print(f"# BLAS: {dsv3.build_info()['blas']}")
     rows = (max(1, T * K // E), T)
     nt = args.threads
-    rate_n0, rate_10 = sgemm_rate(D, F, rows, args.repeat, nt), sgemm_rate(D, F, rows, args.repeat, 1)
+    rate_n0, rate_10 = (linear_rate(D, F, rows, args.repeat, nt),
+                        linear_rate(D, F, rows, args.repeat, 1))
 
     fwd_flops = 2 * 3 * D * F * T * K + 2 * 3 * D * S * T
     fb_flops = 3 * fwd_flops
@@ -142,7 +143,8 @@ def main(argv=None):
         fns["torch fwd"] = torch_fwd
         fns["torch f+b"] = torch_fb
     t = interleaved(fns, args.repeat)
-    rate_n1, rate_11 = sgemm_rate(D, F, rows, args.repeat, nt), sgemm_rate(D, F, rows, args.repeat, 1)
+    rate_n1, rate_11 = (linear_rate(D, F, rows, args.repeat, nt),
+                        linear_rate(D, F, rows, args.repeat, 1))
     rate_n, rate_1 = max(rate_n0, rate_n1), max(rate_10, rate_11)
     rate = max(rate_n, nt * rate_1)
     t_gate, t_fwd, (t_fb, t_fb_min) = t["gate"][0], t["dsv3 fwd"][0], t["dsv3 f+b"]
@@ -151,7 +153,7 @@ def main(argv=None):
         res["torch"] = (t["torch fwd"][0], t["torch f+b"][0])
 
     ideal_fwd, ideal_fb = fwd_flops / rate / 1e9, fb_flops / rate / 1e9
-    print(f"# sgemm rate (best of dsv3.ops.linear on M in {rows}, N={F}, K={D}, before and "
+    print(f"# fp32 linear rate (best of dsv3.ops.linear on M in {rows}, N={F}, K={D}, before and "
           f"after): {rate_n:.1f} GFLOP/s on {nt} threads, {rate_1:.1f} on 1 thread; the "
           f"yardstick is the larger of {rate_n:.1f} and {nt} x {rate_1:.1f} = {rate:.1f} GFLOP/s")
     print(f"# activated-expert FLOPs: forward {fwd_flops / 1e9:.2f} G, "
@@ -161,7 +163,7 @@ def main(argv=None):
     print(f"| {'impl':<26} | {'fwd ms':>8} | {'fwd+bwd ms':>10} | {'GFLOP/s (f+b)':>13} | "
           f"{'time / ideal':>12} | {'torch / impl':>12} |")
     print(f"|{'-' * 28}|{'-' * 10}:|{'-' * 11}:|{'-' * 14}:|{'-' * 13}:|{'-' * 13}:|")
-    print(f"| {'expert GEMMs at sgemm rate':<26} | {ideal_fwd * 1e3:8.1f} | {ideal_fb * 1e3:10.1f} | "
+    print(f"| {'expert GEMMs at fp32 rate':<26} | {ideal_fwd * 1e3:8.1f} | {ideal_fb * 1e3:10.1f} | "
           f"{rate:13.1f} | {1.0:12.2f} | {'':>12} |")
     for name, (tf, tb) in res.items():
         vs = res["torch"][1] / tb if "torch" in res else float("nan")
@@ -169,7 +171,7 @@ def main(argv=None):
               f"{tb / ideal_fb:12.2f} | {vs:12.2f} |")
     print()
     over = t_fb / ideal_fb - 1
-    print(f"dsv3 overhead beyond the expert GEMMs at the sgemm rate (routing + dispatch + combine "
+    print(f"dsv3 overhead beyond the expert GEMMs at the fp32 linear rate (routing + dispatch + combine "
           f"+ everything else), forward+backward: {over * 100:+.1f}% (target <= 30%); "
           f"forward only: {(t_fwd / ideal_fwd - 1) * 100:+.1f}%")
     print(f"gate alone (logits GEMM + sigmoid + group/top-k routing): {t_gate * 1e3:.1f} ms "

@@ -5,8 +5,11 @@
           backward, clipping, AdamW); seconds per step, median of ``reps`` after one warm-up.
 - decode: batch-1 greedy decoding of Config.small() after a 32-token prompt; tokens/s of
           64 new tokens, median of ``reps`` after one warm-up.
-- sgemm:  GFLOP/s of dsv3.ops.linear (x @ w.T) at SGEMM_SHAPES (M, K, N), and a hash of
-          every output (so parents can check that BLAS builds give identical bits).
+- sgemm:  GFLOP/s of the BLAS products of dsv3.ops.linear_backward (dx = dy @ w and
+          dw = dy^T @ x, 4 M N K flops) at SGEMM_SHAPES (M, K, N), and a hash of every output
+          (so parents can check that BLAS builds give identical bits). The forward,
+          ops.linear, is not timed: on the vector tiers it runs dsv3's own register tiles for
+          more than 16 rows, not the BLAS build.
 
 SIDE is ``dsv3`` or ``torch`` (the PyTorch peer, dsv3.reference.torch_model, on the same threads).
 The child runs with whatever environment it is given (LD_LIBRARY_PATH, OMP_*, GOMP_*), so the
@@ -112,9 +115,12 @@ def dsv3_sgemm(reps: int) -> dict:
     for M, K, N in SGEMM_SHAPES:
         x = rng.standard_normal((M, K)).astype(np.float32)
         w = rng.standard_normal((N, K)).astype(np.float32)
-        digest.update(ops.linear(x, w).tobytes())
-        sec = _median_time(lambda: ops.linear(x, w), max(reps, 20 if M * N * K < 1e8 else 5))
-        out[f"{M}x{K}x{N}"] = 2 * M * N * K / sec / 1e9
+        dy = rng.standard_normal((M, N)).astype(np.float32)
+        for g in ops.linear_backward(dy, x, w):
+            digest.update(g.tobytes())
+        sec = _median_time(lambda: ops.linear_backward(dy, x, w),
+                           max(reps, 20 if M * N * K < 1e8 else 5))
+        out[f"{M}x{K}x{N}"] = 4 * M * N * K / sec / 1e9
     return {"gflops": out, "hash": digest.hexdigest()[:16], "tok_s": 0.0}
 
 
