@@ -22,7 +22,7 @@ namespace {
 using lowp::kNR;               // columns per packed B panel (4 zmm)
 using lowp::packed_k;
 constexpr int kMR = 6;        // rows per register tile
-constexpr int64_t kMB = 96;   // about this many rows of A per task (16 tiles; the A block stays in L2)
+constexpr int64_t kMB = 96;   // about this many rows of A per task (16 tiles; A block in L2)
 // unscaled mode: K per pass over a B sub-panel (64 KiB, from L2; the 16 tiles of a row block
 // reuse it). Each pass ends in a load-add-store of the C tile: 512 against 128 took the kernel
 // from 0.88 to 0.95 of torch's bf16 matmul at 4096 x 2048 x 2048 (Zen 5; 192 / 256 / 1024 were
