@@ -32,6 +32,10 @@ def test_float32_round_trip_identical(tmp_path, model):
     sd, sd2 = model.state_dict(), back.state_dict()
     assert all(np.array_equal(sd[k], sd2[k]) for k in sd)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+    # loading starts from a model without the random draw (all 0) and writes every weight:
+    # the identical state above covers the ones (norms) and the zeros (biases) too
+    blank = dsv3.Model(model.config, _random_init=False).state_dict()
+    assert not any(v.any() for v in blank.values())
 
 
 def test_bfloat16_round_trip(tmp_path, model):

@@ -89,15 +89,17 @@ void bind_model(py::module_& m) {
   m.def("param_counts", &param_counts_py, arg("cfg"));
   m.def("param_layout", &param_layout_py, arg("cfg"));
   py::class_<Model, std::shared_ptr<Model>>(m, "Model")
-      .def(py::init([](py::object cfg, uint64_t seed, int ep, int ep_index) {
+      .def(py::init([](py::object cfg, uint64_t seed, int ep, int ep_index, bool random_init) {
              ModelConfig c = model_config(cfg);
              py::gil_scoped_release nogil;
-             if (ep > 1) return std::make_shared<Model>(c, seed, ExpertShard{ep, ep_index});
+             if (ep > 1)
+               return std::make_shared<Model>(c, seed, ExpertShard{ep, ep_index}, random_init);
              DSV3_CHECK(ep == 1 && ep_index == 0, "[Model] expert_shard must be (ep, index) ",
                         "with ep >= 1 and 0 <= index < ep, got (", ep, ", ", ep_index, ")");
-             return std::make_shared<Model>(c, seed);
+             return std::make_shared<Model>(c, seed, random_init);
            }),
-           arg("cfg"), arg("seed"), arg("ep") = 1, arg("ep_index") = 0)
+           arg("cfg"), arg("seed"), arg("ep") = 1, arg("ep_index") = 0,
+           arg("random_init") = true)
       .def_property_readonly("expert_shard", [](const Model& md) {  // (ep, index); (1, 0): all
         return py::make_tuple(md.expert_shard().ep, md.expert_shard().index);
       })

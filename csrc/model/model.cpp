@@ -8,17 +8,18 @@
 
 namespace dsv3 {
 
-Model::Model(const ModelConfig& c, uint64_t seed) : cfg_(c), layout_(build_layout(c)) {
+Model::Model(const ModelConfig& c, uint64_t seed, bool random_init)
+    : cfg_(c), layout_(build_layout(c)) {
   dims_ = block_dims(c);
   w_.assign((size_t)layout_.total, 0.f);
-  init_params(w_.data(), layout_, seed, c.init_range);
+  if (random_init) init_params(w_.data(), layout_, seed, c.init_range);
 }
 
-Model::Model(const ModelConfig& c, uint64_t seed, const ExpertShard& shard)
+Model::Model(const ModelConfig& c, uint64_t seed, const ExpertShard& shard, bool random_init)
     : cfg_(c), layout_(shard_layout(build_layout(c), c.E, shard)), shard_(shard) {
   dims_ = block_dims(c);
   w_.assign((size_t)layout_.total, 0.f);
-  init_params(w_.data(), layout_, seed, c.init_range);
+  if (random_init) init_params(w_.data(), layout_, seed, c.init_range);
 }
 
 void Model::shard_experts(const ExpertShard& s) {

@@ -62,10 +62,12 @@ bool may_be_held(const std::string& name);
 
 class Model {
  public:
-  Model(const ModelConfig& c, uint64_t seed);
+  // random_init = false leaves every weight 0 (for a loader that writes all of them next:
+  // drawing 0.4B normals is half of loading a checkpoint of that size).
+  Model(const ModelConfig& c, uint64_t seed, bool random_init = true);
   // An EP rank's model (shard.h): only its own routed experts are allocated (each drawn as
   // in the full model: the initial values depend on (seed, name) only).
-  Model(const ModelConfig& c, uint64_t seed, const ExpertShard& shard);
+  Model(const ModelConfig& c, uint64_t seed, const ExpertShard& shard, bool random_init = true);
   // A model over resident weights (inference: forward, cached decoding, MTP drafting and the
   // loss without gradients). Throws std::invalid_argument naming the weight on a wrong shape,
   // a weight that cannot be resident, or a non-finite fp8 scale_inv.

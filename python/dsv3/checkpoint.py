@@ -561,7 +561,7 @@ def build(cfg: Config, stored, directory: str, model_cls, strict: bool, expert_s
     qc = cfg.quantization_config or {}
     cfg = _without_absent_mtp(cfg, stored, directory, strict)
     if expert_shard is not None:
-        model = model_cls(cfg, seed=0, expert_shard=expert_shard)
+        model = model_cls(cfg, seed=0, expert_shard=expert_shard, _random_init=False)
         stored = {k: v for k, v in stored.items()
                   if not model._other_shard(k[:-len("_scale_inv")] if k.endswith("_scale_inv")
                                             else k)}
@@ -571,8 +571,8 @@ def build(cfg: Config, stored, directory: str, model_cls, strict: bool, expert_s
                              pow2_scale=qc.get("scale_fmt") == "ue8m0")
     if not cfg.rope_interleave:
         tensors = permute_rope(tensors, cfg, to_pairs=True)
-    if model is None:
-        model = model_cls(cfg, seed=0)
+    if model is None:  # no random draw: load_state_dict(strict=True) below writes every weight
+        model = model_cls(cfg, seed=0, _random_init=False)
     names = set(model.parameter_shapes())
     # DeepSeek-V3's MTP layer stores copies of the shared embedding and head: not separate here
     shared_copies = {n for n in tensors if n not in names and

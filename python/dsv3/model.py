@@ -37,14 +37,15 @@ class Model:
     MoE block (an expert-parallel rank's model; each weight drawn as in the full model)."""
 
     def __init__(self, config: Config, seed: int = 0,
-                 expert_shard: Optional[Tuple[int, int]] = None):
+                 expert_shard: Optional[Tuple[int, int]] = None, *, _random_init: bool = True):
+        # _random_init=False (checkpoint loading, which then writes every weight): all weights 0
         if not isinstance(config, Config):
             raise TypeError(f"[Model] config must be a dsv3.Config, got {type(config).__name__}")
         seed = integer(seed, "seed", "Model", hi=2 ** 64 - 1)  # the engine's seed is uint64
         ep, index = _shard_arg(expert_shard, config)
         self._config = config.replace()  # a private copy: later edits of cfg do not desync
         _memory.model(self._config, ep)
-        self._m = _core.Model(self._config, seed, ep, index)
+        self._m = _core.Model(self._config, seed, ep, index, bool(_random_init))
         self._set_info()
 
     def _set_info(self):
