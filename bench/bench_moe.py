@@ -13,7 +13,9 @@ the three GEMMs of every activated routed expert row and of the shared expert (f
 of dsv3.ops.linear on the shapes the experts use (average expert block and the shared
 expert) right before and after the layer runs; the yardstick is the larger of the rate on
 the given threads and threads x the single-thread rate (so the overhead printed is an upper
-bound). Timings on a shared machine are indicative.
+bound). That rate is the fp32 forward's (dsv3's register tiles); the layer's backward
+products run on sgemm, slower where OpenBLAS runs its AVX2 kernels (OPENBLAS_CORETYPE=Haswell),
+so the overhead is measured against a high bar. Timings on a shared machine are indicative.
 """
 from __future__ import annotations
 

@@ -8,8 +8,8 @@
 - sgemm:  GFLOP/s of the BLAS products of dsv3.ops.linear_backward (dx = dy @ w and
           dw = dy^T @ x, 4 M N K flops) at SGEMM_SHAPES (M, K, N), and a hash of every output
           (so parents can check that BLAS builds give identical bits). The forward,
-          ops.linear, is not timed: on the vector tiers it runs dsv3's own register tiles for
-          more than 16 rows, not the BLAS build.
+          ops.linear, is not timed: it calls BLAS only for more than 16 rows on the scalar
+          tier (the GEMV takes up to 16 rows, dsv3's register tiles the rest).
 
 SIDE is ``dsv3`` or ``torch`` (the PyTorch peer, dsv3.reference.torch_model, on the same threads).
 The child runs with whatever environment it is given (LD_LIBRARY_PATH, OMP_*, GOMP_*), so the

@@ -100,8 +100,10 @@ def sweep(base, extra):
     return sorted(cases)
 
 
+# K = 513 / 1025 / 1537: several 512-wide K passes (each ends in a C load-add-store), odd K
 @pytest.mark.parametrize("M, K, N", sweep((33, 129, 31), [(1, 1, 1), (300, 300, 300),
-                                                                   (129, 300, 127)]))
+                                                                   (129, 300, 127), (33, 513, 65),
+                                                                   (97, 1025, 65), (7, 1537, 3)]))
 def test_bf16_matmul_vs_float64(M, K, N, rng):
     a = randn(rng, M, K) * np.exp2(rng.uniform(-4, 4, (M, 1))).astype(np.float32)
     b = randn(rng, K, N)
@@ -139,6 +141,8 @@ def test_bf16_matmul_deterministic_across_threads(rng):
         dsv3.set_num_threads(max(2, n))
         two = ops.bf16_matmul(a, b)
         two_again = ops.bf16_matmul(a, b)
+        dsv3.set_num_threads(3)  # 300 rows: 4 row blocks on 1 or 2 threads, 6 on 3
+        three = ops.bf16_matmul(a, b)
     finally:
         dsv3.set_num_threads(n)
     # same thread count: same bits on every tier
@@ -149,6 +153,7 @@ def test_bf16_matmul_deterministic_across_threads(rng):
     # shape: seen on a Zen 5 with OpenBLAS's Haswell kernels)
     if TIER != "fp32":
         assert np.array_equal(one.view(np.uint32), two.view(np.uint32))
+        assert np.array_equal(one.view(np.uint32), three.view(np.uint32))
 
 
 @pytest.mark.parametrize("M", [17, 37])  # below and above the AMX kernel's 32 rows

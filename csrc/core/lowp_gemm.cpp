@@ -23,10 +23,10 @@ using lowp::kNR;               // columns per packed B panel (4 zmm)
 using lowp::packed_k;
 constexpr int kMR = 6;        // rows per register tile
 constexpr int64_t kMB = 96;   // about this many rows of A per task (16 tiles; A block in L2)
-// unscaled mode: K per pass over a B sub-panel (64 KiB, from L2; the 16 tiles of a row block
-// reuse it). Each pass ends in a load-add-store of the C tile: 512 against 128 took the kernel
-// from 0.88 to 0.95 of torch's bf16 matmul at 4096 x 2048 x 2048 (Zen 5; 192 / 256 / 1024 were
-// within noise of 512).
+// unscaled mode: K per pass over a B sub-panel (64 KiB, from L2; the up to 16 tiles of a row
+// block reuse it). Each pass ends in a load-add-store of the C tile: 512 against 128 took the
+// kernel from 0.88 to 0.95 of torch's bf16 matmul at 4096 x 2048 x 2048 (Zen 5; 192 / 256 /
+// 1024 were within noise of 512).
 constexpr int64_t kKC = 512;
 
 // ---- tier --------------------------------------------------------------------------------------
@@ -413,13 +413,17 @@ void bf16_gemm_packed(float* C, int64_t ldc, const uint16_t* A, int64_t M, const
   if (lowp_tier() == LowpTier::amx_bf16 && lowp::amx_takes(M, K, scales))
     return lowp::amx_gemm(C, ldc, A, M, B, scales, accumulate, tier_info().amx);
   if (lowp_tier() != LowpTier::fp32) {
-    // Row blocks of about kMB rows, whole register tiles, as many as a multiple of the thread
-    // count, with their tiles spread evenly: parallel_for hands each thread one contiguous run
-    // of tasks, so equal blocks give equal runs (M = 512 in kMB blocks: 288 vs 224 rows).
-    // The blocks only group whole tiles: no C element's arithmetic depends on them.
+    // Row blocks of about kMB rows, whole register tiles spread evenly. parallel_for cuts the
+    // tasks into num_threads() contiguous chunks; with at least nt blocks their count is
+    // rounded up to a multiple of nt so that equal chunks hold equal rows (M = 512 on 2
+    // threads in kMB blocks split 288 / 224 rows). Fewer rows than nt blocks: one block, the
+    // chunks split the panels (each thread streams its part of B only). Nested calls run
+    // inline: nt = 1. The blocks only group whole tiles: no C element's arithmetic depends on
+    // them.
     const int64_t tiles = (M + kMR - 1) / kMR, panels = (N + kNR - 1) / kNR;
-    const int64_t nt = std::max<int64_t>(1, num_threads());
-    const int64_t mb = std::min(tiles, ((M + kMB - 1) / kMB + nt - 1) / nt * nt);
+    const int64_t nt = in_parallel() ? 1 : std::max<int64_t>(1, num_threads());
+    int64_t mb = (M + kMB - 1) / kMB;
+    if (mb >= nt) mb = std::min(tiles, (mb + nt - 1) / nt * nt);
     // row block outer, panel inner: a thread's consecutive tasks share one A block
     parallel_for(mb * panels, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
